@@ -1,0 +1,83 @@
+"""Print scalar kernel bodies as Python source: array code (NumPy) or scalar code (Numba, CUDA).
+
+The body of an ``Elementwise``/``Reduction`` kernel is a SymPy expression over the
+operand symbols ``v0, v1, ...``. Activations are first replaced by their stable
+implementation (``impl``), then SymPy's CSE factors repeated subexpressions
+into temporaries, then a printer writes each line.
+
+>>> import sympy as sp
+>>> from symdl.lower import V
+>>> from symdl.functions import sigmoid_f
+>>> lines, result = body_code(sigmoid_f(V[0]) * (1 - sigmoid_f(V[0])), ["a"], "scalar")
+>>> lines, result
+(['_c0 = 1/(1 + math.exp(-a))'], '_c0*(1 - _c0)')
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.numpy import NumPyPrinter
+from sympy.printing.pycode import PythonCodePrinter
+
+from .functions import expand_activations
+from .lower import V
+
+
+def _nested(printer, fn, args):
+    out = printer._print(args[0])
+    for a in args[1:]:
+        out = f"{fn}({out}, {printer._print(a)})"
+    return out
+
+
+class ScalarPrinter(PythonCodePrinter):
+    """Scalar code that both ``numba.njit`` and ``numba.cuda.jit`` compile (``math.*``, ternaries)."""
+
+    def _print_Heaviside(self, e):
+        at0 = e.args[1] if len(e.args) > 1 else sp.Rational(1, 2)
+        x = self._print(e.args[0])
+        return f"(1.0 if {x} > 0 else ({self._print(sp.Float(at0))} if {x} == 0 else 0.0))"
+
+    def _print_sign(self, e):
+        x = self._print(e.args[0])
+        return f"(1.0 if {x} > 0 else (-1.0 if {x} < 0 else 0.0))"
+
+    def _print_Max(self, e):
+        return _nested(self, "max", e.args)
+
+    def _print_Min(self, e):
+        return _nested(self, "min", e.args)
+
+    def _print_Abs(self, e):
+        return f"abs({self._print(e.args[0])})"
+
+
+class ArrayPrinter(NumPyPrinter):
+    """Vectorised NumPy code (the reference backend)."""
+
+    def _print_Heaviside(self, e):
+        at0 = e.args[1] if len(e.args) > 1 else sp.Rational(1, 2)
+        x = self._print(e.args[0])
+        return f"numpy.heaviside({x}, {self._print(sp.Float(at0))})"
+
+    def _print_Max(self, e):
+        return _nested(self, "numpy.maximum", e.args)
+
+    def _print_Min(self, e):
+        return _nested(self, "numpy.minimum", e.args)
+
+    def _print_erf(self, e):
+        return f"scipy.special.erf({self._print(e.args[0])})"
+
+
+PRINTERS = {"array": ArrayPrinter, "scalar": ScalarPrinter}
+
+
+def body_code(body, names, flavor: str, *, temp_prefix: str = "_c"):
+    """``(lines, result)``: assignments of CSE temporaries, then the result expression."""
+    body = expand_activations(sp.sympify(body), use_impl=True)
+    named = {V[i]: sp.Symbol(nm, real=True) for i, nm in enumerate(names)}
+    body = body.xreplace(named)
+    temps, (reduced,) = sp.cse(body, symbols=sp.numbered_symbols(temp_prefix, real=True), optimizations=None)
+    printer = PRINTERS[flavor]({"fully_qualified_modules": True, "inline": True, "allow_unknown_functions": False})
+    lines = [f"{s} = {printer.doprint(e)}" for s, e in temps]
+    return lines, printer.doprint(reduced)

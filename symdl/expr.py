@@ -1,0 +1,443 @@
+"""The graph: SymPy matrix expressions plus the few nodes SymPy does not have.
+
+Every node is a SymPy object, so hashing, equality (and therefore CSE),
+``xreplace`` and printing work on whole networks. SymPy supplies the leaves
+(``MatrixSymbol``), ``MatMul``, ``MatAdd`` and ``Transpose``; symdl adds:
+
+* ``Map``          an elementwise formula applied to same-shaped matrices,
+                   ``Map(Lambda((a, b), a*tanh(b)), G, Z)``;
+* ``Broadcast``    a row (1, m), column (r, 1) or scalar (1, 1) repeated to (r, m);
+* ``SumRows`` / ``SumCols`` / ``SumAll``   reductions (bias gradients, losses);
+* ``RowLogSumExp`` the stable log-sum-exp of each row (softmax, cross-entropy).
+
+>>> import symdl as sd
+>>> x = sd.input("x", 2); W = sd.param("W", (2, 3)); b = sd.param("b", 3)
+>>> z = x @ W + b
+>>> z.shape
+(n, 3)
+>>> print(z)
+x*W + b
+"""
+from __future__ import annotations
+
+import numbers
+
+import sympy as sp
+from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr, MatrixSymbol, Transpose
+
+from .printing import Printable
+
+#: The symbolic batch size shared by every input.
+n = sp.Symbol("n", integer=True, positive=True)
+
+
+class ShapeMismatch(ValueError):
+    """Two operands whose shapes do not fit the operation."""
+
+
+def _shape_str(e) -> str:
+    return "(" + ", ".join(str(d) for d in e.shape) + ")"
+
+
+def _name(e) -> str:
+    s = str(e)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+class Ops:
+    """Operators for symdl nodes (mixed into every node class).
+
+    ``_op_priority`` beats SymPy's matrix expressions, so ``x @ W + b`` reaches
+    our ``__radd__`` (which knows about bias broadcasting) even when the left
+    operand is a plain SymPy ``MatMul``.
+    """
+
+    _op_priority = 20.0
+
+    def __add__(self, other):
+        return elementwise(lambda a, b: a + b, self, other, op="+")
+
+    def __radd__(self, other):
+        return elementwise(lambda a, b: a + b, other, self, op="+")
+
+    def __sub__(self, other):
+        return elementwise(lambda a, b: a - b, self, other, op="-")
+
+    def __rsub__(self, other):
+        return elementwise(lambda a, b: a - b, other, self, op="-")
+
+    def __neg__(self):
+        return elementwise(lambda a: -a, self)
+
+    def __mul__(self, other):
+        _require_scalar(self, other, "*")
+        return elementwise(lambda a, b: a * b, self, other, op="*")
+
+    def __rmul__(self, other):
+        _require_scalar(other, self, "*")
+        return elementwise(lambda a, b: a * b, other, self, op="*")
+
+    def __truediv__(self, other):
+        _require_scalar(self, other, "/")
+        return elementwise(lambda a, b: a / b, self, other, op="/")
+
+    def __pow__(self, other):
+        _require_scalar(self, other, "**")
+        return elementwise(lambda a, b: a**b, self, other, op="**")
+
+    def __matmul__(self, other):
+        return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return matmul(other, self)
+
+
+def _require_scalar(a, b, op):
+    if isinstance(a, MatrixExpr) and isinstance(b, MatrixExpr) and (a.shape != (1, 1) and b.shape != (1, 1)):
+        raise TypeError(
+            f"'{op}' between two matrices {_name(a)} {_shape_str(a)} and {_name(b)} {_shape_str(b)}: "
+            "use '@' for the matrix product or sd.hadamard(a, b) for the elementwise product"
+        )
+
+
+class Input(Ops, MatrixSymbol):
+    """A data array fed at call time: ``(n, features)`` with the batch symbol ``n``."""
+
+
+class Param(Ops, MatrixSymbol):
+    """A trainable matrix parameter."""
+
+    @property
+    def value_shape(self) -> tuple:
+        return (int(self.shape[0]), int(self.shape[1]))
+
+
+class VectorParam(Param):
+    """A trainable vector (e.g. a bias): a (1, k) row in the graph, a (k,) array outside."""
+
+    @property
+    def value_shape(self) -> tuple:
+        return (int(self.shape[1]),)
+
+
+def input(name: str, features: int) -> Input:  # noqa: A001 - public name from the design
+    """A batch of data with ``features`` columns and ``n`` (symbolic) rows.
+
+    >>> x = input("x", 4); x.shape
+    (n, 4)
+    """
+    _check_name(name)
+    if not (isinstance(features, numbers.Integral) and features > 0):
+        raise ValueError(f"input {name!r}: features must be a positive integer, got {features!r}")
+    return Input(name, n, int(features))
+
+
+def param(name: str, shape) -> Param:
+    """A trainable parameter: ``param("W", (2, 16))`` is a matrix, ``param("b", 16)`` a vector.
+
+    >>> param("b", 16).shape   # a vector is a row in the graph, shape (16,) outside
+    (1, 16)
+    """
+    _check_name(name)
+    if isinstance(shape, numbers.Integral):
+        if shape <= 0:
+            raise ValueError(f"param {name!r}: size must be positive, got {shape}")
+        return VectorParam(name, 1, int(shape))
+    shape = tuple(shape)
+    if len(shape) == 1:
+        return param(name, shape[0])
+    if len(shape) != 2 or not all(isinstance(d, numbers.Integral) and d > 0 for d in shape):
+        raise ValueError(f"param {name!r}: shape must be an int or a pair of positive ints, got {shape!r}")
+    return Param(name, int(shape[0]), int(shape[1]))
+
+
+def _check_name(name):
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"names must be Python identifiers (they name the arrays you pass), got {name!r}")
+    if name == "n" or name.startswith("_"):
+        raise ValueError(f"the name {name!r} is reserved (n is the batch size); choose another")
+
+
+# --------------------------------------------------------------------------- elementwise
+
+_VARS = sp.symbols("_x0:256", real=True)
+_VARSET = frozenset(_VARS)
+
+
+class Map(Printable, Ops, MatrixExpr):
+    """``Map(Lambda(vars, body), *args)``: ``body`` applied to every element of the args.
+
+    All args have the same shape (``elementwise`` inserts ``Broadcast`` where needed).
+    """
+
+    def __new__(cls, lam, *args):
+        return MatrixExpr.__new__(cls, lam, *args)
+
+    @property
+    def lam(self) -> sp.Lambda:
+        return self.args[0]
+
+    @property
+    def operands(self) -> tuple:
+        return self.args[1:]
+
+    @property
+    def shape(self):
+        return self.args[1].shape
+
+    def _entry(self, i, j, **kw):
+        return self.lam(*[a._entry(i, j, **kw) for a in self.operands])
+
+
+def _scalar_of(a):
+    """A Python / SymPy number (or symbol) as a SymPy scalar, else None."""
+    if isinstance(a, MatrixExpr):
+        return None
+    if isinstance(a, (numbers.Number, sp.Expr)) and not isinstance(a, bool):
+        return sp.sympify(a)
+    raise TypeError(f"cannot use {a!r} ({type(a).__name__}) in a symdl expression")
+
+
+def broadcast_to(x: MatrixExpr, shape, *, what="") -> MatrixExpr:
+    """``x`` repeated to ``shape`` along its size-1 axes (an error if it does not fit)."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    ok = all(xd == d or xd == 1 for xd, d in zip(x.shape, shape))
+    if not ok:
+        raise ShapeMismatch(f"{what}cannot broadcast {_name(x)} {_shape_str(x)} to ({shape[0]}, {shape[1]})")
+    return Broadcast(x, *shape)
+
+
+def _broadcast_shape(mats, op):
+    rows = [m.shape[0] for m in mats]
+    cols = [m.shape[1] for m in mats]
+
+    def pick(ds):
+        big = [d for d in ds if d != 1]
+        return big[0] if big else sp.Integer(1)
+
+    shape = (pick(rows), pick(cols))
+    for m in mats:
+        if not all(md == d or md == 1 for md, d in zip(m.shape, shape)):
+            desc = " and ".join(f"{_name(a)} {_shape_str(a)}" for a in mats)
+            raise ShapeMismatch(f"shapes do not match for '{op}': {desc}")
+    return shape
+
+
+def elementwise(fn, *operands, op="elementwise") -> MatrixExpr:
+    """Apply the scalar function ``fn`` elementwise; scalars and size-1 axes broadcast.
+
+    >>> x = input("x", 3)
+    >>> print(elementwise(lambda a: a**2 + 1, x))
+    x**2 + 1
+    """
+    mats = [o for o in operands if isinstance(o, MatrixExpr)]
+    if not mats:
+        raise TypeError(f"'{op}' needs at least one matrix operand")
+    shape = _broadcast_shape(mats, op)
+    args, syms = [], []
+    for o in operands:
+        s = _scalar_of(o)
+        if s is not None:
+            syms.append(s)
+            continue
+        o = broadcast_to(o, shape)
+        if o in args:
+            syms.append(_VARS[args.index(o)])
+        else:
+            syms.append(_VARS[len(args)])
+            args.append(o)
+    return make_map(sp.sympify(fn(*syms)), args)
+
+
+def make_map(body, args) -> MatrixExpr:
+    """Build a canonical ``Map`` from a body over ``_VARS[:len(args)]``.
+
+    Canonical: unused args are dropped, repeated args share a variable, variables
+    are numbered by first use, and the identity map returns its argument.
+    """
+    args = list(args)
+    for i, a in enumerate(args):  # fold constant operands (the seed 1, 1/n) into the body
+        c = constant_value(a)
+        if c is not None and _VARS[i] in body.free_symbols:
+            body = body.xreplace({_VARS[i]: c})
+    used = [i for i, _ in enumerate(args) if _VARS[i] in body.free_symbols]
+    if not used:  # a constant: keep one operand to carry the shape
+        return Map(sp.Lambda((_VARS[0],), body), args[0])
+    new_args, remap = [], {}
+    for i in used:
+        a = args[i]
+        if a not in new_args:
+            new_args.append(a)
+        remap[_VARS[i]] = _VARS[new_args.index(a)]
+    body = body.xreplace(remap)
+    if body == _VARS[0] and len(new_args) == 1:
+        return new_args[0]
+    return Map(sp.Lambda(tuple(_VARS[: len(new_args)]), body), *new_args)
+
+
+def constant_value(a):
+    """The scalar value of a constant ``Map`` (or a broadcast of one), else None."""
+    if isinstance(a, Broadcast):
+        return constant_value(a.args[0])
+    if isinstance(a, Map) and not (a.lam.expr.free_symbols & _VARSET):
+        return a.lam.expr
+    return None
+
+
+def hadamard(a, b) -> MatrixExpr:
+    """The elementwise product ``a ⊙ b`` of two same-shaped matrices."""
+    return elementwise(lambda u, v: u * v, a, b, op="hadamard")
+
+
+# --------------------------------------------------------------------------- broadcast & reductions
+
+
+class Broadcast(Printable, Ops, MatrixExpr):
+    """``Broadcast(x, rows, cols)``: a (1, m) row, (r, 1) column or (1, 1) scalar repeated."""
+
+    def __new__(cls, x, rows, cols):
+        return MatrixExpr.__new__(cls, x, sp.sympify(rows), sp.sympify(cols))
+
+    @property
+    def shape(self):
+        return (self.args[1], self.args[2])
+
+    def _entry(self, i, j, **kw):
+        x = self.args[0]
+        return x._entry(0 if x.shape[0] == 1 else i, 0 if x.shape[1] == 1 else j, **kw)
+
+
+class Reduce(Printable, Ops, MatrixExpr):
+    """Base for sums over rows, columns or everything."""
+
+    def __new__(cls, x):
+        return MatrixExpr.__new__(cls, x)
+
+
+class SumRows(Reduce):
+    """Column sums ``1ᵀX``: (r, m) -> (1, m). The gradient of a broadcast bias."""
+
+    @property
+    def shape(self):
+        return (sp.Integer(1), self.args[0].shape[1])
+
+    def _entry(self, i, j, **kw):
+        x = self.args[0]
+        return sum(x._entry(k, j, **kw) for k in range(int(x.shape[0])))
+
+
+class SumCols(Reduce):
+    """Row sums ``X1``: (r, m) -> (r, 1)."""
+
+    @property
+    def shape(self):
+        return (self.args[0].shape[0], sp.Integer(1))
+
+    def _entry(self, i, j, **kw):
+        x = self.args[0]
+        return sum(x._entry(i, k, **kw) for k in range(int(x.shape[1])))
+
+
+class SumAll(Reduce):
+    """The sum of all entries: (r, m) -> (1, 1)."""
+
+    @property
+    def shape(self):
+        return (sp.Integer(1), sp.Integer(1))
+
+    def _entry(self, i, j, **kw):
+        x = self.args[0]
+        return sum(x._entry(a, b, **kw) for a in range(int(x.shape[0])) for b in range(int(x.shape[1])))
+
+
+class RowLogSumExp(Printable, Ops, MatrixExpr):
+    """``log Σ_j exp(Z_ij)`` per row, (r, m) -> (r, 1); computed with the row max subtracted."""
+
+    def __new__(cls, x):
+        return MatrixExpr.__new__(cls, x)
+
+    @property
+    def shape(self):
+        return (self.args[0].shape[0], sp.Integer(1))
+
+    def _entry(self, i, j, **kw):
+        x = self.args[0]
+        return sp.log(sum(sp.exp(x._entry(i, k, **kw)) for k in range(int(x.shape[1]))))
+
+
+def total(x) -> MatrixExpr:
+    """The sum of all entries of ``x`` as a (1, 1) expression."""
+    return SumAll(x)
+
+
+def mean(x) -> MatrixExpr:
+    """The mean of all entries of ``x`` (the batch symbol ``n`` appears in the divisor)."""
+    count = x.shape[0] * x.shape[1]
+    return elementwise(lambda s: s / count, SumAll(x))
+
+
+def matmul(a, b) -> MatrixExpr:
+    """The matrix product ``a @ b`` with a shape check that names both operands."""
+    if not (isinstance(a, MatrixExpr) and isinstance(b, MatrixExpr)):
+        raise TypeError(f"'@' needs two matrices, got {type(a).__name__} and {type(b).__name__}")
+    if a.shape[1] != b.shape[0]:
+        raise ShapeMismatch(
+            f"shapes do not match for '@': {_name(a)} {_shape_str(a)} @ {_name(b)} {_shape_str(b)} "
+            f"(inner dimensions {a.shape[1]} != {b.shape[0]})"
+        )
+    return MatMul(a, b)
+
+
+def leaves(expr) -> list:
+    """The ``Input`` and ``Param`` leaves of ``expr``, in first-seen order."""
+    seen, out, stack = set(), [], [expr]
+    while stack:
+        e = stack.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        if isinstance(e, (Input, Param)):
+            out.append(e)
+        elif isinstance(e, MatrixSymbol):
+            raise TypeError(f"{e} is a plain SymPy MatrixSymbol: declare it with sd.input or sd.param")
+        else:
+            stack.extend(reversed(children(e)))
+    return out
+
+
+def children(e) -> tuple:
+    """The matrix operands of a node (scalars, shapes and lambdas are not operands)."""
+    if isinstance(e, Map):
+        return e.operands
+    if isinstance(e, (MatrixSymbol,)):
+        return ()
+    return tuple(a for a in e.args if isinstance(a, MatrixExpr))
+
+
+def topological(roots) -> list:
+    """Every node reachable from ``roots``, each once, operands before their users."""
+    order, seen = [], set()
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.append((node, True))
+            for c in reversed(children(node)):
+                if c not in seen:
+                    stack.append((c, False))
+    return order
+
+
+__all__ = [
+    "n", "input", "param", "Input", "Param", "VectorParam", "Map", "Broadcast", "SumRows", "SumCols",
+    "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean",
+    "matmul", "broadcast_to", "leaves", "children", "topological", "ShapeMismatch", "MatMul",
+    "MatAdd", "Transpose",
+]

@@ -1,0 +1,219 @@
+"""Elementwise activations: each one a scalar SymPy formula, its derivative from ``sp.diff``.
+
+An activation is a SymPy ``Function`` class whose ``fdiff`` is the derivative
+SymPy computes from the formula, rewritten in terms of the activation itself
+where that is shorter (σ′ = σ(1−σ), softplus′ = σ). Because the derivative
+mentions ``σ(z)``, the backward pass reuses the forward value instead of
+recomputing it (see ``grad``: the forward node is substituted for ``σ(z)``).
+
+``impl`` is the form backends evaluate; it may differ from ``formula`` for
+numerical stability (softplus as ``max(t, 0) + log1p(exp(-|t|))``).
+
+>>> import symdl as sd, sympy as sp
+>>> t = sp.Symbol("t", real=True)
+>>> sp.diff(sd.functions.sigmoid(t), t)
+sigmoid(t)*(1 - sigmoid(t))
+>>> mish = sd.activation("mish", lambda t: t * sp.tanh(sp.log(1 + sp.exp(t))))
+>>> print(mish(sd.input("x", 3)))
+mish(x)
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
+
+from .expr import MatrixExpr, elementwise
+
+_t = sp.Symbol("t", real=True)
+
+
+class Activation(sp.Function):
+    """Base class of named elementwise functions; subclasses come from ``define``."""
+
+    nargs = 1
+    formula_body: sp.Expr = None  # in terms of _t
+    impl_body: sp.Expr = None  # what backends evaluate, in terms of _t
+    derivative_body: sp.Expr = None  # in terms of _t and the class itself
+
+    def fdiff(self, argindex=1):
+        return self.derivative_body.xreplace({_t: self.args[0]})
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def formula(self) -> sp.Expr:
+        """The defining formula with this application's argument."""
+        return self.formula_body.xreplace({_t: self.args[0]})
+
+    def impl(self) -> sp.Expr:
+        return self.impl_body.xreplace({_t: self.args[0]})
+
+    def _latex(self, printer):
+        name = getattr(type(self), "latex_name", r"\operatorname{%s}" % type(self).__name__)
+        return r"%s\left(%s\right)" % (name, printer._print(self.args[0]))
+
+
+# Functions every backend can print (NumPy, Numba CPU and numba.cuda all have them).
+PRINTABLE = (
+    sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan, sp.asinh,
+    sp.erf, sp.Abs, sp.Max, sp.Min, sp.Heaviside, sp.sign, sp.Piecewise, log1p, expm1,
+)
+
+
+def check_printable(expr, what: str) -> None:
+    """Raise if ``expr`` uses a function no backend can evaluate; the message names it."""
+    for f in expr.atoms(sp.Function, sp.Derivative):
+        if isinstance(f, sp.Derivative):
+            raise ValueError(f"{what}: its derivative is not explicit ({f}); use functions SymPy can differentiate")
+        if isinstance(f, Activation) or isinstance(f, PRINTABLE):
+            continue
+        name = getattr(f.func, "__name__", str(f.func))
+        allowed = ", ".join(sorted(getattr(p, "__name__", str(p)) for p in PRINTABLE))
+        raise ValueError(f"{what} uses the function {name!r}, which no symdl backend can evaluate (allowed: {allowed})")
+
+
+def _heaviside_at_zero(expr):
+    # SymPy's Heaviside(0) is 1/2; PyTorch's relu'(0) is 0. Pick 0 everywhere.
+    return expr.replace(lambda e: isinstance(e, sp.Heaviside) and len(e.args) == 1, lambda e: sp.Heaviside(e.args[0], 0))
+
+
+REGISTRY: dict = {}
+
+
+def define(name, formula, *, impl=None, derivative=None, latex_name=None, register=True):
+    """Create the ``Activation`` class for ``formula`` (a callable of one SymPy symbol).
+
+    ``derivative`` (a callable ``(t, f) -> expr`` where ``f`` is the activation
+    class) overrides ``sp.diff`` only where a shorter equal form exists; tests check
+    it against ``sp.diff`` of the formula.
+    """
+    body = sp.sympify(formula(_t))
+    cls = type(name, (Activation,), {"formula_body": body, "impl_body": sp.sympify(impl(_t)) if impl else body})
+    if latex_name:
+        cls.latex_name = latex_name
+    if derivative is not None:
+        d = sp.sympify(derivative(_t, cls))
+    else:
+        d = _heaviside_at_zero(sp.simplify(sp.diff(body, _t)))
+        d = d.xreplace({body: cls(_t)}) if body != _t else d
+    cls.derivative_body = d
+    if register:
+        REGISTRY[name] = cls
+    return cls
+
+
+sigmoid_f = define(
+    "sigmoid", lambda t: 1 / (1 + sp.exp(-t)), derivative=lambda t, f: f(t) * (1 - f(t)), latex_name=r"\sigma"
+)
+softplus_f = define(
+    "softplus",
+    lambda t: sp.log(1 + sp.exp(t)),
+    impl=lambda t: sp.Max(t, 0) + log1p(sp.exp(-sp.Abs(t))),
+    derivative=lambda t, f: sigmoid_f(t),
+)
+relu_f = define("relu", lambda t: sp.Max(t, 0), derivative=lambda t, f: sp.Heaviside(t, 0))
+leaky_relu_f = define(
+    "leaky_relu",
+    lambda t: sp.Piecewise((t, t > 0), (sp.Float(0.01) * t, True)),
+    derivative=lambda t, f: sp.Piecewise((1, t > 0), (sp.Float(0.01), True)),
+)
+elu_f = define(
+    "elu",
+    lambda t: sp.Piecewise((t, t > 0), (expm1(t), True)),
+    derivative=lambda t, f: sp.Piecewise((1, t > 0), (sp.exp(t), True)),
+)
+gelu_f = define(
+    "gelu",
+    lambda t: t / 2 * (1 + sp.erf(t / sp.sqrt(2))),
+    derivative=lambda t, f: (1 + sp.erf(t / sp.sqrt(2))) / 2 + t * sp.exp(-t**2 / 2) / sp.sqrt(2 * sp.pi),
+)
+silu_f = define("silu", lambda t: t * sigmoid_f(t), derivative=lambda t, f: sigmoid_f(t) * (1 + t * (1 - sigmoid_f(t))))
+REGISTRY["tanh"] = sp.tanh  # SymPy's own: tanh′ = 1 − tanh² already
+
+
+def _applier(fn, name):
+    def apply(x):
+        if not isinstance(x, MatrixExpr):
+            return fn(sp.sympify(x))
+        return elementwise(fn, x, op=name)
+
+    apply.__name__ = name
+    apply.__qualname__ = name
+    apply.function = fn
+    apply.__doc__ = f"The elementwise ``{name}`` of a matrix expression (a SymPy scalar works too)."
+    return apply
+
+
+sigmoid = _applier(sigmoid_f, "sigmoid")
+tanh = _applier(sp.tanh, "tanh")
+relu = _applier(relu_f, "relu")
+leaky_relu = _applier(leaky_relu_f, "leaky_relu")
+elu = _applier(elu_f, "elu")
+softplus = _applier(softplus_f, "softplus")
+gelu = _applier(gelu_f, "gelu")
+silu = _applier(silu_f, "silu")
+
+
+def activation(name: str, formula):
+    """Register a new activation from a scalar formula; returns a function on matrices.
+
+    The derivative is derived by SymPy; a formula using a function no backend can
+    evaluate is rejected, with that function named.
+
+    >>> import sympy as sp
+    >>> sq = activation("square_plus", lambda t: (t + sp.sqrt(t**2 + 4)) / 2)
+    >>> sq.function.derivative_body
+    t/(2*sqrt(t**2 + 4)) + 1/2
+    """
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"activation name must be an identifier, got {name!r}")
+    if name in REGISTRY and name in _BUILTIN:
+        raise ValueError(f"activation {name!r} is built in; choose another name")
+    try:
+        body = sp.sympify(formula(_t))
+    except Exception as exc:  # the user's formula failed on a SymPy symbol
+        raise ValueError(f"activation {name!r}: the formula must accept a SymPy symbol ({exc})") from exc
+    check_printable(body, f"activation {name!r}")
+    cls = define(name, lambda t: body.xreplace({_t: t}))
+    check_printable(cls.derivative_body, f"activation {name!r} (derivative)")
+    return _applier(cls, name)
+
+
+_BUILTIN = frozenset(REGISTRY)
+
+
+def get(name_or_fn):
+    """An activation by name (``"relu"``), or a function returned by ``activation``; None is identity."""
+    if name_or_fn is None or name_or_fn == "linear":
+        return None
+    if callable(name_or_fn) and hasattr(name_or_fn, "function"):
+        return name_or_fn
+    if isinstance(name_or_fn, str) and name_or_fn in REGISTRY:
+        return _applier(REGISTRY[name_or_fn], name_or_fn)
+    raise ValueError(f"unknown activation {name_or_fn!r}; known: {', '.join(sorted(REGISTRY))}")
+
+
+def softmax(z):
+    """Row-wise softmax ``exp(Z - logsumexp(Z))`` (stable: the row max is subtracted)."""
+    from .expr import RowLogSumExp
+
+    return elementwise(lambda a, l: sp.exp(a - l), z, RowLogSumExp(z), op="softmax")
+
+
+def log_softmax(z):
+    """Row-wise ``Z - logsumexp(Z)``."""
+    from .expr import RowLogSumExp
+
+    return elementwise(lambda a, l: a - l, z, RowLogSumExp(z), op="log_softmax")
+
+
+def expand_activations(expr, *, use_impl: bool) -> sp.Expr:
+    """Replace every activation by its ``impl`` (for backends) or its ``formula`` (for oracles)."""
+    def rewrite(e):
+        return e.impl() if use_impl else e.formula()
+
+    prev = None
+    while prev != expr:  # activations may be defined through other activations (silu -> sigmoid)
+        prev = expr
+        expr = expr.replace(lambda e: isinstance(e, Activation), rewrite)
+    return expr

@@ -1,0 +1,54 @@
+"""Graph rewrites shared by printing and lowering.
+
+``fuse_maps`` inlines an elementwise node into the one elementwise node that uses
+it, so ``(δ*Wᵀ) ⊙ (1 − A²)`` is one formula (and later one loop) instead of two.
+Nodes used more than once are kept: they are the common subexpressions, computed
+once and read by every user (the forward activations reused by the backward pass).
+CSE itself is structural: SymPy's hashing makes equal subtrees one dict key.
+
+>>> import symdl as sd
+>>> x = sd.input("x", 2)
+>>> inner = sd.tanh(x); outer = 2 * inner
+>>> print(fuse_maps([outer])[0])
+2⊙tanh(x)
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from .expr import _VARS, Map, children, make_map, topological
+
+
+def use_counts(roots) -> Counter:
+    """How many times each node is an operand (roots count once more each)."""
+    uses = Counter(roots)
+    for node in topological(roots):
+        for c in children(node):
+            uses[c] += 1
+    return uses
+
+
+def inline(node: Map, operands, fuse) -> "MatrixExpr":
+    """``node``'s formula over ``operands``, with each flagged operand's formula substituted."""
+    args, repl = list(operands), {}
+    for v, a, f in zip(node.lam.variables, operands, fuse):
+        if f:
+            repl[v] = a.lam.expr.xreplace({w: _VARS[len(args) + j] for j, w in enumerate(a.lam.variables)})
+            args.extend(a.operands)
+    return make_map(node.lam.expr.xreplace(repl), args)
+
+
+def fuse_maps(roots, protect=frozenset()):
+    """Rebuild ``roots`` with every single-use, unprotected ``Map`` inlined into its user."""
+    uses = use_counts(roots)
+    new = {}
+    for node in topological(roots):  # operands first: each is fully fused before its user
+        if not children(node):
+            new[node] = node
+        elif isinstance(node, Map):
+            ops = [new[a] for a in node.operands]
+            fuse = [isinstance(o, Map) and uses[a] == 1 and a not in protect for a, o in zip(node.operands, ops)]
+            new[node] = inline(node, ops, fuse)
+        else:
+            new[node] = node.func(*[new.get(a, a) for a in node.args])
+    return [new[r] for r in roots]

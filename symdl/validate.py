@@ -1,0 +1,74 @@
+"""Check the arrays a user passes before any compiled code sees them.
+
+Every error names the array, the expected and the given shape, so a mistake never
+surfaces as a Numba typing traceback.
+
+>>> import numpy as np, symdl as sd
+>>> x = sd.input("x", 2); W = sd.param("W", (2, 1))
+>>> check_arrays({"x": np.ones((3, 2)), "W": np.ones((3, 1))}, [x], [W], np.float64)
+Traceback (most recent call last):
+...
+ValueError: array 'W' has shape (3, 1), expected (2, 1)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .expr import VectorParam
+
+
+class ArrayError(ValueError):
+    """A missing, unknown, mis-shaped, mistyped or non-finite array."""
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True, need_params=True) -> tuple:
+    """Validate and convert ``arrays``; returns ``(converted, batch_size)``."""
+    expected = {str(l.name): l for l in list(inputs) + (list(params) if need_params else [])}
+    allowed = {str(l.name) for l in list(inputs) + list(params)}
+    missing = [k for k in expected if k not in arrays]
+    unknown = [k for k in arrays if k not in allowed]
+    if missing:
+        what = ", ".join(f"{k!r} {_fmt(_expected_shape(expected[k]))}" for k in missing)
+        raise ArrayError(f"missing array(s): {what}")
+    if unknown:
+        raise ArrayError(f"unknown array(s) {', '.join(map(repr, unknown))}; expected: {', '.join(expected)}")
+    out, batch, batch_from = {}, None, None
+    for name, value in arrays.items():
+        leaf = {str(l.name): l for l in list(inputs) + list(params)}[name]
+        a = np.asarray(value)
+        if a.dtype.kind not in "fiub":
+            raise ArrayError(f"array {name!r} has dtype {a.dtype}, expected numbers (converted to {np.dtype(dtype).name})")
+        if leaf in inputs:
+            a = a.reshape(-1, 1) if a.ndim == 1 and int(leaf.shape[1]) == 1 else a
+            if a.ndim != 2 or a.shape[1] != int(leaf.shape[1]):
+                raise ArrayError(f"array {name!r} has shape {_fmt(a.shape)}, expected (n, {leaf.shape[1]})")
+            if a.shape[0] == 0:
+                raise ArrayError(f"array {name!r} is empty (0 rows)")
+            if batch is None:
+                batch, batch_from = a.shape[0], name
+            elif a.shape[0] != batch:
+                raise ArrayError(f"batch sizes differ: {batch_from!r} has {batch} rows, {name!r} has {a.shape[0]}")
+        else:
+            want = leaf.value_shape
+            if isinstance(leaf, VectorParam) and a.shape == (1, want[0]):
+                a = a.reshape(want)
+            if a.shape != want:
+                raise ArrayError(f"array {name!r} has shape {_fmt(a.shape)}, expected {_fmt(want)}")
+            a = a.reshape(1, -1) if isinstance(leaf, VectorParam) else a
+        a = np.ascontiguousarray(a, dtype=dtype)
+        if check_finite and not np.isfinite(a).all():
+            raise ArrayError(f"array {name!r} contains NaN or Inf")
+        out[name] = a
+    return out, (batch if batch is not None else 1)
+
+
+def _expected_shape(leaf):
+    from .expr import Input
+
+    if isinstance(leaf, Input):
+        return ("n", int(leaf.shape[1]))
+    return leaf.value_shape
