@@ -17,3 +17,4 @@ __version__ = "0.1.0"
 
 from .api import value_and_grad  # noqa: E402
 from . import functions  # noqa: E402
+from .explain import explain  # noqa: E402

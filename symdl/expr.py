@@ -74,6 +74,10 @@ class Ops:
         return elementwise(lambda a, b: a * b, self, other, op="*")
 
     def __rmul__(self, other):
+        if isinstance(other, MatrixExpr) and not isinstance(other, Ops) and other.shape != (1, 1):
+            # SymPy sends both ``A*B`` and ``A@B`` here when A is SymPy's own MatMul:
+            # in SymPy '*' between matrices is the matrix product.
+            return matmul(other, self)
         _require_scalar(other, self, "*")
         return elementwise(lambda a, b: a * b, other, self, op="*")
 

@@ -12,7 +12,7 @@ numerical stability (softplus as ``max(t, 0) + log1p(exp(-|t|))``).
 >>> import symdl as sd, sympy as sp
 >>> t = sp.Symbol("t", real=True)
 >>> sp.diff(sd.functions.sigmoid(t), t)
-sigmoid(t)*(1 - sigmoid(t))
+(1 - sigmoid(t))*sigmoid(t)
 >>> mish = sd.activation("mish", lambda t: t * sp.tanh(sp.log(1 + sp.exp(t))))
 >>> print(mish(sd.input("x", 3)))
 mish(x)

@@ -45,7 +45,7 @@ def _vjp_map(node, G):
     args = list(node.operands) + [node, G]
     out = []
     for v, a in zip(names, node.operands):
-        d = _heaviside_at_zero(sp.diff(body, v))
+        d = sp.factor_terms(_heaviside_at_zero(sp.diff(body, v)))
         if d == 0:
             continue
         if not body.is_Symbol:

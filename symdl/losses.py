@@ -5,7 +5,7 @@ Every loss returns a (1, 1) expression; ``n`` (the batch size) appears in the di
 >>> import symdl as sd
 >>> z = sd.input("z", 1); y = sd.input("y", 1)
 >>> print(sd.losses.bce_with_logits(z, y))
-sum(softplus(z) - y⊙z)/n
+sum(-z⊙y + softplus(z))/n
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Conventions (the ones a textbook uses):
 >>> import symdl as sd
 >>> x = sd.input("x", 2); W = sd.param("W", (2, 3))
 >>> print(sd.sigmoid(x @ W) * 2)
-2⊙sigmoid(x*W)
+2*sigmoid(x*W)
 >>> sd.latex(sd.tanh(x @ W))
 '\\\\tanh{\\\\left(x W \\\\right)}'
 """

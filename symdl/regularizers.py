@@ -3,7 +3,7 @@
 >>> import symdl as sd
 >>> W = sd.param("W", (2, 2))
 >>> print(1e-4 * sd.l2(W))
-0.0001⊙sum(W**2)
+0.0001*sum(W**2)
 >>> sd.l2(1e-4)
 l2(0.0001)
 """

@@ -10,7 +10,7 @@ CSE itself is structural: SymPy's hashing makes equal subtrees one dict key.
 >>> x = sd.input("x", 2)
 >>> inner = sd.tanh(x); outer = 2 * inner
 >>> print(fuse_maps([outer])[0])
-2⊙tanh(x)
+2*tanh(x)
 """
 from __future__ import annotations
 

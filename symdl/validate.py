@@ -8,7 +8,7 @@ surfaces as a Numba typing traceback.
 >>> check_arrays({"x": np.ones((3, 2)), "W": np.ones((3, 1))}, [x], [W], np.float64)
 Traceback (most recent call last):
 ...
-ValueError: array 'W' has shape (3, 1), expected (2, 1)
+symdl.validate.ArrayError: array 'W' has shape (3, 1), expected (2, 1)
 """
 from __future__ import annotations
 

@@ -1,0 +1,40 @@
+"""Oracles shared by the tests: central finite differences and random arrays."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_arrays(program_leaves, n=5, seed=0, scale=1.0):
+    """Random float64 arrays for every Input/Param leaf (inputs get ``n`` rows)."""
+    from symdl.expr import Input
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for leaf in program_leaves:
+        shape = (n, int(leaf.shape[1])) if isinstance(leaf, Input) else leaf.value_shape
+        out[str(leaf.name)] = rng.normal(scale=scale, size=shape)
+    return out
+
+
+def finite_difference(f, arrays, name, h=1e-6):
+    """Central differences of ``f(**arrays)[0]`` with respect to ``arrays[name]``."""
+    base = {k: np.array(v, dtype=np.float64) for k, v in arrays.items()}
+    x = base[name]
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        old = x[idx]
+        x[idx] = old + h
+        up = f(**base)[0]
+        x[idx] = old - h
+        down = f(**base)[0]
+        x[idx] = old
+        g[idx] = (up - down) / (2 * h)
+    return g
+
+
+def assert_close(actual, expected, rtol, atol=0.0, what=""):
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    err = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
+    assert err <= rtol * scale + atol, f"{what}: max abs error {err:.3e} (scale {scale:.3e}, rtol {rtol})"
