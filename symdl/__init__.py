@@ -15,6 +15,9 @@ from .regularizers import l1, l2
 
 __version__ = "0.1.0"
 
+from . import optim  # noqa: E402
 from .api import value_and_grad  # noqa: E402
+from .compile import compile  # noqa: E402
+from .threads import get_num_threads, set_num_threads  # noqa: E402
 from . import functions  # noqa: E402
 from .explain import explain  # noqa: E402

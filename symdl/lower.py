@@ -69,6 +69,21 @@ class Reduction:
 
 
 @dataclass
+class Update:
+    """An optimizer step for one parameter: ``lets`` in order, then ``writes`` in place.
+
+    ``lets`` are ``(symbol, body)`` pairs over the operands ``V[i]`` and earlier lets;
+    ``writes`` are ``(buffer, symbol)``: the new state values and the new parameter.
+    """
+
+    out: str  # the parameter buffer (updated in place)
+    lets: tuple
+    writes: tuple
+    operands: tuple
+    kind = "update"
+
+
+@dataclass
 class Program:
     """The kernels, the buffers they write (name -> shape) and what comes in and out."""
 
@@ -78,16 +93,22 @@ class Program:
     params: list  # Param leaves
     outputs: dict  # output name -> buffer name
     scalars: list = field(default_factory=list)  # free scalar symbols other than n
+    persistent: dict = field(default_factory=dict)  # name -> shape: params and optimizer state (training)
 
     def __str__(self):
         lines = []
         for k in self.kernels:
-            shape = "(" + ", ".join(map(str, self.buffers[k.out])) + ")"
+            shape = "(" + ", ".join(map(str, self.shape_of(k.out))) + ")"
             if isinstance(k, Gemm):
                 a = k.a + (".T" if k.trans_a else "")
                 b = k.b + (".T" if k.trans_b else "")
                 alpha = "" if k.alpha == 1 else f"{k.alpha}*"
                 lines.append(f"{k.out} {shape} = {alpha}gemm({a}, {b})")
+            elif isinstance(k, Update):
+                ops = ", ".join(f"{o.buffer}:{o.pattern}" for o in k.operands)
+                lets = "; ".join(f"{s} = {b}" for s, b in k.lets)
+                writes = ", ".join(f"{b} <- {s}" for b, s in k.writes)
+                lines.append(f"update {k.out} {shape}: [{lets}] {writes} ({ops})")
             else:
                 ops = ", ".join(f"{o.buffer}:{o.pattern}" for o in k.operands)
                 what = "elementwise" if isinstance(k, Elementwise) else f"reduce_{k.over}"
@@ -99,11 +120,20 @@ class Program:
         sub = {sp.Symbol("n", integer=True, positive=True): n_value}
         if isinstance(kernel, Gemm):
             r, c = (int(sp.sympify(d).subs(sub)) for d in self.buffers[kernel.out])
-            inner = self.buffers[kernel.a][0 if kernel.trans_a else 1]
+            inner = self.shape_of(kernel.a)[0 if kernel.trans_a else 1]
             return 2 * r * c * int(sp.sympify(inner).subs(sub))
-        shape = kernel.shape if isinstance(kernel, Reduction) else self.buffers[kernel.out]
+        shape = kernel.shape if isinstance(kernel, Reduction) else self.shape_of(kernel.out)
         size = int(sp.sympify(shape[0] * shape[1]).subs(sub))
-        return size * max(1, sp.count_ops(kernel.body))
+        bodies = [b for _, b in kernel.lets] if isinstance(kernel, Update) else [kernel.body]
+        return size * max(1, sum(sp.count_ops(b) for b in bodies))
+
+    def shape_of(self, name):
+        if name in self.buffers:
+            return self.buffers[name]
+        if name in self.persistent:
+            return self.persistent[name]
+        leaf = {str(l.name): l for l in self.inputs + self.params}[name]
+        return tuple(leaf.shape)
 
 
 def lower_program(outputs: dict) -> Program:
@@ -140,7 +170,103 @@ def lower_program(outputs: dict) -> Program:
 def _free_scalars(k):
     if isinstance(k, Gemm):
         return sp.sympify(k.alpha).free_symbols
+    if isinstance(k, Update):
+        defined = {s for s, _ in k.lets}
+        return {s for _, b in k.lets for s in b.free_symbols if s not in _VSET and s not in defined}
     return {s for s in k.body.free_symbols if s not in _VSET}
+
+
+def state_buffer(param: str, state: str) -> str:
+    """The persistent buffer holding optimizer state ``state`` of ``param``."""
+    return f"{state}__{param}"
+
+
+def _reads_only_own_param(gr, q) -> bool:
+    """Updates run one after another, so a fused gradient may read no *other* parameter
+    (it would see that parameter's new value) and its own only at the same entry."""
+    for a in gr.operands:
+        if isinstance(a, Param) and a != q:
+            return False
+        inner = a.args[0] if isinstance(a, (Broadcast, Transpose)) else None
+        if isinstance(inner, Param):
+            return False
+    return True
+
+
+def _dedupe_operands(ops, lets):
+    unique, remap = [], {}
+    for i, o in enumerate(ops):
+        if o not in unique:
+            unique.append(o)
+        remap[V[i]] = V[unique.index(o)]
+    return unique, [(s, b.xreplace(remap)) for s, b in lets]
+
+
+def lower_training(loss, params, optimizer) -> Program:
+    """Forward, backward and the optimizer update of every param, as one program.
+
+    Each parameter's update is one ``Update`` kernel; when its gradient ends in an
+    elementwise formula used nowhere else, that formula is computed inside the
+    update loop instead of being written to a buffer first.
+    """
+    from .grad import grad
+    from .optim import g as g_sym, p as p_sym, t as t_sym
+
+    params = list(params)
+    grads = grad(loss, params)
+    roots = fuse_maps([loss] + [grads[q] for q in params])
+    loss_root, grad_roots = roots[0], roots[1:]
+    uses = use_counts(roots)
+    order = topological(roots)
+    lw = _Lowerer(uses, order)
+    lw.preferred[loss_root] = "loss"
+    for q, gr in zip(params, grad_roots):
+        if isinstance(gr, Map) and uses[gr] == 1 and _reads_only_own_param(gr, q):
+            lw.fused.add(gr)  # computed inside the update loop
+    for node in order:
+        lw.visit(node)
+    if lw.buffer_of(loss_root) != "loss":
+        lw.emit(Elementwise("loss", V[0], (lw.operand(loss_root),)), (1, 1))
+    state_rule, p_rule = optimizer.rule()
+    state_syms = [sp.Symbol(k, real=True) for k, _ in state_rule]
+    persistent = {}
+    for q, gr in zip(params, grad_roots):
+        name = str(q.name)
+        persistent[name] = tuple(q.shape)
+        ops = [Operand(name, "ij")]
+        for k in optimizer.state:
+            persistent[state_buffer(name, k)] = tuple(q.shape)
+            ops.append(Operand(state_buffer(name, k), "ij"))
+        if gr in lw.fused:
+            shift = {v: V[len(ops) + j] for j, v in enumerate(gr.lam.variables)}
+            g_body = gr.lam.expr.xreplace(shift)
+            ops.extend(lw.operand(a) for a in gr.operands)
+        else:
+            g_body = V[len(ops)]
+            ops.append(lw.operand(gr))
+        u = sp.symbols(f"_u0:{len(state_rule) + 2}", real=True)
+        env = {p_sym: V[0], g_sym: u[0], **{s: V[1 + i] for i, s in enumerate(state_syms)}}
+        lets = [(u[0], g_body)]
+        for i, (_, expr) in enumerate(state_rule):
+            lets.append((u[1 + i], expr.xreplace(env)))
+        new_state = {e.xreplace(env): u[1 + i] for i, (_, e) in enumerate(state_rule)}
+        lets.append((u[-1], p_rule.xreplace(env).xreplace(new_state)))
+        writes = [(state_buffer(name, k), u[1 + i]) for i, k in enumerate(optimizer.state)] + [(name, u[-1])]
+        ops, lets = _dedupe_operands(ops, lets)
+        lw.kernels.append(Update(name, tuple(lets), tuple(writes), tuple(ops)))
+    leaves = [nd for nd in order if isinstance(nd, (Input, Param))]
+    kernels_scalars = {s for k in lw.kernels for s in _free_scalars(k)}
+    scalars = sorted(kernels_scalars - {sp.Symbol("n", integer=True, positive=True)}, key=str)
+    assert t_sym.name == "t"
+    return Program(
+        kernels=lw.kernels,
+        buffers=lw.shapes,
+        inputs=[l for l in leaves if isinstance(l, Input)],
+        params=[l for l in leaves if isinstance(l, Param)],
+        outputs={"loss": "loss"},
+        scalars=scalars,
+        persistent=persistent,
+    )
 
 
 _VSET = frozenset(V)

@@ -66,6 +66,30 @@ def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True, need
     return out, (batch if batch is not None else 1)
 
 
+def fast_inputs(arrays: dict, spec: list, dtype):
+    """``(list of arrays, n)`` when every array is already exactly what compiled code
+    wants (the right dtype, 2-D, C-contiguous, right width, one batch size), else None.
+
+    ``spec`` is ``[(name, features), ...]``. Anything unusual goes through ``check_arrays``.
+    """
+    if len(arrays) != len(spec):
+        return None
+    out, n = [], None
+    for name, features in spec:
+        a = arrays.get(name)
+        if (
+            a.__class__ is not np.ndarray or a.dtype != dtype or a.ndim != 2
+            or a.shape[1] != features or not a.flags.c_contiguous or a.shape[0] == 0
+        ):
+            return None
+        if n is None:
+            n = a.shape[0]
+        elif a.shape[0] != n:
+            return None
+        out.append(a)
+    return out, n
+
+
 def _expected_shape(leaf):
     from .expr import Input
 

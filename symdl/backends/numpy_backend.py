@@ -10,8 +10,8 @@ from functools import singledispatch
 import numpy as np
 
 from ..codegen import body_code
-from ..lower import Elementwise, Gemm, Program, Reduction
-from .runtime import Workspace, as_dtype
+from ..lower import Elementwise, Gemm, Program, Reduction, Update
+from .runtime import RunnerBase
 
 
 def buf(name: str) -> str:
@@ -45,6 +45,16 @@ def _(k: Elementwise, program):
 
 
 @emit.register
+def _(k: Update, program):
+    views = _views(k.operands)
+    lines = []
+    for sym, body in k.lets:
+        pre, result = body_code(body, views, "array", temp_prefix=f"_c{sym}_")
+        lines += pre + [f"{sym} = {result}"]
+    return lines + [f"{buf(b)}[...] = {sym}" for b, sym in k.writes]
+
+
+@emit.register
 def _(k: Reduction, program):
     lines, result = body_code(k.body, _views(k.operands), "array")
     rows, cols = (str(d) for d in k.shape)
@@ -64,7 +74,8 @@ def _(k: Reduction, program):
 
 def generate(program: Program) -> str:
     """The module source for ``program``: a function ``run(bufs, n, scalars)``."""
-    names = [str(l.name) for l in program.inputs + program.params] + list(program.buffers)
+    names = [str(l.name) for l in program.inputs + program.params if str(l.name) not in program.persistent]
+    names += list(program.persistent) + list(program.buffers)
     body = [f"{buf(nm)} = bufs[{nm!r}]" for nm in names]
     body += [f"{s} = scalars[{str(s)!r}]" for s in program.scalars]
     for k in program.kernels:
@@ -78,23 +89,29 @@ def generate(program: Program) -> str:
     )
 
 
-class Runner:
-    """Runs a program with NumPy; buffers are allocated once per batch size."""
+class Runner(RunnerBase):
+    """Runs a program with NumPy over the shared arena layout."""
 
     def __init__(self, program: Program, dtype):
-        self.program, self.dtype = program, as_dtype(dtype)
+        super().__init__(program, dtype)
         self.source = generate(program)
         namespace: dict = {}
         exec(compile(self.source, "<symdl numpy program>", "exec"), namespace)  # noqa: S102 - our own source
         self._run = namespace["run"]
-        self.workspace = Workspace(program, self.dtype)
 
-    def run(self, arrays: dict, scalars: dict, n: int) -> dict:
-        bufs = dict(self.workspace.get(n))
-        bufs.update(arrays)
+    def run(self, external: dict, scalars: dict, n: int) -> dict:
+        bufs = self.buffers(n)
+        bufs.update(external)
         with np.errstate(over="ignore", under="ignore"):  # exp(1000) -> inf -> σ = 0 is the right answer
             self._run(bufs, n, scalars)
         return bufs
+
+    def call(self, external: dict, scalars: dict, n: int) -> float:
+        return float(self.run(external, scalars, n)[self.program.outputs["loss"]][0, 0])
+
+    def call_list(self, external: list, scalars: list, n: int) -> float:
+        names = [str(l.name) for l in self.program.inputs + self.program.params if str(l.name) not in self.program.persistent]
+        return self.call(dict(zip(names, external)), dict(zip(map(str, self.program.scalars), scalars)), n)
 
 
 def compile_program(program: Program, dtype) -> Runner:

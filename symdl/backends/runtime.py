@@ -1,4 +1,12 @@
-"""What every backend's runner shares: dtypes, buffer shapes at a batch size, the workspace."""
+"""What every backend's runner shares: dtypes, buffer layout, and the arenas.
+
+Buffers live in two flat arrays ("arenas"): the *persistent* one holds parameters
+and optimizer state for the whole run; a *work* arena per batch size holds every
+intermediate. Each buffer is an aligned C-contiguous view. A compiled step then
+takes a handful of arrays instead of one per buffer (Numba's dispatch cost grows
+with the argument count), and the layout code below is the one the generated
+code repeats, so Python and compiled code agree on every offset.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +15,15 @@ import sympy as sp
 from ..expr import n as N
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
+ALIGN = 16  # elements: 64 bytes in float32, 128 in float64
 
 
 def as_dtype(dtype) -> np.dtype:
     """``"float32"``/``"float64"`` (or the NumPy types) as a NumPy dtype; anything else is an error."""
-    key = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    try:
+        key = np.dtype(dtype).name
+    except TypeError:
+        key = None
     if key not in DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return np.dtype(DTYPES[key])
@@ -19,20 +31,50 @@ def as_dtype(dtype) -> np.dtype:
 
 def concrete_shape(shape, n_value: int) -> tuple:
     """A buffer's symbolic shape at batch size ``n_value``."""
-    return tuple(int(d) if not isinstance(d, sp.Basic) or d.is_Integer else int(d.subs(N, n_value)) for d in shape)
+    return tuple(int(sp.sympify(d).subs(N, n_value)) for d in shape)
+
+
+def aligned(size: int) -> int:
+    return (size + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Arena:
+    """Named buffers as aligned views into one flat zero-initialised array."""
+
+    def __init__(self, shapes: dict, n_value: int, dtype, alloc=np.zeros):
+        self.offsets, self.shapes, pos = {}, {}, 0
+        for name, shape in shapes.items():
+            r, c = concrete_shape(shape, n_value)
+            self.offsets[name], self.shapes[name] = pos, (r, c)
+            pos += aligned(r * c)
+        self.flat = alloc(max(pos, ALIGN), dtype=dtype)
+        self.views = {
+            name: self.flat[o : o + r * c].reshape(r, c)
+            for (name, o), (r, c) in zip(self.offsets.items(), self.shapes.values())
+        }
 
 
 class Workspace:
-    """Buffers for one program, allocated once per batch size and reused every call."""
+    """The work arena for each batch size seen (allocated once, reused every step)."""
 
-    def __init__(self, program, dtype, alloc=np.empty):
-        self.program, self.dtype, self.alloc = program, dtype, alloc
+    def __init__(self, shapes: dict, dtype, alloc=np.zeros):
+        self.shapes, self.dtype, self.alloc = shapes, dtype, alloc
         self.by_n = {}
 
-    def get(self, n_value: int) -> dict:
+    def get(self, n_value: int) -> Arena:
         if n_value not in self.by_n:
-            self.by_n[n_value] = {
-                name: self.alloc(concrete_shape(shape, n_value), dtype=self.dtype)
-                for name, shape in self.program.buffers.items()
-            }
+            self.by_n[n_value] = Arena(self.shapes, n_value, self.dtype, self.alloc)
         return self.by_n[n_value]
+
+
+class RunnerBase:
+    """A program's arenas; backends add ``run(external, scalars, n)``."""
+
+    def __init__(self, program, dtype):
+        self.program, self.dtype = program, as_dtype(dtype)
+        self.persist = Arena(program.persistent, 0, self.dtype)
+        self.workspace = Workspace(program.buffers, self.dtype)
+
+    def buffers(self, n_value: int) -> dict:
+        """Every buffer by name at batch size ``n_value`` (views: reading them costs nothing)."""
+        return {**self.persist.views, **self.workspace.get(n_value).views}

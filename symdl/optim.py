@@ -1,0 +1,179 @@
+"""Optimizers as update formulas: SymPy expressions fused into the compiled step.
+
+Each optimizer states its update for one parameter entry ``p`` with gradient
+``g``: the new state values, then the new parameter, in terms of the hyper-parameters
+(runtime scalars: change ``opt.lr`` between steps, nothing recompiles) and the step
+count ``t`` (1 on the first step).
+
+>>> import symdl as sd
+>>> for eq in sd.optim.Adam(1e-3).formulas(): print(eq)
+m ← beta1*m + g*(1 - beta1)
+v ← beta2*v + g**2*(1 - beta2)
+p ← -lr*m/((1 - beta1**t)*(eps + sqrt(v/(1 - beta2**t)))) + p
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+p, g, t = sp.symbols("p g t", real=True)
+
+
+class Optimizer:
+    """Base class: subclasses set ``state`` (names), ``hyper`` (defaults) and ``update``."""
+
+    state: tuple = ()
+    hyper: dict = {}
+
+    def __init__(self, lr=1e-2, **hyper):
+        values = dict(self.hyper)
+        unknown = set(hyper) - set(values)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown hyper-parameter(s) {sorted(unknown)}; known: {sorted(values)}")
+        values.update(hyper)
+        values["lr"] = lr
+        for k, v in values.items():
+            if not isinstance(v, (int, float)) or v != v:
+                raise ValueError(f"{type(self).__name__}: {k} must be a number, got {v!r}")
+        object.__setattr__(self, "values", {k: float(v) for k, v in values.items()})
+
+    def __getattr__(self, name):
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name in self.values:
+            self.values[name] = float(value)  # read by the next step: no recompilation
+        else:
+            object.__setattr__(self, name, value)
+
+    @property
+    def symbols(self) -> dict:
+        """Hyper-parameter name -> SymPy symbol (the runtime scalar the kernels read)."""
+        return {k: sp.Symbol(k, real=True) for k in self.values}
+
+    def update(self, p, g, s: dict, h: dict, t) -> tuple:
+        """``(new_state: dict, new_p)`` as scalar SymPy expressions."""
+        raise NotImplementedError
+
+    def rule(self):
+        """The update with named symbols: ``([(state name, expr)], new p expr)``."""
+        s = {k: sp.Symbol(k, real=True) for k in self.state}
+        new_state, new_p = self.update(p, g, s, self.symbols, t)
+        return [(k, new_state[k]) for k in self.state], new_p
+
+    def formulas(self) -> list:
+        """The update as readable lines ``state ← expr`` and ``p ← expr``.
+
+        State updates are simultaneous; the ``p`` line reads the new state.
+        """
+        states, new_p = self._readable()
+        return [f"{k} ← {sp.sstr(e)}" for k, e in states] + [f"p ← {sp.sstr(new_p)}"]
+
+    def _readable(self):
+        states, new_p = self.rule()
+        return states, new_p.xreplace({e: sp.Symbol(k, real=True) for k, e in states})
+
+    def latex(self) -> str:
+        states, new_p = self._readable()
+        rows = [f"{sp.latex(sp.Symbol(k))} &\\leftarrow {sp.latex(e)}" for k, e in states]
+        rows.append(f"p &\\leftarrow {sp.latex(new_p)}")
+        return "\\begin{aligned}\n" + " \\\\\n".join(rows) + "\n\\end{aligned}"
+
+    def config(self) -> dict:
+        return {"name": type(self).__name__, **self.values}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v:g}" for k, v in self.values.items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """``p ← p − lr·g``."""
+
+    def update(self, p, g, s, h, t):
+        return {}, p - h["lr"] * g
+
+
+class Momentum(Optimizer):
+    """Heavy ball, as ``torch.optim.SGD(momentum=μ)``: ``b ← μb + g``, ``p ← p − lr·b``."""
+
+    state = ("b",)
+    hyper = {"momentum": 0.9}
+
+    def update(self, p, g, s, h, t):
+        b = h["momentum"] * s["b"] + g
+        return {"b": b}, p - h["lr"] * b
+
+
+class Nesterov(Optimizer):
+    """As ``torch.optim.SGD(momentum=μ, nesterov=True)``: ``b ← μb + g``, ``p ← p − lr(g + μb)``."""
+
+    state = ("b",)
+    hyper = {"momentum": 0.9}
+
+    def update(self, p, g, s, h, t):
+        b = h["momentum"] * s["b"] + g
+        return {"b": b}, p - h["lr"] * (g + h["momentum"] * b)
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (``torch.optim.Adam``)."""
+
+    state = ("m", "v")
+    hyper = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+
+    def update(self, p, g, s, h, t):
+        m = h["beta1"] * s["m"] + (1 - h["beta1"]) * g
+        v = h["beta2"] * s["v"] + (1 - h["beta2"]) * g**2
+        m_hat = m / (1 - h["beta1"] ** t)
+        v_hat = v / (1 - h["beta2"] ** t)
+        return {"m": m, "v": v}, p - h["lr"] * m_hat / (sp.sqrt(v_hat) + h["eps"])
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (``torch.optim.AdamW``): ``p ← p(1 − lr·wd) − lr·m̂/(√v̂ + ε)``."""
+
+    hyper = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
+
+    def update(self, p, g, s, h, t):
+        state, _ = super().update(p, g, s, h, t)
+        m_hat = state["m"] / (1 - h["beta1"] ** t)
+        v_hat = state["v"] / (1 - h["beta2"] ** t)
+        return state, p * (1 - h["lr"] * h["weight_decay"]) - h["lr"] * m_hat / (sp.sqrt(v_hat) + h["eps"])
+
+
+class RMSProp(Optimizer):
+    """``torch.optim.RMSprop``: ``v ← αv + (1−α)g²``, ``p ← p − lr·g/(√v + ε)``."""
+
+    state = ("v",)
+    hyper = {"alpha": 0.99, "eps": 1e-8}
+
+    def update(self, p, g, s, h, t):
+        v = h["alpha"] * s["v"] + (1 - h["alpha"]) * g**2
+        return {"v": v}, p - h["lr"] * g / (sp.sqrt(v) + h["eps"])
+
+
+class Adagrad(Optimizer):
+    """``torch.optim.Adagrad``: ``G ← G + g²``, ``p ← p − lr·g/(√G + ε)``."""
+
+    state = ("G",)
+    hyper = {"eps": 1e-10}
+
+    def update(self, p, g, s, h, t):
+        G = s["G"] + g**2
+        return {"G": G}, p - h["lr"] * g / (sp.sqrt(G) + h["eps"])
+
+
+OPTIMIZERS = {c.__name__: c for c in (SGD, Momentum, Nesterov, Adam, AdamW, RMSProp, Adagrad)}
+
+
+def from_config(config: dict) -> Optimizer:
+    """Rebuild an optimizer from ``Optimizer.config()`` (used by checkpoints)."""
+    config = dict(config)
+    name = config.pop("name")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    lr = config.pop("lr")
+    return OPTIMIZERS[name](lr, **config)

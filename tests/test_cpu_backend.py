@@ -1,0 +1,307 @@
+"""The Numba CPU backend agrees with the NumPy reference on every construct and optimizer."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import HealthCheck, given, settings
+
+import symdl as sd
+from helpers import assert_close
+from test_gradients import ACTIVATIONS, build_mlp, mlp_arrays, mlp_strategy
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {"float64": 1e-10, "float32": 1e-4}
+
+
+def compare_backends(loss, params, arrays, dtype):
+    ref_v, ref_g = sd.value_and_grad(loss, params, backend="numpy", dtype=dtype)(**arrays)
+    v, g = sd.value_and_grad(loss, params, backend="cpu", dtype=dtype)(**arrays)
+    assert v == pytest.approx(ref_v, rel=TOL[dtype], abs=TOL[dtype])
+    for k in ref_g:
+        assert_close(g[k], ref_g[k], TOL[dtype], atol=TOL[dtype] * 1e-2, what=f"{k} ({dtype})")
+
+
+def every_construct_loss():
+    x = sd.input("x", 3); y = sd.input("y", 4); c = sd.input("c", 4)
+    W = sd.param("W", (3, 4)); b = sd.param("b", 4); V = sd.param("V", (4, 4))
+    z = x @ W + b
+    h = [sd.functions.get(a)(z) for a in ACTIVATIONS]
+    mix = h[0]
+    for t in h[1:]:
+        mix = mix + t
+    out = mix @ V
+    loss = (sd.losses.softmax_cross_entropy(out, y) + sd.losses.mse(sd.softmax(z), c) + sd.losses.mae(z, c)
+            + sd.losses.huber(out, c) + sd.losses.bce_with_logits(z, y) + sd.mean(sd.log_softmax(out))
+            + 1e-2 * sd.l1(W) + 1e-2 * sd.l2(V, b) + sd.total(sd.hadamard(z, z)) / 50 + sd.total(V.T @ V) / 100)
+    return loss, [W, b, V]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_every_construct_matches_numpy(dtype):
+    loss, params = every_construct_loss()
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(7, 3)), "y": np.eye(4)[rng.integers(0, 4, 7)], "c": rng.normal(size=(7, 4)),
+              "W": rng.normal(size=(3, 4)), "b": rng.normal(size=4), "V": rng.normal(size=(4, 4)) * 0.5}
+    compare_backends(loss, params, arrays, dtype)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mlp_strategy)
+def test_random_mlps_cpu_matches_numpy(case):
+    widths, acts, loss_name, n, seed = case
+    if loss_name == "softmax_cross_entropy" and widths[-1] < 2:
+        widths = widths[:-1] + [2]
+    loss, params, *_ = build_mlp(widths, acts, loss_name)
+    compare_backends(loss, params, mlp_arrays(loss_name, widths, params, n, seed), "float64")
+
+
+def test_large_batch_takes_the_parallel_step_and_agrees():
+    """A batch big enough for prange loops (and BLAS GEMMs) gives the serial answer."""
+    from symdl.backends import cpu_backend
+
+    x = sd.input("x", 64); y = sd.input("y", 10)
+    W1 = sd.param("W1", (64, 128)); b1 = sd.param("b1", 128); W2 = sd.param("W2", (128, 10))
+    loss = sd.losses.softmax_cross_entropy(sd.relu(x @ W1 + b1) @ W2, y)
+    rng = np.random.default_rng(1)
+    arrays = {"x": rng.normal(size=(1100, 64)), "y": np.eye(10)[rng.integers(0, 10, 1100)],
+              "W1": rng.normal(size=(64, 128)) * 0.1, "b1": rng.normal(size=128), "W2": rng.normal(size=(128, 10)) * 0.1}
+    f = sd.value_and_grad(loss, [W1, b1, W2], backend="cpu")
+    assert cpu_backend.max_work(f.program, 1100) >= cpu_backend.PARALLEL_MIN_WORK
+    assert f.runner.function_for(1100).__name__ == "step_parallel"
+    compare_backends(loss, [W1, b1, W2], arrays, "float64")
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def textbook(name, hyper, p, g, state, t):
+    """Each optimizer from its textbook / PyTorch-documentation definition, in NumPy."""
+    lr = hyper["lr"]
+    if name == "SGD":
+        return p - lr * g
+    if name in ("Momentum", "Nesterov"):
+        mu = hyper["momentum"]
+        state["b"] = mu * state.get("b", 0) + g
+        return p - lr * (g + mu * state["b"] if name == "Nesterov" else state["b"])
+    if name in ("Adam", "AdamW"):
+        b1, b2, eps = hyper["beta1"], hyper["beta2"], hyper["eps"]
+        if name == "AdamW":
+            p = p * (1 - lr * hyper["weight_decay"])
+        state["m"] = b1 * state.get("m", 0) + (1 - b1) * g
+        state["v"] = b2 * state.get("v", 0) + (1 - b2) * g * g
+        mhat, vhat = state["m"] / (1 - b1**t), state["v"] / (1 - b2**t)
+        return p - lr * mhat / (np.sqrt(vhat) + eps)
+    if name == "RMSProp":
+        state["v"] = hyper["alpha"] * state.get("v", 0) + (1 - hyper["alpha"]) * g * g
+        return p - lr * g / (np.sqrt(state["v"]) + hyper["eps"])
+    if name == "Adagrad":
+        state["G"] = state.get("G", 0) + g * g
+        return p - lr * g / (np.sqrt(state["G"]) + hyper["eps"])
+    raise AssertionError(name)
+
+
+def small_regression():
+    x = sd.input("x", 3); y = sd.input("y", 2)
+    W1 = sd.param("W1", (3, 5)); b1 = sd.param("b1", 5); W2 = sd.param("W2", (5, 2))
+    loss = sd.losses.mse(sd.tanh(x @ W1 + b1) @ W2, y) + 1e-3 * sd.l2(W1)
+    return loss, [W1, b1, W2]
+
+
+OPTIMIZERS = ["SGD", "Momentum", "Nesterov", "Adam", "AdamW", "RMSProp", "Adagrad"]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_optimizer_matches_textbook(name, backend):
+    loss, params = small_regression()
+    rng = np.random.default_rng(2)
+    init = {str(p.name): rng.normal(size=p.value_shape) * 0.5 for p in params}
+    X, Y = rng.normal(size=(6, 3)), rng.normal(size=(6, 2))
+    opt = sd.optim.OPTIMIZERS[name](0.05)
+    train = sd.compile(loss, params, optimizer=opt, backend=backend, dtype="float64")
+    for k, v in init.items():
+        train.params[k][...] = v
+    grad_fn = sd.value_and_grad(loss, params)
+    ref, states = {k: v.copy() for k, v in init.items()}, {k: {} for k in init}
+    for t in range(1, 6):
+        if t == 4:
+            opt.lr = 0.01  # hyper-parameters change between steps without recompiling
+        value, grads = grad_fn(x=X, y=Y, **ref)
+        assert train.step(x=X, y=Y) == pytest.approx(value, rel=1e-12)
+        for k in ref:
+            ref[k] = textbook(name, opt.values, ref[k], grads[k], states[k], t)
+    for k in ref:
+        assert_close(train.params[k], ref[k], 1e-12, what=f"{name} {k}")
+        for s, v in states[k].items():
+            assert_close(train.state[k][s], v, 1e-12, what=f"{name} state {s} of {k}")
+
+
+TORCH_OPT = {
+    "SGD": ("SGD", {}), "Momentum": ("SGD", {"momentum": 0.9}), "Nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
+    "Adam": ("Adam", {}), "AdamW": ("AdamW", {}), "RMSProp": ("RMSprop", {"eps": 1e-8}), "Adagrad": ("Adagrad", {}),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_matches_torch_optim(name):
+    torch = pytest.importorskip("torch")
+    loss, params = small_regression()
+    rng = np.random.default_rng(3)
+    init = {str(p.name): rng.normal(size=p.value_shape) * 0.5 for p in params}
+    X, Y = rng.normal(size=(6, 3)), rng.normal(size=(6, 2))
+    train = sd.compile(loss, params, optimizer=sd.optim.OPTIMIZERS[name](0.05), backend="cpu", dtype="float64")
+    for k, v in init.items():
+        train.params[k][...] = v
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in init.items()}
+    cls, kw = TORCH_OPT[name]
+    opt = getattr(torch.optim, cls)(tp.values(), lr=0.05, **kw)
+    tx, ty = torch.tensor(X), torch.tensor(Y)
+    for _ in range(5):
+        train.step(x=X, y=Y)
+        opt.zero_grad()
+        out = torch.tanh(tx @ tp["W1"] + tp["b1"]) @ tp["W2"]
+        (torch.nn.functional.mse_loss(out, ty) + 1e-3 * (tp["W1"] ** 2).sum()).backward()
+        opt.step()
+    for k in init:
+        assert_close(train.params[k], tp[k].detach().numpy(), 1e-10, what=f"{name} {k}")
+
+
+def test_optimizer_formulas_are_sympy():
+    for name in OPTIMIZERS:
+        opt = sd.optim.OPTIMIZERS[name](0.1)
+        states, new_p = opt.rule()
+        assert isinstance(new_p, sp.Expr) and sp.Symbol("g", real=True) in new_p.free_symbols
+        assert opt.formulas()[-1].startswith("p ← ") and r"\leftarrow" in opt.latex()
+    with pytest.raises(TypeError, match="unknown hyper-parameter"):
+        sd.optim.Adam(1e-3, beta3=0.5)
+
+
+def test_float32_training_matches_numpy_backend():
+    loss, params = small_regression()
+    rng = np.random.default_rng(4)
+    X, Y = rng.normal(size=(9, 3)).astype(np.float32), rng.normal(size=(9, 2)).astype(np.float32)
+    out = {}
+    for backend in ("numpy", "cpu"):
+        train = sd.compile(loss, params, optimizer=sd.optim.Adam(1e-2), backend=backend)
+        assert train.params["W1"].dtype == np.float32
+        r = np.random.default_rng(5)
+        for p in params:
+            train.params[str(p.name)][...] = r.normal(size=p.value_shape)
+        for _ in range(10):
+            train.step(x=X, y=Y)
+        out[backend] = {k: v.copy() for k, v in train.params.items()}
+    for k in out["cpu"]:
+        assert_close(out["cpu"][k], out["numpy"][k], 1e-4, what=k)
+
+
+def test_short_last_batch_and_changing_batch_sizes():
+    loss, params = small_regression()
+    train = sd.compile(loss, params, backend="cpu", dtype="float64")
+    rng = np.random.default_rng(6)
+    for n in (8, 8, 3, 8, 1):
+        assert np.isfinite(train.step(x=rng.normal(size=(n, 3)), y=rng.normal(size=(n, 2))))
+
+
+def test_step_rejects_bad_batches_clearly():
+    loss, params = small_regression()
+    train = sd.compile(loss, params, backend="cpu", dtype="float64")
+    with pytest.raises(ValueError, match=r"'x' has shape \(4, 2\), expected \(n, 3\)"):
+        train.step(x=np.ones((4, 2)), y=np.ones((4, 2)))
+    with pytest.raises(ValueError, match="'y' contains NaN"):
+        train.step(x=np.ones((4, 3)), y=np.full((4, 2), np.nan))
+    with pytest.raises(ValueError, match="unknown array"):
+        train.step(x=np.ones((4, 3)), y=np.ones((4, 2)), W1=np.ones((3, 5)))
+
+
+def test_source_kernels_and_inspect():
+    loss, params = small_regression()
+    train = sd.compile(loss, params, optimizer=sd.optim.Adam(1e-3), backend="cpu", dtype="float32")
+    assert "def step(" in train.source and "np.dot(" in train.source or "_acc +=" in train.source
+    with pytest.raises(RuntimeError, match="call step"):
+        train.inspect("llvm")
+    train.step(x=np.ones((4, 3), np.float32), y=np.ones((4, 2), np.float32))
+    table = str(train.kernels)
+    assert "gemm" in table and "update" in table and "total FLOPs per step" in table
+    if os.environ.get("NUMBA_DISABLE_JIT") != "1":
+        assert "define" in train.inspect("llvm")
+        assert train.inspect("asm").strip()
+    state = train.state_dict()
+    train2 = sd.compile(loss, params, optimizer=sd.optim.Adam(1e-3), backend="cpu", dtype="float32")
+    train2.load_state_dict(state)
+    assert train2.t == 1 and np.array_equal(train2.state["W1"]["m"], train.state["W1"]["m"])
+
+
+def test_set_num_threads():
+    sd.set_num_threads(1)
+    assert sd.get_num_threads() == 1
+    sd.set_num_threads(None)
+    with pytest.raises(ValueError, match="between 1 and"):
+        sd.set_num_threads(10_000)
+
+
+# --------------------------------------------------------------------------- cache & debugging
+
+CACHE_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, symdl as sd
+    x = sd.input("x", 3); y = sd.input("y", 2)
+    W = sd.param("W", (3, 2)); b = sd.param("b", 2)
+    train = sd.compile(sd.losses.mse(sd.tanh(x @ W + b), y), [W, b], optimizer=sd.optim.Adam(1e-2), backend="cpu")
+    train.step(x=np.ones((4, 3), np.float32), y=np.zeros((4, 2), np.float32))
+    fn = train.runner.module.step
+    print("STATS", sum(fn.stats.cache_hits.values()), sum(fn.stats.cache_misses.values()))
+    print("PATH", train.runner.module.__file__)
+    """
+)
+
+
+def run_script(cache_dir, script=CACHE_SCRIPT):
+    env = dict(os.environ, SYMDL_CACHE_DIR=str(cache_dir))
+    env.pop("NUMBA_DISABLE_JIT", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    stats = next(l for l in out.stdout.splitlines() if l.startswith("STATS")).split()[1:]
+    path = next(l for l in out.stdout.splitlines() if l.startswith("PATH")).split(maxsplit=1)[1]
+    return [int(s) for s in stats], Path(path)
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compilation to cache")
+def test_second_process_reuses_the_compile_cache(tmp_path):
+    (hits1, misses1), path = run_script(tmp_path)
+    assert misses1 == 1 and hits1 == 0
+    assert path.is_relative_to(tmp_path)
+    (hits2, misses2), _ = run_script(tmp_path)
+    assert misses2 == 0 and hits2 == 1, "the second process compiled again"
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compilation to cache")
+def test_corrupt_cache_entries_are_rebuilt(tmp_path):
+    _, path = run_script(tmp_path)
+    for f in (path.parent / "__pycache__").iterdir():  # Numba's index and data files
+        f.write_bytes(b"garbage")
+    (hits, misses), _ = run_script(tmp_path)
+    assert hits + misses >= 1
+    path.write_text("this is not python (")  # a corrupt generated module
+    (hits, misses), _ = run_script(tmp_path)
+    assert misses == 1  # rewritten and compiled afresh
+    assert "def step(" in path.read_text()
+
+
+def test_correctness_suite_under_numba_disable_jit():
+    """NUMBA_DISABLE_JIT=1 runs the generated code as plain Python (fast debugging)."""
+    if os.environ.get("NUMBA_DISABLE_JIT") == "1":
+        pytest.skip("already running without the JIT")
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    tests = ["tests/test_cpu_backend.py::test_every_construct_matches_numpy",
+             "tests/test_cpu_backend.py::test_optimizer_matches_textbook",
+             "tests/test_cpu_backend.py::test_large_batch_takes_the_parallel_step_and_agrees"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
