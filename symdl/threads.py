@@ -13,7 +13,6 @@ after a ``prange`` loop) starve each other: DESIGN.md measured a 784-256-10 step
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numba
@@ -45,9 +44,9 @@ def get_num_threads() -> int:
     return numba.get_num_threads()
 
 
-def limited_for_step():
-    """The context each compiled step runs in (kept free: no per-step library calls)."""
-    return contextlib.nullcontext()
+def blas_single_threaded():
+    """BLAS on one thread, for steps whose own loops use every core."""
+    return _blas().limit(limits=1)
 
 
 def cpu_count() -> int:

@@ -74,8 +74,25 @@ def test_large_batch_takes_the_parallel_step_and_agrees():
               "W1": rng.normal(size=(64, 128)) * 0.1, "b1": rng.normal(size=128), "W2": rng.normal(size=(128, 10)) * 0.1}
     f = sd.value_and_grad(loss, [W1, b1, W2], backend="cpu")
     assert cpu_backend.max_work(f.program, 1100) >= cpu_backend.PARALLEL_MIN_WORK
-    assert f.runner.function_for(1100).__name__ == "step_parallel"
+    assert f.runner.function_for(1100).__name__ == "step"  # GEMMs dominate: BLAS gets the threads
     compare_backends(loss, [W1, b1, W2], arrays, "float64")
+
+
+def test_loop_dominated_step_threads_its_loops_and_agrees():
+    """Elementwise-heavy work takes the prange step (BLAS held to one thread) and agrees."""
+    from symdl.backends import cpu_backend
+
+    x = sd.input("x", 64); y = sd.input("y", 2); W = sd.param("W", (64, 2))
+    h = x
+    for act in ACTIVATIONS * 2:
+        h = sd.functions.get(act)(h + 0.1)
+    loss = sd.losses.mse(h @ W, y) + sd.mean(h)
+    rng = np.random.default_rng(2)
+    arrays = {"x": rng.normal(size=(3000, 64)), "y": rng.normal(size=(3000, 2)), "W": rng.normal(size=(64, 2)) * 0.1}
+    f = sd.value_and_grad(loss, [W], backend="cpu")
+    assert cpu_backend.loops_dominate(f.program, 3000)
+    assert f.runner.function_for(3000).__name__ == "step_parallel"
+    compare_backends(loss, [W], arrays, "float64")
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -301,7 +318,7 @@ def test_correctness_suite_under_numba_disable_jit():
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
     tests = ["tests/test_cpu_backend.py::test_every_construct_matches_numpy",
              "tests/test_cpu_backend.py::test_optimizer_matches_textbook",
-             "tests/test_cpu_backend.py::test_large_batch_takes_the_parallel_step_and_agrees"]
+             "tests/test_cpu_backend.py::test_loop_dominated_step_threads_its_loops_and_agrees"]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
