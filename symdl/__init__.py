@@ -21,3 +21,4 @@ from .compile import compile  # noqa: E402
 from .threads import get_num_threads, set_num_threads  # noqa: E402
 from . import functions  # noqa: E402
 from .explain import explain  # noqa: E402
+from . import checkpoint, datasets, nn, train  # noqa: E402

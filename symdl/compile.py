@@ -41,14 +41,15 @@ class TrainStep:
     code updates in place: write initial values into them, read them at any time.
     """
 
-    def __init__(self, loss, params, optimizer: Optimizer | None = None, backend="cpu", dtype="float32"):
+    def __init__(self, loss, params, optimizer: Optimizer | None = None, backend="cpu", dtype="float32",
+                 outputs=None):
         self.param_leaves = list(params)
         self.optimizer = optimizer if optimizer is not None else SGD(1e-2)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(f"optimizer must be an sd.optim optimizer, got {self.optimizer!r}")
         self.dtype = as_dtype(dtype)
         self.backend = backend
-        self.program = lower_training(loss, self.param_leaves, self.optimizer)
+        self.program = lower_training(loss, self.param_leaves, self.optimizer, outputs=outputs)
         self.runner = backends.get(backend).compile_program(self.program, self.dtype)
         views = self.runner.persist.views
         self.params = {str(p.name): views[str(p.name)].reshape(p.value_shape) for p in self.param_leaves}
@@ -60,6 +61,10 @@ class TrainStep:
         self.last_n = None
         self._spec = [(str(l.name), int(l.shape[1])) for l in self.program.inputs]
         self._scalar_names = [str(s) for s in self.program.scalars]
+
+    def output(self, name: str) -> np.ndarray:
+        """An extra output of the last step (``outputs=`` at compile), e.g. the model's logits."""
+        return self.runner.buffers(self.last_n)[name]
 
     @property
     def source(self) -> str:
@@ -136,6 +141,9 @@ class TrainStep:
         self.t = int(arrays.get("t", self.t))
 
 
-def compile(loss, params, *, optimizer=None, backend: str = "cpu", dtype: str = "float32") -> TrainStep:  # noqa: A001
-    """Compile a training step: ``step(**inputs)`` runs forward, backward and the update."""
-    return TrainStep(loss, params, optimizer=optimizer, backend=backend, dtype=dtype)
+def compile(loss, params, *, optimizer=None, backend: str = "cpu", dtype: str = "float32", outputs=None) -> TrainStep:  # noqa: A001
+    """Compile a training step: ``step(**inputs)`` runs forward, backward and the update.
+
+    ``outputs={"out": expr}`` also keeps ``expr`` from each step (``train.output("out")``).
+    """
+    return TrainStep(loss, params, optimizer=optimizer, backend=backend, dtype=dtype, outputs=outputs)

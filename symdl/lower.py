@@ -202,7 +202,7 @@ def _dedupe_operands(ops, lets):
     return unique, [(s, b.xreplace(remap)) for s, b in lets]
 
 
-def lower_training(loss, params, optimizer) -> Program:
+def lower_training(loss, params, optimizer, outputs=None) -> Program:
     """Forward, backward and the optimizer update of every param, as one program.
 
     Each parameter's update is one ``Update`` kernel; when its gradient ends in an
@@ -213,20 +213,25 @@ def lower_training(loss, params, optimizer) -> Program:
     from .optim import g as g_sym, p as p_sym, t as t_sym
 
     params = list(params)
+    outputs = dict(outputs or {})
     grads = grad(loss, params)
-    roots = fuse_maps([loss] + [grads[q] for q in params])
-    loss_root, grad_roots = roots[0], roots[1:]
+    roots = fuse_maps([loss] + [grads[q] for q in params] + list(outputs.values()))
+    loss_root, grad_roots = roots[0], roots[1 : 1 + len(params)]
+    extra_roots = dict(zip(outputs, roots[1 + len(params) :]))
     uses = use_counts(roots)
     order = topological(roots)
     lw = _Lowerer(uses, order)
     lw.preferred[loss_root] = "loss"
+    for name, root in extra_roots.items():
+        lw.preferred.setdefault(root, name)
     for q, gr in zip(params, grad_roots):
         if isinstance(gr, Map) and uses[gr] == 1 and _reads_only_own_param(gr, q):
             lw.fused.add(gr)  # computed inside the update loop
     for node in order:
         lw.visit(node)
-    if lw.buffer_of(loss_root) != "loss":
-        lw.emit(Elementwise("loss", V[0], (lw.operand(loss_root),)), (1, 1))
+    for name, root in [("loss", loss_root), *extra_roots.items()]:
+        if lw.buffer_of(root) != name:  # a leaf or a node another output names: copy
+            lw.emit(Elementwise(name, V[0], (lw.operand(root),)), root.shape)
     state_rule, p_rule = optimizer.rule()
     state_syms = [sp.Symbol(k, real=True) for k, _ in state_rule]
     persistent = {}
@@ -263,7 +268,7 @@ def lower_training(loss, params, optimizer) -> Program:
         buffers=lw.shapes,
         inputs=[l for l in leaves if isinstance(l, Input)],
         params=[l for l in leaves if isinstance(l, Param)],
-        outputs={"loss": "loss"},
+        outputs={"loss": "loss", **{k: k for k in outputs}},
         scalars=scalars,
         persistent=persistent,
     )

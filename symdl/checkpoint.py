@@ -1,0 +1,72 @@
+"""Checkpoint files: arrays plus JSON metadata in a NumPy ``.npz`` zip, never pickle.
+
+* Loading executes no code: ``np.load(..., allow_pickle=False)`` and ``json``.
+* Saving is atomic: a temporary file in the same directory, flushed and fsynced,
+  then ``os.replace``; if anything fails the previous file is untouched.
+* A truncated, corrupted or foreign file raises ``CheckpointError`` saying so.
+
+>>> import os, tempfile, numpy as np
+>>> path = os.path.join(tempfile.mkdtemp(), "run.symdl")
+>>> write(path, {"format": "demo"}, {"W": np.eye(2)})
+>>> meta, arrays = read(path); meta["format"], arrays["W"].tolist()
+('demo', [[1.0, 0.0], [0.0, 1.0]])
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "symdl-checkpoint"
+VERSION = 1
+_META = "__meta__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def write(path, meta: dict, arrays: dict) -> None:
+    """Atomically write ``meta`` (JSON-able) and ``arrays`` to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    for k, v in arrays.items():
+        payload[k] = np.asarray(v)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _savez(f, payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _savez(f, payload):
+    np.savez(f, **payload)
+
+
+def read(path) -> tuple:
+    """``(meta, arrays)`` from a checkpoint written by ``write``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if _META not in z.files:
+                raise CheckpointError(f"{path} is not a symdl checkpoint (no metadata)")
+            meta = json.loads(bytes(z[_META]).decode())
+            arrays = {k: z[k] for k in z.files if k != _META}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupted: {exc}") from exc
+    return meta, arrays

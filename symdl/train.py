@@ -1,0 +1,159 @@
+"""The fit loop's pieces: ``History``, callbacks and learning-rate schedules (Keras names).
+
+>>> sched = cosine_decay(0.1, epochs=10, min_lr=0.0)
+>>> [round(sched(e), 4) for e in (0, 5, 9)]
+[0.1, 0.05, 0.0024]
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class History:
+    """Per-epoch values: ``history.history["loss"]``, ``["val_accuracy"]``, ``["lr"]``..."""
+
+    def __init__(self, history=None):
+        self.history = {k: list(v) for k, v in (history or {}).items()}
+        self.epoch = []
+
+    def append(self, epoch: int, logs: dict) -> None:
+        self.epoch.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __repr__(self):
+        return f"History({ {k: [round(x, 4) for x in v[-3:]] for k, v in self.history.items()} })"
+
+    def plot(self, path=None):
+        """Loss (and accuracy) curves with matplotlib (optional: ``pip install symdl[plot]``)."""
+        try:
+            import matplotlib
+
+            if path is not None:
+                matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("History.plot needs matplotlib: pip install 'symdl[plot]'") from exc
+        keys = [k for k in self.history if k != "lr"]
+        metrics = sorted({k.removeprefix("val_") for k in keys})
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            for k in (m, f"val_{m}"):
+                if k in self.history:
+                    ax.plot(range(1, len(self.history[k]) + 1), self.history[k], label=k)
+            ax.set_xlabel("epoch")
+            ax.set_title(m)
+            ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+
+class Callback:
+    """Hooks called by ``Model.fit``; ``self.model`` is set before training starts."""
+
+    model = None
+
+    def on_train_begin(self, logs=None):
+        pass
+
+    def on_epoch_begin(self, epoch, logs=None):
+        pass
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass
+
+
+def _better(mode, monitor):
+    if mode == "auto":
+        mode = "max" if "acc" in monitor else "min"
+    return (lambda a, b, d: a > b + d) if mode == "max" else (lambda a, b, d: a < b - d)
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved for ``patience`` epochs; optionally restore the best weights."""
+
+    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best_weights=True):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.better = _better(mode, monitor)
+        self.restore_best_weights = restore_best_weights
+
+    def on_train_begin(self, logs=None):
+        self.best, self.wait, self.best_weights, self.stopped_epoch = None, 0, None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the logs have {sorted(logs or {})}")
+        if self.best is None or self.better(value, self.best, self.min_delta):
+            self.best, self.wait = value, 0
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+            if self.restore_best_weights and self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+
+class ModelCheckpoint(Callback):
+    """Save the model after each epoch (or only when ``monitor`` improves); ``{epoch}`` in the path is filled in."""
+
+    def __init__(self, filepath, monitor="val_loss", save_best_only=False, mode="auto"):
+        self.filepath, self.monitor, self.save_best_only = str(filepath), monitor, save_best_only
+        self.better = _better(mode, monitor)
+        self.best = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.save_best_only:
+            value = (logs or {}).get(self.monitor)
+            if value is None or (self.best is not None and not self.better(value, self.best, 0.0)):
+                return
+            self.best = value
+        self.model.save(self.filepath.format(epoch=epoch + 1, **(logs or {})))
+
+
+class LearningRateScheduler(Callback):
+    """Set the optimizer's learning rate from ``schedule(epoch)`` at the start of each epoch."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.lr = float(self.schedule(epoch))
+
+
+def step_decay(lr, step_size=10, gamma=0.5):
+    """``lr * gamma ** (epoch // step_size)``."""
+    return lambda epoch: lr * gamma ** (epoch // step_size)
+
+
+def exponential_decay(lr, gamma=0.95):
+    """``lr * gamma ** epoch``."""
+    return lambda epoch: lr * gamma**epoch
+
+
+def cosine_decay(lr, epochs, min_lr=0.0):
+    """Half a cosine from ``lr`` at epoch 0 down to ``min_lr`` at ``epochs``."""
+    return lambda epoch: min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
+    """Index arrays of one epoch's mini-batches; the last may be short.
+
+    The order depends only on (seed, epoch), so a run resumed at epoch k sees the
+    same batches as one that never stopped.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
