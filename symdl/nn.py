@@ -130,7 +130,6 @@ class Sequential:
         self._evaluate = backends.get("numpy").compile_program(
             lower_program({"loss": self.loss, "out": self.output}), dtype
         )
-        return self
 
     def _require_compiled(self):
         if self.train_step is None:
