@@ -3,12 +3,12 @@
 >>> import numpy as np, symdl as sd
 >>> x = sd.input("x", 2); y = sd.input("y", 1); W = sd.param("W", (2, 1))
 >>> train = sd.compile(sd.losses.mse(x @ W, y), [W], optimizer=sd.optim.SGD(0.5), backend="numpy")
->>> train.params["W"][...] = 0.0
+>>> train.params["W"].fill(0.0)
 >>> X = np.eye(2); Y = np.ones((2, 1))
->>> [round(train.step(x=X, y=Y), 4) for _ in range(3)]
-[1.0, 0.25, 0.0625]
->>> train.params["W"].ravel().tolist()
-[0.875, 0.875]
+>>> tuple(round(train.step(x=X, y=Y), 4) for _ in range(3))
+(1.0, 0.25, 0.0625)
+>>> tuple(train.params["W"].ravel())
+(0.875, 0.875)
 """
 from __future__ import annotations
 

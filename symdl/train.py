@@ -1,8 +1,8 @@
 """The fit loop's pieces: ``History``, callbacks and learning-rate schedules (Keras names).
 
 >>> sched = cosine_decay(0.1, epochs=10, min_lr=0.0)
->>> [round(sched(e), 4) for e in (0, 5, 9)]
-[0.1, 0.05, 0.0024]
+>>> tuple(round(sched(e), 4) for e in (0, 5, 9))
+(0.1, 0.05, 0.0024)
 """
 from __future__ import annotations
 
