@@ -7,7 +7,7 @@
 >>> X = np.eye(2); Y = np.ones((2, 1))
 >>> tuple(round(train.step(x=X, y=Y), 4) for _ in range(3))
 (1.0, 0.25, 0.0625)
->>> tuple(train.params["W"].ravel())
+>>> tuple(train.params["W"].ravel().tolist())
 (0.875, 0.875)
 """
 from __future__ import annotations
