@@ -51,10 +51,10 @@ class TrainStep:
         self.backend = backend
         self.program = lower_training(loss, self.param_leaves, self.optimizer, outputs=outputs)
         self.runner = backends.get(backend).compile_program(self.program, self.dtype)
-        views = self.runner.persist.views
-        self.params = {str(p.name): views[str(p.name)].reshape(p.value_shape) for p in self.param_leaves}
+        arrays = self.runner.persistent_arrays
+        self.params = arrays({str(p.name): (str(p.name), p.value_shape) for p in self.param_leaves})
         self.state = {
-            str(p.name): {k: views[state_buffer(str(p.name), k)].reshape(p.value_shape) for k in self.optimizer.state}
+            str(p.name): arrays({k: (state_buffer(str(p.name), k), p.value_shape) for k in self.optimizer.state})
             for p in self.param_leaves
         }
         self.t = 0  # steps taken (Adam's bias correction reads it)
@@ -64,7 +64,7 @@ class TrainStep:
 
     def output(self, name: str) -> np.ndarray:
         """An extra output of the last step (``outputs=`` at compile), e.g. the model's logits."""
-        return self.runner.buffers(self.last_n)[name]
+        return self.runner.output(name, self.last_n)
 
     @property
     def source(self) -> str:

@@ -322,3 +322,15 @@ def test_correctness_suite_under_numba_disable_jit():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_cuda_without_a_gpu_says_so_and_names_the_way_out():
+    from numba import config, cuda
+
+    if config.ENABLE_CUDASIM or cuda.is_available():
+        pytest.skip("a GPU (or the simulator) is available here")
+    from symdl.backends.cuda_backend import CudaUnavailable
+
+    x = sd.input("x", 2); W = sd.param("W", (2, 1))
+    with pytest.raises(CudaUnavailable, match=r"backend='cpu'.*NUMBA_ENABLE_CUDASIM=1"):
+        sd.value_and_grad(sd.total(x @ W), [W], backend="cuda")

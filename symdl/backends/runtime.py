@@ -78,3 +78,11 @@ class RunnerBase:
     def buffers(self, n_value: int) -> dict:
         """Every buffer by name at batch size ``n_value`` (views: reading them costs nothing)."""
         return {**self.persist.views, **self.workspace.get(n_value).views}
+
+    def output(self, name: str, n_value: int):
+        """One buffer after a step at batch size ``n_value``."""
+        return self.workspace.get(n_value).views[name]
+
+    def persistent_arrays(self, spec: dict) -> dict:
+        """``{key: array}`` for ``spec = {key: (buffer name, shape)}``; writes reach the compiled step."""
+        return {key: self.persist.views[name].reshape(shape) for key, (name, shape) in spec.items()}

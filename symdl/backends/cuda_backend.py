@@ -1,0 +1,384 @@
+"""The CUDA backend: the same kernel list printed as ``numba.cuda`` kernels.
+
+* ``Elementwise`` and ``Update``: one thread per entry, the fused body inlined.
+* ``Gemm``: a register-tiled shared-memory GEMM; a transposed operand is read with
+  swapped indices (four variants, ``gemm_nn/tn/nt/tt``), never copied.
+* ``Reduction``: shared-memory tree reductions, deterministic, no atomics; column
+  sums give each block a strip of columns, row reductions one block per row.
+* Parameters, optimizer state and workspace stay on the device (two arenas); a
+  step copies its batch in and only the loss back. ``train.params`` gives host
+  copies that write back to the device when assigned.
+
+Launch shapes come from the buffer shapes at the batch size being run. Tile
+and block sizes are module constants: large on a GPU, small under Numba's CUDA
+simulator (``NUMBA_ENABLE_CUDASIM=1``), which runs every thread as a Python thread.
+The kernel code is the same in both.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import singledispatch
+
+import numpy as np
+import sympy as sp
+
+from .. import cache
+from ..codegen import body_code
+from ..lower import Elementwise, Gemm, Program, Reduction, Update
+from .numpy_backend import buf
+from .runtime import ALIGN, RunnerBase, concrete_shape
+
+
+class CudaUnavailable(RuntimeError):
+    """``backend="cuda"`` on a machine where Numba finds no usable GPU."""
+
+
+def simulating() -> bool:
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def check_available() -> None:
+    from numba import cuda
+
+    if simulating():
+        return
+    try:
+        ok = cuda.is_available()
+    except Exception as exc:  # a broken driver install raises rather than answering False
+        ok, why = False, str(exc)
+    else:
+        why = "numba.cuda.is_available() is False"
+    if not ok:
+        raise CudaUnavailable(
+            f"backend='cuda' needs an NVIDIA GPU with a working driver, and Numba found none ({why}). "
+            "Use backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 before importing symdl to run the CUDA "
+            "kernels in Numba's simulator (slow; for testing)."
+        )
+
+
+_INDEX = {"ij": "[i, j]", "j": "[0, j]", "i": "[i, 0]", "0": "[0, 0]", "ji": "[j, i]"}
+
+
+def _reads(operands) -> list:
+    return [f"v{i} = {buf(o.buffer)}{_INDEX[o.pattern]}" for i, o in enumerate(operands)]
+
+
+def _dims(shape):
+    return tuple(sp.pycode(sp.sympify(d)) for d in shape)
+
+
+def _scalar_params(program):
+    return [str(s) for s in program.scalars]
+
+
+# --------------------------------------------------------------------------- kernel printers
+# Each printer returns (kernel definition lines, launch lines for the step function).
+
+
+@singledispatch
+def emit(kernel, program: Program, index: int) -> tuple:
+    raise NotImplementedError(f"cuda backend: no printer for {type(kernel).__name__}")
+
+
+def _operand_args(operands):
+    return list(dict.fromkeys(buf(o.buffer) for o in operands))
+
+
+def _signature(out_bufs, operands, program, extra=()):
+    return list(dict.fromkeys(list(out_bufs) + _operand_args(operands))) + ["R", "C", "n"] + \
+        _scalar_params(program) + list(extra)
+
+
+@emit.register
+def _(k: Elementwise, program, index):
+    name = f"k{index}_elementwise"
+    args = _signature([buf(k.out)], k.operands, program)
+    lines, result = body_code(k.body, [f"v{i}" for i in range(len(k.operands))], "scalar")
+    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C"]
+    body += ["    " + l for l in _reads(k.operands) + lines + [f"{buf(k.out)}[i, j] = {result}"]]
+    rows, cols = _dims(program.shape_of(k.out))
+    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
+
+
+@emit.register
+def _(k: Update, program, index):
+    name = f"k{index}_update_{k.out}"
+    outs = [buf(b) for b, _ in k.writes]
+    args = _signature(outs, k.operands, program)
+    lines = []
+    for sym, b in k.lets:
+        pre, result = body_code(b, [f"v{i}" for i in range(len(k.operands))], "scalar", temp_prefix=f"_c{sym}_")
+        lines += pre + [f"{sym} = {result}"]
+    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C"]
+    body += ["    " + l for l in _reads(k.operands) + lines + [f"{buf(b)}[i, j] = {s}" for b, s in k.writes]]
+    rows, cols = _dims(program.shape_of(k.out))
+    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
+
+
+@emit.register
+def _(k: Gemm, program, index):
+    variant = f"gemm_{'t' if k.trans_a else 'n'}{'t' if k.trans_b else 'n'}"
+    rows, cols = _dims(program.shape_of(k.out))
+    inner = _dims(program.shape_of(k.a))[0 if k.trans_a else 1]
+    launch = [f"{variant}[((({cols}) + TN - 1) // TN, (({rows}) + TM - 1) // TM), (TN // RN, TM // RM)]"
+              f"({buf(k.a)}, {buf(k.b)}, {buf(k.out)}, {rows}, {cols}, {inner}, {float(k.alpha)!r})"]
+    return [], launch
+
+
+@emit.register
+def _(k: Reduction, program, index):
+    name = f"k{index}_reduce_{k.over}"
+    args = _signature([buf(k.out)], k.operands, program)
+    lines, result = body_code(k.body, [f"v{i}" for i in range(len(k.operands))], "scalar")
+    reads = _reads(k.operands) + lines
+    out = buf(k.out)
+    rows, cols = _dims(k.shape)
+
+    def ind(block, d):
+        return [" " * (4 * d) + l for l in block]
+
+    if k.over == "rows":  # block = (RX columns, RY row groups): each column summed by RY threads, then a tree
+        body = ["sm = cuda.shared.array((RY, RX), ACC)", "tx = cuda.threadIdx.x", "ty = cuda.threadIdx.y",
+                "j = cuda.blockIdx.x * RX + tx", "acc = 0.0", "if j < C:", "    for i in range(ty, R, RY):",
+                *ind(reads, 2), f"        acc += {result}", "sm[ty, tx] = acc", "cuda.syncthreads()",
+                "s = RY // 2", "while s > 0:", "    if ty < s:", "        sm[ty, tx] += sm[ty + s, tx]",
+                "    cuda.syncthreads()", "    s //= 2", "if ty == 0 and j < C:", f"    {out}[0, j] = sm[0, tx]"]
+        launch = [f"{name}[((({cols}) + RX - 1) // RX,), (RX, RY)]({', '.join(_call_args(args, rows, cols))})"]
+        return _kernel(name, args, body), launch
+    if k.over == "all":  # one block strides over every entry, then a tree
+        body = ["sm = cuda.shared.array(TR, ACC)", "tid = cuda.threadIdx.x", "acc = 0.0",
+                "for idx in range(tid, R * C, TR):", "    i = idx // C", "    j = idx - i * C", *ind(reads, 1),
+                f"    acc += {result}", "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"),
+                "if tid == 0:", f"    {out}[0, 0] = sm[0]"]
+        launch = [f"{name}[1, TR]({', '.join(_call_args(args, rows, cols))})"]
+        return _kernel(name, args, body), launch
+    # one block per row: row sums, or the row max then the sum of exp(x - max)
+    head = ["sm = cuda.shared.array(TR, ACC)", "tid = cuda.threadIdx.x", "i = cuda.blockIdx.x"]
+    if k.over == "cols":
+        body = head + ["acc = 0.0", "for j in range(tid, C, TR):", *ind(reads, 1), f"    acc += {result}",
+                       "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"),
+                       "if tid == 0:", f"    {out}[i, 0] = sm[0]"]
+    else:
+        body = head + ["mx = -math.inf", "for j in range(tid, C, TR):", *ind(reads, 1),
+                       f"    mx = max(mx, {result})", "sm[tid] = mx", "cuda.syncthreads()",
+                       *_tree("sm[tid] = max(sm[tid], sm[tid + s])"), "mx = sm[0]", "cuda.syncthreads()", "acc = 0.0",
+                       "for j in range(tid, C, TR):", *ind(reads, 1), f"    acc += math.exp({result} - mx)",
+                       "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"), "if tid == 0:",
+                       f"    {out}[i, 0] = mx + math.log(sm[0])"]
+    launch = [f"{name}[{rows}, TR]({', '.join(_call_args(args, rows, cols))})"]
+    return _kernel(name, args, body), launch
+
+
+def _tree(combine):
+    return ["s = TR // 2", "while s > 0:", "    if tid < s:", f"        {combine}", "    cuda.syncthreads()", "    s //= 2"]
+
+
+def _kernel(name, args, body):
+    return ["@cuda.jit(cache=CACHE)", f"def {name}({', '.join(args)}):"] + ["    " + l for l in body] + [""]
+
+
+def _call_args(args, rows, cols):
+    return [{"R": f"({rows})", "C": f"({cols})"}.get(a, a) for a in args]
+
+
+def _launch_1d(name, args, rows, cols):
+    return [f"{name}[((({rows}) * ({cols}) + TPB - 1) // TPB,), TPB]({', '.join(_call_args(args, rows, cols))})"]
+
+
+GEMM = '''
+@cuda.jit(cache=CACHE)
+def gemm_{ta}{tb}(A, B, Cm, M, N, K, alpha):
+    # Cm = alpha * op(A) @ op(B); op(A) is M x K, op(B) is K x N. A block computes a TM x TN tile,
+    # each thread an RM x RN patch from shared-memory tiles of TK columns of op(A) / rows of op(B).
+    sA = cuda.shared.array((TK, TM), DT)
+    sB = cuda.shared.array((TK, TN), DT)
+    acc = cuda.local.array((RM, RN), ACC)
+    ra = cuda.local.array(RM, ACC)
+    rb = cuda.local.array(RN, ACC)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    nthreads = (TN // RN) * (TM // RM)
+    tid = ty * (TN // RN) + tx
+    row0 = cuda.blockIdx.y * TM
+    col0 = cuda.blockIdx.x * TN
+    for a in range(RM):
+        for b in range(RN):
+            acc[a, b] = 0.0
+    for k0 in range(0, K, TK):
+        for e in range(tid, TM * TK, nthreads):
+            r = e // TK
+            c = e - r * TK
+            gr = row0 + r
+            gc = k0 + c
+            sA[c, r] = {a_read} if gr < M and gc < K else 0.0
+        for e in range(tid, TK * TN, nthreads):
+            r = e // TN
+            c = e - r * TN
+            gr = k0 + r
+            gc = col0 + c
+            sB[r, c] = {b_read} if gr < K and gc < N else 0.0
+        cuda.syncthreads()
+        for kk in range(TK):
+            for a in range(RM):
+                ra[a] = sA[kk, ty * RM + a]
+            for b in range(RN):
+                rb[b] = sB[kk, tx * RN + b]
+            for a in range(RM):
+                for b in range(RN):
+                    acc[a, b] += ra[a] * rb[b]
+        cuda.syncthreads()
+    for a in range(RM):
+        r = row0 + ty * RM + a
+        if r < M:
+            for b in range(RN):
+                c = col0 + tx * RN + b
+                if c < N:
+                    Cm[r, c] = alpha * acc[a, b]
+'''
+
+
+def _gemms() -> str:
+    out = []
+    for ta in "nt":
+        for tb in "nt":
+            out.append(GEMM.format(ta=ta, tb=tb, a_read="A[gc, gr]" if ta == "t" else "A[gr, gc]",
+                                   b_read="B[gc, gr]" if tb == "t" else "B[gr, gc]"))
+    return "\n".join(out)
+
+
+CONSTANTS = '''
+SIM = config.ENABLE_CUDASIM
+CACHE = not SIM  # numba-cuda caches compiled kernels; the simulator compiles nothing
+DT = {dt}
+ACC = {acc}
+# GEMM tile: a block computes TM x TN, each thread RM x RN, over TK-wide slices.
+TM, TN, TK, RM, RN = (8, 8, 4, 2, 2) if SIM else (64, 64, 16, 4, 4)
+TPB = 16 if SIM else 256  # threads per block for elementwise kernels
+TR = 8 if SIM else 256  # threads per block for row / full reductions (a power of two)
+RX, RY = (4, 4) if SIM else (32, 8)  # column-sum blocks: RX columns x RY row groups
+'''
+
+
+def generate(program: Program, dtype) -> str:
+    """The module: constants, the GEMMs, one kernel per program kernel, and ``step``."""
+    dt = "float32" if np.dtype(dtype) == np.float32 else "float64"
+    kernels, launches = [], []
+    for i, k in enumerate(program.kernels):
+        definition, launch = emit(k, program, i)
+        kernels += definition
+        launches += [f"# {k.out}: {k.kind}"] + launch
+    names = [str(l.name) for l in program.inputs + program.params if str(l.name) not in program.persistent]
+    names += list(program.persistent) + list(program.buffers)
+    unpack = [f"{buf(nm)} = b[{nm!r}]" for nm in names]
+    scalars = _scalar_params(program)
+    step = [f"def step(b, n{''.join(', ' + s for s in scalars)}):",
+            '    """Launch every kernel of one step (buffers ``b`` are device arrays by name)."""']
+    step += ["    " + l for l in unpack + launches]
+    return (
+        "# generated by symdl (cuda backend)\nimport math\n\nfrom numba import config, cuda, float32, float64\n"
+        + CONSTANTS.format(dt=dt, acc="float64" if dt == "float64" else "float32")
+        + _gemms() + "\n\n" + "\n".join(kernels) + "\n\n" + "\n".join(step) + "\n"
+    )
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class DeviceArray(np.ndarray):
+    """A host copy of a device buffer; assigning into it writes the whole array back."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        upload = getattr(self, "_upload", None)
+        if upload is not None:
+            upload(np.asarray(self))
+
+
+class DeviceMap(Mapping):
+    """``{key: host copy}`` of device buffers (``spec = {key: (buffer, shape)}``), read fresh each access."""
+
+    def __init__(self, device_views: dict, spec: dict):
+        self._views, self._spec = device_views, spec
+
+    def __getitem__(self, key):
+        name, shape = self._spec[key]
+        view = self._views[name]
+        host = view.copy_to_host().reshape(shape).view(DeviceArray)
+        host._upload = lambda a, v=view: v.copy_to_device(np.ascontiguousarray(a.reshape(v.shape)))
+        return host
+
+    def __iter__(self):
+        return iter(self._spec)
+
+    def __len__(self):
+        return len(self._spec)
+
+
+class Runner(RunnerBase):
+    """Device arenas, batch buffers on the device, and the generated ``step``."""
+
+    def __init__(self, program: Program, dtype):
+        check_available()
+        super().__init__(program, dtype)
+        from numba import cuda
+
+        self.cuda = cuda
+        self.source = generate(program, self.dtype)
+        self.module = cache.load_module(self.source, backend="cuda-sim" if simulating() else "cuda")
+        self.persist_dev = cuda.to_device(self.persist.flat)
+        self.persist_views = self._carve(self.persist_dev, program.persistent, 0)
+        self.external = [str(l.name) for l in program.inputs + program.params if str(l.name) not in program.persistent]
+        self.scalars = _scalar_params(program)
+        self._by_n = {}
+
+    def _carve(self, flat, shapes, n_value):
+        views, pos = {}, 0
+        for name, shape in shapes.items():
+            r, c = concrete_shape(shape, n_value)
+            views[name] = flat[pos : pos + r * c].reshape(r, c)
+            pos += (r * c + ALIGN - 1) // ALIGN * ALIGN
+        return views
+
+    def _buffers_on_device(self, n: int) -> dict:
+        if n not in self._by_n:
+            work = self.cuda.to_device(self.workspace.get(n).flat)
+            views = dict(self.persist_views)
+            views.update(self._carve(work, self.program.buffers, n))
+            leaves = {str(l.name): l for l in self.program.inputs + self.program.params}
+            for name in self.external:
+                leaf = leaves[name]
+                shape = (n, int(leaf.shape[1])) if name in {str(i.name) for i in self.program.inputs} \
+                    else (int(leaf.shape[0]), int(leaf.shape[1]))
+                views[name] = self.cuda.device_array(shape, dtype=self.dtype)
+            self._by_n[n] = (views, work)
+        return self._by_n[n][0]
+
+    def _launch(self, external: list, scalars: list, n: int) -> dict:
+        views = self._buffers_on_device(n)
+        for name, host in zip(self.external, external):
+            views[name].copy_to_device(np.ascontiguousarray(host, dtype=self.dtype))
+        self.module.step(views, n, *scalars)
+        return views
+
+    def call_list(self, external: list, scalars: list, n: int) -> float:
+        views = self._launch(external, scalars, n)
+        return float(views[self.program.outputs["loss"]].copy_to_host()[0, 0])  # the one value per step
+
+    def call(self, external: dict, scalars: dict, n: int) -> float:
+        return self.call_list([external[k] for k in self.external], [scalars[s] for s in self.scalars], n)
+
+    def run(self, external: dict, scalars: dict, n: int) -> dict:
+        views = self._launch([external[k] for k in self.external], [scalars[s] for s in self.scalars], n)
+        return {name: v.copy_to_host() for name, v in views.items()}
+
+    def output(self, name: str, n: int) -> np.ndarray:
+        return self._buffers_on_device(n)[name].copy_to_host()
+
+    def persistent_arrays(self, spec: dict) -> Mapping:
+        return DeviceMap(self.persist_views, spec)
+
+
+def compile_program(program: Program, dtype) -> Runner:
+    return Runner(program, dtype)
