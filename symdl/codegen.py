@@ -71,6 +71,19 @@ class ArrayPrinter(NumPyPrinter):
 
 PRINTERS = {"array": ArrayPrinter, "scalar": ScalarPrinter}
 
+#: How scalar-loop code (CPU and CUDA) reads operand ``v`` at ``(i, j)`` for each index pattern.
+INDEX = {"ij": "[i, j]", "j": "[0, j]", "i": "[i, 0]", "0": "[0, 0]", "ji": "[j, i]"}
+
+
+def operand_reads(operands, buffer_name) -> list:
+    """``v0 = b_x[i, j]``-style lines for a kernel's operands."""
+    return [f"v{i} = {buffer_name(o.buffer)}{INDEX[o.pattern]}" for i, o in enumerate(operands)]
+
+
+def dims(shape) -> tuple:
+    """A symbolic shape as Python expressions (``n`` stays a name)."""
+    return tuple(sp.pycode(sp.sympify(d)) for d in shape)
+
 
 def body_code(body, names, flavor: str, *, temp_prefix: str = "_c"):
     """``(lines, result)``: assignments of CSE temporaries, then the result expression."""

@@ -18,7 +18,7 @@ import numpy as np
 import sympy as sp
 
 from .. import cache, threads
-from ..codegen import body_code
+from ..codegen import body_code, dims as _dims, operand_reads
 from ..lower import Elementwise, Gemm, Program, Reduction, Update
 from .numpy_backend import buf
 from .runtime import ALIGN, RunnerBase
@@ -26,15 +26,8 @@ from .runtime import ALIGN, RunnerBase
 #: Loops whose estimated work (elements x operations) is at least this use ``prange``.
 PARALLEL_MIN_WORK = 1 << 17
 
-_INDEX = {"ij": "[i, j]", "j": "[0, j]", "i": "[i, 0]", "0": "[0, 0]", "ji": "[j, i]"}
-
-
 def _reads(operands) -> list:
-    return [f"v{i} = {buf(o.buffer)}{_INDEX[o.pattern]}" for i, o in enumerate(operands)]
-
-
-def _dims(shape) -> tuple:
-    return tuple(sp.pycode(sp.sympify(d)) for d in shape)
+    return operand_reads(operands, buf)
 
 
 def _loop(rows, var, parallel: bool) -> str:

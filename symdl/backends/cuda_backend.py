@@ -23,7 +23,7 @@ import numpy as np
 import sympy as sp
 
 from .. import cache
-from ..codegen import body_code
+from ..codegen import body_code, dims as _dims, operand_reads
 from ..lower import Elementwise, Gemm, Program, Reduction, Update
 from .numpy_backend import buf
 from .runtime import ALIGN, RunnerBase, concrete_shape
@@ -58,15 +58,8 @@ def check_available() -> None:
         )
 
 
-_INDEX = {"ij": "[i, j]", "j": "[0, j]", "i": "[i, 0]", "0": "[0, 0]", "ji": "[j, i]"}
-
-
 def _reads(operands) -> list:
-    return [f"v{i} = {buf(o.buffer)}{_INDEX[o.pattern]}" for i, o in enumerate(operands)]
-
-
-def _dims(shape):
-    return tuple(sp.pycode(sp.sympify(d)) for d in shape)
+    return operand_reads(operands, buf)
 
 
 def _scalar_params(program):
