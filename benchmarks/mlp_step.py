@@ -227,6 +227,33 @@ def run_jax(size):
     return {"us": timeit(step), "compile_s": compile_s}
 
 
+def run_pytensor(size, mode="NUMBA"):
+    t0 = time.perf_counter()
+    import numpy as np
+    import pytensor
+    import pytensor.tensor as pt
+
+    widths, act, loss_name, _ = SIZES[size]
+    X, Y, Ws, bs = data(size)
+    x, y = pt.matrix("x", dtype="float32"), pt.matrix("y", dtype="float32")
+    params = [pytensor.shared(W) for W in Ws] + [pytensor.shared(b) for b in bs]
+    h = x
+    k = len(Ws)
+    for i in range(k):
+        h = pt.dot(h, params[i]) + params[k + i]
+        if i < k - 1:
+            h = pt.tanh(h) if act == "tanh" else pt.maximum(h, 0)
+    if loss_name == "ce":
+        loss = -pt.mean(pt.sum(y * pt.special.log_softmax(h, axis=1), axis=1))
+    else:
+        loss = pt.mean(pt.softplus(h) - h * y)
+    grads = pytensor.grad(loss, params)
+    step = pytensor.function([x, y], loss, updates=[(p, p - np.float32(LR) * g) for p, g in zip(params, grads)],
+                             mode=mode)
+    step(X, Y)
+    return {"us": timeit(lambda: step(X, Y)), "compile_s": time.perf_counter() - t0}
+
+
 WORKERS = {
     "symdl": run_symdl,
     "numpy": run_numpy,
@@ -234,6 +261,8 @@ WORKERS = {
     "torch": run_torch,
     "torch.compile": lambda size: run_torch(size, compiled=True),
     "jax": run_jax,
+    "pytensor-numba": run_pytensor,
+    "pytensor-c": lambda size: run_pytensor(size, mode="FAST_RUN"),
     "symdl-cuda": lambda size: run_symdl(size, backend="cuda"),
     "torch-cuda": lambda size: run_torch(size, device="cuda"),
 }
@@ -259,6 +288,7 @@ def main():
     ap.add_argument("--sizes", default="tiny,digits,mnist,wide")
     ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--peers", help="comma-separated subset of peers to run (default: every installed one)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="interleaved runs per framework; the best median is kept (robust to a busy neighbour)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -278,7 +308,11 @@ def main():
                 peers.append("torch.compile")
         if installed("jax"):
             peers.append("jax")
+        if installed("pytensor"):
+            peers += ["pytensor-numba", "pytensor-c"]
         ours = "symdl"
+    if args.peers:
+        peers = args.peers.split(",")
     header = f"{'size':<7} {'symdl µs':>10} {'cold s':>7} {'warm s':>7}" + "".join(f" {p:>20}" for p in peers)
     print(header)
     print("-" * len(header))

@@ -363,8 +363,9 @@ class Runner(RunnerBase):
         return self.call_list([external[k] for k in self.external], [scalars[s] for s in self.scalars], n)
 
     def run(self, external: dict, scalars: dict, n: int) -> dict:
+        """Run the program and copy its outputs (not every intermediate) back to the host."""
         views = self._launch([external[k] for k in self.external], [scalars[s] for s in self.scalars], n)
-        return {name: v.copy_to_host() for name, v in views.items()}
+        return {name: views[name].copy_to_host() for name in self.program.outputs.values()}
 
     def output(self, name: str, n: int) -> np.ndarray:
         return self._buffers_on_device(n)[name].copy_to_host()
