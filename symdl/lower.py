@@ -147,23 +147,28 @@ def lower_program(outputs: dict) -> Program:
         lw.preferred.setdefault(root, name)  # an output's buffer carries the output's name
     for node in order:
         lw.visit(node)
-    out_map = {}
-    for name, root in zip(names, roots):
-        if lw.buffer_of(root) != name:  # a leaf, or a node another output already names: copy
+    _name_outputs(lw, dict(zip(names, roots)))
+    return _program(lw, order, names)
+
+
+def _name_outputs(lw, roots_by_name: dict) -> None:
+    """Make buffer ``name`` hold each output (a copy where it is a leaf or already named)."""
+    for name, root in roots_by_name.items():
+        if lw.buffer_of(root) != name:
             lw.emit(Elementwise(name, V[0], (lw.operand(root),)), root.shape)
-        out_map[name] = name
+
+
+def _program(lw, order, output_names, persistent=None) -> Program:
     leaves = [nd for nd in order if isinstance(nd, (Input, Param))]
-    scalars = sorted(
-        {s for k in lw.kernels for s in _free_scalars(k)} - {sp.Symbol("n", integer=True, positive=True)},
-        key=str,
-    )
+    scalars = {s for k in lw.kernels for s in _free_scalars(k)} - {sp.Symbol("n", integer=True, positive=True)}
     return Program(
         kernels=lw.kernels,
         buffers=lw.shapes,
         inputs=[l for l in leaves if isinstance(l, Input)],
         params=[l for l in leaves if isinstance(l, Param)],
-        outputs=out_map,
-        scalars=scalars,
+        outputs={name: name for name in output_names},
+        scalars=sorted(scalars, key=str),
+        persistent=dict(persistent or {}),
     )
 
 
@@ -210,7 +215,7 @@ def lower_training(loss, params, optimizer, outputs=None) -> Program:
     update loop instead of being written to a buffer first.
     """
     from .grad import grad
-    from .optim import g as g_sym, p as p_sym, t as t_sym
+    from .optim import g as g_sym, p as p_sym
 
     params = list(params)
     outputs = dict(outputs or {})
@@ -229,26 +234,36 @@ def lower_training(loss, params, optimizer, outputs=None) -> Program:
             lw.fused.add(gr)  # computed inside the update loop
     for node in order:
         lw.visit(node)
-    for name, root in [("loss", loss_root), *extra_roots.items()]:
-        if lw.buffer_of(root) != name:  # a leaf or a node another output names: copy
-            lw.emit(Elementwise(name, V[0], (lw.operand(root),)), root.shape)
+    _name_outputs(lw, {"loss": loss_root, **extra_roots})
     state_rule, p_rule = optimizer.rule()
     state_syms = [sp.Symbol(k, real=True) for k, _ in state_rule]
     persistent = {}
+    for q in params:
+        persistent[str(q.name)] = tuple(q.shape)
+        for k in optimizer.state:
+            persistent[state_buffer(str(q.name), k)] = tuple(q.shape)
+    # Every gradient operand is settled before the first update writes a parameter: one
+    # that reads a parameter's buffer directly (∂/∂W1 of sum(W1⊙W2) is W2) gets a copy.
+    gradient_operands = {}
+    for q, gr in zip(params, grad_roots):
+        if gr in lw.fused:
+            gradient_operands[q] = [lw.operand(a) for a in gr.operands]
+            continue
+        op = lw.operand(gr)
+        if op.buffer in persistent:
+            copy = lw.fresh()
+            lw.emit(Elementwise(copy, V[0], (op,)), gr.shape)
+            op = Operand(copy, "ij")
+        gradient_operands[q] = [op]
     for q, gr in zip(params, grad_roots):
         name = str(q.name)
-        persistent[name] = tuple(q.shape)
-        ops = [Operand(name, "ij")]
-        for k in optimizer.state:
-            persistent[state_buffer(name, k)] = tuple(q.shape)
-            ops.append(Operand(state_buffer(name, k), "ij"))
+        ops = [Operand(name, "ij")] + [Operand(state_buffer(name, k), "ij") for k in optimizer.state]
         if gr in lw.fused:
             shift = {v: V[len(ops) + j] for j, v in enumerate(gr.lam.variables)}
             g_body = gr.lam.expr.xreplace(shift)
-            ops.extend(lw.operand(a) for a in gr.operands)
         else:
             g_body = V[len(ops)]
-            ops.append(lw.operand(gr))
+        ops.extend(gradient_operands[q])
         u = sp.symbols(f"_u0:{len(state_rule) + 2}", real=True)
         env = {p_sym: V[0], g_sym: u[0], **{s: V[1 + i] for i, s in enumerate(state_syms)}}
         lets = [(u[0], g_body)]
@@ -259,19 +274,7 @@ def lower_training(loss, params, optimizer, outputs=None) -> Program:
         writes = [(state_buffer(name, k), u[1 + i]) for i, k in enumerate(optimizer.state)] + [(name, u[-1])]
         ops, lets = _dedupe_operands(ops, lets)
         lw.kernels.append(Update(name, tuple(lets), tuple(writes), tuple(ops)))
-    leaves = [nd for nd in order if isinstance(nd, (Input, Param))]
-    kernels_scalars = {s for k in lw.kernels for s in _free_scalars(k)}
-    scalars = sorted(kernels_scalars - {sp.Symbol("n", integer=True, positive=True)}, key=str)
-    assert t_sym.name == "t"
-    return Program(
-        kernels=lw.kernels,
-        buffers=lw.shapes,
-        inputs=[l for l in leaves if isinstance(l, Input)],
-        params=[l for l in leaves if isinstance(l, Param)],
-        outputs={"loss": "loss", **{k: k for k in outputs}},
-        scalars=scalars,
-        persistent=persistent,
-    )
+    return _program(lw, order, ["loss", *outputs], persistent)
 
 
 _VSET = frozenset(V)

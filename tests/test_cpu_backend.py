@@ -190,6 +190,23 @@ def test_optimizer_matches_torch_optim(name):
         assert_close(train.params[k], tp[k].detach().numpy(), 1e-10, what=f"{name} {k}")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_coupled_parameters_update_from_the_old_values(backend):
+    """∂/∂A sum(A⊙B) = B and ∂/∂B = A: each update must read the other's value from *before* the step."""
+    A = sd.param("A", (2, 3)); B = sd.param("B", (2, 3)); x = sd.input("x", 3)
+    loss = sd.total(sd.hadamard(A, B)) + sd.mean(x @ A.T)
+    train = sd.compile(loss, [A, B], optimizer=sd.optim.SGD(0.1), backend=backend, dtype="float64")
+    rng = np.random.default_rng(0)
+    a0, b0 = rng.normal(size=(2, 3)), rng.normal(size=(2, 3))
+    train.params["A"][...] = a0
+    train.params["B"][...] = b0
+    X = rng.normal(size=(4, 3))
+    train.step(x=X)
+    ga = b0 + np.tile(X.sum(0) / (4 * 2), (2, 1))  # mean over the n*2 entries of x Aᵀ
+    np.testing.assert_allclose(train.params["A"], a0 - 0.1 * ga, rtol=1e-12)
+    np.testing.assert_allclose(train.params["B"], b0 - 0.1 * a0, rtol=1e-12)
+
+
 def test_optimizer_formulas_are_sympy():
     for name in OPTIMIZERS:
         opt = sd.optim.OPTIMIZERS[name](0.1)
