@@ -139,14 +139,9 @@ def save_idx(path, array) -> None:
         f.write(payload)
 
 
-def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = "training data"):
-    """Validate and convert ``(X, y)`` for a model; returns float ``X`` and target ``Y`` (n, outputs).
-
-    ``kind`` is ``"classes"`` (integer labels or one-hot), ``"binary"`` (0/1 or
-    probabilities) or ``"regression"``. Errors come before any compilation.
-    """
+def check_features(X, *, input_dim: int, what: str = "data") -> np.ndarray:
+    """Validate a feature matrix: numeric, 2-D, ``input_dim`` columns, not empty, finite."""
     X = np.asarray(X)
-    y = np.asarray(y)
     if X.dtype.kind not in "fiub":
         raise DataError(f"{what}: X has dtype {X.dtype}; expected numbers")
     if X.ndim != 2:
@@ -155,11 +150,22 @@ def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = 
         raise DataError(f"{what}: X has {X.shape[1]} features, the model expects {input_dim}")
     if len(X) == 0:
         raise DataError(f"{what}: X is empty")
-    if len(y) != len(X):
-        raise DataError(f"{what}: X has {len(X)} rows but y has {len(y)}")
     if not np.isfinite(X).all():
         bad = np.argwhere(~np.isfinite(X))[0]
         raise DataError(f"{what}: X contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
+    return X.astype(np.float64)
+
+
+def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = "training data"):
+    """Validate and convert ``(X, y)`` for a model; returns float ``X`` and target ``Y`` (n, outputs).
+
+    ``kind`` is ``"classes"`` (integer labels or one-hot), ``"binary"`` (0/1 or
+    probabilities) or ``"regression"``. Errors come before any compilation.
+    """
+    X = check_features(X, input_dim=input_dim, what=what)
+    y = np.asarray(y)
+    if len(y) != len(X):
+        raise DataError(f"{what}: X has {len(X)} rows but y has {len(y)}")
     if y.dtype.kind not in "fiub":
         raise DataError(f"{what}: y has dtype {y.dtype}; expected numbers")
     if not np.isfinite(y.astype(np.float64)).all():
@@ -184,4 +190,4 @@ def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = 
         if kind == "binary" and (Y.min() < 0 or Y.max() > 1):
             raise DataError(f"{what}: binary targets must lie in [0, 1], found {Y.min()}..{Y.max()}")
         Y = Y.astype(np.float64)
-    return X.astype(np.float64), Y
+    return X, Y

@@ -246,8 +246,7 @@ class Sequential:
     def predict(self, X, batch_size: int = 1024) -> np.ndarray:
         """The model's outputs (logits for classification), in chunks of ``batch_size``."""
         self._require_compiled()
-        X, _ = self._prepare(X, np.zeros((len(np.asarray(X)), self.layers[-1].units)), "prediction data") \
-            if self.kind != "classes" else self._prepare(X, np.zeros(len(np.asarray(X)), int), "prediction data")
+        X = datasets.check_features(X, input_dim=self.input_dim, what="prediction data")
         X = np.ascontiguousarray(X, self.train_step.dtype)
         outs = []
         for i in range(0, len(X), batch_size):
