@@ -351,3 +351,29 @@ def test_cuda_without_a_gpu_says_so_and_names_the_way_out():
     x = sd.input("x", 2); W = sd.param("W", (2, 1))
     with pytest.raises(CudaUnavailable, match=r"backend='cpu'.*NUMBA_ENABLE_CUDASIM=1"):
         sd.value_and_grad(sd.total(x @ W), [W], backend="cuda")
+
+
+def test_float32_tanh_is_within_3e7_of_float64():
+    """float32 CPU loops use Eigen's rational tanh (vectorisable); it stays within ~2 float32 ulps."""
+    import numba
+
+    from symdl.codegen import TANH32
+
+    namespace = {"numba": numba}
+    exec(TANH32.replace("cache=True", "cache=False"), namespace)  # noqa: S102 - our own helper
+    tanh32 = namespace["_tanh32"]
+
+    @numba.njit
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = tanh32(x[i])
+
+    x = np.concatenate([np.linspace(-20, 20, 200_001), [0.0, 1e-30, -3e-4, 7.9, -7.95, 1e4]]).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    exact = np.tanh(x.astype(np.float64))
+    rel = np.abs(out - exact) / np.maximum(np.abs(exact), np.finfo(np.float32).tiny)
+    assert rel.max() < 3e-7
+    assert "_tanh32(" in sd.compile(small_regression()[0], small_regression()[1], backend="cpu").source
+    assert "_tanh32(" not in sd.compile(small_regression()[0], small_regression()[1], backend="cpu",
+                                        dtype="float64").source
