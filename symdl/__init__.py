@@ -6,19 +6,22 @@
 >>> print(sd.grad(loss, [W])[W])
 x.T*(2*(x*W - y)/n)
 """
-from . import losses
+__version__ = "0.1.0"  # before the submodules: the compile cache keys on it
+
+from . import checkpoint, datasets, functions, losses, nn, optim, train
+from .api import value_and_grad
+from .compile import compile
+from .explain import explain
 from .expr import Input, Param, hadamard, input, mean, n, param, total
 from .functions import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
 from .grad import adjoints, grad
 from .printing import latex, text
 from .regularizers import l1, l2
+from .threads import get_num_threads, set_num_threads
 
-__version__ = "0.1.0"
-
-from . import optim  # noqa: E402
-from .api import value_and_grad  # noqa: E402
-from .compile import compile  # noqa: E402
-from .threads import get_num_threads, set_num_threads  # noqa: E402
-from . import functions  # noqa: E402
-from .explain import explain  # noqa: E402
-from . import checkpoint, datasets, nn, train  # noqa: E402
+__all__ = [
+    "activation", "adjoints", "checkpoint", "compile", "datasets", "elu", "explain", "functions", "gelu", "get_num_threads",
+    "grad", "hadamard", "input", "Input", "l1", "l2", "latex", "leaky_relu", "log_softmax", "losses", "mean", "n", "nn",
+    "optim", "param", "Param", "relu", "set_num_threads", "sigmoid", "silu", "softmax", "softplus", "tanh", "text",
+    "total", "train", "value_and_grad",
+]
