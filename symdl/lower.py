@@ -284,8 +284,7 @@ class _Lowerer:
     def __init__(self, uses, order):
         self.uses = uses
         self.kernels, self.shapes, self.names = [], {}, {}
-        self.leaf_names = set()
-        self.fused = set()  # single-use Maps folded into their reduction
+        self.fused = set()  # single-use Maps computed inside their consumer (a reduction or an update)
         self.count = 0
         self.preferred = {}
         self.parents = {}
@@ -329,7 +328,6 @@ class _Lowerer:
     def visit(self, node):
         if isinstance(node, (Input, Param)):
             self.names[node] = str(node.name)
-            self.leaf_names.add(str(node.name))
         elif isinstance(node, (Broadcast, Transpose)):
             pass  # a view: read through an index pattern by its users
         elif isinstance(node, Map):

@@ -13,8 +13,6 @@ after a ``prange`` loop) starve each other: DESIGN.md measured a 784-256-10 step
 """
 from __future__ import annotations
 
-import os
-
 import numba
 
 _controller = None
@@ -48,6 +46,3 @@ def blas_single_threaded():
     """BLAS on one thread, for steps whose own loops use every core."""
     return _blas().limit(limits=1)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -25,12 +25,11 @@ def _fmt(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
 
 
-def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True, need_params=True) -> tuple:
+def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True) -> tuple:
     """Validate and convert ``arrays``; returns ``(converted, batch_size)``."""
-    expected = {str(l.name): l for l in list(inputs) + (list(params) if need_params else [])}
-    allowed = {str(l.name) for l in list(inputs) + list(params)}
+    expected = {str(l.name): l for l in list(inputs) + list(params)}
     missing = [k for k in expected if k not in arrays]
-    unknown = [k for k in arrays if k not in allowed]
+    unknown = [k for k in arrays if k not in expected]
     if missing:
         what = ", ".join(f"{k!r} {_fmt(_expected_shape(expected[k]))}" for k in missing)
         raise ArrayError(f"missing array(s): {what}")
@@ -38,7 +37,7 @@ def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True, need
         raise ArrayError(f"unknown array(s) {', '.join(map(repr, unknown))}; expected: {', '.join(expected)}")
     out, batch, batch_from = {}, None, None
     for name, value in arrays.items():
-        leaf = {str(l.name): l for l in list(inputs) + list(params)}[name]
+        leaf = expected[name]
         a = np.asarray(value)
         if a.dtype.kind not in "fiub":
             raise ArrayError(f"array {name!r} has dtype {a.dtype}, expected numbers (converted to {np.dtype(dtype).name})")

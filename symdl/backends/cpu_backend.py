@@ -263,25 +263,28 @@ class Runner(RunnerBase):
         """The hot path: externals and scalars in the program's order."""
         ready = self._ready.get(n)
         if ready is None:
-            fn = self.function_for(n)
-            work = self.workspace.get(n).flat
-            value = self._first_call(fn.__name__, (*external, self.persist.flat, work, n, *scalars))
-            self._ready[n] = (getattr(self.module, fn.__name__), work)
-            return value
-        fn, work = ready
-        if self._use_parallel[n]:
+            return self._first_call(external, scalars, n)
+        fn, work, parallel = ready
+        if parallel:
             with threads.blas_single_threaded():
                 return fn(*external, self.persist.flat, work, n, *scalars)
         return fn(*external, self.persist.flat, work, n, *scalars)
 
-    def _first_call(self, name, args):
-        """The first call compiles or loads from Numba's cache; a corrupt entry is rebuilt once."""
-        try:
-            return getattr(self.module, name)(*args)
-        except Exception:
-            cache.clear_compiled(cache.module_path(self.source, "cpu"))
-            self.module = cache.load_module(self.source, backend="cpu")
-            return getattr(self.module, name)(*args)
+    def _first_call(self, external, scalars, n):
+        """The first call at a batch size compiles or loads from Numba's cache; a corrupt
+        cache entry is deleted and the module reloaded, once."""
+        name = self.function_for(n).__name__
+        work = self.workspace.get(n).flat
+        for attempt in (1, 2):
+            self._ready[n] = (getattr(self.module, name), work, self._use_parallel[n])
+            try:
+                return self.call_list(external, scalars, n)
+            except Exception:
+                del self._ready[n]
+                if attempt == 2:
+                    raise
+                cache.clear_compiled(cache.module_path(self.source, "cpu"))
+                self.module = cache.load_module(self.source, backend="cpu")
 
     def run(self, external: dict, scalars: dict, n: int) -> dict:
         self.call(external, scalars, n)

@@ -26,7 +26,7 @@ from .. import cache
 from ..codegen import body_code, dims as _dims, operand_reads
 from ..lower import Elementwise, Gemm, Program, Reduction, Update
 from .numpy_backend import buf
-from .runtime import ALIGN, RunnerBase, concrete_shape
+from .runtime import RunnerBase, concrete_shape
 
 
 class CudaUnavailable(RuntimeError):
@@ -321,30 +321,26 @@ class Runner(RunnerBase):
         self.source = generate(program, self.dtype)
         self.module = cache.load_module(self.source, backend="cuda-sim" if simulating() else "cuda")
         self.persist_dev = cuda.to_device(self.persist.flat)
-        self.persist_views = self._carve(self.persist_dev, program.persistent, 0)
+        self.persist_views = self._carve(self.persist_dev, self.persist)
         self.external = [str(l.name) for l in program.inputs + program.params if str(l.name) not in program.persistent]
         self.scalars = _scalar_params(program)
         self._by_n = {}
 
-    def _carve(self, flat, shapes, n_value):
-        views, pos = {}, 0
-        for name, shape in shapes.items():
-            r, c = concrete_shape(shape, n_value)
-            views[name] = flat[pos : pos + r * c].reshape(r, c)
-            pos += (r * c + ALIGN - 1) // ALIGN * ALIGN
-        return views
+    @staticmethod
+    def _carve(device_flat, arena) -> dict:
+        """Device views in exactly the layout of the host ``runtime.Arena`` mirrored to the device."""
+        return {name: device_flat[o : o + r * c].reshape(r, c)
+                for (name, o), (r, c) in zip(arena.offsets.items(), arena.shapes.values())}
 
     def _buffers_on_device(self, n: int) -> dict:
         if n not in self._by_n:
-            work = self.cuda.to_device(self.workspace.get(n).flat)
+            arena = self.workspace.get(n)
+            work = self.cuda.to_device(arena.flat)
             views = dict(self.persist_views)
-            views.update(self._carve(work, self.program.buffers, n))
+            views.update(self._carve(work, arena))
             leaves = {str(l.name): l for l in self.program.inputs + self.program.params}
-            for name in self.external:
-                leaf = leaves[name]
-                shape = (n, int(leaf.shape[1])) if name in {str(i.name) for i in self.program.inputs} \
-                    else (int(leaf.shape[0]), int(leaf.shape[1]))
-                views[name] = self.cuda.device_array(shape, dtype=self.dtype)
+            for name in self.external:  # the batch (and, for value_and_grad, the params) arrive per call
+                views[name] = self.cuda.device_array(concrete_shape(leaves[name].shape, n), dtype=self.dtype)
             self._by_n[n] = (views, work)
         return self._by_n[n][0]
 
