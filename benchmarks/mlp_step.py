@@ -9,6 +9,7 @@ the step's matrix products).
     python benchmarks/mlp_step.py                       # every size, every installed peer
     python benchmarks/mlp_step.py --sizes tiny,mnist --no-torch-compile
     python benchmarks/mlp_step.py --backend cuda --sizes mnist,wide,huge   # on a GPU
+    python benchmarks/mlp_step.py --baseline ../old-checkout      # before/after a change, in one run
 """
 from __future__ import annotations
 
@@ -263,13 +264,19 @@ WORKERS = {
     "jax": run_jax,
     "pytensor-numba": run_pytensor,
     "pytensor-c": lambda size: run_pytensor(size, mode="FAST_RUN"),
+    "symdl-baseline": run_symdl,  # run with --baseline's checkout first on the path
     "symdl-cuda": lambda size: run_symdl(size, backend="cuda"),
     "torch-cuda": lambda size: run_torch(size, device="cuda"),
 }
 
 
+BASELINE = None  # --baseline: another checkout of symdl to measure beside this one
+
+
 def spawn(name, size, cache_dir):
     env = dict(os.environ, SYMDL_CACHE_DIR=cache_dir)
+    if name == "symdl-baseline":
+        env["PYTHONPATH"] = os.pathsep.join([BASELINE] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run([sys.executable, __file__, "--worker", name, size], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -291,8 +298,11 @@ def main():
     ap.add_argument("--peers", help="comma-separated subset of peers to run (default: every installed one)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="interleaved runs per framework; the best median is kept (robust to a busy neighbour)")
+    ap.add_argument("--baseline", help="another symdl checkout, measured as the peer 'symdl-baseline'")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global BASELINE
+    BASELINE = os.path.abspath(args.baseline) if args.baseline else None
     if args.worker:
         print(json.dumps(WORKERS[args.worker[0]](args.worker[1])))
         return
@@ -313,6 +323,8 @@ def main():
         ours = "symdl"
     if args.peers:
         peers = args.peers.split(",")
+    if BASELINE:
+        peers.insert(0, "symdl-baseline")
     header = f"{'size':<7} {'symdl µs':>10} {'cold s':>7} {'warm s':>7}" + "".join(f" {p:>20}" for p in peers)
     print(header)
     print("-" * len(header))

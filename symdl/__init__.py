@@ -5,23 +5,27 @@
 >>> loss = sd.losses.mse(x @ W, y)
 >>> print(sd.grad(loss, [W])[W])
 x.T*(2*(x*W - y)/n)
-"""
-__version__ = "0.1.0"  # before the submodules: the compile cache keys on it
 
-from . import checkpoint, datasets, functions, losses, nn, optim, train
-from .api import value_and_grad
-from .compile import compile
-from .explain import explain
-from .expr import Input, Param, hadamard, input, mean, n, param, total
+The modules read in pipeline order: ``graph`` (+ ``printing``, ``functions``, ``losses``,
+``regularizers``) -> ``autodiff`` (+ ``simplify``, ``explanation``) -> ``optim`` (updates as
+graph writes) -> ``ir`` and ``lowering`` -> ``backends`` -> ``pipeline`` (``compile``,
+``value_and_grad``) -> ``nn`` (Keras-style models).
+"""
+from .version import __version__  # noqa: F401 - first: the compile cache keys on it
+
+from . import datasets, functions, losses, nn, optim, printing  # noqa: F401 - printing fills the print rules
+from .autodiff import adjoints, grad
+from .backends.threads import get_num_threads, set_num_threads
+from .explanation import explain
 from .functions import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
-from .grad import adjoints, grad
+from .graph import Input, Param, hadamard, input, mean, n, param, total
+from .pipeline import compile, value_and_grad
 from .printing import latex, text
 from .regularizers import l1, l2
-from .threads import get_num_threads, set_num_threads
 
 __all__ = [
-    "activation", "adjoints", "checkpoint", "compile", "datasets", "elu", "explain", "functions", "gelu", "get_num_threads",
+    "activation", "adjoints", "compile", "datasets", "elu", "explain", "functions", "gelu", "get_num_threads",
     "grad", "hadamard", "input", "Input", "l1", "l2", "latex", "leaky_relu", "log_softmax", "losses", "mean", "n", "nn",
     "optim", "param", "Param", "relu", "set_num_threads", "sigmoid", "silu", "softmax", "softplus", "tanh", "text",
-    "total", "train", "value_and_grad",
+    "total", "value_and_grad",
 ]

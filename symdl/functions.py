@@ -22,7 +22,8 @@ from __future__ import annotations
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from .expr import MatrixExpr, elementwise
+from .graph import MatrixExpr, RowLogSumExp, elementwise
+from .registry import Registry
 
 _t = sp.Symbol("t", real=True)
 
@@ -72,12 +73,12 @@ def check_printable(expr, what: str) -> None:
         raise ValueError(f"{what} uses the function {name!r}, which no symdl backend can evaluate (allowed: {allowed})")
 
 
-def _heaviside_at_zero(expr):
+def heaviside_at_zero(expr):
     # SymPy's Heaviside(0) is 1/2; PyTorch's relu'(0) is 0. Pick 0 everywhere.
     return expr.replace(lambda e: isinstance(e, sp.Heaviside) and len(e.args) == 1, lambda e: sp.Heaviside(e.args[0], 0))
 
 
-REGISTRY: dict = {}
+REGISTRY = Registry("activation")
 
 
 def define(name, formula, *, impl=None, derivative=None, latex_name=None, register=True):
@@ -94,7 +95,7 @@ def define(name, formula, *, impl=None, derivative=None, latex_name=None, regist
     if derivative is not None:
         d = sp.sympify(derivative(_t, cls))
     else:
-        d = _heaviside_at_zero(sp.simplify(sp.diff(body, _t)))
+        d = heaviside_at_zero(sp.simplify(sp.diff(body, _t)))
         d = d.xreplace({body: cls(_t)}) if body != _t else d
     cls.derivative_body = d
     if register:
@@ -102,32 +103,32 @@ def define(name, formula, *, impl=None, derivative=None, latex_name=None, regist
     return cls
 
 
-sigmoid_f = define(
+Sigmoid = define(
     "sigmoid", lambda t: 1 / (1 + sp.exp(-t)), derivative=lambda t, f: f(t) * (1 - f(t)), latex_name=r"\sigma"
 )
-softplus_f = define(
+Softplus = define(
     "softplus",
     lambda t: sp.log(1 + sp.exp(t)),
     impl=lambda t: sp.Max(t, 0) + log1p(sp.exp(-sp.Abs(t))),
-    derivative=lambda t, f: sigmoid_f(t),
+    derivative=lambda t, f: Sigmoid(t),
 )
-relu_f = define("relu", lambda t: sp.Max(t, 0), derivative=lambda t, f: sp.Heaviside(t, 0))
-leaky_relu_f = define(
+ReLU = define("relu", lambda t: sp.Max(t, 0), derivative=lambda t, f: sp.Heaviside(t, 0))
+LeakyReLU = define(
     "leaky_relu",
     lambda t: sp.Piecewise((t, t > 0), (sp.Float(0.01) * t, True)),
     derivative=lambda t, f: sp.Piecewise((1, t > 0), (sp.Float(0.01), True)),
 )
-elu_f = define(
+ELU = define(
     "elu",
     lambda t: sp.Piecewise((t, t > 0), (expm1(t), True)),
     derivative=lambda t, f: sp.Piecewise((1, t > 0), (sp.exp(t), True)),
 )
-gelu_f = define(
+GELU = define(
     "gelu",
     lambda t: t / 2 * (1 + sp.erf(t / sp.sqrt(2))),
     derivative=lambda t, f: (1 + sp.erf(t / sp.sqrt(2))) / 2 + t * sp.exp(-t**2 / 2) / sp.sqrt(2 * sp.pi),
 )
-silu_f = define("silu", lambda t: t * sigmoid_f(t), derivative=lambda t, f: sigmoid_f(t) * (1 + t * (1 - sigmoid_f(t))))
+SiLU = define("silu", lambda t: t * Sigmoid(t), derivative=lambda t, f: Sigmoid(t) * (1 + t * (1 - Sigmoid(t))))
 REGISTRY["tanh"] = sp.tanh  # SymPy's own: tanh′ = 1 − tanh² already
 
 
@@ -144,14 +145,14 @@ def _applier(fn, name):
     return apply
 
 
-sigmoid = _applier(sigmoid_f, "sigmoid")
+sigmoid = _applier(Sigmoid, "sigmoid")
 tanh = _applier(sp.tanh, "tanh")
-relu = _applier(relu_f, "relu")
-leaky_relu = _applier(leaky_relu_f, "leaky_relu")
-elu = _applier(elu_f, "elu")
-softplus = _applier(softplus_f, "softplus")
-gelu = _applier(gelu_f, "gelu")
-silu = _applier(silu_f, "silu")
+relu = _applier(ReLU, "relu")
+leaky_relu = _applier(LeakyReLU, "leaky_relu")
+elu = _applier(ELU, "elu")
+softplus = _applier(Softplus, "softplus")
+gelu = _applier(GELU, "gelu")
+silu = _applier(SiLU, "silu")
 
 
 def activation(name: str, formula):
@@ -188,22 +189,16 @@ def get(name_or_fn):
         return None
     if callable(name_or_fn) and hasattr(name_or_fn, "function"):
         return name_or_fn
-    if isinstance(name_or_fn, str) and name_or_fn in REGISTRY:
-        return _applier(REGISTRY[name_or_fn], name_or_fn)
-    raise ValueError(f"unknown activation {name_or_fn!r}; known: {', '.join(sorted(REGISTRY))}")
+    return _applier(REGISTRY.get(name_or_fn), name_or_fn)
 
 
 def softmax(z):
     """Row-wise softmax ``exp(Z - logsumexp(Z))`` (stable: the row max is subtracted)."""
-    from .expr import RowLogSumExp
-
     return elementwise(lambda a, l: sp.exp(a - l), z, RowLogSumExp(z), op="softmax")
 
 
 def log_softmax(z):
     """Row-wise ``Z - logsumexp(Z)``."""
-    from .expr import RowLogSumExp
-
     return elementwise(lambda a, l: a - l, z, RowLogSumExp(z), op="log_softmax")
 
 

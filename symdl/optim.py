@@ -15,7 +15,17 @@ from __future__ import annotations
 
 import sympy as sp
 
-p, g, t = sp.symbols("p g t", real=True)
+from .graph import VARS, State, make_map
+from .registry import Registry
+
+p, g = sp.symbols("p g", real=True)
+#: The step count, 1 on the first step: a runtime scalar of the compiled step (Adam reads it).
+STEP = t = sp.Symbol("t", real=True)
+
+
+def state_name(param_name: str, state: str) -> str:
+    """The persistent buffer holding optimizer state ``state`` of parameter ``param_name``."""
+    return f"{state}__{param_name}"
 
 
 class Optimizer:
@@ -62,6 +72,28 @@ class Optimizer:
         s = {k: sp.Symbol(k, real=True) for k in self.state}
         new_state, new_p = self.update(p, g, s, self.symbols, t)
         return [(k, new_state[k]) for k in self.state], new_p
+
+    def writes(self, param, grad) -> dict:
+        """One step for ``param`` as graph writes ``{param or its state: new value}``.
+
+        Right-hand sides read the values before the step; the new parameter reads the
+        new state through the same nodes, so the loop computes each once.
+
+        >>> import symdl as sd
+        >>> W = sd.param("W", (2, 2))
+        >>> for leaf, value in Momentum(0.1).writes(W, 2 * W).items(): print(leaf, "<-", value)
+        W <- -lr*(momentum*b__W + 2*W) + W
+        b__W <- momentum*b__W + 2*W
+        """
+        states = {k: State(state_name(str(param.name), k), *param.shape) for k in self.state}
+        state_rule, p_rule = self.rule()
+        old = [p, g] + [sp.Symbol(k, real=True) for k in self.state]
+        operands = [param, grad] + [states[k] for k in self.state]
+        env = dict(zip(old, VARS))
+        out = {states[k]: make_map(e.xreplace(env), operands) for k, e in state_rule}
+        new_vars = {e.xreplace(env): VARS[len(operands) + i] for i, (_, e) in enumerate(state_rule)}
+        new_p = p_rule.xreplace(env).xreplace(new_vars)
+        return {param: make_map(new_p, operands + [out[states[k]] for k, _ in state_rule]), **out}
 
     def formulas(self) -> list:
         """The update as readable lines ``state ← expr`` and ``p ← expr``.
@@ -166,14 +198,13 @@ class Adagrad(Optimizer):
         return {"G": G}, p - h["lr"] * g / (sp.sqrt(G) + h["eps"])
 
 
-OPTIMIZERS = {c.__name__: c for c in (SGD, Momentum, Nesterov, Adam, AdamW, RMSProp, Adagrad)}
+OPTIMIZERS = Registry("optimizer")
+for _cls in (SGD, Momentum, Nesterov, Adam, AdamW, RMSProp, Adagrad):
+    OPTIMIZERS.register()(_cls)
 
 
 def from_config(config: dict) -> Optimizer:
     """Rebuild an optimizer from ``Optimizer.config()`` (used by checkpoints)."""
     config = dict(config)
-    name = config.pop("name")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-    lr = config.pop("lr")
-    return OPTIMIZERS[name](lr, **config)
+    cls = OPTIMIZERS.get(config.pop("name"))
+    return cls(config.pop("lr"), **config)

@@ -20,9 +20,8 @@ from __future__ import annotations
 import re
 
 import sympy as sp
-from sympy.matrices.expressions import MatrixSymbol, Transpose
-from sympy.printing.precedence import PRECEDENCE
-from sympy.printing.pretty.stringpict import prettyForm
+
+from .graph import PRINT_RULES, Broadcast, Map, RowLogSumExp, SumAll, SumCols, SumRows, is_atomic
 
 # a "*" between two matrix factors is elementwise; next to a number literal it is a scalar product
 _ELEMENTWISE_MUL = re.compile(r"(?<![\d*])\*(?![\d*])")
@@ -36,21 +35,6 @@ def _placeholder(i: int) -> sp.Symbol:
         i, r = divmod(i - 1, 26)
         letters = chr(97 + r) + letters
     return sp.Symbol(f"QQ{letters}QQ")
-
-
-def _is_atomic(e) -> bool:
-    from .expr import Broadcast, Map, Reduce, RowLogSumExp
-
-    if isinstance(e, MatrixSymbol) or (isinstance(e, Transpose) and isinstance(e.arg, MatrixSymbol)):
-        return True
-    if isinstance(e, (Reduce, RowLogSumExp)):
-        return True
-    if isinstance(e, Broadcast):
-        return _is_atomic(e.args[0])
-    if isinstance(e, Map):
-        body = e.lam.expr
-        return isinstance(body, sp.Function) or body.is_Symbol
-    return False
 
 
 def _in_product(body, var) -> bool:
@@ -69,56 +53,49 @@ def map_text(node, printer, latex: bool = False) -> str:
     texts = []
     for p, a in zip(ph, node.operands):
         t = printer._print(a)
-        if not _is_atomic(a) and _in_product(body, p):
+        if not is_atomic(a) and _in_product(body, p):
             t = r"\left(" + t + r"\right)" if latex else "(" + t + ")"
         texts.append(t)
     if latex:
         s = _LATEX_NUMBER_ODOT.sub(r"\1 ", sp.latex(body, mul_symbol=r" \odot "))
     else:
-        s = _ELEMENTWISE_MUL.sub("⊙", sp.sstr(body))
+        # scalar symbols (hyper-parameters, n) print as digit-edged tokens first, so a product
+        # with them stays '*' (the '⊙' rule skips a '*' next to a digit), then get their names back
+        scalars = sorted(body.free_symbols - set(ph), key=str)
+        tokens = {sym: sp.Symbol(f"0{i}ZZ{i}0") for i, sym in enumerate(scalars)}
+        s = _ELEMENTWISE_MUL.sub("⊙", sp.sstr(body.xreplace(tokens)))
+        for sym, tok in tokens.items():
+            s = s.replace(tok.name, sym.name)
     for p, t in zip(ph, texts):
         s = s.replace(p.name, t)
     return s
 
 
-def node_text(node, printer, latex: bool = False) -> str:
-    """Text for symdl's own nodes (SymPy prints the rest)."""
-    from .expr import Broadcast, Map, RowLogSumExp, SumAll, SumCols, SumRows
-
-    if isinstance(node, Map):
-        return map_text(node, printer, latex)
-    inner = printer._print(node.args[0])
-    if isinstance(node, Broadcast):
-        return inner
-    if latex:
-        wrap = inner if _is_atomic(node.args[0]) else r"\left(" + inner + r"\right)"
-        return {
-            SumRows: r"\mathbf{1}^{\top} " + wrap,
-            SumCols: wrap + r" \mathbf{1}",
-            SumAll: r"\mathbf{1}^{\top} " + wrap + r" \mathbf{1}",
-            RowLogSumExp: r"\operatorname{logsumexp}\left(" + inner + r"\right)",
-        }[type(node)]
-    label = {SumRows: "sum_rows", SumCols: "sum_cols", SumAll: "sum", RowLogSumExp: "logsumexp"}[type(node)]
-    return f"{label}({inner})"
+PRINT_RULES.rule(Map)(map_text)
 
 
-class Printable:
-    """Mixin giving a node SymPy's three print hooks."""
+@PRINT_RULES.rule(Broadcast)
+def broadcast_text(node, printer, latex: bool = False) -> str:
+    """A bias broadcast over the batch reads as the bias itself: ``X*W + b``."""
+    return printer._print(node.args[0])
 
-    @property
-    def precedence(self):
-        # SymPy's MatMul printer reads this to decide on parentheses: a compound
-        # elementwise formula binds like a sum, so ``X.T*(δ⊙A)`` keeps its parentheses.
-        return PRECEDENCE["Atom"] if _is_atomic(self) else PRECEDENCE["Add"]
 
-    def _sympystr(self, printer):
-        return node_text(self, printer)
+def _reduction_rule(label: str, latex_form):
+    def rule(node, printer, latex: bool = False) -> str:
+        inner = printer._print(node.args[0])
+        if not latex:
+            return f"{label}({inner})"
+        wrap = inner if is_atomic(node.args[0]) else r"\left(" + inner + r"\right)"
+        return latex_form(inner, wrap)
 
-    def _latex(self, printer):
-        return node_text(self, printer, latex=True)
+    return rule
 
-    def _pretty(self, printer):
-        return prettyForm(node_text(self, sp.printing.str.StrPrinter()))
+
+PRINT_RULES[SumRows] = _reduction_rule("sum_rows", lambda inner, wrap: r"\mathbf{1}^{\top} " + wrap)
+PRINT_RULES[SumCols] = _reduction_rule("sum_cols", lambda inner, wrap: wrap + r" \mathbf{1}")
+PRINT_RULES[SumAll] = _reduction_rule("sum", lambda inner, wrap: r"\mathbf{1}^{\top} " + wrap + r" \mathbf{1}")
+PRINT_RULES[RowLogSumExp] = _reduction_rule(
+    "logsumexp", lambda inner, wrap: r"\operatorname{logsumexp}\left(" + inner + r"\right)")
 
 
 def latex(expr) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .expr import MatrixExpr, SumAll, elementwise
+from .graph import MatrixExpr, SumAll, elementwise
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .expr import _VARS, Map, children, make_map, topological
+from .graph import VARS, Map, children, make_map, topological
 
 
 def use_counts(roots) -> Counter:
@@ -33,7 +33,7 @@ def inline(node: Map, operands, fuse) -> "MatrixExpr":
     args, repl = list(operands), {}
     for v, a, f in zip(node.lam.variables, operands, fuse):
         if f:
-            repl[v] = a.lam.expr.xreplace({w: _VARS[len(args) + j] for j, w in enumerate(a.lam.variables)})
+            repl[v] = a.lam.expr.xreplace({w: VARS[len(args) + j] for j, w in enumerate(a.lam.variables)})
             args.extend(a.operands)
     return make_map(node.lam.expr.xreplace(repl), args)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .expr import VectorParam
+from .graph import VectorParam
 
 
 class ArrayError(ValueError):
@@ -90,7 +90,7 @@ def fast_inputs(arrays: dict, spec: list, dtype):
 
 
 def _expected_shape(leaf):
-    from .expr import Input
+    from .graph import Input  # noqa
 
     if isinstance(leaf, Input):
         return ("n", int(leaf.shape[1]))

@@ -11,7 +11,7 @@ import pytest
 import sympy as sp
 
 import symdl as sd
-from symdl.expr import ShapeMismatch
+from symdl.graph import ShapeMismatch
 from symdl.validate import ArrayError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +86,10 @@ def test_gradient_shapes_match_params():
 def test_derivatives_are_the_textbook_forms():
     t = sp.Symbol("t", real=True)
     f = sd.functions
-    assert sp.diff(f.sigmoid_f(t), t) == f.sigmoid_f(t) * (1 - f.sigmoid_f(t))
+    assert sp.diff(f.Sigmoid(t), t) == f.Sigmoid(t) * (1 - f.Sigmoid(t))
     assert sp.diff(sp.tanh(t), t) == 1 - sp.tanh(t) ** 2
-    assert sp.diff(f.relu_f(t), t) == sp.Heaviside(t, 0)
-    assert sp.diff(f.softplus_f(t), t) == f.sigmoid_f(t)
+    assert sp.diff(f.ReLU(t), t) == sp.Heaviside(t, 0)
+    assert sp.diff(f.Softplus(t), t) == f.Sigmoid(t)
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "softplus", "relu", "leaky_relu", "elu", "gelu", "silu"])

@@ -357,7 +357,7 @@ def test_float32_tanh_is_within_3e7_of_float64():
     """float32 CPU loops use Eigen's rational tanh (vectorisable); it stays within ~2 float32 ulps."""
     import numba
 
-    from symdl.codegen import TANH32
+    from symdl.backends.scalar_code import TANH32
 
     namespace = {"numba": numba}
     exec(TANH32.replace("cache=True", "cache=False"), namespace)  # noqa: S102 - our own helper

@@ -116,3 +116,15 @@ def test_kernel_source_is_readable_and_launches_come_from_shapes():
     assert "@cuda.jit" in src and "def gemm_tn(" in src and "def step(b, n" in src
     assert "cuda.shared.array" in src and "cuda.syncthreads()" in src
     assert "(((n) * (5) + TPB - 1) // TPB,)" in src  # the grid follows the batch size
+
+
+def test_extending_recipe_new_node_matches_finite_differences():
+    """docs/extending.md's node type (defined in test_architecture.py alone) on the CUDA backend."""
+    from helpers import finite_difference
+    from test_architecture import _row_mean_loss
+
+    loss, W = _row_mean_loss()
+    f = sd.value_and_grad(loss, [W], backend="cuda", dtype="float64")
+    rng = np.random.default_rng(1)
+    arrays = {"x": rng.normal(size=(5, 4)), "y": rng.normal(size=(5, 1)), "W": rng.normal(size=(4, 3))}
+    assert_close(f(**arrays)[1]["W"], finite_difference(f, arrays, "W"), 1e-6, what="d/dW on cuda")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import symdl as sd
 from helpers import assert_close, finite_difference, random_arrays
-from symdl.expr import leaves, n as N
+from symdl.graph import leaves, n as N
 from symdl.functions import expand_activations
 
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "softplus", "gelu", "silu"]

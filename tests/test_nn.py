@@ -12,7 +12,7 @@ import pytest
 import sympy as sp
 
 import symdl as sd
-from symdl.checkpoint import CheckpointError
+from symdl.nn.checkpoint import CheckpointError
 from symdl.datasets import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(xor_data, tmp_path, monke
         f.write(b"partial garbage")
         raise OSError("disk full")
 
-    monkeypatch.setattr(sd.checkpoint, "_savez", crash)
+    monkeypatch.setattr(sd.nn.checkpoint, "_savez", crash)
     with pytest.raises(OSError, match="disk full"):
         model.save(path)
     assert path.read_bytes() == before
@@ -163,12 +163,12 @@ def test_corrupt_truncated_and_foreign_checkpoints(xor_data, tmp_path):
     np.savez(tmp_path / "other.npz", a=np.ones(2))
     with pytest.raises(CheckpointError, match="not a symdl checkpoint"):
         sd.nn.load(tmp_path / "other.npz")
-    sd.checkpoint.write(tmp_path / "future.symdl", {"format": sd.checkpoint.FORMAT, "version": 99}, {})
+    sd.nn.checkpoint.write(tmp_path / "future.symdl", {"format": sd.nn.checkpoint.FORMAT, "version": 99}, {})
     with pytest.raises(CheckpointError, match="version 99"):
         sd.nn.load(tmp_path / "future.symdl")
-    meta, arrays = sd.checkpoint.read(path)
+    meta, arrays = sd.nn.checkpoint.read(path)
     arrays["param/W1"] = np.ones((3, 3))
-    sd.checkpoint.write(tmp_path / "shape.symdl", meta, arrays)
+    sd.nn.checkpoint.write(tmp_path / "shape.symdl", meta, arrays)
     with pytest.raises(ValueError, match=r"'param/W1' has shape \(3, 3\), expected \(2, 8\)"):
         sd.nn.load(tmp_path / "shape.symdl")
 
@@ -178,7 +178,7 @@ def test_checkpoint_never_unpickles(tmp_path):
     with open(tmp_path / "evil.symdl", "wb") as f:
         np.savez(f, __meta__=np.frombuffer(b'{"format": "x"}', np.uint8), obj=np.array([{"a": 1}], dtype=object))
     with pytest.raises(CheckpointError):
-        sd.checkpoint.read(tmp_path / "evil.symdl")
+        sd.nn.checkpoint.read(tmp_path / "evil.symdl")
 
 
 def test_custom_activation_model_round_trip(xor_data, tmp_path):
@@ -198,7 +198,7 @@ def test_custom_activation_model_round_trip(xor_data, tmp_path):
 def test_early_stopping_restores_best_weights(xor_data):
     X, y = xor_data
     model = xor_model(optimizer=sd.optim.SGD(0.0))  # nothing improves: stop after `patience` epochs
-    stop = sd.train.EarlyStopping(monitor="val_loss", patience=2)
+    stop = sd.nn.EarlyStopping(monitor="val_loss", patience=2)
     history = model.fit(X, y, epochs=20, validation_data=(X, y), callbacks=[stop], verbose=0)
     assert len(history["loss"]) == 3 and stop.stopped_epoch == 2
 
@@ -206,17 +206,17 @@ def test_early_stopping_restores_best_weights(xor_data):
 def test_model_checkpoint_and_lr_schedules(xor_data, tmp_path):
     X, y = xor_data
     model = xor_model(optimizer=sd.optim.Adam(0.1))
-    sched = sd.train.LearningRateScheduler(sd.train.step_decay(0.1, step_size=2, gamma=0.5))
-    ckpt = sd.train.ModelCheckpoint(tmp_path / "ep{epoch}.symdl")
+    sched = sd.nn.LearningRateScheduler(sd.nn.step_decay(0.1, step_size=2, gamma=0.5))
+    ckpt = sd.nn.ModelCheckpoint(tmp_path / "ep{epoch}.symdl")
     history = model.fit(X, y, epochs=4, callbacks=[sched, ckpt], verbose=0)
     assert history["lr"] == [0.1, 0.1, 0.05, 0.05]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"ep{i}.symdl" for i in range(1, 5)]
-    assert sd.train.exponential_decay(1.0, 0.5)(3) == 0.125
-    assert sd.train.cosine_decay(1.0, 10)(10) == pytest.approx(0.0)
+    assert sd.nn.exponential_decay(1.0, 0.5)(3) == 0.125
+    assert sd.nn.cosine_decay(1.0, 10)(10) == pytest.approx(0.0)
 
 
 def test_history_plot(tmp_path):
-    h = sd.train.History({"loss": [1.0, 0.5], "val_loss": [1.1, 0.7]})
+    h = sd.nn.History({"loss": [1.0, 0.5], "val_loss": [1.1, 0.7]})
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -1,17 +1,22 @@
 """Backends print a lowered ``Program`` and run it: ``numpy`` (the reference), ``cpu``, ``cuda``.
 
-Each backend module has ``compile_program(program, dtype) -> Runner`` whose
-``run(arrays, scalars)`` fills the program's buffers and returns them by name.
+Each backend module has ``compile_program(program, dtype) -> Runner`` (``base.Runner``:
+one contract for all). Backends never import one another; what they share lives in
+``base`` (arenas, the ``Runner`` contract) and ``scalar_code`` (body printers).
 """
 from __future__ import annotations
 
 import importlib
 
-NAMES = ("numpy", "cpu", "cuda")
+from ..registry import Registry
+
+#: Backend name -> module path (imported on first use: the CUDA one needs numba-cuda).
+BACKENDS = Registry("backend")
+BACKENDS.update({"numpy": "symdl.backends.numpy_backend", "cpu": "symdl.backends.cpu_backend",
+                 "cuda": "symdl.backends.cuda_backend"})
+NAMES = tuple(BACKENDS)
 
 
 def get(name: str):
     """The backend module for ``name``."""
-    if name not in NAMES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
-    return importlib.import_module(f"symdl.backends.{name}_backend")
+    return importlib.import_module(BACKENDS.get(name))

@@ -5,7 +5,7 @@
 * Loops over large arrays use ``prange`` (see ``PARALLEL_MIN_WORK``); a column-sum
   parallelises over the output column, never with two threads writing one element.
 * The whole step (forward, backward, update) is one call into compiled code; its
-  buffers are views into the arenas (``runtime.Arena``), computed from ``n``.
+  buffers are views into the arenas (``base.Arena``), computed from ``n``.
 
 The module is written to the compile cache (``cache.module_path``) and imported from
 there, so Numba's ``cache=True`` works and a second process starts warm.
@@ -14,39 +14,35 @@ from __future__ import annotations
 
 from functools import singledispatch
 
+import numba
 import numpy as np
 import sympy as sp
 
-from .. import cache, threads
-from ..codegen import TANH32, body_code, dims as _dims, operand_reads
-from ..lower import Elementwise, Gemm, Program, Reduction, Update
-from .numpy_backend import buf
-from .runtime import ALIGN, RunnerBase
+from . import cache, threads
+from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
+from .base import ALIGN, Runner as RunnerBase, buf, indent
+from .scalar_code import TANH32, dims as _dims, loop_body
 
 #: Loops whose estimated work (elements x operations) is at least this use ``prange``.
 PARALLEL_MIN_WORK = 1 << 17
-
-def _reads(operands) -> list:
-    return operand_reads(operands, buf)
 
 
 def _loop(rows, var, parallel: bool) -> str:
     return f"for {var} in {'numba.prange' if parallel else 'range'}({rows}):"
 
 
-def _work(shape, bodies) -> sp.Expr:
-    return sp.sympify(shape[0] * shape[1]) * max(1, sum(sp.count_ops(b) for b in bodies))
+def _branch(condition: sp.Expr, threshold: int, below, above) -> list:
+    """``below`` or ``above`` when ``condition`` is a number; otherwise an ``if`` on it."""
+    if not condition.free_symbols:
+        return above if int(condition) >= threshold else below
+    return [f"if {sp.pycode(condition)} >= {threshold}:"] + indent(above) + ["else:"] + indent(below)
 
 
-def _parallel_branches(shape, bodies, make, parallel: bool):
+def _parallel_branches(program, kernel, make, parallel: bool):
     """Serial code; in the parallel step, a ``prange`` copy taken when the work is large."""
     if not parallel:
         return make(False)
-    work = _work(shape, bodies)
-    if not work.free_symbols:
-        return make(int(work) >= PARALLEL_MIN_WORK)
-    return [f"if {sp.pycode(work)} >= {PARALLEL_MIN_WORK}:"] + ["    " + l for l in make(True)] + \
-        ["else:"] + ["    " + l for l in make(False)]
+    return _branch(program.work_expr(kernel), PARALLEL_MIN_WORK, make(False), make(True))
 
 
 @singledispatch
@@ -79,79 +75,50 @@ def _(k: Gemm, program, parallel, flavor):
         loops = [f"for i in range({rows}):", f"    for j in range({cols}):", f"        {out}[i, j] = 0.0",
                  f"    for q in range({inner}):", f"        _a = {alpha}{buf(k.a)}{ai}",
                  f"        for j in range({cols}):", f"            {out}[i, j] += _a * {buf(k.b)}{bi}"]
-    work = sp.sympify(f"({rows}) * ({cols}) * ({inner})")
-    if not work.free_symbols:
-        return loops if int(work) < SMALL_GEMM else blas
-    return [f"if {sp.pycode(work)} < {SMALL_GEMM}:"] + ["    " + l for l in loops] + ["else:"] + ["    " + l for l in blas]
+    return _branch(program.work_expr(k), SMALL_GEMM, loops, blas)
 
 
-def _elementwise_loop(shape, reads, body_lines, writes, parallel):
-    rows, cols = _dims(shape)
-    inner = reads + body_lines + writes
-    return [_loop(rows, "i", parallel), f"    for j in range({cols}):"] + ["        " + l for l in inner]
-
-
-@emit.register
-def _(k: Elementwise, program, parallel, flavor):
-    lines, result = body_code(k.body, [f"v{i}" for i in range(len(k.operands))], flavor)
-    shape = program.shape_of(k.out)
+@emit.register(Elementwise)
+@emit.register(Update)
+def _emit_loop(k, program, parallel, flavor):
+    lines, _ = loop_body(k, flavor)
+    rows, cols = _dims(program.shape_of(k.out))
     return _parallel_branches(
-        shape, [k.body],
-        lambda par: _elementwise_loop(shape, _reads(k.operands), lines, [f"{buf(k.out)}[i, j] = {result}"], par),
-        parallel,
+        program, k, lambda par: [_loop(rows, "i", par), f"    for j in range({cols}):"] + indent(lines, 2), parallel
     )
 
 
 @emit.register
-def _(k: Update, program, parallel, flavor):
-    names = [f"v{i}" for i in range(len(k.operands))]
-    lines = []
-    for sym, body in k.lets:
-        pre, result = body_code(body, names, flavor, temp_prefix=f"_c{sym}_")
-        lines += pre + [f"{sym} = {result}"]
-    writes = [f"{buf(b)}[i, j] = {sym}" for b, sym in k.writes]
-    shape = program.shape_of(k.out)
-    bodies = [b for _, b in k.lets]
-    return _parallel_branches(
-        shape, bodies, lambda par: _elementwise_loop(shape, _reads(k.operands), lines, writes, par), parallel
-    )
-
-
-@emit.register
-def _(k: Reduction, program, parallel, flavor):
-    lines, result = body_code(k.body, [f"v{i}" for i in range(len(k.operands))], flavor)
+def _emit_reduction(k: Reduction, program, parallel, flavor):
+    body, result = loop_body(k, flavor)
     rows, cols = _dims(k.shape)
     out = buf(k.out)
-    body = _reads(k.operands) + lines
-
-    def ind(block, depth):
-        return [" " * (4 * depth) + l for l in block]
 
     def make(par):
-        if k.over == "all":
+        if k.over == ReduceKind.ALL:
             # numba turns ``acc +=`` inside prange into a race-free reduction
             return ["_acc = 0.0", _loop(rows, "i", par), f"    for j in range({cols}):",
-                    *ind(body, 2), f"        _acc += {result}", f"{out}[0, 0] = _acc"]
-        if k.over == "cols":
+                    *indent(body, 2), f"        _acc += {result}", f"{out}[0, 0] = _acc"]
+        if k.over == ReduceKind.COLS:
             return [_loop(rows, "i", par), "    _acc = 0.0", f"    for j in range({cols}):",
-                    *ind(body, 2), f"        _acc += {result}", f"    {out}[i, 0] = _acc"]
-        if k.over == "logsumexp":
+                    *indent(body, 2), f"        _acc += {result}", f"    {out}[i, 0] = _acc"]
+        if k.over == ReduceKind.LOGSUMEXP:
             return [_loop(rows, "i", par), "    _mx = -np.inf", f"    for j in range({cols}):",
-                    *ind(body, 2), f"        _mx = max(_mx, {result})", "    _acc = 0.0",
-                    f"    for j in range({cols}):", *ind(body, 2), f"        _acc += math.exp({result} - _mx)",
+                    *indent(body, 2), f"        _mx = max(_mx, {result})", "    _acc = 0.0",
+                    f"    for j in range({cols}):", *indent(body, 2), f"        _acc += math.exp({result} - _mx)",
                     f"    {out}[i, 0] = _mx + math.log(_acc)"]
         # over rows: each thread owns whole output columns (no two threads write one element)
         if par:
             return [_loop(cols, "j", True), "    _acc = 0.0", f"    for i in range({rows}):",
-                    *ind(body, 2), f"        _acc += {result}", f"    {out}[0, j] = _acc"]
+                    *indent(body, 2), f"        _acc += {result}", f"    {out}[0, j] = _acc"]
         return [f"for j in range({cols}):", f"    {out}[0, j] = 0.0", f"for i in range({rows}):",
-                f"    for j in range({cols}):", *ind(body, 2), f"        {out}[0, j] += {result}"]
+                f"    for j in range({cols}):", *indent(body, 2), f"        {out}[0, j] += {result}"]
 
-    return _parallel_branches(k.shape, [k.body], make, parallel)
+    return _parallel_branches(program, k, make, parallel)
 
 
 def _carve(arena: str, shapes: dict) -> list:
-    """Views into a flat arena, in the exact layout ``runtime.Arena`` uses."""
+    """Views into a flat arena, in the exact layout ``base.Arena`` uses."""
     lines = ["_o = 0"]
     for name, shape in shapes.items():
         r, c = _dims(shape)
@@ -161,24 +128,20 @@ def _carve(arena: str, shapes: dict) -> list:
     return lines
 
 
-def external_names(program: Program) -> list:
-    return [str(l.name) for l in program.inputs + program.params if str(l.name) not in program.persistent]
-
-
 def _function(program: Program, parallel: bool, flavor: str) -> str:
-    ext = external_names(program)
+    ext = program.externals
     scalars = [str(s) for s in program.scalars]
     body = [f"{buf(nm)} = {nm}" for nm in ext]
     body += _carve("persist", program.persistent) + _carve("work", program.buffers)
     for k in program.kernels:
-        body.append(f"# {k.out}: {k.kind}")
+        body.append(f"# {k.out}: {type(k).__name__.lower()}")
         body += emit(k, program, parallel, flavor)
     body.append(f"return {buf(program.outputs['loss'])}[0, 0]" if "loss" in program.outputs else "return 0.0")
     args = ", ".join(ext + ["persist", "work", "n"] + scalars)
     name = "step_parallel" if parallel else "step"
     return (
         f'@numba.njit(cache=True, parallel={parallel}, error_model="numpy", nogil=True)\n'
-        f"def {name}({args}):\n" + "\n".join("    " + l for l in body) + "\n"
+        f"def {name}({args}):\n" + "\n".join(indent(body)) + "\n"
     )
 
 
@@ -188,7 +151,7 @@ def generate(program: Program, dtype=np.float64) -> str:
     Both take ``(externals..., persist, work, n, scalars...)`` and return the loss.
     Numba compiles a function on its first call, so a model whose batches never
     need threads never pays for compiling the parallel one. In float32, ``tanh`` is
-    Eigen's rational approximation (``codegen.TANH32``); float64 keeps libm's.
+    Eigen's rational approximation (``scalar_code.TANH32``); float64 keeps libm's.
     """
     float32 = np.dtype(dtype) == np.float32
     flavor = "scalar32" if float32 else "scalar"
@@ -202,19 +165,7 @@ def generate(program: Program, dtype=np.float64) -> str:
 
 def max_work(program: Program, n_value: int) -> int:
     """The largest loop's work (elements x operations) at batch size ``n_value``."""
-    return max((w for k, w in _loop_work(program, n_value) if not isinstance(k, Gemm)), default=0)
-
-
-def _loop_work(program: Program, n_value: int):
-    from ..expr import n as N
-
-    for k in program.kernels:
-        if isinstance(k, Gemm):
-            yield k, program.flops(k, n_value) // 2
-            continue
-        shape = k.shape if isinstance(k, Reduction) else program.shape_of(k.out)
-        bodies = [b for _, b in k.lets] if isinstance(k, Update) else [k.body]
-        yield k, int(_work(shape, bodies).subs(N, n_value))
+    return max((program.work(k, n_value) for k in program.kernels if not isinstance(k, Gemm)), default=0)
 
 
 def loops_dominate(program: Program, n_value: int) -> bool:
@@ -226,11 +177,11 @@ def loops_dominate(program: Program, n_value: int) -> bool:
     elementwise loops both dominate the work and are large.
     """
     loops = gemms = 0
-    for k, w in _loop_work(program, n_value):
+    for k in program.kernels:
         if isinstance(k, Gemm):
-            gemms += w
+            gemms += program.work(k, n_value)
         else:
-            loops += w
+            loops += program.work(k, n_value)
     return loops > gemms and max_work(program, n_value) >= PARALLEL_MIN_WORK
 
 
@@ -241,25 +192,16 @@ class Runner(RunnerBase):
         super().__init__(program, dtype)
         self.source = generate(program, self.dtype)
         self.module = cache.load_module(self.source, backend="cpu")
-        self.external = external_names(program)
-        self.scalars = [str(s) for s in program.scalars]
         self._use_parallel = {}  # batch size -> whether any loop is worth threads
-        self._ready = {}  # batch size -> (compiled function, work arena)
-
-    @property
-    def step(self):
-        """The serial compiled step (``inspect`` reads it)."""
-        return self.module.step
+        self._ready = {}  # batch size -> (compiled function, work arena, parallel)
 
     def function_for(self, n: int):
+        """The compiled function a call at batch size ``n`` uses (``step`` or ``step_parallel``)."""
         if n not in self._use_parallel:
             self._use_parallel[n] = loops_dominate(self.program, n)
         return self.module.step_parallel if self._use_parallel[n] else self.module.step
 
-    def call(self, external: dict, scalars: dict, n: int) -> float:
-        return self.call_list([external[nm] for nm in self.external], [scalars[s] for s in self.scalars], n)
-
-    def call_list(self, external: list, scalars: list, n: int) -> float:
+    def call(self, external: list, scalars: list, n: int) -> float:
         """The hot path: externals and scalars in the program's order."""
         ready = self._ready.get(n)
         if ready is None:
@@ -278,7 +220,7 @@ class Runner(RunnerBase):
         for attempt in (1, 2):
             self._ready[n] = (getattr(self.module, name), work, self._use_parallel[n])
             try:
-                return self.call_list(external, scalars, n)
+                return self.call(external, scalars, n)
             except Exception:
                 del self._ready[n]
                 if attempt == 2:
@@ -286,13 +228,21 @@ class Runner(RunnerBase):
                 cache.clear_compiled(cache.module_path(self.source, "cpu"))
                 self.module = cache.load_module(self.source, backend="cpu")
 
-    def run(self, external: dict, scalars: dict, n: int) -> dict:
-        self.call(external, scalars, n)
-        return self.buffers(n)
+    def inspect(self, what: str, n: int) -> str:
+        """LLVM IR or assembly of the function that ran at batch size ``n``."""
+        dispatcher = self.function_for(n)
+        if not hasattr(dispatcher, "py_func"):
+            raise RuntimeError("inspect needs the JIT (NUMBA_DISABLE_JIT is set)")
+        # Numba cannot show code it loaded from its cache: compile an uncached twin.
+        options = dict(dispatcher.targetoptions)
+        options.pop("cache", None)
+        options.pop("nopython", None)
+        twin = numba.njit(**options)(dispatcher.py_func)
+        for sig in dispatcher.signatures:
+            twin.compile(sig)
+        getter = twin.inspect_llvm if what == "llvm" else twin.inspect_asm
+        return "\n".join(getter().values())
 
 
 def compile_program(program: Program, dtype) -> Runner:
     return Runner(program, dtype)
-
-
-__all__ = ["compile_program", "generate", "Runner", "PARALLEL_MIN_WORK", "np"]

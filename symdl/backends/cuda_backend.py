@@ -22,11 +22,10 @@ from functools import singledispatch
 import numpy as np
 import sympy as sp
 
-from .. import cache
-from ..codegen import body_code, dims as _dims, operand_reads
-from ..lower import Elementwise, Gemm, Program, Reduction, Update
-from .numpy_backend import buf
-from .runtime import RunnerBase, concrete_shape
+from . import cache
+from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
+from .base import Runner as RunnerBase, buf, concrete_shape, indent
+from .scalar_code import dims as _dims, loop_body
 
 
 class CudaUnavailable(RuntimeError):
@@ -58,10 +57,6 @@ def check_available() -> None:
         )
 
 
-def _reads(operands) -> list:
-    return operand_reads(operands, buf)
-
-
 def _scalar_params(program):
     return [str(s) for s in program.scalars]
 
@@ -84,28 +79,15 @@ def _signature(out_bufs, operands, program, extra=()):
         _scalar_params(program) + list(extra)
 
 
-@emit.register
-def _(k: Elementwise, program, index):
-    name = f"k{index}_elementwise"
-    args = _signature([buf(k.out)], k.operands, program)
-    lines, result = body_code(k.body, [f"v{i}" for i in range(len(k.operands))], "scalar")
-    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C"]
-    body += ["    " + l for l in _reads(k.operands) + lines + [f"{buf(k.out)}[i, j] = {result}"]]
-    rows, cols = _dims(program.shape_of(k.out))
-    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
-
-
-@emit.register
-def _(k: Update, program, index):
-    name = f"k{index}_update_{k.out}"
-    outs = [buf(b) for b, _ in k.writes]
+@emit.register(Elementwise)
+@emit.register(Update)
+def _emit_thread_per_entry(k, program, index):
+    """One thread per entry: the loop body every scalar backend shares, under a grid index."""
+    outs = [buf(b) for b, _ in k.writes] if isinstance(k, Update) else [buf(k.out)]
+    name = f"k{index}_{type(k).__name__.lower()}" + (f"_{k.out}" if isinstance(k, Update) else "")
     args = _signature(outs, k.operands, program)
-    lines = []
-    for sym, b in k.lets:
-        pre, result = body_code(b, [f"v{i}" for i in range(len(k.operands))], "scalar", temp_prefix=f"_c{sym}_")
-        lines += pre + [f"{sym} = {result}"]
-    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C"]
-    body += ["    " + l for l in _reads(k.operands) + lines + [f"{buf(b)}[i, j] = {s}" for b, s in k.writes]]
+    lines, _ = loop_body(k, "scalar")
+    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C"] + indent(lines)
     rows, cols = _dims(program.shape_of(k.out))
     return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
 
@@ -124,15 +106,12 @@ def _(k: Gemm, program, index):
 def _(k: Reduction, program, index):
     name = f"k{index}_reduce_{k.over}"
     args = _signature([buf(k.out)], k.operands, program)
-    lines, result = body_code(k.body, [f"v{i}" for i in range(len(k.operands))], "scalar")
-    reads = _reads(k.operands) + lines
+    reads, result = loop_body(k, "scalar")
     out = buf(k.out)
     rows, cols = _dims(k.shape)
+    ind = indent
 
-    def ind(block, d):
-        return [" " * (4 * d) + l for l in block]
-
-    if k.over == "rows":  # block = (RX columns, RY row groups): each column summed by RY threads, then a tree
+    if k.over == ReduceKind.ROWS:  # block = (RX columns, RY row groups): each column summed by RY threads, then a tree
         body = ["sm = cuda.shared.array((RY, RX), ACC)", "tx = cuda.threadIdx.x", "ty = cuda.threadIdx.y",
                 "j = cuda.blockIdx.x * RX + tx", "acc = 0.0", "if j < C:", "    for i in range(ty, R, RY):",
                 *ind(reads, 2), f"        acc += {result}", "sm[ty, tx] = acc", "cuda.syncthreads()",
@@ -140,7 +119,7 @@ def _(k: Reduction, program, index):
                 "    cuda.syncthreads()", "    s //= 2", "if ty == 0 and j < C:", f"    {out}[0, j] = sm[0, tx]"]
         launch = [f"{name}[((({cols}) + RX - 1) // RX,), (RX, RY)]({', '.join(_call_args(args, rows, cols))})"]
         return _kernel(name, args, body), launch
-    if k.over == "all":  # one block strides over every entry, then a tree
+    if k.over == ReduceKind.ALL:  # one block strides over every entry, then a tree
         body = ["sm = cuda.shared.array(TR, ACC)", "tid = cuda.threadIdx.x", "acc = 0.0",
                 "for idx in range(tid, R * C, TR):", "    i = idx // C", "    j = idx - i * C", *ind(reads, 1),
                 f"    acc += {result}", "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"),
@@ -149,7 +128,7 @@ def _(k: Reduction, program, index):
         return _kernel(name, args, body), launch
     # one block per row: row sums, or the row max then the sum of exp(x - max)
     head = ["sm = cuda.shared.array(TR, ACC)", "tid = cuda.threadIdx.x", "i = cuda.blockIdx.x"]
-    if k.over == "cols":
+    if k.over == ReduceKind.COLS:
         body = head + ["acc = 0.0", "for j in range(tid, C, TR):", *ind(reads, 1), f"    acc += {result}",
                        "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"),
                        "if tid == 0:", f"    {out}[i, 0] = sm[0]"]
@@ -169,7 +148,7 @@ def _tree(combine):
 
 
 def _kernel(name, args, body):
-    return ["@cuda.jit(cache=CACHE)", f"def {name}({', '.join(args)}):"] + ["    " + l for l in body] + [""]
+    return ["@cuda.jit(cache=CACHE)", f"def {name}({', '.join(args)}):"] + indent(body) + [""]
 
 
 def _call_args(args, rows, cols):
@@ -261,14 +240,13 @@ def generate(program: Program, dtype) -> str:
     for i, k in enumerate(program.kernels):
         definition, launch = emit(k, program, i)
         kernels += definition
-        launches += [f"# {k.out}: {k.kind}"] + launch
-    names = [str(l.name) for l in program.inputs + program.params if str(l.name) not in program.persistent]
-    names += list(program.persistent) + list(program.buffers)
+        launches += [f"# {k.out}: {type(k).__name__.lower()}"] + launch
+    names = program.externals + list(program.persistent) + list(program.buffers)
     unpack = [f"{buf(nm)} = b[{nm!r}]" for nm in names]
     scalars = _scalar_params(program)
     step = [f"def step(b, n{''.join(', ' + s for s in scalars)}):",
             '    """Launch every kernel of one step (buffers ``b`` are device arrays by name)."""']
-    step += ["    " + l for l in unpack + launches]
+    step += indent(unpack + launches)
     return (
         "# generated by symdl (cuda backend)\nimport math\n\nfrom numba import config, cuda, float32, float64\n"
         + CONSTANTS.format(dt=dt, acc="float64" if dt == "float64" else "float32")
@@ -322,13 +300,11 @@ class Runner(RunnerBase):
         self.module = cache.load_module(self.source, backend="cuda-sim" if simulating() else "cuda")
         self.persist_dev = cuda.to_device(self.persist.flat)
         self.persist_views = self._carve(self.persist_dev, self.persist)
-        self.external = [str(l.name) for l in program.inputs + program.params if str(l.name) not in program.persistent]
-        self.scalars = _scalar_params(program)
         self._by_n = {}
 
     @staticmethod
     def _carve(device_flat, arena) -> dict:
-        """Device views in exactly the layout of the host ``runtime.Arena`` mirrored to the device."""
+        """Device views in exactly the layout of the host ``base.Arena`` mirrored to the device."""
         return {name: device_flat[o : o + r * c].reshape(r, c)
                 for (name, o), (r, c) in zip(arena.offsets.items(), arena.shapes.values())}
 
@@ -344,26 +320,17 @@ class Runner(RunnerBase):
             self._by_n[n] = (views, work)
         return self._by_n[n][0]
 
-    def _launch(self, external: list, scalars: list, n: int) -> dict:
+    def call(self, external: list, scalars: list, n: int) -> float:
         views = self._buffers_on_device(n)
         for name, host in zip(self.external, external):
             views[name].copy_to_device(np.ascontiguousarray(host, dtype=self.dtype))
         self.module.step(views, n, *scalars)
-        return views
-
-    def call_list(self, external: list, scalars: list, n: int) -> float:
-        views = self._launch(external, scalars, n)
+        if "loss" not in self.program.outputs:
+            return 0.0
         return float(views[self.program.outputs["loss"]].copy_to_host()[0, 0])  # the one value per step
 
-    def call(self, external: dict, scalars: dict, n: int) -> float:
-        return self.call_list([external[k] for k in self.external], [scalars[s] for s in self.scalars], n)
-
-    def run(self, external: dict, scalars: dict, n: int) -> dict:
-        """Run the program and copy its outputs (not every intermediate) back to the host."""
-        views = self._launch([external[k] for k in self.external], [scalars[s] for s in self.scalars], n)
-        return {name: views[name].copy_to_host() for name in self.program.outputs.values()}
-
     def output(self, name: str, n: int) -> np.ndarray:
+        """Copy one buffer (an output, not every intermediate) back to the host."""
         return self._buffers_on_device(n)[name].copy_to_host()
 
     def persistent_arrays(self, spec: dict) -> Mapping:

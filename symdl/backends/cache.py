@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numba
 
+from ..version import __version__
+
 
 def cache_dir() -> Path:
     """Where generated modules live: ``$SYMDL_CACHE_DIR``, else the user's cache directory."""
@@ -35,8 +37,6 @@ def cache_dir() -> Path:
 
 
 def key(source: str, backend: str) -> str:
-    from . import __version__
-
     h = hashlib.sha256()
     for part in (source, backend, numba.__version__, __version__):
         h.update(part.encode())

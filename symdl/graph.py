@@ -25,21 +25,66 @@ import numbers
 import sympy as sp
 from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr, MatrixSymbol, Transpose
 
-from .printing import Printable
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pretty.stringpict import prettyForm
+
+from .registry import RuleTable
 
 #: The symbolic batch size shared by every input.
 n = sp.Symbol("n", integer=True, positive=True)
+
+#: The variables of every elementwise formula: ``Map(Lambda((v0, v1), ...), a, b)``.
+#: Lowered kernels use the same alphabet for their operands.
+VARS = sp.symbols("v0:256", real=True)
+VARSET = frozenset(VARS)
+
+#: How each symdl node reads, ``rule(node, printer, latex: bool) -> str``. ``symdl.printing``
+#: (the next module in the pipeline) fills it; nodes only look it up.
+PRINT_RULES = RuleTable("printing")
+
+
+def is_atomic(e) -> bool:
+    """Whether ``e`` reads as one symbol (no parentheses needed around it in a product)."""
+    if isinstance(e, MatrixSymbol) or (isinstance(e, Transpose) and isinstance(e.arg, MatrixSymbol)):
+        return True
+    if isinstance(e, (Reduce, RowLogSumExp)):
+        return True
+    if isinstance(e, Broadcast):
+        return is_atomic(e.args[0])
+    if isinstance(e, Map):
+        body = e.lam.expr
+        return isinstance(body, sp.Function) or body.is_Symbol
+    return False
+
+
+class Printable:
+    """Mixin giving a node SymPy's three print hooks, answered by ``PRINT_RULES``."""
+
+    @property
+    def precedence(self):
+        # SymPy's MatMul printer reads this to decide on parentheses: a compound
+        # elementwise formula binds like a sum, so ``X.T*(δ⊙A)`` keeps its parentheses.
+        return PRECEDENCE["Atom"] if is_atomic(self) else PRECEDENCE["Add"]
+
+    def _sympystr(self, printer):
+        return PRINT_RULES.lookup(self)(self, printer, False)
+
+    def _latex(self, printer):
+        return PRINT_RULES.lookup(self)(self, printer, True)
+
+    def _pretty(self, printer):
+        return prettyForm(PRINT_RULES.lookup(self)(self, sp.printing.str.StrPrinter(), False))
 
 
 class ShapeMismatch(ValueError):
     """Two operands whose shapes do not fit the operation."""
 
 
-def _shape_str(e) -> str:
+def shape_text(e) -> str:
     return "(" + ", ".join(str(d) for d in e.shape) + ")"
 
 
-def _name(e) -> str:
+def name_of(e) -> str:
     s = str(e)
     return s if len(s) <= 60 else s[:57] + "..."
 
@@ -99,7 +144,7 @@ class Ops:
 def _require_scalar(a, b, op):
     if isinstance(a, MatrixExpr) and isinstance(b, MatrixExpr) and (a.shape != (1, 1) and b.shape != (1, 1)):
         raise TypeError(
-            f"'{op}' between two matrices {_name(a)} {_shape_str(a)} and {_name(b)} {_shape_str(b)}: "
+            f"'{op}' between two matrices {name_of(a)} {shape_text(a)} and {name_of(b)} {shape_text(b)}: "
             "use '@' for the matrix product or sd.hadamard(a, b) for the elementwise product"
         )
 
@@ -122,6 +167,14 @@ class VectorParam(Param):
     @property
     def value_shape(self) -> tuple:
         return (int(self.shape[1]),)
+
+
+class State(Ops, MatrixSymbol):
+    """A persistent buffer that is not trained: optimizer state, later running statistics.
+
+    Training writes it (``{State: new value}``, see ``lowering.lower``); it keeps its
+    value between steps like a parameter.
+    """
 
 
 def input(name: str, features: int) -> Input:  # noqa: A001 - public name from the design
@@ -164,9 +217,6 @@ def _check_name(name):
 
 # --------------------------------------------------------------------------- elementwise
 
-_VARS = sp.symbols("_x0:256", real=True)
-_VARSET = frozenset(_VARS)
-
 
 class Map(Printable, Ops, MatrixExpr):
     """``Map(Lambda(vars, body), *args)``: ``body`` applied to every element of the args.
@@ -208,7 +258,7 @@ def broadcast_to(x: MatrixExpr, shape, *, what="") -> MatrixExpr:
         return x
     ok = all(xd == d or xd == 1 for xd, d in zip(x.shape, shape))
     if not ok:
-        raise ShapeMismatch(f"{what}cannot broadcast {_name(x)} {_shape_str(x)} to ({shape[0]}, {shape[1]})")
+        raise ShapeMismatch(f"{what}cannot broadcast {name_of(x)} {shape_text(x)} to ({shape[0]}, {shape[1]})")
     return Broadcast(x, *shape)
 
 
@@ -223,7 +273,7 @@ def _broadcast_shape(mats, op):
     shape = (pick(rows), pick(cols))
     for m in mats:
         if not all(md == d or md == 1 for md, d in zip(m.shape, shape)):
-            desc = " and ".join(f"{_name(a)} {_shape_str(a)}" for a in mats)
+            desc = " and ".join(f"{name_of(a)} {shape_text(a)}" for a in mats)
             raise ShapeMismatch(f"shapes do not match for '{op}': {desc}")
     return shape
 
@@ -247,15 +297,15 @@ def elementwise(fn, *operands, op="elementwise") -> MatrixExpr:
             continue
         o = broadcast_to(o, shape)
         if o in args:
-            syms.append(_VARS[args.index(o)])
+            syms.append(VARS[args.index(o)])
         else:
-            syms.append(_VARS[len(args)])
+            syms.append(VARS[len(args)])
             args.append(o)
     return make_map(sp.sympify(fn(*syms)), args)
 
 
 def make_map(body, args) -> MatrixExpr:
-    """Build a canonical ``Map`` from a body over ``_VARS[:len(args)]``.
+    """Build a canonical ``Map`` from a body over ``VARS[:len(args)]``.
 
     Canonical: unused args are dropped, repeated args share a variable, variables
     are numbered by first use, and the identity map returns its argument.
@@ -263,28 +313,28 @@ def make_map(body, args) -> MatrixExpr:
     args = list(args)
     for i, a in enumerate(args):  # fold constant operands (the seed 1, 1/n) into the body
         c = constant_value(a)
-        if c is not None and _VARS[i] in body.free_symbols:
-            body = body.xreplace({_VARS[i]: c})
-    used = [i for i, _ in enumerate(args) if _VARS[i] in body.free_symbols]
+        if c is not None and VARS[i] in body.free_symbols:
+            body = body.xreplace({VARS[i]: c})
+    used = [i for i, _ in enumerate(args) if VARS[i] in body.free_symbols]
     if not used:  # a constant: keep one operand to carry the shape
-        return Map(sp.Lambda((_VARS[0],), body), args[0])
+        return Map(sp.Lambda((VARS[0],), body), args[0])
     new_args, remap = [], {}
     for i in used:
         a = args[i]
         if a not in new_args:
             new_args.append(a)
-        remap[_VARS[i]] = _VARS[new_args.index(a)]
+        remap[VARS[i]] = VARS[new_args.index(a)]
     body = body.xreplace(remap)
-    if body == _VARS[0] and len(new_args) == 1:
+    if body == VARS[0] and len(new_args) == 1:
         return new_args[0]
-    return Map(sp.Lambda(tuple(_VARS[: len(new_args)]), body), *new_args)
+    return Map(sp.Lambda(tuple(VARS[: len(new_args)]), body), *new_args)
 
 
 def constant_value(a):
     """The scalar value of a constant ``Map`` (or a broadcast of one), else None."""
     if isinstance(a, Broadcast):
         return constant_value(a.args[0])
-    if isinstance(a, Map) and not (a.lam.expr.free_symbols & _VARSET):
+    if isinstance(a, Map) and not (a.lam.expr.free_symbols & VARSET):
         return a.lam.expr
     return None
 
@@ -387,7 +437,7 @@ def matmul(a, b) -> MatrixExpr:
         raise TypeError(f"'@' needs two matrices, got {type(a).__name__} and {type(b).__name__}")
     if a.shape[1] != b.shape[0]:
         raise ShapeMismatch(
-            f"shapes do not match for '@': {_name(a)} {_shape_str(a)} @ {_name(b)} {_shape_str(b)} "
+            f"shapes do not match for '@': {name_of(a)} {shape_text(a)} @ {name_of(b)} {shape_text(b)} "
             f"(inner dimensions {a.shape[1]} != {b.shape[0]})"
         )
     return MatMul(a, b)
@@ -401,7 +451,7 @@ def leaves(expr) -> list:
         if e in seen:
             continue
         seen.add(e)
-        if isinstance(e, (Input, Param)):
+        if isinstance(e, (Input, Param, State)):
             out.append(e)
         elif isinstance(e, MatrixSymbol):
             raise TypeError(f"{e} is a plain SymPy MatrixSymbol: declare it with sd.input or sd.param")
@@ -440,7 +490,7 @@ def topological(roots) -> list:
 
 
 __all__ = [
-    "n", "input", "param", "Input", "Param", "VectorParam", "Map", "Broadcast", "SumRows", "SumCols",
+    "n", "VARS", "input", "param", "Input", "Param", "VectorParam", "State", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
     "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean",
     "matmul", "broadcast_to", "leaves", "children", "topological", "ShapeMismatch", "MatMul",
     "MatAdd", "Transpose",

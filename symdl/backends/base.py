@@ -1,4 +1,4 @@
-"""What every backend's runner shares: dtypes, buffer layout, and the arenas.
+"""What every backend shares: the ``Runner`` contract, dtypes, buffer names and the arenas.
 
 Buffers live in two flat arrays ("arenas"): the *persistent* one holds parameters
 and optimizer state for the whole run; a *work* arena per batch size holds every
@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from ..expr import n as N
+from ..graph import n as N
+from ..ir import Program
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 ALIGN = 16  # elements: 64 bytes in float32, 128 in float64
@@ -67,22 +68,56 @@ class Workspace:
         return self.by_n[n_value]
 
 
-class RunnerBase:
-    """A program's arenas; backends add ``run(external, scalars, n)``."""
+def buf(name: str) -> str:
+    """The local variable holding buffer ``name`` in generated code."""
+    return f"b_{name}"
 
-    def __init__(self, program, dtype):
+
+def indent(lines, depth: int = 1) -> list:
+    """``lines`` indented by ``depth`` levels of four spaces."""
+    return [" " * (4 * depth) + l for l in lines]
+
+
+class Runner:
+    """A program compiled for one backend. The contract every backend keeps:
+
+    * ``call(external, scalars, n) -> float``: the hot path. ``external`` are the arrays of
+      ``program.externals`` in order, ``scalars`` the values of ``program.scalars``; returns
+      the ``"loss"`` output (0.0 when the program has none).
+    * ``run(external: dict, scalars: dict, n) -> {output name: ndarray}``: the same call by
+      name, returning every output as a host array (valid until the next call).
+    * ``output(name, n)``: one buffer after the last call at batch size ``n``, on the host.
+    * ``persistent_arrays(spec)``: arrays that read and write the persistent buffers.
+    * ``source``: the generated module.
+    """
+
+    source = ""
+
+    def __init__(self, program: Program, dtype):
         self.program, self.dtype = program, as_dtype(dtype)
         self.persist = Arena(program.persistent, 0, self.dtype)
         self.workspace = Workspace(program.buffers, self.dtype)
+        self.external = program.externals
+        self.scalar_names = [str(s) for s in program.scalars]
+
+    def call(self, external: list, scalars: list, n: int) -> float:
+        raise NotImplementedError
+
+    def run(self, external: dict, scalars: dict, n: int) -> dict:
+        self.call([external[k] for k in self.external], [scalars[s] for s in self.scalar_names], n)
+        return {name: self.output(b, n) for name, b in self.program.outputs.items()}
 
     def buffers(self, n_value: int) -> dict:
-        """Every buffer by name at batch size ``n_value`` (views: reading them costs nothing)."""
+        """Every host buffer by name at batch size ``n_value`` (views: reading them costs nothing)."""
         return {**self.persist.views, **self.workspace.get(n_value).views}
 
     def output(self, name: str, n_value: int):
-        """One buffer after a step at batch size ``n_value``."""
-        return self.workspace.get(n_value).views[name]
+        """One buffer after a call at batch size ``n_value``."""
+        return self.buffers(n_value)[name]
 
     def persistent_arrays(self, spec: dict) -> dict:
         """``{key: array}`` for ``spec = {key: (buffer name, shape)}``; writes reach the compiled step."""
         return {key: self.persist.views[name].reshape(shape) for key, (name, shape) in spec.items()}
+
+    def inspect(self, what: str, n: int) -> str:
+        raise ValueError(f"inspect needs backend='cpu' (this program runs on {type(self).__module__})")

@@ -1,14 +1,16 @@
-"""Print scalar kernel bodies as Python source: array code (NumPy) or scalar code (Numba, CUDA).
+"""Print kernel bodies as Python source: array code (NumPy) or scalar code (Numba CPU and CUDA).
 
-The body of an ``Elementwise``/``Reduction`` kernel is a SymPy expression over the
-operand symbols ``v0, v1, ...``. Activations are first replaced by their stable
-implementation (``impl``), then SymPy's CSE factors repeated subexpressions
-into temporaries, then a printer writes each line.
+The body of an ``Elementwise``/``Reduction``/``Update`` kernel is a SymPy expression over
+the operand symbols ``v0, v1, ...``. Activations are first replaced by their stable
+implementation (``impl``), then SymPy's CSE factors repeated subexpressions into
+temporaries, then a printer writes each line.
 
->>> import sympy as sp
->>> from symdl.lower import V
->>> from symdl.functions import sigmoid_f
->>> lines, result = body_code(sigmoid_f(V[0]) * (1 - sigmoid_f(V[0])), ["a"], "scalar")
+``loop_body`` prints what one ``(i, j)`` iteration of a scalar loop does; the CPU and
+CUDA backends share it and differ only in the loop around it.
+
+>>> from symdl.graph import VARS
+>>> from symdl.functions import Sigmoid
+>>> lines, result = body_code(Sigmoid(VARS[0]) * (1 - Sigmoid(VARS[0])), ["a"], "scalar")
 >>> lines, result
 (['_c0 = 1/(1 + math.exp(-a))'], '_c0*(1 - _c0)')
 """
@@ -18,8 +20,12 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 
-from .functions import expand_activations
-from .lower import V
+from functools import singledispatch
+
+from ..functions import expand_activations
+from ..graph import VARS
+from ..ir import Elementwise, Pattern, Reduction, Update
+from .base import buf
 
 
 def _nested(printer, fn, args):
@@ -103,13 +109,18 @@ class ArrayPrinter(NumPyPrinter):
 
 PRINTERS = {"array": ArrayPrinter, "scalar": ScalarPrinter, "scalar32": Float32ScalarPrinter}
 
-#: How scalar-loop code (CPU and CUDA) reads operand ``v`` at ``(i, j)`` for each index pattern.
-INDEX = {"ij": "[i, j]", "j": "[0, j]", "i": "[i, 0]", "0": "[0, 0]", "ji": "[j, i]"}
+#: How scalar-loop code (CPU and CUDA) reads an operand at ``(i, j)`` for each pattern.
+INDEX = {Pattern.SAME: "[i, j]", Pattern.ROW: "[0, j]", Pattern.COL: "[i, 0]", Pattern.SCALAR: "[0, 0]",
+         Pattern.TRANSPOSE: "[j, i]"}
 
 
-def operand_reads(operands, buffer_name) -> list:
+def operand_reads(operands) -> list:
     """``v0 = b_x[i, j]``-style lines for a kernel's operands."""
-    return [f"v{i} = {buffer_name(o.buffer)}{INDEX[o.pattern]}" for i, o in enumerate(operands)]
+    return [f"v{i} = {buf(o.buffer)}{INDEX[o.pattern]}" for i, o in enumerate(operands)]
+
+
+def operand_names(operands) -> list:
+    return [f"v{i}" for i in range(len(operands))]
 
 
 def dims(shape) -> tuple:
@@ -120,9 +131,46 @@ def dims(shape) -> tuple:
 def body_code(body, names, flavor: str, *, temp_prefix: str = "_c"):
     """``(lines, result)``: assignments of CSE temporaries, then the result expression."""
     body = expand_activations(sp.sympify(body), use_impl=True)
-    named = {V[i]: sp.Symbol(nm, real=True) for i, nm in enumerate(names)}
+    named = {VARS[i]: sp.Symbol(nm, real=True) for i, nm in enumerate(names)}
     body = body.xreplace(named)
     temps, (reduced,) = sp.cse(body, symbols=sp.numbered_symbols(temp_prefix, real=True), optimizations=None)
     printer = PRINTERS[flavor]({"fully_qualified_modules": True, "inline": True, "allow_unknown_functions": False})
     lines = [f"{s} = {printer.doprint(e)}" for s, e in temps]
     return lines, printer.doprint(reduced)
+
+
+def lets_code(lets, names, flavor: str) -> list:
+    """An ``Update``'s lets in order, each CSE'd on its own: ``_u0 = ...``."""
+    lines = []
+    for sym, body in lets:
+        pre, result = body_code(body, names, flavor, temp_prefix=f"_c{sym}_")
+        lines += pre + [f"{sym} = {result}"]
+    return lines
+
+
+@singledispatch
+def loop_body(kernel, flavor: str) -> tuple:
+    """``(lines, result)`` for one ``(i, j)`` iteration: operand reads, then the body.
+
+    Elementwise and Update kernels store their results (``result`` is None); a
+    Reduction returns the value to accumulate.
+    """
+    raise NotImplementedError(f"no scalar loop body for {type(kernel).__name__}")
+
+
+@loop_body.register
+def _(k: Elementwise, flavor):
+    lines, result = body_code(k.body, operand_names(k.operands), flavor)
+    return operand_reads(k.operands) + lines + [f"{buf(k.out)}[i, j] = {result}"], None
+
+
+@loop_body.register
+def _(k: Update, flavor):
+    lines = lets_code(k.lets, operand_names(k.operands), flavor)
+    return operand_reads(k.operands) + lines + [f"{buf(b)}[i, j] = {s}" for b, s in k.writes], None
+
+
+@loop_body.register
+def _(k: Reduction, flavor):
+    lines, result = body_code(k.body, operand_names(k.operands), flavor)
+    return operand_reads(k.operands) + lines, result

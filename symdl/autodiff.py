@@ -18,34 +18,28 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .expr import (
-    _VARS, Broadcast, MatAdd, MatMul, Map, Param, RowLogSumExp, SumAll, SumCols, SumRows, Transpose,
-    make_map, topological, children,
+from .functions import heaviside_at_zero
+from .graph import (
+    VARS, Broadcast, MatAdd, MatMul, Map, Param, RowLogSumExp, SumAll, SumCols, SumRows, Transpose,
+    children, make_map, topological,
 )
-from .functions import _heaviside_at_zero
+from .registry import RuleTable
 from .simplify import fuse_maps
 
-VJP: dict = {}
-
-
-def rule(*types):
-    def register(fn):
-        for t in types:
-            VJP[t] = fn
-        return fn
-
-    return register
+#: The vector-Jacobian rules, one per node type: ``VJP.lookup(node)(node, G)``.
+VJP = RuleTable("gradient")
+rule = VJP.rule
 
 
 @rule(Map)
 def _vjp_map(node, G):
     body, names = node.lam.expr, node.lam.variables
     k = len(names)
-    y, g = _VARS[k], _VARS[k + 1]  # the forward value and the adjoint
+    y, g = VARS[k], VARS[k + 1]  # the forward value and the adjoint
     args = list(node.operands) + [node, G]
     out = []
     for v, a in zip(names, node.operands):
-        d = sp.factor_terms(_heaviside_at_zero(sp.diff(body, v)))
+        d = sp.factor_terms(heaviside_at_zero(sp.diff(body, v)))
         if d == 0:
             continue
         if not body.is_Symbol:
@@ -65,7 +59,7 @@ def _vjp_matmul(node, G):
         if i > 0:
             adj = MatMul(_product(mats[:i]).T, adj)
         if coeff != 1:
-            adj = make_map(coeff * _VARS[0], [adj])
+            adj = make_map(coeff * VARS[0], [adj])
         out.append((m, adj))
     return out
 
@@ -104,7 +98,7 @@ def _vjp_sum(node, G):
 def _vjp_logsumexp(node, G):
     z = node.args[0]
     softmax = lambda g, z, l: g * sp.exp(z - l)  # noqa: E731 - ∂lse/∂z is the softmax
-    return [(z, make_map(softmax(*_VARS[:3]), [Broadcast(G, *z.shape), z, Broadcast(node, *z.shape)]))]
+    return [(z, make_map(softmax(*VARS[:3]), [Broadcast(G, *z.shape), z, Broadcast(node, *z.shape)]))]
 
 
 def adjoints(loss, wrt) -> dict:
@@ -121,13 +115,11 @@ def adjoints(loss, wrt) -> dict:
     for node in reversed(order):
         if node not in needs or node in targets and not children(node):
             continue
-        if type(node) not in VJP:
-            raise NotImplementedError(f"no gradient rule for {type(node).__name__} (in {node})")
-        for child, contribution in VJP[type(node)](node, adj[node]):
+        for child, contribution in VJP.lookup(node)(node, adj[node]):
             if child not in needs:
                 continue
             if child in adj:
-                adj[child] = make_map(_VARS[0] + _VARS[1], [adj[child], contribution])
+                adj[child] = make_map(VARS[0] + VARS[1], [adj[child], contribution])
             else:
                 adj[child] = contribution
     return adj

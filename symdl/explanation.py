@@ -23,8 +23,8 @@ from __future__ import annotations
 import sympy as sp
 from sympy.matrices.expressions import MatMul, MatrixSymbol
 
-from .expr import Broadcast, Input, Map, Param, topological
-from .grad import adjoints
+from .graph import Broadcast, Input, Map, Param, topological
+from .autodiff import adjoints
 from .simplify import fuse_maps
 
 

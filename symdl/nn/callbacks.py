@@ -1,4 +1,4 @@
-"""The fit loop's pieces: ``History``, callbacks and learning-rate schedules (Keras names).
+"""Callbacks ``Model.fit`` calls, and learning-rate schedules (Keras names).
 
 >>> sched = cosine_decay(0.1, epochs=10, min_lr=0.0)
 >>> tuple(round(sched(e), 4) for e in (0, 5, 9))
@@ -7,53 +7,6 @@
 from __future__ import annotations
 
 import math
-
-import numpy as np
-
-
-class History:
-    """Per-epoch values: ``history.history["loss"]``, ``["val_accuracy"]``, ``["lr"]``..."""
-
-    def __init__(self, history=None):
-        self.history = {k: list(v) for k, v in (history or {}).items()}
-        self.epoch = []
-
-    def append(self, epoch: int, logs: dict) -> None:
-        self.epoch.append(epoch)
-        for k, v in logs.items():
-            self.history.setdefault(k, []).append(float(v))
-
-    def __getitem__(self, key):
-        return self.history[key]
-
-    def __repr__(self):
-        return f"History({ {k: [round(x, 4) for x in v[-3:]] for k, v in self.history.items()} })"
-
-    def plot(self, path=None):
-        """Loss (and accuracy) curves with matplotlib (optional: ``pip install symdl[plot]``)."""
-        try:
-            import matplotlib
-
-            if path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("History.plot needs matplotlib: pip install 'symdl[plot]'") from exc
-        keys = [k for k in self.history if k != "lr"]
-        metrics = sorted({k.removeprefix("val_") for k in keys})
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
-        for ax, m in zip(axes[0], metrics):
-            for k in (m, f"val_{m}"):
-                if k in self.history:
-                    ax.plot(range(1, len(self.history[k]) + 1), self.history[k], label=k)
-            ax.set_xlabel("epoch")
-            ax.set_title(m)
-            ax.legend()
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path)
-        return fig
-
 
 class Callback:
     """Hooks called by ``Model.fit``; ``self.model`` is set before training starts."""
@@ -147,13 +100,3 @@ def exponential_decay(lr, gamma=0.95):
 def cosine_decay(lr, epochs, min_lr=0.0):
     """Half a cosine from ``lr`` at epoch 0 down to ``min_lr`` at ``epochs``."""
     return lambda epoch: min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
-
-
-def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
-    """Index arrays of one epoch's mini-batches; the last may be short.
-
-    The order depends only on (seed, epoch), so a run resumed at epoch k sees the
-    same batches as one that never stopped.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]

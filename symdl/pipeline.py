@@ -1,7 +1,16 @@
-"""``sd.compile``: forward, backward and optimizer update as one compiled call per step.
+"""The one place the stages meet: graph -> gradients -> optimizer writes -> lowering -> backend.
+
+``value_and_grad`` compiles a loss and its gradients; ``compile`` a whole training
+step (forward, backward and the optimizer's update, one call). Both take the same
+road: ``autodiff.grad``, then (for training) ``Optimizer.writes``, then
+``lowering.lower(outputs, writes)``, then ``backends.get(name).compile_program``.
 
 >>> import numpy as np, symdl as sd
 >>> x = sd.input("x", 2); y = sd.input("y", 1); W = sd.param("W", (2, 1))
+>>> f = sd.value_and_grad(sd.losses.mse(x @ W, y), [W], backend="numpy")
+>>> value, grads = f(x=np.eye(2), y=np.ones((2, 1)), W=np.zeros((2, 1)))
+>>> value, grads["W"].ravel().tolist()
+(1.0, [-1.0, -1.0])
 >>> train = sd.compile(sd.losses.mse(x @ W, y), [W], optimizer=sd.optim.SGD(0.5), backend="numpy")
 >>> train.params["W"].fill(0.0)
 >>> X = np.eye(2); Y = np.ones((2, 1))
@@ -16,10 +25,57 @@ import numpy as np
 import sympy as sp
 
 from . import backends
-from .backends.runtime import as_dtype
-from .lower import lower_training, state_buffer
-from .optim import SGD, Optimizer
+from .autodiff import grad
+from .backends.base import as_dtype
+from .lowering import lower
+from .optim import SGD, STEP, Optimizer, state_name
 from .validate import ArrayError, check_arrays, fast_inputs
+
+
+def training_program(loss, params, optimizer: Optimizer, outputs=None):
+    """The training step as a program: ``loss`` and ``outputs``, and every parameter's update."""
+    gradients = grad(loss, params)
+    writes = {}
+    for p in params:
+        writes.update(optimizer.writes(p, gradients[p]))
+    return lower({"loss": loss, **dict(outputs or {})}, writes)
+
+
+def gradient_program(loss, params):
+    """``loss`` and ``grad_<name>`` for every parameter, as a program (no writes)."""
+    gradients = grad(loss, params)
+    return lower({"loss": loss, **{f"grad_{p.name}": gradients[p] for p in params}}), gradients
+
+
+class ValueAndGrad:
+    """Callable ``f(**arrays) -> (loss: float, {param name: gradient ndarray})``."""
+
+    def __init__(self, loss, params, backend="numpy", dtype="float64"):
+        self.params = list(params)
+        self.dtype = as_dtype(dtype)
+        self.program, self.gradients = gradient_program(loss, self.params)
+        self.backend = backend
+        self.runner = backends.get(backend).compile_program(self.program, self.dtype)
+
+    @property
+    def source(self) -> str:
+        """The generated module (readable Python)."""
+        return self.runner.source
+
+    def __call__(self, **arrays):
+        arrays, n = check_arrays(arrays, self.program.inputs, self.program.params, self.dtype)
+        outs = self.runner.run(arrays, {}, n)
+        value = float(np.asarray(outs["loss"]).reshape(-1)[0])
+        grads = {str(p.name): np.array(outs[f"grad_{p.name}"]).reshape(p.value_shape) for p in self.params}
+        return value, grads
+
+
+def value_and_grad(loss, params, *, backend: str = "numpy", dtype: str = "float64") -> ValueAndGrad:
+    """Compile ``loss`` and ``∂loss/∂param`` for every param into one call.
+
+    Arrays are passed by name; a vector parameter's gradient has its ``(k,)`` shape.
+    """
+    return ValueAndGrad(loss, params, backend=backend, dtype=dtype)
 
 
 class KernelTable(list):
@@ -49,18 +105,18 @@ class TrainStep:
             raise TypeError(f"optimizer must be an sd.optim optimizer, got {self.optimizer!r}")
         self.dtype = as_dtype(dtype)
         self.backend = backend
-        self.program = lower_training(loss, self.param_leaves, self.optimizer, outputs=outputs)
+        self.program = training_program(loss, self.param_leaves, self.optimizer, outputs=outputs)
         self.runner = backends.get(backend).compile_program(self.program, self.dtype)
         arrays = self.runner.persistent_arrays
         self.params = arrays({str(p.name): (str(p.name), p.value_shape) for p in self.param_leaves})
         self.state = {
-            str(p.name): arrays({k: (state_buffer(str(p.name), k), p.value_shape) for k in self.optimizer.state})
+            str(p.name): arrays({k: (state_name(str(p.name), k), p.value_shape) for k in self.optimizer.state})
             for p in self.param_leaves
         }
         self.t = 0  # steps taken (Adam's bias correction reads it)
         self.last_n = None
         self._spec = [(str(l.name), int(l.shape[1])) for l in self.program.inputs]
-        self._scalar_names = [str(s) for s in self.program.scalars]
+        self._scalars = list(self.program.scalars)
 
     def output(self, name: str) -> np.ndarray:
         """An extra output of the last step (``outputs=`` at compile), e.g. the model's logits."""
@@ -80,8 +136,8 @@ class TrainStep:
         external, n = fast
         self.t += 1
         values = self.optimizer.values
-        scalars = [float(self.t) if s == "t" else values[s] for s in self._scalar_names]
-        loss = self.runner.call_list(external, scalars, n)
+        scalars = [float(self.t) if s == STEP else values[s.name] for s in self._scalars]
+        loss = self.runner.call(external, scalars, n)
         self.last_n = n
         return float(loss)
 
@@ -92,31 +148,17 @@ class TrainStep:
         table = KernelTable()
         for k in self.program.kernels:
             shape = tuple(sp.sympify(d) for d in self.program.shape_of(k.out))
-            table.append((k.kind, k.out, "(" + ", ".join(map(str, shape)) + ")", self.program.flops(k, n_value)))
+            kind = type(k).__name__.lower()
+            table.append((kind, k.out, "(" + ", ".join(map(str, shape)) + ")", self.program.flops(k, n_value)))
         return table
 
     def inspect(self, what: str = "llvm") -> str:
         """The compiled step as LLVM IR (``"llvm"``) or machine code (``"asm"``); cpu backend only."""
-        if self.backend != "cpu":
-            raise ValueError(f"inspect needs backend='cpu' (this step uses {self.backend!r})")
         if what not in ("llvm", "asm"):
             raise ValueError(f"inspect('llvm') or inspect('asm'), not {what!r}")
         if self.last_n is None:
             raise RuntimeError("call step() once first: Numba compiles for the argument types it sees")
-        dispatcher = self.runner.function_for(self.last_n)
-        if not hasattr(dispatcher, "py_func"):
-            raise RuntimeError("inspect needs the JIT (NUMBA_DISABLE_JIT is set)")
-        # Numba cannot show code it loaded from its cache: compile an uncached twin.
-        import numba
-
-        options = dict(dispatcher.targetoptions)
-        options.pop("cache", None)
-        options.pop("nopython", None)
-        twin = numba.njit(**options)(dispatcher.py_func)
-        for sig in dispatcher.signatures:
-            twin.compile(sig)
-        getter = twin.inspect_llvm if what == "llvm" else twin.inspect_asm
-        return "\n".join(getter().values())
+        return self.runner.inspect(what, self.last_n)
 
     def state_dict(self) -> dict:
         """Copies of every parameter and state array, plus the step count (for checkpoints)."""

@@ -1,0 +1,274 @@
+"""The kernel IR: what lowering produces and every backend prints.
+
+A ``Program`` is a flat list of kernels over named buffers. Four kernel kinds, one
+class each:
+
+* ``Gemm``         ``out = alpha * op(a) @ op(b)``, ``op`` the identity or a transpose *view*;
+* ``Elementwise``  one fused loop: ``out[i, j] = body(operands at (i, j))``;
+* ``Reduction``    a fused loop reducing ``body`` over rows, columns, everything, or
+                   row-wise log-sum-exp (``ReduceKind``);
+* ``Update``       one fused loop with several outputs written in place: ``lets`` in
+                   order, then ``writes`` (an optimizer step: new state, new parameter).
+
+An ``Operand`` reads a buffer at ``(i, j)`` through a ``Pattern``. Shapes are SymPy
+expressions in the batch symbol ``n``. ``check(program)`` validates a program: every
+buffer read is a leaf or written earlier, shapes fit the patterns, bodies use only
+their operands and the program's scalars.
+
+>>> import symdl as sd
+>>> from symdl.lowering import lower
+>>> x = sd.input("x", 2); W = sd.param("W", (2, 3))
+>>> prog = lower({"h": sd.tanh(x @ W)})
+>>> print(prog)
+t0 (n, 3) = gemm(x, W)
+h (n, 3) = elementwise[tanh(v0)](t0:ij)
+>>> check(prog); prog.externals
+['x', 'W']
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .graph import VARS, VARSET, Input, Param, State, n as N
+
+Shape = tuple  # (rows, cols), SymPy expressions in n
+
+
+class Pattern(enum.Enum):
+    """How an operand is read at ``(i, j)`` of the loop."""
+
+    SAME = "ij"  # same shape
+    ROW = "j"  # a (1, m) row broadcast down the rows
+    COL = "i"  # an (r, 1) column broadcast along the columns
+    SCALAR = "0"  # a (1, 1) value broadcast everywhere
+    TRANSPOSE = "ji"  # the transpose of an (m, r) buffer
+
+    def __str__(self):
+        return self.value
+
+
+class ReduceKind(enum.Enum):
+    ROWS = "rows"  # (r, m) -> (1, m): sum over the rows (a bias gradient)
+    COLS = "cols"  # (r, m) -> (r, 1)
+    ALL = "all"  # (r, m) -> (1, 1)
+    LOGSUMEXP = "logsumexp"  # (r, m) -> (r, 1), the row max subtracted
+
+    def __str__(self):
+        return self.value
+
+
+@dataclass(frozen=True)
+class Operand:
+    buffer: str
+    pattern: Pattern = Pattern.SAME
+
+    def __str__(self):
+        return f"{self.buffer}:{self.pattern}"
+
+
+@dataclass
+class Gemm:
+    out: str
+    a: str
+    b: str
+    trans_a: bool
+    trans_b: bool
+    alpha: sp.Expr = sp.Integer(1)
+
+    def reads(self) -> list:
+        return [Operand(self.a), Operand(self.b)]
+
+    def bodies(self) -> list:
+        return []
+
+    def __str__(self):
+        alpha = "" if self.alpha == 1 else f"{self.alpha}*"
+        return f"{alpha}gemm({self.a}{'.T' if self.trans_a else ''}, {self.b}{'.T' if self.trans_b else ''})"
+
+
+@dataclass
+class Elementwise:
+    out: str
+    body: sp.Expr  # over VARS[:len(operands)] and scalar symbols
+    operands: tuple
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        return [self.body]
+
+    def __str__(self):
+        return f"elementwise[{self.body}]({', '.join(map(str, self.operands))})"
+
+
+@dataclass
+class Reduction:
+    out: str
+    over: ReduceKind
+    body: sp.Expr
+    operands: tuple
+    shape: Shape  # of the reduced (input) array
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        return [self.body]
+
+    def __str__(self):
+        return f"reduce_{self.over}[{self.body}]({', '.join(map(str, self.operands))})"
+
+
+@dataclass
+class Update:
+    """Several outputs of one loop, written in place: ``lets`` in order, then ``writes``.
+
+    ``lets`` are ``(symbol, body)`` pairs over the operands ``VARS[i]`` and earlier lets;
+    ``writes`` are ``(buffer, symbol)``. Every operand is read before any write.
+    """
+
+    out: str  # the buffer whose shape the loop runs over (the parameter)
+    lets: tuple
+    writes: tuple
+    operands: tuple
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        return [b for _, b in self.lets]
+
+    def __str__(self):
+        lets = "; ".join(f"{s} = {b}" for s, b in self.lets)
+        writes = ", ".join(f"{b} <- {s}" for b, s in self.writes)
+        return f"[{lets}] {writes} ({', '.join(map(str, self.operands))})"
+
+
+KERNELS = (Gemm, Elementwise, Reduction, Update)
+
+
+@dataclass
+class Program:
+    """The kernels, the buffers they write (name -> shape) and what comes in and out."""
+
+    kernels: list
+    buffers: dict  # work buffers: name -> shape (one arena per batch size)
+    inputs: list  # Input leaves
+    params: list  # Param leaves
+    outputs: dict  # output name -> buffer name
+    scalars: list = field(default_factory=list)  # free scalar symbols other than n, sorted by name
+    persistent: dict = field(default_factory=dict)  # name -> shape: buffers kept between calls (written params, state)
+
+    @property
+    def externals(self) -> list:
+        """The leaves passed in at every call, in order: inputs, then params not kept persistent."""
+        return [str(l.name) for l in self.inputs + self.params if str(l.name) not in self.persistent]
+
+    def __str__(self):
+        lines = []
+        for k in self.kernels:
+            shape = "(" + ", ".join(map(str, self.shape_of(k.out))) + ")"
+            lines.append(f"update {k.out} {shape}: {k}" if isinstance(k, Update) else f"{k.out} {shape} = {k}")
+        return "\n".join(lines)
+
+    def shape_of(self, name) -> Shape:
+        if name in self.buffers:
+            return self.buffers[name]
+        if name in self.persistent:
+            return self.persistent[name]
+        leaf = {str(l.name): l for l in self.inputs + self.params}[name]
+        return tuple(leaf.shape)
+
+    def loop_shape(self, kernel) -> Shape:
+        """The shape a kernel's loop runs over."""
+        return kernel.shape if isinstance(kernel, Reduction) else self.shape_of(kernel.out)
+
+    def work_expr(self, kernel) -> sp.Expr:
+        """A kernel's work as an expression in ``n``: multiply-adds for a GEMM,
+        elements times operations for a loop."""
+        if isinstance(kernel, Gemm):
+            r, c = self.shape_of(kernel.out)
+            inner = self.shape_of(kernel.a)[0 if kernel.trans_a else 1]
+            return sp.sympify(r * c * inner)
+        r, c = self.loop_shape(kernel)
+        return sp.sympify(r * c) * max(1, sum(sp.count_ops(b) for b in kernel.bodies()))
+
+    def work(self, kernel, n_value: int) -> int:
+        return int(self.work_expr(kernel).subs(N, n_value))
+
+    def flops(self, kernel, n_value: int) -> int:
+        """A FLOP estimate for one kernel at batch size ``n_value`` (for ``train.kernels``)."""
+        w = self.work(kernel, n_value)
+        return 2 * w if isinstance(kernel, Gemm) else w
+
+
+class ProgramError(AssertionError):
+    """A lowered program that breaks one of the IR's invariants (a symdl bug)."""
+
+
+def check(program: Program) -> None:
+    """Validate ``program``; raises ``ProgramError`` naming the kernel and the broken rule."""
+    available = {str(l.name) for l in program.inputs + program.params} | set(program.persistent)
+    leaves = {str(l.name): l for l in program.inputs + program.params}
+    for leaf in leaves.values():
+        if not isinstance(leaf, (Input, Param, State)):
+            raise ProgramError(f"leaf {leaf} is not an Input or Param")
+    scalars = set(program.scalars) | {N}
+    seen_out = set()
+    for k in program.kernels:
+        if not isinstance(k, KERNELS):
+            raise ProgramError(f"{k!r} is not a kernel ({', '.join(c.__name__ for c in KERNELS)})")
+        where = f"kernel {k.out} ({type(k).__name__})"
+        for op in k.reads():
+            if op.buffer not in available:
+                raise ProgramError(f"{where} reads {op.buffer!r} before anything writes it")
+            if not isinstance(op.pattern, Pattern):
+                raise ProgramError(f"{where}: operand {op.buffer} has pattern {op.pattern!r}, not a Pattern")
+        if isinstance(k, Update):
+            targets = [b for b, _ in k.writes]
+            if not all(b in program.persistent for b in targets):
+                raise ProgramError(f"{where} writes {targets}, which must all be persistent buffers")
+            defined = {s for s, _ in k.lets}
+            for b, s in k.writes:
+                if s not in defined:
+                    raise ProgramError(f"{where} writes {b} from {s}, which no let defines")
+                if tuple(program.shape_of(b)) != tuple(program.shape_of(k.out)):
+                    raise ProgramError(f"{where} writes {b} of another shape than its loop")
+        else:
+            if k.out in seen_out or k.out not in program.buffers:
+                raise ProgramError(f"{where} writes {k.out!r}: not a work buffer, or written twice")
+            seen_out.add(k.out)
+            available.add(k.out)
+        _check_shapes(program, k, where)
+        allowed = set(VARS[: len(k.reads())]) | scalars
+        lets = k.lets if isinstance(k, Update) else [(None, b) for b in k.bodies()]
+        for sym, body in lets:  # an Update's let may read the lets before it
+            stray = sp.sympify(body).free_symbols - allowed
+            if stray:
+                raise ProgramError(f"{where}: body {body} uses {sorted(map(str, stray))}, not operands or scalars")
+            allowed.add(sym)
+    for name, buf in program.outputs.items():
+        if buf not in program.buffers and buf not in program.persistent:
+            raise ProgramError(f"output {name!r} names buffer {buf!r}, which the program does not hold")
+
+
+def _check_shapes(program, k, where):
+    if isinstance(k, Gemm):
+        a, b = program.shape_of(k.a), program.shape_of(k.b)
+        ar, ac = (a[1], a[0]) if k.trans_a else (a[0], a[1])
+        br, bc = (b[1], b[0]) if k.trans_b else (b[0], b[1])
+        if sp.expand(ac - br) != 0 or tuple(program.shape_of(k.out)) != (ar, bc):
+            raise ProgramError(f"{where}: {a}{'ᵀ' if k.trans_a else ''} @ {b}{'ᵀ' if k.trans_b else ''} "
+                               f"does not give {program.shape_of(k.out)}")
+        return
+    r, c = program.loop_shape(k)
+    for op in k.reads():
+        shape = tuple(program.shape_of(op.buffer))
+        want = {Pattern.SAME: (r, c), Pattern.ROW: (1, c), Pattern.COL: (r, 1), Pattern.SCALAR: (1, 1),
+                Pattern.TRANSPOSE: (c, r)}[op.pattern]
+        if tuple(sp.sympify(d) for d in shape) != tuple(sp.sympify(d) for d in want):
+            raise ProgramError(f"{where}: operand {op} has shape {shape}, its pattern needs {want}")

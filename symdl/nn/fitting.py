@@ -1,0 +1,138 @@
+"""The fit loop: ``fit`` runs epochs of compiled steps, with callbacks and a ``History``.
+
+The data is checked once, batches come from a seeded order (so a resumed run sees the
+same batches), and each batch is one call into the model's compiled step.
+
+>>> print(" | ".join(" ".join(map(str, b)) for b in batches(5, 2, seed=0, epoch=0, shuffle=False)))
+0 1 | 2 3 | 4
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class History:
+    """Per-epoch values: ``history.history["loss"]``, ``["val_accuracy"]``, ``["lr"]``..."""
+
+    def __init__(self, history=None):
+        self.history = {k: list(v) for k, v in (history or {}).items()}
+        self.epoch = []
+
+    def append(self, epoch: int, logs: dict) -> None:
+        self.epoch.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __repr__(self):
+        return f"History({ {k: [round(x, 4) for x in v[-3:]] for k, v in self.history.items()} })"
+
+    def plot(self, path=None):
+        """Loss (and accuracy) curves with matplotlib (optional: ``pip install symdl[plot]``)."""
+        try:
+            import matplotlib
+
+            if path is not None:
+                matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("History.plot needs matplotlib: pip install 'symdl[plot]'") from exc
+        keys = [k for k in self.history if k != "lr"]
+        metrics = sorted({k.removeprefix("val_") for k in keys})
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            for k in (m, f"val_{m}"):
+                if k in self.history:
+                    ax.plot(range(1, len(self.history[k]) + 1), self.history[k], label=k)
+            ax.set_xlabel("epoch")
+            ax.set_title(m)
+            ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
+    """Index arrays of one epoch's mini-batches; the last may be short.
+
+    The order depends only on (seed, epoch), so a run resumed at epoch k sees the
+    same batches as one that never stopped.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None, validation_split: float = 0.0,
+        shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None) -> History:
+    """Train ``model`` for ``epochs`` more epochs (``Model.fit`` documents the arguments)."""
+    model.require_compiled()
+    X, Y = model.prepare(X, y, "training data")
+    if validation_data is None and validation_split:
+        if not 0 < validation_split < 1:
+            raise ValueError(f"validation_split must be between 0 and 1, got {validation_split}")
+        k = int(len(X) * (1 - validation_split))
+        X, Y, Xv, Yv = X[:k], Y[:k], X[k:], Y[k:]
+    elif validation_data is not None:
+        Xv, Yv = model.prepare(*validation_data, "validation data")
+    else:
+        Xv = Yv = None
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    dt = model.train_step.dtype
+    X, Y = np.ascontiguousarray(X, dt), np.ascontiguousarray(Y, dt)
+    seed = model.seed if seed is None else seed
+    callbacks = list(callbacks or [])
+    for cb in callbacks:
+        cb.model = model
+    model.stop_training = False
+    for cb in callbacks:
+        cb.on_train_begin()
+    last = model.epoch + epochs
+    for epoch in range(model.epoch, last):
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch)
+        logs = _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last)
+        if Xv is not None:
+            logs.update({f"val_{k}": v for k, v in model.evaluate(Xv, Yv, _prepared=True).items()})
+        logs["lr"] = model.optimizer.lr
+        model.epoch = epoch + 1
+        model.history.append(epoch, logs)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, logs)
+        if verbose:
+            print(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()), flush=True)
+        if model.stop_training:
+            break
+    for cb in callbacks:
+        cb.on_train_end()
+    return model.history
+
+
+def _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last):
+    from tqdm.auto import tqdm
+
+    step = model.train_step
+    total, correct, seen = 0.0, 0.0, 0
+    groups = batches(len(X), batch_size, seed, epoch, shuffle)
+    bar = tqdm(groups, desc=f"epoch {epoch + 1}/{last}", disable=not verbose, leave=False, unit="batch",
+               mininterval=0.2)
+    started = time.perf_counter()
+    for idx in bar:
+        xb, yb = X[idx], Y[idx]
+        loss = step.step(x=xb, y=yb, check_finite=False)  # the whole set was checked once
+        total += loss * len(idx)
+        seen += len(idx)
+        m = model.metrics(step.output("out"), yb)
+        correct += m.get("accuracy", 0.0) * len(idx)
+        if verbose:
+            bar.set_postfix(loss=f"{total / seen:.4f}", **({"acc": f"{correct / seen:.3f}"} if m else {}))
+    logs = {"loss": total / seen}
+    if model.kind != "regression":
+        logs["accuracy"] = correct / seen
+    model.last_epoch_seconds = time.perf_counter() - started
+    return logs

@@ -1,0 +1,2 @@
+"""symdl's version (the compile cache keys on it)."""
+__version__ = "0.1.0"
