@@ -9,11 +9,12 @@ x.T*(2*(x*W - y)/n)
 The modules read in pipeline order: ``graph`` (+ ``printing``, ``functions``, ``losses``,
 ``regularizers``) -> ``autodiff`` (+ ``simplify``, ``explanation``) -> ``optim`` (updates as
 graph writes) -> ``ir`` and ``lowering`` -> ``backends`` -> ``pipeline`` (``compile``,
-``value_and_grad``) -> ``nn`` (Keras-style models).
+``value_and_grad``) -> ``nn`` (Keras-style models) -> ``distributed`` (Dask).
 """
 from .version import __version__  # noqa: F401 - first: the compile cache keys on it
 
 from . import datasets, functions, losses, nn, optim, printing  # noqa: F401 - printing fills the print rules
+from . import distributed  # noqa: F401 - registers fit(cluster=...); imports dask only when used
 from .autodiff import adjoints, grad
 from .backends.threads import get_num_threads, set_num_threads
 from .explanation import explain
@@ -22,10 +23,11 @@ from .graph import Input, Param, hadamard, input, mean, n, param, total
 from .pipeline import compile, value_and_grad
 from .printing import latex, text
 from .regularizers import l1, l2
+from .distributed import sweep
 
 __all__ = [
     "activation", "adjoints", "compile", "datasets", "elu", "explain", "functions", "gelu", "get_num_threads",
     "grad", "hadamard", "input", "Input", "l1", "l2", "latex", "leaky_relu", "log_softmax", "losses", "mean", "n", "nn",
     "optim", "param", "Param", "relu", "set_num_threads", "sigmoid", "silu", "softmax", "softplus", "tanh", "text",
-    "total", "value_and_grad",
+    "sweep", "total", "value_and_grad",
 ]

@@ -26,6 +26,7 @@ STAGES = [
     {"backends"},
     {"pipeline"},
     {"nn"},
+    {"distributed"},
     {"cli", "__main__", "__init__"},
 ]
 STAGE = {name: i for i, names in enumerate(STAGES) for name in names}

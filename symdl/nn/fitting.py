@@ -12,6 +12,12 @@ import time
 
 import numpy as np
 
+from ..registry import Registry
+
+#: Trainers for ``fit(cluster=...)``: ``symdl.distributed`` registers ``"dask"`` when imported
+#: (a later stage than this one, so this module never imports it).
+DISTRIBUTED = Registry("distributed trainer")
+
 
 class History:
     """Per-epoch values: ``history.history["loss"]``, ``["val_accuracy"]``, ``["lr"]``..."""
@@ -68,8 +74,14 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
 
 
 def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None, validation_split: float = 0.0,
-        shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None) -> History:
+        shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None, cluster=None,
+        sync: str = "grads", every: int = 1) -> History:
     """Train ``model`` for ``epochs`` more epochs (``Model.fit`` documents the arguments)."""
+    if cluster is not None:
+        return DISTRIBUTED.get("dask")(model, X, y, cluster=cluster, sync=sync, every=every, epochs=epochs,
+                                       batch_size=batch_size, validation_data=validation_data,
+                                       validation_split=validation_split, shuffle=shuffle, callbacks=callbacks,
+                                       verbose=verbose, seed=seed)
     model.require_compiled()
     X, Y = model.prepare(X, y, "training data")
     if validation_data is None and validation_split:

@@ -126,15 +126,18 @@ class Sequential:
     # ------------------------------------------------------------------ training
 
     def fit(self, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None, validation_split: float = 0.0,
-            shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None) -> fitting.History:
+            shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None, cluster=None,
+            sync: str = "grads", every: int = 1) -> fitting.History:
         """Train for ``epochs`` more epochs; returns the model's ``History`` (all epochs so far).
 
         Data is checked before anything compiles. Batches are shuffled with a seed
         and the absolute epoch number, so a resumed run sees the same batches.
+        ``cluster=`` (a Dask ``Client``) trains data-parallel: see ``symdl.distributed``
+        (``sync="grads"``: exact; ``sync="params", every=k``: local SGD).
         """
         return fitting.fit(self, X, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
                            validation_split=validation_split, shuffle=shuffle, callbacks=callbacks, verbose=verbose,
-                           seed=seed)
+                           seed=seed, cluster=cluster, sync=sync, every=every)
 
     # ------------------------------------------------------------------ inference
 
