@@ -41,6 +41,14 @@ def training_program(loss, params, optimizer: Optimizer, outputs=None):
     return lower({"loss": loss, **dict(outputs or {})}, writes)
 
 
+def compile_outputs(outputs: dict, backend: str = "numpy", dtype="float64"):
+    """Expressions alone (a forward pass: no gradients, no writes), compiled on ``backend``.
+
+    Returns the backend's ``Runner``: ``run(arrays, {}, n)["name"]`` is each value.
+    """
+    return backends.get(backend).compile_program(lower(outputs), as_dtype(dtype))
+
+
 def gradient_program(loss, params):
     """``loss`` and ``grad_<name>`` for every parameter, as a program (no writes)."""
     gradients = grad(loss, params)

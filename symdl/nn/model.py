@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backends, datasets, functions, losses
+from .. import datasets, functions, losses
 from ..explanation import explain
 from ..graph import input as sd_input
-from ..lowering import lower
 from ..optim import Adam, Optimizer, from_config
-from ..pipeline import TrainStep
+from ..pipeline import TrainStep, compile_outputs
 from ..regularizers import Regularizer, l1, l2
 from . import checkpoint, fitting
 from .layers import Dense
@@ -117,7 +116,7 @@ class Sequential:
         """The forward program (``"predict"``: outputs; ``"evaluate"``: loss too) on the model's backend."""
         if which not in self._forward:
             outputs = {"out": self.output} if which == "predict" else {"loss": self.loss, "out": self.output}
-            self._forward[which] = backends.get(self.backend).compile_program(lower(outputs), self.dtype)
+            self._forward[which] = compile_outputs(outputs, self.backend, self.dtype)
         runner = self._forward[which]
         externals = dict(arrays)
         externals.update({k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in self.train_step.params.items()})
