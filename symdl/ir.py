@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .graph import VARS, VARSET, Input, Param, State, n as N
+from .graph import VARS, Input, Param, State, n as N
 
 Shape = tuple  # (rows, cols), SymPy expressions in n
 

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from functools import singledispatch
 
 import numpy as np
-import sympy as sp
 
 from . import cache
 from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
