@@ -17,7 +17,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelBinarizer
-from sklearn.utils import check_random_state, column_or_1d, gen_batches, shuffle
+from sklearn.utils import check_random_state, column_or_1d, gen_batches
 from sklearn.utils.multiclass import type_of_target, unique_labels
 from sklearn.utils.validation import check_is_fitted
 
@@ -49,6 +49,13 @@ def expected_failed_checks(estimator) -> dict:
         return {}
     return {"check_sample_weight_equivalence_on_dense_data": _FLOAT32_SAMPLE_WEIGHT,
             "check_sample_weight_equivalence_on_sparse_data": _FLOAT32_SAMPLE_WEIGHT}
+
+
+def _shuffled(indices, random_state):
+    """``sklearn.utils.shuffle(indices, random_state=...)``: the same draw, without its validation cost."""
+    order = np.arange(len(indices))
+    random_state.shuffle(order)
+    return indices[order]
 
 
 class _BaseMLP(BaseEstimator):
@@ -290,7 +297,7 @@ class _BaseMLP(BaseEstimator):
                 self.n_iter_ = 0
                 for _ in range(self.max_iter):
                     if self.shuffle:
-                        sample_idx = shuffle(sample_idx, random_state=self._random_state)
+                        sample_idx = _shuffled(sample_idx, self._random_state)
                     accumulated_loss = 0.0
                     for batch in gen_batches(n_samples, batch_size):
                         idx = sample_idx[batch] if self.shuffle else batch

@@ -96,7 +96,7 @@ def hidden_activation(name):
     if name in SKLEARN_ACTIVATIONS:
         name = SKLEARN_ACTIVATIONS[name]
         return None if name is None else sd.functions.get(name)
-    if name == "sigmoid" or isinstance(name, str):
+    if isinstance(name, str):
         return sd.functions.get(name)  # raises ValueError naming the known activations
     raise ValueError(f"activation must be a name or a function from sd.activation, got {name!r}")
 
