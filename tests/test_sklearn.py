@@ -307,3 +307,13 @@ def test_sklearn_example_runs():
                          env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "best parameters" in out.stdout and "∂L/∂W1" in out.stdout and "sine regression R²" in out.stdout
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's overflow warnings on the way to NaN
+def test_divergence_is_reported_like_sklearn():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 3))
+    t = X @ np.array([1.0, 2.0, 3.0]) * 1e6
+    reg = sds.MLPRegressor((8,), solver="sgd", learning_rate_init=1.0, max_iter=50, backend="numpy", random_state=0)
+    with pytest.raises(ValueError, match="non-finite parameter weights"):
+        reg.fit(X, t)

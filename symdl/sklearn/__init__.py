@@ -9,9 +9,9 @@ batch steps run as symdl's compiled training step, and whose gradients you can r
 >>> from sklearn.preprocessing import StandardScaler
 >>> import symdl.sklearn as sds
 >>> X, y = load_iris(return_X_y=True)
->>> clf = make_pipeline(StandardScaler(), sds.MLPClassifier((8,), max_iter=200, learning_rate_init=0.01,
+>>> clf = make_pipeline(StandardScaler(), sds.MLPClassifier((8,), max_iter=200, tol=1e-3, learning_rate_init=0.01,
 ...                                                         random_state=0, backend="numpy"))
->>> clf.fit(X, y).score(X, y) > 0.95
+>>> clf.fit(X, y).score(X, y) > 0.9
 True
 >>> print(clf[-1].formulas().splitlines()[-1])
   ∂L/∂b1 = sum_rows(δ1)
