@@ -126,15 +126,21 @@ class Sequential:
     # ------------------------------------------------------------------ training
 
     def fit(self, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None, validation_split: float = 0.0,
-            shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None) -> fitting.History:
+            shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None,
+            terminate_on_nan: bool = True) -> fitting.History:
         """Train for ``epochs`` more epochs; returns the model's ``History`` (all epochs so far).
 
         Data is checked before anything compiles. Batches are shuffled with a seed
         and the absolute epoch number, so a resumed run sees the same batches.
+
+        ``terminate_on_nan`` (on by default, Keras's ``TerminateOnNaN``): the first
+        non-finite training loss stops training with a ``RuntimeWarning`` naming the epoch
+        and step, and the weights and optimizer state go back to the start of that epoch
+        (the last state known to give a finite loss; one copy per epoch, none per step).
         """
         return fitting.fit(self, X, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
                            validation_split=validation_split, shuffle=shuffle, callbacks=callbacks, verbose=verbose,
-                           seed=seed)
+                           seed=seed, terminate_on_nan=terminate_on_nan)
 
     # ------------------------------------------------------------------ inference
 

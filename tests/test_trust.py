@@ -1,0 +1,190 @@
+"""Issue 15: what a newcomer's trial found. Each test reproduces one case from the issue."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import symdl as sd
+
+
+# --------------------------------------------------------------------------- 1. one name, one leaf
+
+
+def test_two_params_with_one_name_and_one_shape_are_not_silently_tied():
+    x = sd.input("x", 4)
+    W_a, W_b = sd.param("W", (4, 4)), sd.param("W", (4, 4))
+    assert W_a != W_b  # two sd.param calls are two parameters, as in PyTorch and Keras
+    loss = sd.total(x @ W_a @ W_b)
+    with pytest.raises(ValueError, match=r"two different leaves named 'W'.*\(4, 4\).*\(4, 4\)"):
+        sd.grad(loss, [W_a, W_b])
+    with pytest.raises(ValueError, match="two different leaves named 'W'"):
+        sd.value_and_grad(loss, [W_a, W_b])
+
+
+def test_two_params_with_one_name_and_different_shapes_name_both_shapes():
+    x = sd.input("x", 4)
+    W_a, W_b = sd.param("W", (4, 4)), sd.param("W", (4, 2))
+    loss = sd.total(x @ W_a @ W_b)
+    with pytest.raises(ValueError, match=r"'W'.*parameter of shape \(4, 4\).*parameter of shape \(4, 2\)"):
+        sd.compile(loss, [W_a, W_b], backend="numpy")
+    with pytest.raises(ValueError, match="two different leaves named 'W'"):
+        sd.explain(loss, [W_a, W_b])
+
+
+def test_an_input_and_a_param_with_one_name_is_an_error_at_build():
+    x = sd.input("W", 3)
+    W = sd.param("W", (3, 1))
+    with pytest.raises(ValueError, match=r"'W'.*input of shape \(n, 3\).*parameter of shape \(3, 1\)"):
+        sd.value_and_grad(sd.total(x @ W), [W])
+
+
+def test_a_reused_param_object_is_a_tied_weight_and_models_can_share_names():
+    x = sd.input("x", 2)
+    W = sd.param("W", (2, 2))
+    f = sd.value_and_grad(sd.total(x @ W @ W), [W])  # one object used twice: tied, on purpose
+    value, grads = f(x=np.ones((1, 2)), W=np.eye(2))
+    assert value == 2.0 and grads["W"].shape == (2, 2)
+    # Two models in one process each build W1, b1, ...: each graph is consistent on its own.
+    for _ in range(2):
+        m = sd.nn.Sequential([sd.nn.Dense(3, activation="tanh"), sd.nn.Dense(2)], input_dim=2)
+        m.compile(backend="numpy")
+        assert m.formulas()
+
+
+# --------------------------------------------------------------------------- 2. NaN and Inf agree on every backend
+
+ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "softplus", "gelu", "silu"]
+LOSSES = ["mse", "mae", "huber", "bce_with_logits", "softmax_cross_entropy"]
+
+
+def special_values(dtype):
+    info = np.finfo(dtype)
+    huge = float(info.max) / 10
+    tiny = float(np.nextafter(dtype(0), dtype(1)))  # the smallest denormal
+    return [np.nan, np.inf, -np.inf, 0.0, -0.0, huge, -huge, tiny, -tiny, 1.5, -2.5, 30.0, -30.0]
+
+
+def special_programs():
+    """``(name, program, {input: feature count}, row-wise?)`` for every activation and loss: each
+    program outputs the value and the derivative with respect to its first input."""
+    from symdl.lowering import lower
+
+    out = []
+    x = sd.input("x", 1)
+    for name in ACTIVATIONS:
+        y = sd.functions.get(name)(x)
+        out.append((name, lower({"y": y, "dy": sd.adjoints(sd.total(y), [x])[x]}), {"x": 1}))
+    z = sd.input("z", 3)
+    for name, fn in [("softmax", sd.softmax), ("log_softmax", sd.log_softmax)]:
+        y = fn(z)
+        w = sd.input("w", 3)  # a fixed cotangent, so the derivative is not identically zero
+        out.append((name, lower({"y": y, "dy": sd.adjoints(sd.total(sd.hadamard(y, w)), [z])[z]}),
+                    {"z": 3, "w": 3}))
+    for name in LOSSES:
+        cols = 3 if name == "softmax_cross_entropy" else 1
+        p, t = sd.input("p", cols), sd.input("t", cols)
+        loss = sd.losses.get(name)(p, t)
+        out.append((name, lower({"loss": loss, "dp": sd.adjoints(loss, [p])[p], "dt": sd.adjoints(loss, [t])[t]}),
+                    {"p": cols, "t": cols}))
+    return out
+
+
+def special_batches(features: dict, dtype, huge=True):
+    """One-row batches: each special value in each input in turn, the other inputs ordinary."""
+    ordinary = {k: np.linspace(0.25, 0.75, c).reshape(1, c) for k, c in features.items()}
+    values = [v for v in special_values(dtype) if huge or not 1e30 < abs(v) < np.inf]
+    for k, c in features.items():
+        for v in values:
+            for col in range(c):
+                arrays = {name: a.copy() for name, a in ordinary.items()}
+                arrays[k][0, col] = v
+                yield f"{k}[{col}]={v!r}", {name: a.astype(dtype) for name, a in arrays.items()}
+
+
+def check_special_values(backend, dtype, huge=True):
+    from symdl import backends
+
+    dt = np.dtype(dtype).type
+    # float32 CPU loops use a rational tanh within 2.4e-7 of tanh (docs/performance.md): tanh'(30)
+    # is 4.8e-7 there and 0 in NumPy. NaN and Inf positions must agree exactly either way.
+    rtol, atol = (1e-9, 1e-12) if dt is np.float64 else (2e-5, 1e-6)
+    failures = []
+    for name, program, features in special_programs():
+        ref = backends.get("numpy").compile_program(program, dtype)
+        other = backends.get(backend).compile_program(program, dtype)
+        for what, arrays in special_batches(features, dt, huge):
+            with np.errstate(all="ignore"):
+                want = {k: np.array(v) for k, v in ref.run(arrays, {}, 1).items()}
+            got = {k: np.array(v) for k, v in other.run(arrays, {}, 1).items()}
+            for k in want:
+                try:
+                    np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=atol, equal_nan=True)
+                except AssertionError:
+                    failures.append(f"{name} {k} at {what}: numpy {want[k].ravel()} {backend} {got[k].ravel()}")
+    assert not failures, f"{len(failures)} disagreements:\n" + "\n".join(failures[:40])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cpu_backend_agrees_with_numpy_on_nan_inf_zero_huge_and_denormal(dtype):
+    check_special_values("cpu", dtype)
+
+
+def test_cpu_relu_keeps_a_nan_weight_visible_as_numpy_does():
+    """The case from the issue: one NaN weight gave a NaN loss on numpy and 36.0 on cpu."""
+    x = sd.input("x", 2); y = sd.input("y", 1)
+    W = sd.param("W", (2, 1))
+    loss = sd.losses.mse(sd.relu(x @ W), y)
+    for backend in ("numpy", "cpu"):
+        train = sd.compile(loss, [W], optimizer=sd.optim.SGD(0.1), backend=backend, dtype="float64")
+        train.params["W"][...] = [[np.nan], [1.0]]
+        assert np.isnan(train.step(x=np.ones((3, 2)), y=6 * np.ones((3, 1)))), backend
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs NUMBA_ENABLE_CUDASIM=1")
+def test_cuda_backend_agrees_with_numpy_on_nan_inf_zero_and_denormal():
+    # The simulator runs kernels as Python, whose math.exp(1e300) raises OverflowError where a GPU
+    # returns inf; so huge finite values are left to the CPU test, everything else is checked.
+    check_special_values("cuda", "float64", huge=False)
+
+
+# --------------------------------------------------------------------------- 3. divergence stops fit
+
+
+def _regression_model(optimizer, backend="cpu"):
+    X, y = sd.datasets.sine(200, seed=0)
+    model = sd.nn.Sequential([sd.nn.Dense(16, activation="tanh"), sd.nn.Dense(1)], input_dim=1)
+    model.compile(loss="mse", optimizer=optimizer, backend=backend, seed=0)
+    return model, X, y
+
+
+def test_fit_stops_at_the_first_non_finite_loss_and_keeps_finite_weights():
+    model, X, y = _regression_model(sd.optim.SGD(1e4))
+    with pytest.warns(RuntimeWarning, match=r"fit stopped: the training loss is (nan|inf|-inf) at epoch 1, step \d+ of 7"):
+        model.fit(X, y, epochs=5, batch_size=32, verbose=0)
+    assert model.stop_training and model.epoch == 0 and model.history.history == {}
+    assert all(np.isfinite(w).all() for w in model.get_weights().values())
+    assert np.isfinite(model.predict(X)).all()
+
+
+def test_a_first_step_failure_rolls_back_to_the_previous_epoch():
+    model, X, y = _regression_model(sd.optim.SGD(1e-3))
+    model.fit(X, y, epochs=1, batch_size=256, verbose=0, shuffle=False)  # one step per epoch
+    good = model.get_weights()
+    model.optimizer.lr = 1e300  # epoch 2's loss is finite, its update is not; epoch 3 sees it
+    with pytest.warns(RuntimeWarning, match=r"epoch 3, step 1 of 1.*start of epoch 2 \(epoch 2 is undone\)"):
+        model.fit(X, y, epochs=5, batch_size=256, verbose=0, shuffle=False)
+    assert model.epoch == 1 and len(model.history.history["loss"]) == 1
+    assert all(np.array_equal(good[k], w) for k, w in model.get_weights().items())
+
+
+def test_terminate_on_nan_can_be_turned_off():
+    model, X, y = _regression_model(sd.optim.SGD(1e4))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(X, y, epochs=2, batch_size=32, verbose=0, terminate_on_nan=False)
+    assert model.epoch == 2 and not np.isfinite(model.history.history["loss"][-1])
