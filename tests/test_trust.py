@@ -188,3 +188,139 @@ def test_terminate_on_nan_can_be_turned_off():
         warnings.simplefilter("error")
         model.fit(X, y, epochs=2, batch_size=32, verbose=0, terminate_on_nan=False)
     assert model.epoch == 2 and not np.isfinite(model.history.history["loss"][-1])
+
+
+# --------------------------------------------------------------------------- 4. nonsense settings
+
+
+@pytest.mark.parametrize("epochs", [-1, 1.5, "3"])
+def test_fit_rejects_bad_epochs_before_training(epochs):
+    model, X, y = _regression_model(sd.optim.SGD(0.1), backend="numpy")
+    with pytest.raises(ValueError, match=r"epochs must be an integer >= 0"):
+        model.fit(X, y, epochs=epochs, verbose=0)
+
+
+@pytest.mark.parametrize("make, setting", [
+    (lambda: sd.optim.SGD(-0.1), "lr must be a finite number >= 0"),
+    (lambda: sd.optim.Adam(float("inf")), "lr must be a finite number >= 0"),
+    (lambda: sd.optim.Adam(1e-3, beta1=1.0), r"beta1 must be in \[0, 1\)"),
+    (lambda: sd.optim.Adam(1e-3, beta2=-0.1), r"beta2 must be in \[0, 1\)"),
+    (lambda: sd.optim.Adam(1e-3, eps=0.0), "eps must be a finite number > 0"),
+    (lambda: sd.optim.Momentum(0.1, momentum=-0.9), "momentum must be a finite number >= 0"),
+    (lambda: sd.optim.RMSProp(0.1, alpha=1.5), r"alpha must be in \[0, 1\)"),
+    (lambda: sd.optim.AdamW(0.1, weight_decay=-1), "weight_decay must be a finite number >= 0"),
+])
+def test_optimizer_hyper_parameters_are_checked(make, setting):
+    with pytest.raises(ValueError, match=setting):
+        make()
+
+
+def test_optimizer_hyper_parameters_are_checked_when_set_later():
+    opt = sd.optim.Adam(1e-3)
+    with pytest.raises(ValueError, match="Adam: lr must be a finite number >= 0, got -1"):
+        opt.lr = -1
+    with pytest.raises(ValueError, match="beta2"):
+        opt.beta2 = 1.0
+    assert opt.lr == 1e-3 and opt.beta2 == 0.999
+    opt.lr = 0.0  # a schedule may reach 0 (cosine_decay's min_lr): allowed, as in PyTorch
+    opt.lr = np.float32(0.5)
+    assert opt.lr == 0.5
+
+
+@pytest.mark.parametrize("make", [lambda: sd.l2(-1.0), lambda: sd.l1(-1e-4), lambda: sd.l2(float("nan"))])
+def test_negative_or_nan_regularizer_coefficients_are_rejected(make):
+    with pytest.raises(ValueError, match="coefficient must be a finite number >= 0"):
+        make()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--epochs", "-1"], "--epochs must be >= 0"),
+    (["train", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["train", "--lr", "-0.1"], "--lr must be a finite number >= 0"),
+    (["formulas", "--layers", "2,1", "--l2", "-1"], "--l2 must be a finite number >= 0"),
+])
+def test_cli_rejects_nonsense_settings(argv, message, capsys):
+    from symdl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- 10. CLI and output
+
+
+def _symdl(*args, **kw):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "symdl", *args], env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sd.__file__)))  # the symdl under test
+
+
+def test_cli_version():
+    out = _symdl("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"symdl {sd.__version__}"
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (``head``) has already gone
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    try:
+        out = subprocess.run([sys.executable, "-m", "symdl", "formulas", "--layers", "2,3,1"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, env=env, timeout=600)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+    assert out.returncode == 1
+
+
+def test_cli_help_describes_every_train_option():
+    from symdl.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    undocumented = [a.option_strings for a in train._actions if a.option_strings and not a.help]
+    assert undocumented == []
+
+
+def test_cli_formulas_output_ends_with_one_newline():
+    for extra in ([], ["--latex"]):
+        out = _symdl("formulas", "--layers", "2,3,1", *extra)
+        assert out.returncode == 0 and out.stdout.endswith("\n") and not out.stdout.endswith("\n\n")
+
+
+def test_optimizer_names_are_case_insensitive_in_compile_and_cli(tmp_path):
+    model = sd.nn.Sequential([sd.nn.Dense(2)], input_dim=2)
+    model.compile(optimizer="adam", backend="numpy")
+    assert type(model.optimizer) is sd.optim.Adam and model.optimizer.lr == 1e-3
+    model.compile(optimizer="SGD", backend="numpy")
+    assert type(model.optimizer) is sd.optim.SGD and model.optimizer.lr == 1e-2
+    with pytest.raises(ValueError, match="unknown optimizer 'adamm'"):
+        model.compile(optimizer="adamm", backend="numpy")
+    out = _symdl("train", "--dataset", "xor", "--epochs", "1", "--optimizer", "rmsprop", "--backend", "numpy",
+                 "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "held-out accuracy" in out.stdout
+
+
+def test_fit_prints_epoch_lines_and_no_progress_bars_when_stderr_is_not_a_terminal(capsys):
+    model, X, y = _regression_model(sd.optim.SGD(0.05), backend="numpy")
+    model.fit(X, y, epochs=2, batch_size=16, verbose=1)
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.count("epoch ") == 2 and "epoch 2: loss=" in captured.out
+
+
+def test_set_weights_shape_errors_name_the_parameter():
+    model, X, y = _regression_model(sd.optim.SGD(0.05), backend="numpy")
+    with pytest.raises(ValueError, match=r"set_weights: 'W2' has shape \(3, 1\), expected \(16, 1\)"):
+        model.set_weights({"W2": np.zeros((3, 1))})

@@ -134,6 +134,13 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
     return model.history
 
 
+def _interactive() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
 def _stop_on_non_finite(model, bad, epoch, snapshot, previous):
     """Keras's ``TerminateOnNaN``, on by default, plus a roll-back to the last weights known to give
     a finite loss. The loss a step returns is computed before its update, so the weights at the
@@ -162,8 +169,9 @@ def _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last, t
     step = model.train_step
     total, correct, seen = 0.0, 0.0, 0
     groups = batches(len(X), batch_size, seed, epoch, shuffle)
-    bar = tqdm(groups, desc=f"epoch {epoch + 1}/{last}", disable=not verbose, leave=False, unit="batch",
-               mininterval=0.2)
+    # A bar only on a terminal: redirected to a file or a pipe, fit prints one line per epoch instead.
+    bar = tqdm(groups, desc=f"epoch {epoch + 1}/{last}", disable=not verbose or not _interactive(), leave=False,
+               unit="batch", mininterval=0.2)
     started = time.perf_counter()
     for k, idx in enumerate(bar):
         xb, yb = X[idx], Y[idx]

@@ -20,7 +20,7 @@ from .. import backends, datasets, functions, losses
 from ..explanation import explain
 from ..graph import input as sd_input
 from ..lowering import lower
-from ..optim import Adam, Optimizer, from_config
+from ..optim import Adam, Optimizer, from_config, get as get_optimizer
 from ..pipeline import TrainStep
 from ..regularizers import Regularizer, l1, l2
 from . import checkpoint, fitting
@@ -61,16 +61,21 @@ class Sequential:
         """Each layer's weight matrix (what a regulariser penalises)."""
         return [params[0] for params in self.layer_params]
 
-    def compile(self, loss="softmax_cross_entropy", optimizer: Optimizer | None = None, regularizer=None,
+    def compile(self, loss="softmax_cross_entropy", optimizer: Optimizer | str | None = None, regularizer=None,
                 backend: str = "cpu", dtype: str = "float32", seed: int = 0):
-        """Derive the gradients and generate the training step (Numba compiles on the first batch)."""
+        """Derive the gradients and generate the training step (Numba compiles on the first batch).
+
+        ``optimizer`` is an ``sd.optim`` optimizer or, as in Keras, a name in any case
+        (``"adam"``) for one with default hyper-parameters (Keras's learning rates: 1e-3 for
+        Adam, AdamW, RMSProp and Adagrad, 1e-2 for SGD and momentum). Default: ``Adam(1e-3)``.
+        """
         loss_fn = losses.get(loss)
         if regularizer is not None and not isinstance(regularizer, Regularizer):
             raise TypeError(f"regularizer must be sd.l1(c) or sd.l2(c), got {regularizer!r}")
         self.loss_name, self.kind = loss, loss_fn.targets
         if self.kind == "classes" and self.layers[-1].units < 2:
             raise ValueError("softmax_cross_entropy needs at least 2 output units")
-        self.optimizer = optimizer if optimizer is not None else Adam(1e-3)
+        self.optimizer = get_optimizer(optimizer) if optimizer is not None else Adam(1e-3)
         self.regularizer, self.backend, self.dtype, self.seed = regularizer, backend, dtype, seed
         self.data_loss = loss_fn(self.output, self.y)
         self.loss = self.data_loss + regularizer(*self.kernels) if regularizer is not None else self.data_loss
@@ -97,7 +102,10 @@ class Sequential:
         for k, v in weights.items():
             if k not in self.train_step.params:
                 raise KeyError(f"no parameter {k!r}; the model has {list(self.train_step.params)}")
-            self.train_step.params[k][...] = v
+            target = self.train_step.params[k]
+            if np.shape(v) != target.shape:
+                raise ValueError(f"set_weights: {k!r} has shape {np.shape(v)}, expected {target.shape}")
+            target[...] = v
 
     # ------------------------------------------------------------------ data
 
