@@ -324,3 +324,64 @@ def test_set_weights_shape_errors_name_the_parameter():
     model, X, y = _regression_model(sd.optim.SGD(0.05), backend="numpy")
     with pytest.raises(ValueError, match=r"set_weights: 'W2' has shape \(3, 1\), expected \(16, 1\)"):
         model.set_weights({"W2": np.zeros((3, 1))})
+
+
+# --------------------------------------------------------------------------- 5. custom activations
+
+
+def test_a_constant_activation_is_rejected_when_defined():
+    import sympy as sp
+
+    with pytest.raises(ValueError, match=r"activation 'one': the formula is the constant 1; .*depend on its argument"):
+        sd.activation("one", lambda t: sp.Integer(1))
+
+
+def test_an_activation_with_a_stray_symbol_is_rejected_when_defined():
+    import sympy as sp
+
+    s = sp.Symbol("s")
+    with pytest.raises(ValueError, match=r"activation 'scaled': the formula uses the symbol\(s\) s besides its arg"):
+        sd.activation("scaled", lambda t: t * s)
+    with pytest.raises(ValueError, match=r"uses the symbol\(s\) t besides"):  # a second, different 't'
+        sd.activation("shadow", lambda t: t * sp.Symbol("t", positive=True))
+    assert "scaled" not in sd.functions.REGISTRY
+    sd.activation("scaled_ok", lambda t: t * sp.tanh(sp.Rational(1, 2) * t))  # numbers are fine
+
+
+# --------------------------------------------------------------------------- 6, 7. checkpoints
+
+
+def test_loading_a_text_file_says_it_is_not_a_checkpoint_and_never_suggests_pickle(tmp_path):
+    from symdl.nn.checkpoint import CheckpointError
+
+    path = tmp_path / "notes.txt"
+    path.write_text("these are my notes, not a model\n")
+    with pytest.raises(CheckpointError, match="is not a symdl checkpoint") as info:
+        sd.nn.load(path)
+    assert "pickle" not in str(info.value)
+    np.savez(tmp_path / "objects.npz", a=np.array([{"x": 1}], dtype=object))  # pickled objects inside
+    with pytest.raises(CheckpointError, match="is not a symdl checkpoint") as info:
+        sd.nn.checkpoint.read(tmp_path / "objects.npz")
+    assert "allow_pickle" not in str(info.value)
+
+
+def test_save_into_a_missing_directory_is_an_error_and_creates_nothing(tmp_path):
+    model = sd.nn.Sequential([sd.nn.Dense(2)], input_dim=2)
+    model.compile(backend="numpy")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model.save(tmp_path / "typo" / "deeper" / "m.symdl")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_get_the_usual_permissions(tmp_path):
+    model = sd.nn.Sequential([sd.nn.Dense(2)], input_dim=2)
+    model.compile(backend="numpy")
+    old = os.umask(0o022)
+    try:
+        model.save(tmp_path / "m.symdl")
+        os.umask(0o077)
+        model.save(tmp_path / "private.symdl")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.symdl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.symdl").stat().st_mode & 0o777 == 0o600
