@@ -385,3 +385,36 @@ def test_checkpoints_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "m.symdl").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.symdl").stat().st_mode & 0o777 == 0o600
+
+
+# --------------------------------------------------------------------------- 8. sd.compile initialises
+
+
+def _xor_graph():
+    x, y = sd.input("x", 2), sd.input("y", 1)
+    W1, b1, W2, b2 = sd.param("W1", (2, 8)), sd.param("b1", 8), sd.param("W2", (8, 1)), sd.param("b2", 1)
+    loss = sd.losses.bce_with_logits(sd.tanh(x @ W1 + b1) @ W2 + b2, y)
+    return loss, [W1, b1, W2, b2]
+
+
+def test_compile_initialises_parameters_like_dense_seeded():
+    loss, params = _xor_graph()
+    a = sd.compile(loss, params, backend="numpy", dtype="float64")
+    b = sd.compile(loss, params, backend="numpy", dtype="float64")
+    c = sd.compile(loss, params, backend="numpy", dtype="float64", seed=1)
+    limit = np.sqrt(6.0 / (2 + 8))
+    assert 0 < np.abs(a.params["W1"]).max() <= limit and np.ptp(a.params["W1"]) > 0
+    assert not a.params["b1"].any() and not a.params["b2"].any()  # biases start at zero, as in Keras
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    assert not np.array_equal(a.params["W1"], c.params["W1"])
+    expected = sd.nn.INITIALIZERS["glorot_uniform"](np.random.default_rng(0), (2, 8))
+    np.testing.assert_array_equal(a.params["W1"], expected)
+
+
+def test_compile_without_setting_parameters_trains():
+    loss, params = _xor_graph()
+    X, labels = sd.datasets.xor(256, seed=0)
+    Y = labels.reshape(-1, 1).astype(np.float64)
+    train = sd.compile(loss, params, optimizer=sd.optim.Adam(0.05), backend="numpy", dtype="float64")
+    losses = [train.step(x=X, y=Y) for _ in range(200)]
+    assert losses[-1] < 0.5 * np.log(2), losses[-1]  # all-zero weights stayed at log 2 forever
