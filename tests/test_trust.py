@@ -418,3 +418,29 @@ def test_compile_without_setting_parameters_trains():
     train = sd.compile(loss, params, optimizer=sd.optim.Adam(0.05), backend="numpy", dtype="float64")
     losses = [train.step(x=X, y=Y) for _ in range(200)]
     assert losses[-1] < 0.5 * np.log(2), losses[-1]  # all-zero weights stayed at log 2 forever
+
+
+# --------------------------------------------------------------------------- 12. packaging
+
+
+def test_without_numba_cuda_the_cuda_backend_says_to_install_the_extra(monkeypatch):
+    import sys
+
+    from symdl.backends.cuda_backend import CudaUnavailable
+
+    monkeypatch.setitem(sys.modules, "numba_cuda", None)  # as if numba-cuda were not installed
+    x = sd.input("x", 2); W = sd.param("W", (2, 1))
+    with pytest.raises(CudaUnavailable, match=r"pip install 'symdl\[cuda\]'"):
+        sd.value_and_grad(sd.total(x @ W), [W], backend="cuda")
+
+
+def test_pyproject_declares_what_the_code_imports():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    names = lambda reqs: {r.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip() for r in reqs}  # noqa: E731
+    assert "scipy" in names(project["dependencies"])  # the generated NumPy code calls scipy.special.erf
+    assert "numba-cuda" not in names(project["dependencies"])  # about 70 MB of CUDA packages: an extra
+    assert "numba-cuda" in names(project["optional-dependencies"]["cuda"])
+    assert "numba-cuda" in names(project["optional-dependencies"]["test"])  # the simulator tests need it
