@@ -2,6 +2,7 @@
 
     symdl formulas --layers 2,16,1 --activation tanh --loss bce_with_logits [--latex]
     symdl train --dataset digits --layers 64,64,10 --epochs 20 [--backend cpu] [--save PATH]
+    symdl cache info | clear | prune [--older-than DAYS] [--max-mb MB]
 """
 from __future__ import annotations
 
@@ -82,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed for the weights, the split and the batches (default 0)")
     t.add_argument("--save", help="write the trained model here")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("cache", help="show, prune or empty the compile cache ($SYMDL_CACHE_DIR)")
+    c.add_argument("action", choices=["info", "clear", "prune"],
+                   help="info: where it is and its size; clear: remove everything; prune: apply the limits")
+    c.add_argument("--older-than", type=_nonnegative("--older-than"), default=None,
+                   help="prune: remove entries unused for this many days (default 30)")
+    c.add_argument("--max-mb", type=_nonnegative("--max-mb"), default=None,
+                   help="prune: then remove the least recently used entries above this size (default 1024)")
     return p
 
 
@@ -152,6 +161,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .backends import cache
+
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached module(s) from {cache.cache_dir()}")
+    elif args.action == "prune":
+        size = None if args.max_mb is None else int(args.max_mb * (1 << 20))
+        print(f"removed {cache.prune(max_age_days=args.older_than, max_size=size)} cached module(s)")
+    if args.action in ("info", "prune"):
+        found = cache.info()
+        print(f"compile cache: {found['path']}\n{found['entries']} module(s), {found['bytes'] / (1 << 20):.1f} MB")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -169,7 +192,7 @@ def main(argv=None) -> int:
         return 2
 
 
-COMMANDS = {"formulas": cmd_formulas, "train": cmd_train}
+COMMANDS = {"formulas": cmd_formulas, "train": cmd_train, "cache": cmd_cache}
 
 
 if __name__ == "__main__":

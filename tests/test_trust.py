@@ -251,13 +251,13 @@ def test_cli_rejects_nonsense_settings(argv, message, capsys):
 # --------------------------------------------------------------------------- 10. CLI and output
 
 
-def _symdl(*args, **kw):
+def _symdl(*args, env=None):
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = env or dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "symdl", *args], env=env, capture_output=True, text=True,
-                          timeout=600, **kw)
+                          timeout=600)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sd.__file__)))  # the symdl under test
@@ -444,3 +444,65 @@ def test_pyproject_declares_what_the_code_imports():
     assert "numba-cuda" not in names(project["dependencies"])  # about 70 MB of CUDA packages: an extra
     assert "numba-cuda" in names(project["optional-dependencies"]["cuda"])
     assert "numba-cuda" in names(project["optional-dependencies"]["test"])  # the simulator tests need it
+
+
+# --------------------------------------------------------------------------- 11. litter
+
+
+@pytest.mark.parametrize("module", ["symdl.backends.cache", "symdl.nn.checkpoint", "symdl.datasets", "symdl.plotting"])
+def test_doctests_leave_no_folders_and_no_environment_behind(module, tmp_path, monkeypatch):
+    import doctest
+    import importlib
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp() and friends create
+    monkeypatch.setenv("SYMDL_CACHE_DIR", str(tmp_path / "cache"))
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0
+    assert os.environ["SYMDL_CACHE_DIR"] == str(tmp_path / "cache")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def _fake_entry(root, backend, key, size, age_days):
+    entry = root / backend / key
+    entry.mkdir(parents=True)
+    (entry / f"symdl_{backend}_{key}.py").write_bytes(b"#" * size)
+    when = __import__("time").time() - age_days * 86400
+    os.utime(entry, (when, when))
+    return entry
+
+
+def test_cache_info_clear_and_prune(tmp_path, monkeypatch):
+    from symdl.backends import cache
+
+    monkeypatch.setenv("SYMDL_CACHE_DIR", str(tmp_path))
+    old = _fake_entry(tmp_path, "cpu", "a" * 24, 1000, age_days=90)
+    mid = _fake_entry(tmp_path, "cpu", "b" * 24, 3000, age_days=5)
+    new = _fake_entry(tmp_path, "numpy", "c" * 24, 3000, age_days=1)
+    (tmp_path / "notes.txt").write_text("not ours")
+    (tmp_path / "cpu" / "other").mkdir()  # a folder without a generated module is never touched
+    assert cache.info() == {"path": str(tmp_path), "entries": 3, "bytes": 7000}
+    assert cache.prune(max_age_days=30, max_size=10_000) == 1 and not old.exists()  # by age
+    assert cache.prune(max_age_days=30, max_size=4000) == 1 and not mid.exists()  # by size, oldest first
+    assert new.exists()
+    assert cache.clear() == 1 and cache.info()["entries"] == 0
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / "cpu" / "other").exists()
+
+
+def test_writing_a_new_module_prunes_the_cache(tmp_path, monkeypatch):
+    from symdl.backends import cache
+
+    monkeypatch.setenv("SYMDL_CACHE_DIR", str(tmp_path))
+    stale = _fake_entry(tmp_path, "doc", "d" * 24, 10, age_days=cache.MAX_AGE_DAYS + 1)
+    cache.load_module("def g():\n    return 2\n", backend="doc")
+    assert not stale.exists() and cache.info()["entries"] == 1
+
+
+def test_cli_cache_info_and_clear(tmp_path):
+    env_dir = tmp_path / "c"
+    _fake_entry(env_dir, "cpu", "e" * 24, 2048, age_days=0)
+    out = _symdl("cache", "info", env=dict(os.environ, SYMDL_CACHE_DIR=str(env_dir), PYTHONPATH=ROOT))
+    assert out.returncode == 0 and str(env_dir) in out.stdout and "1 module(s)" in out.stdout
+    out = _symdl("cache", "clear", env=dict(os.environ, SYMDL_CACHE_DIR=str(env_dir), PYTHONPATH=ROOT))
+    assert out.returncode == 0 and "removed 1 cached module(s)" in out.stdout
+    assert not (env_dir / "cpu" / ("e" * 24)).exists()

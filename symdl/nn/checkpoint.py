@@ -6,10 +6,11 @@
 * A truncated, corrupted or foreign file raises ``CheckpointError`` saying so.
 
 >>> import os, tempfile, numpy as np
->>> path = os.path.join(tempfile.mkdtemp(), "run.symdl")
+>>> folder = tempfile.TemporaryDirectory(); path = os.path.join(folder.name, "run.symdl")
 >>> write(path, {"format": "demo"}, {"W": np.eye(2)})
 >>> meta, arrays = read(path); meta["format"], arrays["W"].tolist()
 ('demo', [[1.0, 0.0], [0.0, 1.0]])
+>>> folder.cleanup()
 """
 from __future__ import annotations
 
