@@ -506,3 +506,37 @@ def test_cli_cache_info_and_clear(tmp_path):
     out = _symdl("cache", "clear", env=dict(os.environ, SYMDL_CACHE_DIR=str(env_dir), PYTHONPATH=ROOT))
     assert out.returncode == 0 and "removed 1 cached module(s)" in out.stdout
     assert not (env_dir / "cpu" / ("e" * 24)).exists()
+
+
+# --------------------------------------------------------------------------- 9. reproducibility and threads
+
+
+def _digits_weights(threads):
+    sd.set_num_threads(threads)
+    try:
+        X, y = sd.datasets.digits()
+        model = sd.nn.Sequential([sd.nn.Dense(64, activation="relu"), sd.nn.Dense(10)], input_dim=64)
+        model.compile(optimizer=sd.optim.Adam(1e-3), backend="cpu", dtype="float64", seed=3)
+        model.fit(X[:512] / 16.0, y[:512], epochs=1, batch_size=128, verbose=0)
+        return model.get_weights()
+    finally:
+        sd.set_num_threads(None)
+
+
+def test_reproducible_at_a_fixed_thread_count_and_close_across_counts():
+    """What README's Reproducibility section promises: bit-identical at one thread count;
+    at another, equal up to the order BLAS adds in."""
+    one, again = _digits_weights(1), _digits_weights(1)
+    assert all(np.array_equal(one[k], again[k]) for k in one)
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        two = _digits_weights(2)
+        for k in one:
+            np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-9)
+
+
+def test_the_thread_count_caveat_is_documented():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "## Reproducibility" in readme and "thread count" in readme and "sd.set_num_threads(1)" in readme
+    assert "thread count" in sd.set_num_threads.__doc__
