@@ -135,6 +135,8 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
 
 
 def _interactive() -> bool:
+    if "ipykernel" in sys.modules:  # a notebook: tqdm.auto draws a widget, not lines of text
+        return True
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed stderr
