@@ -149,8 +149,10 @@ def _stop_on_non_finite(model, bad, epoch, snapshot, previous):
     start of this epoch gave a finite loss on its first step; if the first step itself failed,
     those weights came from the previous epoch's last update, and the previous epoch's start is used.
     """
-    if bad.step > 0 or previous is None:
+    if bad.step > 0:
         restored, when = snapshot, f"the start of epoch {epoch + 1}"
+    elif previous is None:  # nothing earlier in this fit call to go back to
+        restored, when = snapshot, f"the start of epoch {epoch + 1}, which already give a non-finite loss"
     else:  # epoch ``epoch`` (1-based) ended on the update that broke the weights: undo it
         restored, when = previous, f"the start of epoch {epoch} (epoch {epoch} is undone)"
         model.epoch = epoch - 1
