@@ -17,7 +17,8 @@ history = model.fit(Xtr, ytr, epochs=epochs(30), batch_size=64, validation_data=
 result = model.evaluate(Xte, yte)
 print(f"held-out accuracy: {result['accuracy']:.4f}")
 
-path = os.path.join(tempfile.mkdtemp(), "digits.symdl")
-model.save(path)
-again = sd.nn.load(path)
+with tempfile.TemporaryDirectory() as folder:  # removed afterwards: the example leaves nothing behind
+    path = os.path.join(folder, "digits.symdl")
+    model.save(path)
+    again = sd.nn.load(path)
 print(f"saved and reloaded: accuracy {again.evaluate(Xte, yte)['accuracy']:.4f}")

@@ -21,7 +21,7 @@ import sympy as sp
 from .functions import heaviside_at_zero
 from .graph import (
     VARS, Broadcast, MatAdd, MatMul, Map, Param, RowLogSumExp, SumAll, SumCols, SumRows, Transpose,
-    children, make_map, topological,
+    check_leaf_names, children, make_map, topological,
 )
 from .registry import RuleTable
 from .simplify import fuse_maps
@@ -106,6 +106,7 @@ def adjoints(loss, wrt) -> dict:
     if tuple(loss.shape) != (1, 1):
         raise ValueError(f"the loss must be a scalar (1, 1) expression, got shape {tuple(loss.shape)}")
     order = topological([loss])
+    check_leaf_names(order + list(wrt))
     targets = set(wrt)
     needs = set()
     for node in order:  # operands come first, so one pass finds every node that leads to a target

@@ -95,9 +95,10 @@ def load_idx(path) -> np.ndarray:
     """Read an IDX file (the MNIST format), plain or gzipped, into an array.
 
     >>> import tempfile, os, numpy as np
-    >>> p = os.path.join(tempfile.mkdtemp(), "labels.idx1-ubyte")
+    >>> folder = tempfile.TemporaryDirectory(); p = os.path.join(folder.name, "labels.idx1-ubyte")
     >>> save_idx(p, np.array([3, 1, 4], dtype=np.uint8)); load_idx(p).tolist()
     [3, 1, 4]
+    >>> folder.cleanup()
     """
     path = Path(path)
     if not path.exists():

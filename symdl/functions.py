@@ -174,10 +174,26 @@ def activation(name: str, formula):
         body = sp.sympify(formula(_t))
     except Exception as exc:  # the user's formula failed on a SymPy symbol
         raise ValueError(f"activation {name!r}: the formula must accept a SymPy symbol ({exc})") from exc
+    _check_formula(name, body)
     check_printable(body, f"activation {name!r}")
     cls = define(name, lambda t: body.xreplace({_t: t}))
     check_printable(cls.derivative_body, f"activation {name!r} (derivative)")
     return _applier(cls, name)
+
+
+def _check_formula(name, body) -> None:
+    """An activation is a function of its one argument: not a constant, no other symbols."""
+    if not isinstance(body, sp.Expr) or isinstance(body, sp.logic.boolalg.Boolean):
+        raise ValueError(f"activation {name!r}: the formula must return a SymPy expression, got {body!r}")
+    stray = sorted(str(s) for s in body.free_symbols - {_t})
+    if stray:
+        raise ValueError(
+            f"activation {name!r}: the formula uses the symbol(s) {', '.join(stray)} besides its argument "
+            f"(its formula is {body}). An activation has one argument: write constants as numbers "
+            "(lambda t: t * sp.tanh(0.5 * t)), or use the argument you are given")
+    if _t not in body.free_symbols:
+        raise ValueError(f"activation {name!r}: the formula is the constant {body}; an activation must depend "
+                         "on its argument (lambda t: ...)")
 
 
 _BUILTIN = frozenset(REGISTRY)

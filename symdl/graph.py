@@ -20,9 +20,11 @@ x*W + b
 """
 from __future__ import annotations
 
+import itertools
 import numbers
 
 import sympy as sp
+from sympy.core.symbol import Str
 from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr, MatrixSymbol, Transpose
 
 from sympy.printing.precedence import PRECEDENCE
@@ -149,6 +151,33 @@ def _require_scalar(a, b, op):
         )
 
 
+class ParamName(Str):
+    """A parameter's name that also carries which ``sd.param`` call made it.
+
+    SymPy's ``MatrixSymbol``s with equal names and shapes are one object, so two
+    ``sd.param("W", (4, 4))`` calls would silently be one tied weight. With this name
+    each call makes its own leaf (printed by its name alone), and ``check_leaf_names``
+    refuses a graph that holds two different leaves with one name. To tie a weight,
+    use the same ``Param`` object twice.
+    """
+
+    __slots__ = ("uid",)
+
+    def __new__(cls, name, uid):
+        obj = Str.__new__(cls, name)
+        obj.uid = int(uid)
+        return obj
+
+    def __getnewargs__(self):
+        return (self.name, self.uid)
+
+    def _hashable_content(self):
+        return (self.name, self.uid)
+
+
+_param_ids = itertools.count()
+
+
 class Input(Ops, MatrixSymbol):
     """A data array fed at call time: ``(n, features)`` with the batch symbol ``n``."""
 
@@ -199,13 +228,13 @@ def param(name: str, shape) -> Param:
     if isinstance(shape, numbers.Integral):
         if shape <= 0:
             raise ValueError(f"param {name!r}: size must be positive, got {shape}")
-        return VectorParam(name, 1, int(shape))
+        return VectorParam(ParamName(name, next(_param_ids)), 1, int(shape))
     shape = tuple(shape)
     if len(shape) == 1:
         return param(name, shape[0])
     if len(shape) != 2 or not all(isinstance(d, numbers.Integral) and d > 0 for d in shape):
         raise ValueError(f"param {name!r}: shape must be an int or a pair of positive ints, got {shape!r}")
-    return Param(name, int(shape[0]), int(shape[1]))
+    return Param(ParamName(name, next(_param_ids)), int(shape[0]), int(shape[1]))
 
 
 def _check_name(name):
@@ -460,6 +489,37 @@ def leaves(expr) -> list:
     return out
 
 
+def _leaf_kind(leaf) -> str:
+    kind = ("vector parameter" if isinstance(leaf, VectorParam) else "parameter" if isinstance(leaf, Param)
+            else "input" if isinstance(leaf, Input) else "state")
+    shape = leaf.value_shape if isinstance(leaf, Param) else tuple(leaf.shape)
+    return f"{kind} of shape {_value_shape_text(shape)}"
+
+
+def _value_shape_text(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def check_leaf_names(nodes) -> None:
+    """Raise if two different leaves among ``nodes`` share a name.
+
+    Arrays are passed, returned and saved by name, so one name must mean one leaf.
+    Two ``sd.param`` calls with one name are two leaves even when their shapes agree.
+    """
+    seen = {}
+    for e in nodes:
+        if not isinstance(e, (Input, Param, State)):
+            continue
+        other = seen.setdefault(str(e.name), e)
+        if other is e or other == e:
+            continue
+        same = _leaf_kind(other) == _leaf_kind(e)
+        hint = ("each sd.param call makes a new parameter: give them different names, or reuse one "
+                "Param object to tie the weights" if same else "give them different names")
+        raise ValueError(f"the graph uses two different leaves named {e.name!r}: a {_leaf_kind(other)} "
+                         f"and a {_leaf_kind(e)}; {hint}")
+
+
 def children(e) -> tuple:
     """The matrix operands of a node (scalars, shapes and lambdas are not operands)."""
     if isinstance(e, Map):
@@ -492,6 +552,6 @@ def topological(roots) -> list:
 __all__ = [
     "n", "VARS", "input", "param", "Input", "Param", "VectorParam", "State", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
     "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean",
-    "matmul", "broadcast_to", "leaves", "children", "topological", "ShapeMismatch", "MatMul",
+    "matmul", "broadcast_to", "leaves", "check_leaf_names", "children", "topological", "ShapeMismatch", "MatMul",
     "MatAdd", "Transpose",
 ]

@@ -27,8 +27,8 @@ import sympy as sp
 from sympy.matrices.expressions import MatMul, Transpose
 
 from .graph import (
-    VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, children, n as N,
-    topological,
+    VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names,
+    children, n as N, topological,
 )
 from .ir import Elementwise, Gemm, Operand, Pattern, Program, Reduction, ReduceKind, Update, check
 from .registry import RuleTable
@@ -45,6 +45,7 @@ def lower(outputs: dict, writes: dict | None = None) -> Program:
     roots = fuse_maps([outputs[k] for k in names] + [writes[t] for t in targets])
     out_roots, write_roots = roots[: len(names)], roots[len(names) :]
     lw = Lowerer(roots)
+    check_leaf_names(lw.order + targets)
     for name, root in zip(names, out_roots):
         lw.preferred.setdefault(root, name)  # an output's buffer carries the output's name
     groups = _write_groups(lw, dict(zip(targets, write_roots)), set(out_roots))

@@ -13,6 +13,9 @@ p ← -lr*m/((1 - beta1**t)*(eps + sqrt(v/(1 - beta2**t)))) + p
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import sympy as sp
 
 from .graph import VARS, State, make_map
@@ -41,10 +44,7 @@ class Optimizer:
             raise TypeError(f"{type(self).__name__}: unknown hyper-parameter(s) {sorted(unknown)}; known: {sorted(values)}")
         values.update(hyper)
         values["lr"] = lr
-        for k, v in values.items():
-            if not isinstance(v, (int, float)) or v != v:
-                raise ValueError(f"{type(self).__name__}: {k} must be a number, got {v!r}")
-        object.__setattr__(self, "values", {k: float(v) for k, v in values.items()})
+        object.__setattr__(self, "values", {k: self._checked(k, v) for k, v in values.items()})
 
     def __getattr__(self, name):
         values = self.__dict__.get("values", {})
@@ -52,9 +52,18 @@ class Optimizer:
             return values[name]
         raise AttributeError(name)
 
+    def _checked(self, name, value) -> float:
+        """``value`` as a float, or a ``ValueError`` naming the setting and its allowed range."""
+        low, high, what = RANGES.get(name, (None, None, "a finite number"))
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (low is None or low(value)) and (high is None or high(value))
+        if not ok:
+            raise ValueError(f"{type(self).__name__}: {name} must be {what}, got {value!r}")
+        return float(value)
+
     def __setattr__(self, name, value):
         if name in self.values:
-            self.values[name] = float(value)  # read by the next step: no recompilation
+            self.values[name] = self._checked(name, value)  # read by the next step: no recompilation
         else:
             object.__setattr__(self, name, value)
 
@@ -119,6 +128,19 @@ class Optimizer:
     def __repr__(self):
         args = ", ".join(f"{k}={v:g}" for k, v in self.values.items())
         return f"{type(self).__name__}({args})"
+
+
+#: The allowed range of each hyper-parameter: ``(lower test, upper test, description)``. A
+#: learning rate of 0 is allowed (PyTorch allows it; schedules such as ``cosine_decay`` reach it).
+RANGES = {
+    "lr": (lambda v: v >= 0, None, "a finite number >= 0"),
+    "momentum": (lambda v: v >= 0, None, "a finite number >= 0"),
+    "beta1": (lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
+    "beta2": (lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
+    "alpha": (lambda v: v >= 0, lambda v: v < 1, "in [0, 1)"),
+    "eps": (lambda v: v > 0, None, "a finite number > 0"),
+    "weight_decay": (lambda v: v >= 0, None, "a finite number >= 0"),
+}
 
 
 class SGD(Optimizer):
@@ -201,6 +223,35 @@ class Adagrad(Optimizer):
 OPTIMIZERS = Registry("optimizer")
 for _cls in (SGD, Momentum, Nesterov, Adam, AdamW, RMSProp, Adagrad):
     OPTIMIZERS.register()(_cls)
+
+
+#: Learning rates of optimizers named by a string (``Model.compile(optimizer="adam")``): Keras's
+#: defaults. Every other hyper-parameter keeps the class default.
+DEFAULT_LR = {"SGD": 1e-2, "Momentum": 1e-2, "Nesterov": 1e-2, "Adam": 1e-3, "AdamW": 1e-3, "RMSProp": 1e-3,
+              "Adagrad": 1e-3}
+
+
+def lookup(name: str) -> type:
+    """An optimizer class by name, in any case: ``lookup("adam") is Adam``."""
+    if isinstance(name, str):
+        for known in OPTIMIZERS:
+            if known.lower() == name.lower():
+                return OPTIMIZERS[known]
+    return OPTIMIZERS.get(name)  # raises, listing the known names
+
+
+def get(optimizer) -> Optimizer:
+    """An optimizer instance, or a name (any case) for one with default hyper-parameters.
+
+    >>> get("adam")
+    Adam(beta1=0.9, beta2=0.999, eps=1e-08, lr=0.001)
+    """
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        cls = lookup(optimizer)
+        return cls(DEFAULT_LR.get(cls.__name__, 1e-2))
+    raise TypeError(f"optimizer must be an sd.optim optimizer or a name such as 'adam', got {optimizer!r}")
 
 
 def from_config(config: dict) -> Optimizer:

@@ -21,12 +21,15 @@ road: ``autodiff.grad``, then (for training) ``Optimizer.writes``, then
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import sympy as sp
 
 from . import backends
 from .autodiff import grad
 from .backends.base import as_dtype
+from .graph import VectorParam
 from .lowering import lower
 from .optim import SGD, STEP, Optimizer, state_name
 from .validate import ArrayError, check_arrays, fast_inputs
@@ -98,15 +101,22 @@ class KernelTable(list):
         return "\n".join(lines + [f"total FLOPs per step: {total:,}"])
 
 
+def glorot_uniform(rng, shape):
+    """Glorot (Xavier) uniform: ``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))`` (Keras's default)."""
+    return rng.uniform(-1, 1, shape) * math.sqrt(6.0 / (shape[0] + shape[1]))
+
+
 class TrainStep:
     """A compiled training step; parameters and optimizer state live in ``params``/``state``.
 
     ``params[name]`` and ``state[name][k]`` are NumPy views of the buffers the compiled
     code updates in place: write initial values into them, read them at any time.
+    Parameters start as Keras's ``Dense`` defaults, seeded by ``seed``: matrices Glorot
+    uniform (drawn in the order of ``params``), vectors (biases) zero.
     """
 
     def __init__(self, loss, params, optimizer: Optimizer | None = None, backend="cpu", dtype="float32",
-                 outputs=None):
+                 outputs=None, seed: int = 0):
         self.param_leaves = list(params)
         self.optimizer = optimizer if optimizer is not None else SGD(1e-2)
         if not isinstance(self.optimizer, Optimizer):
@@ -121,6 +131,10 @@ class TrainStep:
             str(p.name): arrays({k: (state_name(str(p.name), k), p.value_shape) for k in self.optimizer.state})
             for p in self.param_leaves
         }
+        rng = np.random.default_rng(seed)  # all zeros would leave hidden units identical: training stalls
+        for p in self.param_leaves:
+            if not isinstance(p, VectorParam):
+                self.params[str(p.name)][...] = glorot_uniform(rng, p.value_shape)
         self.t = 0  # steps taken (Adam's bias correction reads it)
         self.last_n = None
         self._spec = [(str(l.name), int(l.shape[1])) for l in self.program.inputs]
@@ -191,9 +205,13 @@ class TrainStep:
         self.t = int(arrays.get("t", self.t))
 
 
-def compile(loss, params, *, optimizer=None, backend: str = "cpu", dtype: str = "float32", outputs=None) -> TrainStep:  # noqa: A001
+def compile(loss, params, *, optimizer=None, backend: str = "cpu", dtype: str = "float32", outputs=None,  # noqa: A001
+            seed: int = 0) -> TrainStep:
     """Compile a training step: ``step(**inputs)`` runs forward, backward and the update.
 
     ``outputs={"out": expr}`` also keeps ``expr`` from each step (``train.output("out")``).
+    Parameters start initialised as in ``nn.Dense`` by default, seeded by ``seed``: every matrix
+    Glorot uniform (in the order of ``params``), every vector parameter zero. Overwrite them in
+    ``train.params`` to start elsewhere.
     """
-    return TrainStep(loss, params, optimizer=optimizer, backend=backend, dtype=dtype, outputs=outputs)
+    return TrainStep(loss, params, optimizer=optimizer, backend=backend, dtype=dtype, outputs=outputs, seed=seed)

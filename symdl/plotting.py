@@ -1,10 +1,11 @@
 """Pictures without a plotting library: a PNG writer and a 2-D decision-boundary map.
 
 >>> import numpy as np, os, tempfile
->>> path = os.path.join(tempfile.mkdtemp(), "red.png")
+>>> folder = tempfile.TemporaryDirectory(); path = os.path.join(folder.name, "red.png")
 >>> save_png(path, np.full((2, 3, 3), [255, 0, 0], dtype=np.uint8))
 >>> open(path, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n"
 True
+>>> folder.cleanup()
 """
 from __future__ import annotations
 

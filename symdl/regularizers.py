@@ -9,6 +9,7 @@ l2(0.0001)
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -23,6 +24,11 @@ class Regularizer:
 
     kind: str
     coefficient: float
+
+    def __post_init__(self):
+        c = self.coefficient
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (math.isfinite(c) and c >= 0):
+            raise ValueError(f"{self.kind}: the coefficient must be a finite number >= 0, got {c!r}")
 
     def __call__(self, *params):
         return self.coefficient * _PENALTIES[self.kind](*params)

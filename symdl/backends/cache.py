@@ -6,11 +6,22 @@ of its source, the backend and the Numba version (the source already spells out
 the program and every shape). A stale or corrupt module file is rewritten; a
 corrupt Numba cache entry is deleted and rebuilt (``Runner`` retries once).
 
+The cache does not grow without bound: each time a new module is written, entries unused
+for ``MAX_AGE_DAYS`` are removed, then the least recently used ones while the cache is over
+``MAX_BYTES`` (``$SYMDL_CACHE_MAX_MB`` overrides it). ``symdl cache info`` and ``symdl cache
+clear`` show and empty it.
+
 >>> import os, tempfile
->>> os.environ["SYMDL_CACHE_DIR"] = tempfile.mkdtemp()
+>>> folder, before = tempfile.TemporaryDirectory(), os.environ.get("SYMDL_CACHE_DIR")
+>>> os.environ["SYMDL_CACHE_DIR"] = folder.name
 >>> m = load_module("def f():\\n    return 1\\n", backend="doc")
 >>> m.f(), module_path("def f():\\n    return 1\\n", "doc").exists()
 (1, True)
+>>> info()["entries"], clear(), info()["entries"]
+(1, 1, 0)
+>>> if before is None: del os.environ["SYMDL_CACHE_DIR"]
+... else: os.environ["SYMDL_CACHE_DIR"] = before
+>>> folder.cleanup()
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numba
@@ -67,6 +79,9 @@ def load_module(source: str, backend: str):
     if current != source:  # missing, stale or corrupt: write it afresh, drop Numba's entries too
         clear_compiled(path)
         _write_atomically(path, source)
+        prune(keep=path.parent)
+    else:
+        _touch(path.parent)  # recently used: pruning removes the least recently used first
     name = path.stem
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -78,3 +93,79 @@ def load_module(source: str, backend: str):
 def clear_compiled(path: Path) -> None:
     """Delete Numba's cache entries for the module at ``path``."""
     shutil.rmtree(path.parent / "__pycache__", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- size and age limits
+
+#: Entries not used for this many days are removed when a new module is written.
+MAX_AGE_DAYS = 30
+#: Past this size the least recently used entries are removed (``$SYMDL_CACHE_MAX_MB`` overrides).
+MAX_BYTES = 1 << 30
+
+
+def _touch(entry: Path) -> None:
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
+def entries() -> list:
+    """``[(entry directory, bytes, last used as a timestamp)]``: one per generated module."""
+    out = []
+    root = cache_dir()
+    if not root.is_dir():
+        return out
+    for backend in root.iterdir():
+        if not backend.is_dir():
+            continue
+        for entry in backend.iterdir():
+            if not (entry.is_dir() and any(entry.glob("symdl_*.py"))):
+                continue  # not ours: never delete what symdl did not write
+            try:
+                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                out.append((entry, size, entry.stat().st_mtime))
+            except OSError:  # removed meanwhile by another process
+                continue
+    return out
+
+
+def info() -> dict:
+    """Where the cache is, how many modules it holds and their size in bytes."""
+    found = entries()
+    return {"path": str(cache_dir()), "entries": len(found), "bytes": sum(size for _, size, _ in found)}
+
+
+def clear() -> int:
+    """Remove every generated module and Numba's compiled code for it; returns how many."""
+    found = entries()
+    for entry, _, _ in found:
+        shutil.rmtree(entry, ignore_errors=True)
+    return len(found)
+
+
+def max_bytes() -> int:
+    env = os.environ.get("SYMDL_CACHE_MAX_MB")
+    try:
+        return int(float(env) * (1 << 20)) if env else MAX_BYTES
+    except ValueError:
+        return MAX_BYTES
+
+
+def prune(max_age_days: float | None = None, max_size: int | None = None, keep: Path | None = None) -> int:
+    """Remove entries unused for ``max_age_days``, then the least recently used ones while the
+    cache is larger than ``max_size`` bytes; ``keep`` (the entry just written) stays. Returns how many."""
+    max_age_days = MAX_AGE_DAYS if max_age_days is None else max_age_days
+    max_size = max_bytes() if max_size is None else max_size
+    found = sorted(entries(), key=lambda e: e[2])  # least recently used first
+    total = sum(size for _, size, _ in found)
+    cutoff = time.time() - max_age_days * 86400
+    removed = 0
+    for entry, size, used in found:
+        if keep is not None and entry == keep:
+            continue
+        if used < cutoff or total > max_size:
+            shutil.rmtree(entry, ignore_errors=True)
+            total -= size
+            removed += 1
+    return removed

@@ -38,6 +38,13 @@ def simulating() -> bool:
 
 
 def check_available() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("numba_cuda") is None:  # an optional extra, not a hard dependency
+        raise CudaUnavailable(
+            "backend='cuda' needs NVIDIA's numba-cuda, which is not installed: pip install 'symdl[cuda]' "
+            "(it is needed for Numba's CUDA simulator, NUMBA_ENABLE_CUDASIM=1, too). Or use backend='cpu'."
+        )
     from numba import cuda
 
     if simulating():

@@ -36,25 +36,39 @@ def _nested(printer, fn, args):
 
 
 class ScalarPrinter(PythonCodePrinter):
-    """Scalar code that both ``numba.njit`` and ``numba.cuda.jit`` compile (``math.*``, ternaries)."""
+    """Scalar code that both ``numba.njit`` and ``numba.cuda.jit`` compile (``math.*``, ternaries).
+
+    NaN propagates as in NumPy (``numpy.maximum``, ``heaviside``, ``sign``): Python's
+    ``max(0, nan)`` is 0, which would hide a NaN the reference backend shows.
+    """
 
     def _print_Heaviside(self, e):
         at0 = e.args[1] if len(e.args) > 1 else sp.Rational(1, 2)
         x = self._print(e.args[0])
-        return f"(1.0 if {x} > 0 else ({self._print(sp.Float(at0))} if {x} == 0 else 0.0))"
+        return f"(1.0 if ({x}) > 0 else ({self._print(sp.Float(at0))} if ({x}) == 0 else (0.0 if ({x}) < 0 else ({x}))))"
 
     def _print_sign(self, e):
         x = self._print(e.args[0])
-        return f"(1.0 if {x} > 0 else (-1.0 if {x} < 0 else 0.0))"
+        return f"(1.0 if ({x}) > 0 else (-1.0 if ({x}) < 0 else ({x}) - ({x})))"  # 0 at ±0, NaN at NaN
 
     def _print_Max(self, e):
-        return _nested(self, "max", e.args)
+        return _nan_fold(self, ">", e.args)
 
     def _print_Min(self, e):
-        return _nested(self, "min", e.args)
+        return _nan_fold(self, "<", e.args)
 
     def _print_Abs(self, e):
         return f"abs({self._print(e.args[0])})"
+
+
+def _nan_fold(printer, cmp, args):
+    """``numpy.maximum``/``minimum`` as ternaries: ``a if a > b or a != a else b`` (NaN wins,
+    and on ties the second operand, as NumPy does for ``±0``)."""
+    out = printer._print(args[0])
+    for arg in args[1:]:
+        b = printer._print(arg)
+        out = f"(({out}) if ({out}) {cmp} ({b}) or ({out}) != ({out}) else ({b}))"
+    return out
 
 
 class Float32ScalarPrinter(ScalarPrinter):

@@ -28,7 +28,12 @@ def _blas():
 
 
 def set_num_threads(n: int | None) -> None:
-    """Use ``n`` threads for BLAS and for Numba's parallel loops (``None``: all cores)."""
+    """Use ``n`` threads for BLAS and for Numba's parallel loops (``None``: all cores).
+
+    Results are bit-for-bit reproducible only at one thread count: BLAS splits each matrix
+    product's sums across its threads, and another count sums in another order (the last
+    bits differ). Set the same ``n`` (1 is the safe choice) wherever runs must match exactly.
+    """
     cores = numba.config.NUMBA_NUM_THREADS
     n = cores if n is None else int(n)
     if not 1 <= n <= cores:

@@ -6,10 +6,11 @@
 * A truncated, corrupted or foreign file raises ``CheckpointError`` saying so.
 
 >>> import os, tempfile, numpy as np
->>> path = os.path.join(tempfile.mkdtemp(), "run.symdl")
+>>> folder = tempfile.TemporaryDirectory(); path = os.path.join(folder.name, "run.symdl")
 >>> write(path, {"format": "demo"}, {"W": np.eye(2)})
 >>> meta, arrays = read(path); meta["format"], arrays["W"].tolist()
 ('demo', [[1.0, 0.0], [0.0, 1.0]])
+>>> folder.cleanup()
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class CheckpointError(ValueError):
 def write(path, meta: dict, arrays: dict) -> None:
     """Atomically write ``meta`` (JSON-able) and ``arrays`` to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():  # never create directories: a typo must not make a new tree
+        raise FileNotFoundError(f"cannot save {path}: the directory {path.parent} does not exist")
     payload = {_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     for k, v in arrays.items():
         payload[k] = np.asarray(v)
@@ -42,12 +44,19 @@ def write(path, meta: dict, arrays: dict) -> None:
         with os.fdopen(fd, "wb") as f:
             _savez(f, payload)
             f.flush()
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the usual mode
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
 
 
 def _savez(f, payload):
@@ -59,6 +68,11 @@ def read(path) -> tuple:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # not even the start of a zip archive
+        raise CheckpointError(f"{path} is not a symdl checkpoint (a symdl checkpoint is a .npz zip archive, "
+                              "written by Model.save)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if _META not in z.files:
@@ -67,6 +81,11 @@ def read(path) -> tuple:
             arrays = {k: z[k] for k in z.files if k != _META}
     except CheckpointError:
         raise
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # NumPy's advice to allow pickle is not ours to give: never load pickles
+            raise CheckpointError(f"{path} is not a symdl checkpoint: it holds pickled Python objects, which "
+                                  "symdl never writes and does not load") from exc
+        raise CheckpointError(f"{path} is truncated or corrupted: {exc}") from exc
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupted: {exc}") from exc
     return meta, arrays

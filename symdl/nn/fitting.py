@@ -8,7 +8,11 @@ same batches), and each batch is one call into the model's compiled step.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -73,10 +77,20 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+class _NonFiniteLoss(Exception):
+    def __init__(self, step: int, steps: int, loss: float):
+        super().__init__(step, steps, loss)
+        self.step, self.steps, self.loss = step, steps, loss
+
+
 def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None, validation_split: float = 0.0,
-        shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None, cluster=None,
-        sync: str = "grads", every: int = 1) -> History:
+        shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None,
+        terminate_on_nan: bool = True, cluster=None, sync: str = "grads", every: int = 1) -> History:
     """Train ``model`` for ``epochs`` more epochs (``Model.fit`` documents the arguments)."""
+    if not (isinstance(epochs, numbers.Integral) and not isinstance(epochs, bool) and epochs >= 0):
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if cluster is not None:
         return DISTRIBUTED.get("dask")(model, X, y, cluster=cluster, sync=sync, every=every, epochs=epochs,
                                        batch_size=batch_size, validation_data=validation_data,
@@ -93,8 +107,6 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
         Xv, Yv = model.prepare(*validation_data, "validation data")
     else:
         Xv = Yv = None
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     dt = model.train_step.dtype
     X, Y = np.ascontiguousarray(X, dt), np.ascontiguousarray(Y, dt)
     seed = model.seed if seed is None else seed
@@ -105,10 +117,18 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
     for cb in callbacks:
         cb.on_train_begin()
     last = model.epoch + epochs
+    previous = None
     for epoch in range(model.epoch, last):
         for cb in callbacks:
             cb.on_epoch_begin(epoch)
-        logs = _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last)
+        # One copy of the weights per epoch (never per step): what a non-finite loss rolls back to.
+        snapshot = model.train_step.state_dict() if terminate_on_nan else None
+        try:
+            logs = _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last, terminate_on_nan)
+        except _NonFiniteLoss as bad:
+            _stop_on_non_finite(model, bad, epoch, snapshot, previous)
+            break
+        previous = snapshot
         if Xv is not None:
             logs.update({f"val_{k}": v for k, v in model.evaluate(Xv, Yv, _prepared=True).items()})
         logs["lr"] = model.optimizer.lr
@@ -125,18 +145,55 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
     return model.history
 
 
-def _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last):
+def _interactive() -> bool:
+    if "ipykernel" in sys.modules:  # a notebook: tqdm.auto draws a widget, not lines of text
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
+def _stop_on_non_finite(model, bad, epoch, snapshot, previous):
+    """Keras's ``TerminateOnNaN``, on by default, plus a roll-back to the last weights known to give
+    a finite loss. The loss a step returns is computed before its update, so the weights at the
+    start of this epoch gave a finite loss on its first step; if the first step itself failed,
+    those weights came from the previous epoch's last update, and the previous epoch's start is used.
+    """
+    if bad.step > 0:
+        restored, when = snapshot, f"the start of epoch {epoch + 1}"
+    elif previous is None:  # nothing earlier in this fit call to go back to
+        restored, when = snapshot, f"the start of epoch {epoch + 1}, which already give a non-finite loss"
+    else:  # epoch ``epoch`` (1-based) ended on the update that broke the weights: undo it
+        restored, when = previous, f"the start of epoch {epoch} (epoch {epoch} is undone)"
+        model.epoch = epoch - 1
+        for values in [model.history.epoch, *model.history.history.values()]:
+            if values:
+                values.pop()
+    model.train_step.load_state_dict(restored)
+    model.stop_training = True
+    warnings.warn(
+        f"fit stopped: the training loss is {bad.loss} at epoch {epoch + 1}, step {bad.step + 1} of {bad.steps} "
+        f"(training diverged: try a smaller learning rate). The weights are restored to {when}.",
+        RuntimeWarning, stacklevel=4)
+
+
+def _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last, terminate_on_nan=True):
     from tqdm.auto import tqdm
 
     step = model.train_step
     total, correct, seen = 0.0, 0.0, 0
     groups = batches(len(X), batch_size, seed, epoch, shuffle)
-    bar = tqdm(groups, desc=f"epoch {epoch + 1}/{last}", disable=not verbose, leave=False, unit="batch",
-               mininterval=0.2)
+    # A bar only on a terminal: redirected to a file or a pipe, fit prints one line per epoch instead.
+    bar = tqdm(groups, desc=f"epoch {epoch + 1}/{last}", disable=not verbose or not _interactive(), leave=False,
+               unit="batch", mininterval=0.2)
     started = time.perf_counter()
-    for idx in bar:
+    for k, idx in enumerate(bar):
         xb, yb = X[idx], Y[idx]
         loss = step.step(x=xb, y=yb, check_finite=False)  # the whole set was checked once
+        if terminate_on_nan and not math.isfinite(loss):
+            bar.close()
+            raise _NonFiniteLoss(k, len(groups), loss)
         total += loss * len(idx)
         seen += len(idx)
         m = model.metrics(step.output("out"), yb)

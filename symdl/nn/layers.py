@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import functions
 from ..graph import param
+from ..pipeline import glorot_uniform
 from ..registry import Registry
 
 _HE = {"relu", "leaky_relu", "elu", "gelu", "silu"}
@@ -26,7 +27,7 @@ _HE = {"relu", "leaky_relu", "elu", "gelu", "silu"}
 #: Kernel initializers by name: ``(rng, shape) -> array``.
 INITIALIZERS = Registry("kernel_initializer")
 INITIALIZERS.update({
-    "glorot_uniform": lambda rng, s: rng.uniform(-1, 1, s) * math.sqrt(6.0 / (s[0] + s[1])),
+    "glorot_uniform": glorot_uniform,  # the one rule sd.compile uses too
     "he_normal": lambda rng, s: rng.normal(size=s) * math.sqrt(2.0 / s[0]),
     "zeros": lambda rng, s: np.zeros(s),
 })

@@ -19,7 +19,7 @@ import numpy as np
 from .. import datasets, functions, losses
 from ..explanation import explain
 from ..graph import input as sd_input
-from ..optim import Adam, Optimizer, from_config
+from ..optim import Adam, Optimizer, from_config, get as get_optimizer
 from ..pipeline import TrainStep, compile_outputs
 from ..regularizers import Regularizer, l1, l2
 from . import checkpoint, fitting
@@ -60,16 +60,21 @@ class Sequential:
         """Each layer's weight matrix (what a regulariser penalises)."""
         return [params[0] for params in self.layer_params]
 
-    def compile(self, loss="softmax_cross_entropy", optimizer: Optimizer | None = None, regularizer=None,
+    def compile(self, loss="softmax_cross_entropy", optimizer: Optimizer | str | None = None, regularizer=None,
                 backend: str = "cpu", dtype: str = "float32", seed: int = 0):
-        """Derive the gradients and generate the training step (Numba compiles on the first batch)."""
+        """Derive the gradients and generate the training step (Numba compiles on the first batch).
+
+        ``optimizer`` is an ``sd.optim`` optimizer or, as in Keras, a name in any case
+        (``"adam"``) for one with default hyper-parameters (Keras's learning rates: 1e-3 for
+        Adam, AdamW, RMSProp and Adagrad, 1e-2 for SGD and momentum). Default: ``Adam(1e-3)``.
+        """
         loss_fn = losses.get(loss)
         if regularizer is not None and not isinstance(regularizer, Regularizer):
             raise TypeError(f"regularizer must be sd.l1(c) or sd.l2(c), got {regularizer!r}")
         self.loss_name, self.kind = loss, loss_fn.targets
         if self.kind == "classes" and self.layers[-1].units < 2:
             raise ValueError("softmax_cross_entropy needs at least 2 output units")
-        self.optimizer = optimizer if optimizer is not None else Adam(1e-3)
+        self.optimizer = get_optimizer(optimizer) if optimizer is not None else Adam(1e-3)
         self.regularizer, self.backend, self.dtype, self.seed = regularizer, backend, dtype, seed
         self.data_loss = loss_fn(self.output, self.y)
         self.loss = self.data_loss + regularizer(*self.kernels) if regularizer is not None else self.data_loss
@@ -96,7 +101,10 @@ class Sequential:
         for k, v in weights.items():
             if k not in self.train_step.params:
                 raise KeyError(f"no parameter {k!r}; the model has {list(self.train_step.params)}")
-            self.train_step.params[k][...] = v
+            target = self.train_step.params[k]
+            if np.shape(v) != target.shape:
+                raise ValueError(f"set_weights: {k!r} has shape {np.shape(v)}, expected {target.shape}")
+            target[...] = v
 
     # ------------------------------------------------------------------ data
 
@@ -125,18 +133,23 @@ class Sequential:
     # ------------------------------------------------------------------ training
 
     def fit(self, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None, validation_split: float = 0.0,
-            shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None, cluster=None,
-            sync: str = "grads", every: int = 1) -> fitting.History:
+            shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None,
+            terminate_on_nan: bool = True, cluster=None, sync: str = "grads", every: int = 1) -> fitting.History:
         """Train for ``epochs`` more epochs; returns the model's ``History`` (all epochs so far).
 
         Data is checked before anything compiles. Batches are shuffled with a seed
         and the absolute epoch number, so a resumed run sees the same batches.
+
+        ``terminate_on_nan`` (on by default, Keras's ``TerminateOnNaN``): the first
+        non-finite training loss stops training with a ``RuntimeWarning`` naming the epoch
+        and step, and the weights and optimizer state go back to the start of that epoch
+        (the last state known to give a finite loss; one copy per epoch, none per step).
         ``cluster=`` (a Dask ``Client``) trains data-parallel: see ``symdl.distributed``
         (``sync="grads"``: exact; ``sync="params", every=k``: local SGD).
         """
         return fitting.fit(self, X, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
                            validation_split=validation_split, shuffle=shuffle, callbacks=callbacks, verbose=verbose,
-                           seed=seed, cluster=cluster, sync=sync, every=every)
+                           seed=seed, terminate_on_nan=terminate_on_nan, cluster=cluster, sync=sync, every=every)
 
     # ------------------------------------------------------------------ inference
 
