@@ -24,7 +24,7 @@ STAGES = [
     {"optim"},
     {"ir", "lowering"},
     {"backends"},
-    {"pipeline"},
+    {"pipeline", "higher", "proofs"},
     {"nn"},
     {"cli", "__main__", "__init__"},
 ]
