@@ -130,6 +130,8 @@ def adjoints(loss, wrt) -> dict:
     for node in reversed(order):
         if node not in needs or node in targets and not children(node):
             continue
+        if node not in adj:  # every contribution was 0 (a step's derivative: sign′ = 0 a.e.)
+            continue
         for child, contribution in VJP.lookup(node)(node, adj[node]):
             if child not in needs:
                 continue

@@ -94,3 +94,124 @@ def test_hvp_matches_pytorch(case):
     _, ref = torch.autograd.functional.hvp(fn, flat, v)
     mine = np.concatenate([np.asarray(out[f"hvp_{p.name}"]).reshape(-1) for p in params])
     assert_close(mine, ref.numpy(), 1e-8, what=f"H·v {widths} {acts} {loss_name}")
+
+
+def _small_mlp(act="tanh"):
+    x = sd.input("x", 3); y = sd.input("y", 2)
+    W1 = sd.param("W1", (3, 4)); b1 = sd.param("b1", 4); W2 = sd.param("W2", (4, 2)); b2 = sd.param("b2", 2)
+    out = sd.functions.get(act)(x @ W1 + b1) @ W2 + b2
+    return x, y, [W1, b1, W2, b2], out
+
+
+def _torch_small(torch, arrays, act="tanh"):
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in arrays.items()}
+    out = getattr(torch.nn.functional, TORCH_ACTS[act])(t["x"] @ t["W1"] + t["b1"]) @ t["W2"] + t["b2"]
+    return t, out
+
+
+@pytest.mark.parametrize("act", ["tanh", "gelu", "softplus", "elu"])
+def test_gradient_penalty_matches_pytorch_double_backward(act):
+    """loss + 0.1 ‖∂loss/∂x‖²: a gradient of a gradient, trained through like any loss."""
+    torch = pytest.importorskip("torch")
+    x, y, params, out = _small_mlp(act)
+    loss = sd.losses.mse(out, y)
+    gx = sd.grad(loss, [x])[x]
+    penalised = loss + 0.1 * sd.sum_squares(gx)
+    arrays = random_arrays([x, y] + params, n=5, seed=4)
+    value, grads = sd.value_and_grad(penalised, params, backend="numpy")(**arrays)
+
+    t, tout = _torch_small(torch, arrays, act)
+    tloss = torch.nn.functional.mse_loss(tout, t["y"])
+    (tgx,) = torch.autograd.grad(tloss, t["x"], create_graph=True)
+    tpen = tloss + 0.1 * (tgx**2).sum()
+    tpen.backward()
+    assert value == pytest.approx(tpen.item(), rel=1e-12)
+    for p in params:
+        assert_close(grads[str(p.name)], t[str(p.name)].grad.numpy(), 1e-8, what=str(p.name))
+
+
+def test_saliency_gradient_wrt_input_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    x, y, params, out = _small_mlp("silu")
+    loss = sd.losses.softmax_cross_entropy(out, y)
+    gx = sd.grad(loss, [x])[x]
+    assert tuple(gx.shape) == tuple(x.shape)
+    arrays = random_arrays([x] + params, n=4, seed=2)
+    arrays["y"] = np.eye(2)[[0, 1, 1, 0]]
+    program = lower({"gx": gx})
+    runner = sd.backends.get("numpy").compile_program(program, "float64")
+    mine = runner.run({k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in arrays.items()}, {}, 4)["gx"]
+    t, tout = _torch_small(torch, arrays, "silu")
+    torch.nn.functional.cross_entropy(tout, t["y"].argmax(1)).backward()
+    assert_close(mine, t["x"].grad.numpy(), 1e-10, what="∂L/∂x")
+
+
+def test_grad_rejects_what_is_not_a_leaf():
+    x, y, params, out = _small_mlp()
+    with pytest.raises(TypeError, match=r"sd.param\) or inputs \(sd.input"):
+        sd.grad(sd.losses.mse(out, y), [out])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_jacobian_matches_pytorch(backend):
+    torch = pytest.importorskip("torch")
+    x, y, params, out = _small_mlp("sigmoid")
+    W1, b1 = params[:2]
+    arrays = random_arrays([x] + params, n=3, seed=5)
+    J = sd.jacobian(out, [W1, b1, x], backend=backend)(**arrays)
+    assert J.shape == (3 * 2, 3 * 4 + 4 + 3 * 3)
+
+    def f(w1, c1, xx):
+        h = torch.sigmoid(xx @ w1 + c1) @ torch.tensor(arrays["W2"]) + torch.tensor(arrays["b2"])
+        return h.reshape(-1)
+
+    ref = torch.autograd.functional.jacobian(f, tuple(torch.tensor(arrays[k]) for k in ("W1", "b1", "x")))
+    ref = np.concatenate([r.reshape(6, -1).numpy() for r in ref], axis=1)
+    assert_close(J, ref, 1e-8 if backend == "cpu" else 1e-12, what="Jacobian")
+
+
+def test_hessian_on_cpu_backend_matches_numpy_and_is_symmetric():
+    x, y, params, out = _small_mlp("tanh")
+    loss = sd.losses.bce_with_logits(out, y)
+    arrays = random_arrays([x] + params, n=4, seed=6)
+    arrays["y"] = (np.arange(8).reshape(4, 2) % 3 == 0).astype(float)
+    H_cpu = sd.hessian(loss, params[:2], backend="cpu")(**arrays)
+    H_np = sd.hessian(loss, params[:2], backend="numpy")(**arrays)
+    assert H_cpu.shape == (16, 16)
+    assert_close(H_cpu, H_np, 1e-12, what="cpu vs numpy")
+    assert_close(H_np, H_np.T, 1e-12, what="symmetry")
+
+
+def test_hessian_of_simple_losses_is_known():
+    """l2: 2I; mae and l1: 0 almost everywhere (sign′ = DiracDelta is taken as 0)."""
+    W = sd.param("W", (2, 3)); b = sd.param("b", 2)
+    arrays = random_arrays([W, b], seed=1)
+    H = sd.hessian(sd.l2(W, b), [W, b])(**arrays)
+    assert_close(H, 2 * np.eye(8), 0, what="l2")
+    assert not np.any(sd.hessian(sd.l1(W, b), [W, b])(**arrays))
+    x = sd.input("x", 2); y = sd.input("y", 3)
+    a = random_arrays([x, y, W], n=4, seed=2)
+    assert not np.any(sd.hessian(sd.losses.mae(x @ W, y), [W])(**a))
+
+
+def test_hvp_checks_its_directions():
+    x, y, params, out = _small_mlp()
+    loss = sd.losses.mse(out, y)
+    with pytest.raises(ValueError, match="one per parameter"):
+        sd.hvp(loss, params, params[:1])
+    with pytest.raises(ValueError, match=r"must have its shape \(3, 4\)"):
+        sd.hvp(loss, params[:1], [sd.param("V", (4, 3))])
+
+
+def test_hvp_shares_nodes_with_the_gradient():
+    """Reverse over reverse reuses the gradient's nodes: the forward activation appears once."""
+    x, y, params, out = _small_mlp()
+    loss = sd.losses.mse(out, y)
+    vs = [sd.param(f"V{p.name}", p.value_shape) for p in params]
+    hv = sd.hvp(loss, params, vs)
+    g = sd.grad(loss, params)
+    program = lower({**{f"g{p.name}": g[p] for p in params}, **{f"h{p.name}": hv[p] for p in params}})
+    tanh_kernels = [k for k in program.kernels if "tanh" in str(k) and "gemm" not in str(k)]
+    alone = lower({f"g{p.name}": g[p] for p in params})
+    assert len(program.kernels) > len(alone.kernels)
+    assert sum("tanh(v0 + v1)" in str(k) for k in program.kernels) == 1, [str(k) for k in tanh_kernels]
