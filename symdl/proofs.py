@@ -163,7 +163,7 @@ def prove(loss, params, sizes=None, *, points: int = 3, seed: int = 0) -> Proof:
     >>> x = sd.input("x", 1); W = sd.param("W", (1, 1))
     >>> bad = sd.activation("cube_bad", lambda t: t**3, derivative=lambda t: 2 * t**2)
     >>> print(sd.prove(sd.total(bad(x @ W)), [W]))
-    NOT proved on shapes n=2: the derivative of node cube_bad(x*W) with respect to x*W (used: 2*t**2, sp.diff: 3*t**2) differs by -t**2 (1 more difference)
+    NOT proved on shapes n=2: the derivative of node cube_bad(x*W) with respect to x*W (used: 2*t**2, sp.diff: 3*t**2) differs by -t**2
     """
     params = list(params)
     for p in params:

@@ -6,6 +6,7 @@ backward) in float64, and finite differences of symdl's own gradient.
 from __future__ import annotations
 
 import numpy as np
+import sympy as sp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -215,3 +216,64 @@ def test_hvp_shares_nodes_with_the_gradient():
     alone = lower({f"g{p.name}": g[p] for p in params})
     assert len(program.kernels) > len(alone.kernels)
     assert sum("tanh(v0 + v1)" in str(k) for k in program.kernels) == 1, [str(k) for k in tanh_kernels]
+
+
+# --------------------------------------------------------------------------- prove and check_grad
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_prove_proves_every_builtin_activation(act):
+    x = sd.input("x", 2); y = sd.input("y", 1); W = sd.param("W", (2, 1)); b = sd.param("b", 1)
+    proof = sd.prove(sd.losses.mse(sd.functions.get(act)(x @ W + b), y), [W, b])
+    assert proof, str(proof)
+    assert str(proof).startswith("proved") and "n=2 for W (2, 1), b (1,)" in str(proof)
+    assert proof.entries == 3
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "mae", "huber", "bce_with_logits", "softmax_cross_entropy"])
+def test_prove_proves_every_builtin_loss(loss_name):
+    k = 2 if loss_name == "softmax_cross_entropy" else 1
+    x = sd.input("x", 2); y = sd.input("y", k); W = sd.param("W", (2, k)); b = sd.param("b", k)
+    loss = sd.losses.get(loss_name)(x @ W + b, y) + 0.1 * sd.l2(W) + 0.1 * sd.l1(b)
+    proof = sd.prove(loss, [W, b])
+    assert proof, str(proof)
+    assert proof.entries == 3 * k
+
+
+def test_prove_proves_rowwise_and_input_gradients_symbolically():
+    x = sd.input("x", 2); y = sd.input("y", 3); W = sd.param("W", (2, 3))
+    proof = sd.prove(sd.losses.mse(sd.log_softmax(x @ W), y), [W, x], sizes={"n": 1})
+    assert proof and proof.method == "symbolic" and "n=1" in str(proof), str(proof)
+
+
+def test_prove_and_check_grad_catch_a_wrong_custom_derivative():
+    good = sd.activation("mish_ok", lambda t: t * sp.tanh(sp.log(1 + sp.exp(t))))
+    wrong = sd.activation("mish_wrong", lambda t: t * sp.tanh(sp.log(1 + sp.exp(t))),
+                          derivative=lambda t: sp.tanh(sp.log(1 + sp.exp(t))))  # forgets the product rule
+    x = sd.input("x", 2); y = sd.input("y", 1); W = sd.param("W", (2, 1))
+    assert sd.prove(sd.losses.mse(good(x @ W), y), [W])
+    proof = sd.prove(sd.losses.mse(wrong(x @ W), y), [W])
+    assert not proof
+    text = str(proof)
+    assert text.startswith("NOT proved") and "mish_wrong(x*W)" in text and "differs by" in text, text
+    arrays = random_arrays([x, y, W], n=4, seed=3)
+    assert sd.check_grad(sd.losses.mse(good(x @ W), y), [W], arrays).passed
+    report = sd.check_grad(sd.losses.mse(wrong(x @ W), y), [W], arrays)
+    assert not report.passed and report["W"] > 1e-3 and "exceeds tol" in str(report)
+
+
+def test_custom_derivative_is_used_and_compiles():
+    """A straight-through estimator: the forward is sign, the backward the identity."""
+    ste = sd.activation("sign_ste_test", sp.sign, derivative=lambda t: sp.Integer(1))
+    x = sd.input("x", 2); W = sd.param("W", (2, 1))
+    arrays = random_arrays([x, W], n=3, seed=0)
+    value, grads = sd.value_and_grad(sd.total(ste(x @ W)), [W])(**arrays)
+    assert value == pytest.approx(np.sign(arrays["x"] @ arrays["W"]).sum())
+    assert_close(grads["W"], arrays["x"].sum(0).reshape(2, 1), 1e-12, what="straight-through")
+
+
+def test_check_grad_matches_gradcheck_semantics_on_a_random_mlp():
+    loss, params, *_ = build_mlp([3, 4, 2], ["gelu"], "bce_with_logits")
+    arrays = mlp_arrays("bce_with_logits", [3, 4, 2], params, 5, 0)
+    report = sd.check_grad(loss, params, arrays)
+    assert set(report) == {"W0", "b0", "W1", "b1"} and report.passed and max(report.values()) < 1e-7, str(report)
