@@ -277,3 +277,28 @@ def test_check_grad_matches_gradcheck_semantics_on_a_random_mlp():
     arrays = mlp_arrays("bce_with_logits", [3, 4, 2], params, 5, 0)
     report = sd.check_grad(loss, params, arrays)
     assert set(report) == {"W0", "b0", "W1", "b1"} and report.passed and max(report.values()) < 1e-7, str(report)
+
+
+# --------------------------------------------------------------------------- reading the formulas
+
+
+def test_relu_derivative_reads_as_an_indicator():
+    x = sd.input("x", 2); y = sd.input("y", 1); W = sd.param("W", (2, 3)); V = sd.param("V", (3, 1))
+    g = sd.grad(sd.losses.mse(sd.relu(x @ W) @ V, y), [W])[W]
+    assert str(g) == "x.T*(((2*(relu(x*W)*V - y)/n)*V.T)⊙1[x*W > 0])"
+    assert r"\odot \mathbb{1}\left[x W > 0\right]" in sd.latex(g) and "Heaviside" not in str(g) + sd.latex(g)
+
+
+def test_no_odot_next_to_a_scalar():
+    x = sd.input("x", 2); W = sd.param("W", (2, 3))
+    lr = sp.Symbol("lr")
+    assert str(lr * sd.tanh(x @ W)) == "lr*tanh(x*W)" and str(2 * sd.tanh(x @ W)) == "2*tanh(x*W)"
+    assert sd.latex(lr * sd.tanh(x @ W)) == r"\tanh{\left(x W \right)} lr"
+    assert sd.latex(2 * sd.tanh(x @ W)) == r"2 \tanh{\left(x W \right)}"
+    assert sd.latex(sd.hadamard(sd.tanh(x @ W), sd.relu(x @ W))).count(r"\odot") == 1
+
+
+def test_hvp_prints_like_a_gradient():
+    x = sd.input("x", 2); y = sd.input("y", 1); W = sd.param("W", (2, 1)); V = sd.param("V", (2, 1))
+    hv = sd.hvp(sd.losses.mse(x @ W, y), [W], [V])[W]
+    assert str(hv) == "x.T*(2*(x*V)/n)"
