@@ -116,7 +116,8 @@ class _Dense:
         return check_arrays(arrays, self.inputs, self.params, self.dtype)
 
     def _columns(self, arrays, n_value, outputs):
-        """``[(unit leaf, flat index)]`` in order, and the runs: one call per basis vector."""
+        """One call per basis vector of the unit leaves (in order, each row-major): yields the
+        flattened ``outputs`` of each call, one column of a Hessian or one row of a Jacobian."""
         zeros = {str(u.name): np.zeros(tuple(_size_shape(u, n_value)), self.dtype) for u in self.unit}
         for u in self.unit:
             z = zeros[str(u.name)]
