@@ -20,7 +20,7 @@ import sympy as sp
 
 from .functions import heaviside_at_zero
 from .graph import (
-    VARS, Broadcast, MatAdd, MatMul, Map, Param, RowLogSumExp, SumAll, SumCols, SumRows, Transpose,
+    VARS, Broadcast, Input, MatAdd, MatMul, Map, Param, RowLogSumExp, SumAll, SumCols, SumRows, Transpose,
     check_leaf_names, children, make_map, topological,
 )
 from .registry import RuleTable
@@ -31,6 +31,21 @@ VJP = RuleTable("gradient")
 rule = VJP.rule
 
 
+def scalar_derivative(body, v):
+    """``∂body/∂v`` as backends evaluate it: ``relu′(0) = 0``, and ``DiracDelta`` (the
+    derivative of a step: ``Heaviside``, ``sign``, ``Abs``′) is 0 almost everywhere.
+
+    >>> import sympy as sp
+    >>> t = sp.Symbol("t", real=True)
+    >>> scalar_derivative(sp.Abs(t), t), scalar_derivative(sp.sign(t), t)
+    (sign(t), 0)
+    """
+    d = heaviside_at_zero(sp.diff(body, v))
+    if d.has(sp.DiracDelta):
+        d = d.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
+    return d
+
+
 @rule(Map)
 def _vjp_map(node, G):
     body, names = node.lam.expr, node.lam.variables
@@ -39,7 +54,7 @@ def _vjp_map(node, G):
     args = list(node.operands) + [node, G]
     out = []
     for v, a in zip(names, node.operands):
-        d = sp.factor_terms(heaviside_at_zero(sp.diff(body, v)))
+        d = sp.factor_terms(scalar_derivative(body, v))
         if d == 0:
             continue
         if not body.is_Symbol:
@@ -116,6 +131,8 @@ def adjoints(loss, wrt) -> dict:
     for node in reversed(order):
         if node not in needs or node in targets and not children(node):
             continue
+        if node not in adj:  # every contribution was 0 (a step's derivative: sign′ = 0 a.e.)
+            continue
         for child, contribution in VJP.lookup(node)(node, adj[node]):
             if child not in needs:
                 continue
@@ -131,11 +148,23 @@ def grad(loss, params) -> dict:
 
     Forward nodes are shared with the loss graph (never recomputed); the
     backward elementwise work of each step is fused into single formulas.
+
+    ``params`` may also name an input (``sd.input``), for a saliency map or a gradient
+    penalty; and ``loss`` may itself contain gradients (a gradient of a gradient):
+
+    >>> import symdl as sd
+    >>> x = sd.input("x", 2); W = sd.param("W", (2, 1))
+    >>> loss = sd.total(sd.tanh(x @ W))
+    >>> gx = sd.grad(loss, [x])[x]
+    >>> print(gx)
+    (1 - tanh(x*W)**2)*W.T
+    >>> print(sd.grad(sd.sum_squares(gx), [W])[W])   # a gradient penalty's gradient
+    (2*((1 - tanh(x*W)**2)*W.T)).T*(1 - tanh(x*W)**2) + x.T*(-2*tanh(x*W)⊙((2*((1 - tanh(x*W)**2)*W.T))*W)⊙(1 - tanh(x*W)**2))
     """
     params = list(params)
     for p in params:
-        if not isinstance(p, Param):
-            raise TypeError(f"grad is taken with respect to parameters (sd.param), got {p!r}")
+        if not isinstance(p, (Param, Input)):
+            raise TypeError(f"grad is taken with respect to parameters (sd.param) or inputs (sd.input), got {p!r}")
     adj = adjoints(loss, params)
     out = {p: adj.get(p, make_map(sp.Integer(0), [p])) for p in params}
     fused = fuse_maps(list(out.values()), protect=set(topological([loss])))

@@ -75,7 +75,9 @@ def check_printable(expr, what: str) -> None:
 
 def heaviside_at_zero(expr):
     # SymPy's Heaviside(0) is 1/2; PyTorch's relu'(0) is 0. Pick 0 everywhere.
-    return expr.replace(lambda e: isinstance(e, sp.Heaviside) and len(e.args) == 1, lambda e: sp.Heaviside(e.args[0], 0))
+    # (SymPy >= 1.9 stores its default as a second argument: Heaviside(t) is Heaviside(t, 1/2).)
+    return expr.replace(lambda e: isinstance(e, sp.Heaviside) and (len(e.args) == 1 or e.args[1] == sp.S.Half),
+                        lambda e: sp.Heaviside(e.args[0], 0))
 
 
 REGISTRY = Registry("activation")
@@ -155,16 +157,22 @@ gelu = _applier(GELU, "gelu")
 silu = _applier(SiLU, "silu")
 
 
-def activation(name: str, formula):
+def activation(name: str, formula, derivative=None):
     """Register a new activation from a scalar formula; returns a function on matrices.
 
-    The derivative is derived by SymPy; a formula using a function no backend can
+    The derivative is derived by SymPy unless ``derivative`` (a callable of the same
+    symbol) gives it: a cheaper equal form, or on purpose a different one (a
+    straight-through estimator). ``sd.prove`` and ``sd.check_grad`` report a derivative
+    that differs from the formula's. A formula using a function no backend can
     evaluate is rejected, with that function named.
 
     >>> import sympy as sp
     >>> sq = activation("square_plus", lambda t: (t + sp.sqrt(t**2 + 4)) / 2)
     >>> sq.function.derivative_body
     t/(2*sqrt(t**2 + 4)) + 1/2
+    >>> ste = activation("sign_ste", sp.sign, derivative=lambda t: 1)   # straight-through
+    >>> ste.function.derivative_body
+    1
     """
     if not (isinstance(name, str) and name.isidentifier()):
         raise ValueError(f"activation name must be an identifier, got {name!r}")
@@ -176,7 +184,16 @@ def activation(name: str, formula):
         raise ValueError(f"activation {name!r}: the formula must accept a SymPy symbol ({exc})") from exc
     _check_formula(name, body)
     check_printable(body, f"activation {name!r}")
-    cls = define(name, lambda t: body.xreplace({_t: t}))
+    given = None
+    if derivative is not None:
+        if not callable(derivative):
+            raise TypeError(f"activation {name!r}: derivative must be a callable of t, got {derivative!r}")
+        try:
+            d_body = sp.sympify(derivative(_t))
+        except Exception as exc:
+            raise ValueError(f"activation {name!r}: the derivative must accept a SymPy symbol ({exc})") from exc
+        given = lambda t, f: d_body.xreplace({_t: t})  # noqa: E731
+    cls = define(name, lambda t: body.xreplace({_t: t}), derivative=given)
     check_printable(cls.derivative_body, f"activation {name!r} (derivative)")
     return _applier(cls, name)
 

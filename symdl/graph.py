@@ -454,6 +454,15 @@ def total(x) -> MatrixExpr:
     return SumAll(x)
 
 
+def sum_squares(x) -> MatrixExpr:
+    """``Σ x²`` over all entries of ``x``, a (1, 1) expression (a gradient penalty's norm).
+
+    >>> print(sum_squares(input("x", 2)))
+    sum(x**2)
+    """
+    return SumAll(elementwise(lambda a: a**2, x, op="sum_squares"))
+
+
 def mean(x) -> MatrixExpr:
     """The mean of all entries of ``x`` (the batch symbol ``n`` appears in the divisor)."""
     count = x.shape[0] * x.shape[1]
@@ -551,7 +560,7 @@ def topological(roots) -> list:
 
 __all__ = [
     "n", "VARS", "input", "param", "Input", "Param", "VectorParam", "State", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
-    "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean",
+    "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean", "sum_squares",
     "matmul", "broadcast_to", "leaves", "check_leaf_names", "children", "topological", "ShapeMismatch", "MatMul",
     "MatAdd", "Transpose",
 ]

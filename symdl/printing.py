@@ -24,8 +24,35 @@ import sympy as sp
 from .graph import PRINT_RULES, Broadcast, Map, RowLogSumExp, SumAll, SumCols, SumRows, is_atomic
 
 # a "*" between two matrix factors is elementwise; next to a number literal it is a scalar product
-_ELEMENTWISE_MUL = re.compile(r"(?<![\d*])\*(?![\d*])")
+# (an indicator ``1[Z > 0]`` is a matrix factor, not the number 1)
+_ELEMENTWISE_MUL = re.compile(r"(?<![\d*])\*(?!\*)(?!\d(?!\[))")
 _LATEX_NUMBER_ODOT = re.compile(r"(\d) \\odot ")
+
+
+class Indicator(sp.Function):
+    """``1[x > 0]``: how a step (``Heaviside(x, 0)``, relu′) reads in a formula.
+
+    >>> import sympy as sp
+    >>> t = sp.Symbol("t", real=True)
+    >>> print(Indicator(t))
+    1[t > 0]
+    >>> sp.latex(Indicator(t))
+    '\\\\mathbb{1}\\\\left[t > 0\\\\right]'
+    """
+
+    nargs = 1
+
+    def _sympystr(self, printer):
+        return f"1[{printer._print(self.args[0])} > 0]"
+
+    def _latex(self, printer):
+        return r"\mathbb{1}\left[%s > 0\right]" % printer._print(self.args[0])
+
+
+def _readable(body):
+    """``Heaviside(x, 0)`` (H(0) = 0, as backends evaluate it) reads as the indicator ``1[x > 0]``."""
+    return body.replace(lambda e: isinstance(e, sp.Heaviside) and len(e.args) == 2 and e.args[1] == 0,
+                        lambda e: Indicator(e.args[0]))
 
 
 def _placeholder(i: int) -> sp.Symbol:
@@ -47,7 +74,7 @@ def _in_product(body, var) -> bool:
 
 def map_text(node, printer, latex: bool = False) -> str:
     """Print a ``Map`` by substituting its printed operands into its scalar body."""
-    body = node.lam.expr
+    body = _readable(node.lam.expr)
     ph = [_placeholder(i) for i in range(len(node.operands))]
     body = body.xreplace(dict(zip(node.lam.variables, ph)))
     texts = []
@@ -57,7 +84,14 @@ def map_text(node, printer, latex: bool = False) -> str:
             t = r"\left(" + t + r"\right)" if latex else "(" + t + ")"
         texts.append(t)
     if latex:
-        s = _LATEX_NUMBER_ODOT.sub(r"\1 ", sp.latex(body, mul_symbol=r" \odot "))
+        # a product with a scalar symbol (n, a hyper-parameter) is not elementwise: no ⊙ next to it
+        scalars = sorted(body.free_symbols - set(ph), key=str)
+        tokens = {sym: sp.Symbol(f"QS{_placeholder(i).name}") for i, sym in enumerate(scalars)}
+        s = _LATEX_NUMBER_ODOT.sub(r"\1 ", sp.latex(body.xreplace(tokens), mul_symbol=r" \odot "))
+        for sym, tok in tokens.items():
+            name = sp.latex(sym)
+            s = s.replace(f"{tok.name} \\odot ", f"{name} ").replace(f" \\odot {tok.name}", f" {name}")
+            s = s.replace(tok.name, name)
     else:
         # scalar symbols (hyper-parameters, n) print as digit-edged tokens first, so a product
         # with them stays '*' (the '⊙' rule skips a '*' next to a digit), then get their names back

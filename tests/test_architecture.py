@@ -24,7 +24,7 @@ STAGES = [
     {"optim"},
     {"ir", "lowering"},
     {"backends"},
-    {"pipeline"},
+    {"pipeline", "higher", "proofs"},
     {"nn"},
     {"distributed"},
     {"cli", "__main__", "__init__", "sklearn"},  # front ends: users of the package
