@@ -46,7 +46,7 @@ from .backends.threads import set_num_threads
 from .datasets import check_dataset
 from .graph import Input, hadamard, total
 from .nn import batches, load
-from .nn.fitting import DISTRIBUTED
+from .nn.fitting import DISTRIBUTED, end_epoch
 from .pipeline import compile as sd_compile, value_and_grad
 
 INSTALL_HINT = 'pip install "symdl[distributed]"'
@@ -674,16 +674,7 @@ def fit(model, X, y, *, cluster, sync="grads", every=1, epochs=1, batch_size=32,
             logs = trainer.train_epoch(epoch, batch_size, seed, shuffle)
             model.last_epoch_seconds = time.perf_counter() - started
             trainer.commit()
-            if Xv is not None:
-                logs.update({f"val_{k}": v for k, v in model.evaluate(Xv, Yv).items()})
-            logs["lr"] = model.optimizer.lr
-            model.epoch = epoch + 1
-            model.history.append(epoch, logs)
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, logs)
-            if verbose:
-                print(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()), flush=True)
-            if model.stop_training:
+            if end_epoch(model, epoch, logs, Xv, Yv, callbacks, verbose):
                 break
         for cb in callbacks:
             cb.on_train_end()

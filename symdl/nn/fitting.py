@@ -129,20 +129,29 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
             _stop_on_non_finite(model, bad, epoch, snapshot, previous)
             break
         previous = snapshot
-        if Xv is not None:
-            logs.update({f"val_{k}": v for k, v in model.evaluate(Xv, Yv, _prepared=True).items()})
-        logs["lr"] = model.optimizer.lr
-        model.epoch = epoch + 1
-        model.history.append(epoch, logs)
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, logs)
-        if verbose:
-            print(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()), flush=True)
-        if model.stop_training:
+        if end_epoch(model, epoch, logs, Xv, Yv, callbacks, verbose, prepared=True):
             break
     for cb in callbacks:
         cb.on_train_end()
     return model.history
+
+
+def end_epoch(model, epoch, logs, Xv, Yv, callbacks, verbose, prepared=False) -> bool:
+    """An epoch's bookkeeping after its steps: validation, history, callbacks, the epoch line.
+
+    Returns whether a callback asked training to stop. The single-process and the
+    distributed fit loops both end their epochs here.
+    """
+    if Xv is not None:
+        logs.update({f"val_{k}": v for k, v in model.evaluate(Xv, Yv, _prepared=prepared).items()})
+    logs["lr"] = model.optimizer.lr
+    model.epoch = epoch + 1
+    model.history.append(epoch, logs)
+    for cb in callbacks:
+        cb.on_epoch_end(epoch, logs)
+    if verbose:
+        print(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()), flush=True)
+    return model.stop_training
 
 
 def _interactive() -> bool:
