@@ -77,6 +77,7 @@ class Gemm:
     trans_a: bool
     trans_b: bool
     alpha: sp.Expr = sp.Integer(1)
+    kind = "gemm"  # how generated code, train.kernels and CUDA kernel names spell it
 
     def reads(self) -> list:
         return [Operand(self.a), Operand(self.b)]
@@ -94,6 +95,7 @@ class Elementwise:
     out: str
     body: sp.Expr  # over VARS[:len(operands)] and scalar symbols
     operands: tuple
+    kind = "elementwise"  # how generated code, train.kernels and CUDA kernel names spell it
 
     def reads(self) -> list:
         return list(self.operands)
@@ -112,6 +114,7 @@ class Reduction:
     body: sp.Expr
     operands: tuple
     shape: Shape  # of the reduced (input) array
+    kind = "reduction"  # how generated code, train.kernels and CUDA kernel names spell it
 
     def reads(self) -> list:
         return list(self.operands)
@@ -135,6 +138,7 @@ class Update:
     lets: tuple
     writes: tuple
     operands: tuple
+    kind = "update"  # how generated code, train.kernels and CUDA kernel names spell it
 
     def reads(self) -> list:
         return list(self.operands)

@@ -265,23 +265,16 @@ def _lower_write_group(lw, group: _WriteGroup, persistent: dict) -> None:
             sym[root] = next(u)
             lets.append((sym[root], operand_var(root)))
         writes.append((str(target.name), sym[root]))
-    _place_before_updates(lw, Update(str(group.targets[0].name), tuple(lets), tuple(writes), tuple(ops)))
+    lw.kernels.append(Update(str(group.targets[0].name), tuple(lets), tuple(writes), tuple(ops)))
 
 
 def _settled_copy(lw, op, shape) -> str:
     """A copy of a persistent buffer, made before the first ``Update`` runs."""
     name = lw.fresh()
     lw.shapes[name] = tuple(shape)
-    _place_before_updates(lw, Elementwise(name, VARS[0], (op,)), first=True)
-    return name
-
-
-def _place_before_updates(lw, kernel, first=False):
-    if not first:
-        lw.kernels.append(kernel)
-        return
     at = next((i for i, k in enumerate(lw.kernels) if isinstance(k, Update)), len(lw.kernels))
-    lw.kernels.insert(at, kernel)
+    lw.kernels.insert(at, Elementwise(name, VARS[0], (op,)))
+    return name
 
 
 def _free_scalars(k) -> set:

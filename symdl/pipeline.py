@@ -170,8 +170,7 @@ class TrainStep:
         table = KernelTable()
         for k in self.program.kernels:
             shape = tuple(sp.sympify(d) for d in self.program.shape_of(k.out))
-            kind = type(k).__name__.lower()
-            table.append((kind, k.out, "(" + ", ".join(map(str, shape)) + ")", self.program.flops(k, n_value)))
+            table.append((k.kind, k.out, "(" + ", ".join(map(str, shape)) + ")", self.program.flops(k, n_value)))
         return table
 
     def inspect(self, what: str = "llvm") -> str:

@@ -90,7 +90,7 @@ def _signature(out_bufs, operands, program, extra=()):
 def _emit_thread_per_entry(k, program, index):
     """One thread per entry: the loop body every scalar backend shares, under a grid index."""
     outs = [buf(b) for b, _ in k.writes] if isinstance(k, Update) else [buf(k.out)]
-    name = f"k{index}_{type(k).__name__.lower()}" + (f"_{k.out}" if isinstance(k, Update) else "")
+    name = f"k{index}_{k.kind}" + (f"_{k.out}" if isinstance(k, Update) else "")
     args = _signature(outs, k.operands, program)
     lines, _ = loop_body(k, "scalar")
     body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C"] + indent(lines)
@@ -246,7 +246,7 @@ def generate(program: Program, dtype) -> str:
     for i, k in enumerate(program.kernels):
         definition, launch = emit(k, program, i)
         kernels += definition
-        launches += [f"# {k.out}: {type(k).__name__.lower()}"] + launch
+        launches += [f"# {k.out}: {k.kind}"] + launch
     names = program.externals + list(program.persistent) + list(program.buffers)
     unpack = [f"{buf(nm)} = b[{nm!r}]" for nm in names]
     scalars = _scalar_params(program)
