@@ -74,7 +74,7 @@ def test_large_batch_takes_the_parallel_step_and_agrees():
               "W1": rng.normal(size=(64, 128)) * 0.1, "b1": rng.normal(size=128), "W2": rng.normal(size=(128, 10)) * 0.1}
     f = sd.value_and_grad(loss, [W1, b1, W2], backend="cpu")
     assert cpu_backend.max_work(f.program, 1100) >= cpu_backend.PARALLEL_MIN_WORK
-    assert f.runner.function_for(1100).__name__ == "step"  # GEMMs dominate: BLAS gets the threads
+    assert not f.runner.uses_parallel(1100)  # GEMMs dominate: BLAS gets the threads
     compare_backends(loss, [W1, b1, W2], arrays, "float64")
 
 
@@ -91,7 +91,7 @@ def test_loop_dominated_step_threads_its_loops_and_agrees():
     arrays = {"x": rng.normal(size=(3000, 64)), "y": rng.normal(size=(3000, 2)), "W": rng.normal(size=(64, 2)) * 0.1}
     f = sd.value_and_grad(loss, [W], backend="cpu")
     assert cpu_backend.loops_dominate(f.program, 3000)
-    assert f.runner.function_for(3000).__name__ == "step_parallel"
+    assert f.runner.uses_parallel(3000)
     compare_backends(loss, [W], arrays, "float64")
 
 
@@ -257,7 +257,7 @@ def test_step_rejects_bad_batches_clearly():
 def test_source_kernels_and_inspect():
     loss, params = small_regression()
     train = sd.compile(loss, params, optimizer=sd.optim.Adam(1e-3), backend="cpu", dtype="float32")
-    assert "def step(" in train.source and "np.dot(" in train.source or "_acc +=" in train.source
+    assert "def kernel_serial(" in train.source and ("np.dot(" in train.source or "_acc +=" in train.source)
     with pytest.raises(RuntimeError, match="call step"):
         train.inspect("llvm")
     train.step(x=np.ones((4, 3), np.float32), y=np.ones((4, 2), np.float32))
@@ -289,9 +289,9 @@ CACHE_SCRIPT = textwrap.dedent(
     W = sd.param("W", (3, 2)); b = sd.param("b", 2)
     train = sd.compile(sd.losses.mse(sd.tanh(x @ W + b), y), [W, b], optimizer=sd.optim.Adam(1e-2), backend="cpu")
     train.step(x=np.ones((4, 3), np.float32), y=np.zeros((4, 2), np.float32))
-    fn = train.runner.module.step
-    print("STATS", sum(fn.stats.cache_hits.values()), sum(fn.stats.cache_misses.values()))
-    print("PATH", train.runner.module.__file__)
+    kernels = train.runner.kernels(parallel=False)
+    print("STATS", sum(not k.compiled for k in kernels), sum(k.compiled for k in kernels))
+    print("PATH", train.runner.kernel_modules[0].__file__)
     """
 )
 
@@ -309,10 +309,10 @@ def run_script(cache_dir, script=CACHE_SCRIPT):
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compilation to cache")
 def test_second_process_reuses_the_compile_cache(tmp_path):
     (hits1, misses1), path = run_script(tmp_path)
-    assert misses1 == 1 and hits1 == 0
+    assert misses1 >= 1 and hits1 == 0
     assert path.is_relative_to(tmp_path)
     (hits2, misses2), _ = run_script(tmp_path)
-    assert misses2 == 0 and hits2 == 1, "the second process compiled again"
+    assert misses2 == 0 and hits2 == misses1, "the second process compiled again"
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compilation to cache")
@@ -324,8 +324,8 @@ def test_corrupt_cache_entries_are_rebuilt(tmp_path):
     assert hits + misses >= 1
     path.write_text("this is not python (")  # a corrupt generated module
     (hits, misses), _ = run_script(tmp_path)
-    assert misses == 1  # rewritten and compiled afresh
-    assert "def step(" in path.read_text()
+    assert misses >= 1  # rewritten and compiled afresh
+    assert "def kernel_serial(" in path.read_text()
 
 
 def test_correctness_suite_under_numba_disable_jit():
@@ -377,3 +377,98 @@ def test_float32_tanh_is_within_3e7_of_float64():
     loss, params = small_regression()  # one graph: each sd.param call is its own parameter
     assert "_tanh32(" in sd.compile(loss, params, backend="cpu").source
     assert "_tanh32(" not in sd.compile(loss, params, backend="cpu", dtype="float64").source
+
+
+# --------------------------------------------------------------------------- one kernel per formula
+
+
+def deep_tanh_mlp(hidden: int, width: int = 8, inputs: int = 5, classes: int = 3):
+    x = sd.input("x", inputs); y = sd.input("y", classes)
+    h, params, fan_in = x, [], inputs
+    for i in range(hidden):
+        W = sd.param(f"W{i}", (fan_in, width)); b = sd.param(f"b{i}", width)
+        h, fan_in = sd.tanh(h @ W + b), width
+        params += [W, b]
+    W = sd.param("Wout", (fan_in, classes)); b = sd.param("bout", classes)
+    return sd.losses.softmax_cross_entropy(h @ W + b, y), params + [W, b]
+
+
+def test_compiled_formulas_do_not_grow_with_depth():
+    """Every hidden layer's activation, derivative and update is one compiled formula."""
+    counts = []
+    for hidden in (3, 16):
+        loss, params = deep_tanh_mlp(hidden)
+        train = sd.compile(loss, params, optimizer=sd.optim.Adam(1e-2), backend="cpu")
+        counts.append(len(train.runner.kernel_sources))
+        assert len(train.program.kernels) > 3 * hidden
+    assert counts[0] == counts[1]
+
+
+def test_deep_net_trains_on_cpu_like_numpy():
+    """A 16-hidden-layer net: gradients and five Adam steps agree with the NumPy reference."""
+    loss, params = deep_tanh_mlp(16)
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(11, 5)); Y = np.eye(3)[rng.integers(0, 3, 11)]
+    arrays = {"x": X, "y": Y, **{str(p.name): rng.normal(size=p.value_shape) * 0.5 for p in params}}
+    compare_backends(loss, params, arrays, "float64")
+    steps = {b: sd.compile(loss, params, optimizer=sd.optim.Adam(1e-2), backend=b, dtype="float64")
+             for b in ("numpy", "cpu")}
+    losses = {b: [s.step(x=X, y=Y) for _ in range(5)] for b, s in steps.items()}
+    assert_close(np.array(losses["cpu"]), np.array(losses["numpy"]), 1e-10, what="losses")
+    for name, value in steps["numpy"].params.items():
+        assert_close(steps["cpu"].params[name], value, 1e-10, atol=1e-12, what=name)
+
+
+def test_short_last_batch_uses_the_compiled_step_of_the_full_batch():
+    """digits with batch 64 leaves a short last batch: it must not compile another step."""
+    x = sd.input("x", 64); y = sd.input("y", 2); W = sd.param("W", (64, 2))
+    h = x
+    for act in ACTIVATIONS * 2:  # loop-heavy, so the usual batch takes the threaded kernels
+        h = sd.functions.get(act)(h + 0.1)
+    train = sd.compile(sd.losses.mse(h @ W, y) + sd.mean(h), [W], backend="cpu")
+    rng = np.random.default_rng(0)
+    train.step(x=rng.normal(size=(3000, 64)), y=rng.normal(size=(3000, 2)))
+    train.step(x=rng.normal(size=(3, 64)), y=rng.normal(size=(3, 2)))
+    runner = train.runner
+    assert runner.uses_parallel(3000) and runner.uses_parallel(3)
+    used, other = runner.kernels(parallel=True), runner.kernels(parallel=False)
+    assert all(k._cfunc is not None for k in used)
+    assert all(k._cfunc is None for k in other if k not in used), "the short batch compiled the other variant"
+
+
+FORMULA_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, symdl as sd
+    widths = {widths}
+    x = sd.input("x", widths[0]); y = sd.input("y", widths[-1])
+    h, params = x, []
+    for i, (a, b) in enumerate(zip(widths[:-2], widths[1:-1])):
+        W = sd.param(f"W{{i}}", (a, b)); c = sd.param(f"c{{i}}", b)
+        h = sd.tanh(h @ W + c); params += [W, c]
+    W = sd.param("Wo", (widths[-2], widths[-1])); c = sd.param("co", widths[-1])
+    train = sd.compile(sd.losses.softmax_cross_entropy(h @ W + c, y), params + [W, c],
+                       optimizer=sd.optim.Adam(1e-2), backend="cpu")
+    rng = np.random.default_rng(0)
+    train.step(x=rng.normal(size=(9, widths[0])), y=np.eye(widths[-1])[rng.integers(0, widths[-1], 9)])
+    kernels = train.runner.kernels(parallel=False)
+    print("KERNELS", sum(not k.compiled for k in kernels), sum(k.compiled for k in kernels))
+    """
+)
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compilation to cache")
+def test_a_second_model_of_other_widths_and_depth_reuses_the_compiled_formulas(tmp_path):
+    env = dict(os.environ, SYMDL_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_DISABLE_JIT", None)
+
+    def run(widths):
+        out = subprocess.run([sys.executable, "-c", FORMULA_SCRIPT.format(widths=widths)], env=env,
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr
+        line = next(l for l in out.stdout.splitlines() if l.startswith("KERNELS"))
+        return [int(v) for v in line.split()[1:]]
+
+    hits, misses = run([6, 16, 16, 4])
+    assert misses > 0 and hits == 0
+    hits, misses = run([7, 32, 24, 24, 24, 5])  # other widths, other depth, the same formulas
+    assert misses == 0 and hits > 0, "a formula compiled by the first model was compiled again"

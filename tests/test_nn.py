@@ -62,7 +62,7 @@ def test_summary_and_formulas(xor_data):
     f = model.formulas()
     assert "δ1 = (δ2*W2.T)⊙(1 - A1**2)" in f
     assert r"\delta_{1}" in model.formulas(latex=True)
-    assert "def run(" in model.source() and "def step(" in model.source("cpu")
+    assert "def run(" in model.source() and "def kernel_serial(" in model.source("cpu")
 
 
 def test_fit_learns_xor_and_history(xor_data):
@@ -357,3 +357,22 @@ def test_mnist_idx_example_trains_on_written_files(tmp_path):
     out = run([sys.executable, "examples/mnist_idx.py", *paths], env={"SYMDL_QUICK": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "test accuracy:" in out.stdout
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing compiles")
+def test_fit_says_when_it_compiles(xor_data, tmp_path, monkeypatch, capsys):
+    """A compile that takes a while is announced; a model whose formulas are cached is not."""
+    monkeypatch.setenv("SYMDL_CACHE_DIR", str(tmp_path))
+    X, y = xor_data
+
+    def fit():
+        model = sd.nn.Sequential([sd.nn.Dense(5, activation="tanh"), sd.nn.Dense(1, activation="sigmoid")],
+                                 input_dim=2)
+        model.compile(loss="bce", optimizer="adam", backend="cpu")
+        model.fit(X, y, epochs=1, batch_size=4, verbose=1)
+        return capsys.readouterr()
+
+    first = fit()
+    assert "compiling the training step" in first.out + first.err
+    second = fit()
+    assert "compiling" not in second.out + second.err

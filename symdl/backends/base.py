@@ -88,6 +88,7 @@ class Runner:
       name, returning every output as a host array (valid until the next call).
     * ``output(name, n)``: one buffer after the last call at batch size ``n``, on the host.
     * ``persistent_arrays(spec)``: arrays that read and write the persistent buffers.
+    * ``will_compile(n)``: whether a call at batch size ``n`` compiles first (``fit`` says so).
     * ``source``: the generated module.
     """
 
@@ -118,6 +119,10 @@ class Runner:
     def persistent_arrays(self, spec: dict) -> dict:
         """``{key: array}`` for ``spec = {key: (buffer name, shape)}``; writes reach the compiled step."""
         return {key: self.persist.views[name].reshape(shape) for key, (name, shape) in spec.items()}
+
+    def will_compile(self, n: int) -> bool:
+        """Whether the first call at batch size ``n`` compiles code (a moment or more)."""
+        return False
 
     def inspect(self, what: str, n: int) -> str:
         raise ValueError(f"inspect needs backend='cpu' (this program runs on {type(self).__module__})")

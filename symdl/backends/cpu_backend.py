@@ -1,26 +1,38 @@
-"""The Numba CPU backend: the kernel list printed as one ``@njit`` step function.
+"""The Numba CPU backend: one compiled kernel per *formula*, and a small step that calls them.
 
-* GEMMs call ``np.dot(a, b, out)`` (BLAS) on views, transposes included: no copies.
-* Elementwise kernels are explicit ``i, j`` loops; reductions accumulate in float64.
+* Each kernel is reduced to its formula (``formulas.formula``: buffers become slots,
+  sizes become runtime values) and compiled once into its own cached module: every
+  hidden layer's activation, every parameter's update, every bias gradient's column
+  sum is one compiled function, whatever the model's depth or widths.
+* A step is a table of frames, one row per kernel: the address of its formula's compiled
+  kernel and the addresses and sizes of its buffers at this batch size. One fixed driver
+  (``cpu_runtime.run``, compiled once per machine) calls them in order, so a second model
+  of another depth or width built from the same formulas compiles nothing.
+* GEMMs call ``np.dot(a, b, out)`` (BLAS) on views, transposes included: no copies;
+  tiny ones are loops. Elementwise kernels are explicit ``i, j`` loops; reductions
+  accumulate in float64.
 * Loops over large arrays use ``prange`` (see ``PARALLEL_MIN_WORK``); a column-sum
   parallelises over the output column, never with two threads writing one element.
 * The whole step (forward, backward, update) is one call into compiled code; its
-  buffers are views into the arenas (``base.Arena``), computed from ``n``.
+  buffers are views into the arenas (``base.Arena``).
 
-The module is written to the compile cache (``cache.module_path``) and imported from
+Modules are written to the compile cache (``cache.module_path``) and imported from
 there, so Numba's ``cache=True`` works and a second process starts warm.
 """
 from __future__ import annotations
 
 from functools import singledispatch
+from pathlib import Path
 
 import numba
 import numpy as np
 import sympy as sp
 
-from . import cache, threads
+from . import cache, cpu_runtime, threads
+from ..graph import n as N
 from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
-from .base import ALIGN, Runner as RunnerBase, buf, indent
+from .base import Runner as RunnerBase, Workspace, buf, indent
+from .formulas import Formula, formula, slot
 from .scalar_code import TANH32, dims as _dims, loop_body
 
 #: Loops whose estimated work (elements x operations) is at least this use ``prange``.
@@ -117,50 +129,53 @@ def _emit_reduction(k: Reduction, program, parallel, flavor):
     return _parallel_branches(program, k, make, parallel)
 
 
-def _carve(arena: str, shapes: dict) -> list:
-    """Views into a flat arena, in the exact layout ``base.Arena`` uses."""
-    lines = ["_o = 0"]
-    for name, shape in shapes.items():
-        r, c = _dims(shape)
-        size = f"({r}) * ({c})"
-        lines.append(f"{buf(name)} = {arena}[_o:_o + {size}].reshape(({r}, {c}))")
-        lines.append(f"_o += ({size} + {ALIGN - 1}) // {ALIGN} * {ALIGN}")
+def _prologue(f: Formula, dtype: str) -> list:
+    """Bind a formula's slots, sizes and scalars from its frame (``cpu_runtime``).
+
+    The frame is ``[(address, rows, cols) per slot, sizes..., scalar addresses...]``.
+    """
+    width = 3 * len(f.slots) + len(f.size_symbols) + len(f.scalars)
+    lines = [f"f = carray(frame, ({max(width, 1)},))"]
+    for i in range(len(f.slots)):
+        r, c = f"_rows{i}", f"_cols{i}"  # the names formulas.formula gives slot i's sizes
+        lines += [f"{r} = f[{3 * i + 1}]", f"{c} = f[{3 * i + 2}]",
+                  f"{buf(slot(i))} = carray(as_ptr(f[{3 * i}], numba.{dtype}), ({r}, {c}))"]
+    at = 3 * len(f.slots)
+    lines += [f"{sym} = f[{at + k}]" for k, sym in enumerate(f.size_symbols)]
+    at += len(f.size_symbols)
+    lines += [f"{s} = load_f64(f[{at + k}])" for k, s in enumerate(f.scalars)]
     return lines
 
 
-def _function(program: Program, parallel: bool, flavor: str) -> str:
-    ext = program.externals
-    scalars = [str(s) for s in program.scalars]
-    body = [f"{buf(nm)} = {nm}" for nm in ext]
-    body += _carve("persist", program.persistent) + _carve("work", program.buffers)
-    for k in program.kernels:
-        body.append(f"# {k.out}: {k.kind}")
-        body += emit(k, program, parallel, flavor)
-    body.append(f"return {buf(program.outputs['loss'])}[0, 0]" if "loss" in program.outputs else "return 0.0")
-    args = ", ".join(ext + ["persist", "work", "n"] + scalars)
-    name = "step_parallel" if parallel else "step"
+def kernel_source(f: Formula, flavor: str, dtype: str) -> str:
+    """The module of one formula: ``kernel_serial`` and ``kernel_parallel`` (``prange`` on
+    large loops), each ``void(int64 *frame)``. Sizes are runtime values, so every use of the
+    formula (any layer, any width, any model) calls the same compiled code."""
+    serial = emit(f.kernel, f.program, False, flavor)
+    parallel = emit(f.kernel, f.program, True, flavor)
+    prologue = _prologue(f, dtype)
+    functions = "@kernel(parallel=False)\ndef kernel_serial(frame):\n" + "\n".join(indent(prologue + serial)) + "\n"
+    if parallel == serial:  # nothing to thread (a GEMM: BLAS threads itself)
+        functions += "\n\nkernel_parallel = kernel_serial\n"
+    else:
+        functions += ("\n\n@kernel(parallel=True)\ndef kernel_parallel(frame):\n"
+                      + "\n".join(indent(prologue + parallel)) + "\n")
     return (
-        f'@numba.njit(cache=True, parallel={parallel}, error_model="numpy", nogil=True)\n'
-        f"def {name}({args}):\n" + "\n".join(indent(body)) + "\n"
-    )
-
-
-def generate(program: Program, dtype=np.float64) -> str:
-    """The module: ``step`` (serial loops) and ``step_parallel`` (``prange`` on large loops).
-
-    Both take ``(externals..., persist, work, n, scalars...)`` and return the loss.
-    Numba compiles a function on its first call, so a model whose batches never
-    need threads never pays for compiling the parallel one. In float32, ``tanh`` is
-    Eigen's rational approximation (``scalar_code.TANH32``); float64 keeps libm's.
-    """
-    float32 = np.dtype(dtype) == np.float32
-    flavor = "scalar32" if float32 else "scalar"
-    functions = _function(program, False, flavor) + "\n\n" + _function(program, True, flavor)
-    return (
-        "# generated by symdl (cpu backend): one compiled call per step\n"
+        f"# generated by symdl (cpu backend, {dtype}): one formula, compiled once for every use\n"
+        f"# {f.program}\n"
         "import math\n\nimport numba\nimport numpy as np\n\n"
-        + (TANH32 + "\n" if float32 else "\n") + functions
+        "from symdl.backends.cpu_runtime import as_ptr, carray, kernel, load_f64\n"
+        + (TANH32 + "\n" if flavor == "scalar32" else "\n") + "\n" + functions
     )
+
+
+def listing(program: Program, uses: list, ops: list) -> str:
+    """The program as comments: each kernel, its shape and the formula it calls."""
+    lines = ["# the step: cpu_runtime.run calls, in order, each kernel's formula k<i> on its buffers"]
+    for k, f, op in zip(program.kernels, uses, ops):
+        shape = "(" + ", ".join(map(str, program.shape_of(k.out))) + ")"
+        lines.append(f"# {k.out} {shape}: {k.kind} -> k{op}({', '.join(f.slots)})")
+    return "\n".join(lines) + "\n"
 
 
 def max_work(program: Program, n_value: int) -> int:
@@ -186,62 +201,125 @@ def loops_dominate(program: Program, n_value: int) -> bool:
 
 
 class Runner(RunnerBase):
-    """Calls the compiled step with the arenas; BLAS and Numba threads are coordinated."""
+    """Runs the step as a table of frames; BLAS and Numba threads are coordinated.
+
+    Externals (inputs, parameters passed per call) are copied into the work arena, so
+    every buffer has a fixed address for the runner's lifetime and the frames of a
+    batch size are computed once.
+    """
 
     def __init__(self, program: Program, dtype):
         super().__init__(program, dtype)
-        self.source = generate(program, self.dtype)
-        self.module = cache.load_module(self.source, backend="cpu")
-        self._use_parallel = {}  # batch size -> whether any loop is worth threads
-        self._ready = {}  # batch size -> (compiled function, work arena, parallel)
+        flavor = "scalar32" if self.dtype == np.float32 else "scalar"
+        self.uses = [formula(k, program) for k in program.kernels]
+        sources = [kernel_source(f, flavor, self.dtype.name) for f in self.uses]
+        self.kernel_sources = sorted(set(sources), key=lambda s: cache.key(s, "cpu"))
+        self.ops = [self.kernel_sources.index(s) for s in sources]
+        self._load()
+        self.source = "\n\n".join([listing(program, self.uses, self.ops), *(
+            f"# ---- k{i}: {m.__name__}\n{s}" for i, (m, s) in enumerate(zip(self.kernel_modules, self.kernel_sources)))])
+        self.workspace = Workspace({**program.buffers, **{e: program.shape_of(e) for e in self.external}}, self.dtype)
+        index = {s: i for i, s in enumerate(program.scalars)}
+        index[N] = len(program.scalars)
+        self._scalar_index = index
+        self._scal = np.zeros(len(program.scalars) + 1)  # scalar values, then n: kernels read them by address
+        self._usual = None  # the first batch size seen: the model's usual one
+        self._use_parallel = {}  # batch size -> whether the step threads its loops
+        self._ready = {}  # batch size -> (frames, external views, loss view, parallel)
 
-    def function_for(self, n: int):
-        """The compiled function a call at batch size ``n`` uses (``step`` or ``step_parallel``)."""
+    def _load(self):
+        self.kernel_modules = [cache.load_module(s, backend="cpu") for s in self.kernel_sources]
+
+    def kernels(self, parallel: bool) -> list:
+        """The compiled kernels (``cpu_runtime.Kernel``) a step variant calls, one per formula."""
+        return [m.kernel_parallel if parallel else m.kernel_serial for m in self.kernel_modules]
+
+    def frames(self, n: int, parallel: bool) -> np.ndarray:
+        """The step at batch size ``n``: one row per kernel, ``[kernel address, frame...]``
+        (see ``_prologue``). Getting an address compiles the kernel or loads it from the cache."""
+        work = self.workspace.get(n)
+        kernels = self.kernels(parallel)
+        scalar_address = self._scal.ctypes.data
+        rows = []
+        for op, f in zip(self.ops, self.uses):
+            row = [kernels[op].address]
+            for b in f.slots:
+                arena = self.persist if b in self.persist.offsets else work
+                r, c = arena.shapes[b]
+                row += [arena.flat.ctypes.data + arena.offsets[b] * self.dtype.itemsize, r, c]
+            row += [int(sp.sympify(d).subs(N, n)) for d in f.sizes]
+            row += [scalar_address + 8 * self._scalar_index[s] for s in f.scalars]
+            rows.append(row)
+        table = np.zeros((len(rows), max((len(r) for r in rows), default=1)), np.int64)
+        for i, r in enumerate(rows):
+            table[i, : len(r)] = r
+        return table
+
+    def uses_parallel(self, n: int) -> bool:
+        """Whether a call at batch size ``n`` runs the threaded kernels.
+
+        The first batch size seen is the model's usual one and picks the variant; a
+        smaller batch (the short last one) keeps it, so it never compiles the other.
+        """
         if n not in self._use_parallel:
-            self._use_parallel[n] = loops_dominate(self.program, n)
-        return self.module.step_parallel if self._use_parallel[n] else self.module.step
+            if self._usual is None:
+                self._usual = n
+            self._use_parallel[n] = loops_dominate(self.program, max(n, self._usual))
+        return self._use_parallel[n]
+
+    def will_compile(self, n: int) -> bool:
+        """Whether the first call at batch size ``n`` compiles (a kernel neither in memory nor on disk)."""
+        if n in self._ready or numba.config.DISABLE_JIT:
+            return False
+        for m, k in zip(self.kernel_modules, self.kernels(self.uses_parallel(n))):
+            folder = Path(m.__file__).parent / "__pycache__"
+            if k._cfunc is None and not any(folder.glob(f"*.{k.py_func.__name__}-*.nbi")):
+                return True
+        return False
 
     def call(self, external: list, scalars: list, n: int) -> float:
         """The hot path: externals and scalars in the program's order."""
         ready = self._ready.get(n)
         if ready is None:
             return self._first_call(external, scalars, n)
-        fn, work, parallel = ready
+        frames, views, loss, parallel = ready
+        for view, array in zip(views, external):
+            view[...] = array
+        scal = self._scal
+        scal[:-1] = scalars
+        scal[-1] = n
         if parallel:
             with threads.blas_single_threaded():
-                return fn(*external, self.persist.flat, work, n, *scalars)
-        return fn(*external, self.persist.flat, work, n, *scalars)
+                cpu_runtime.run(frames)
+        else:
+            cpu_runtime.run(frames)
+        return float(loss[0, 0]) if loss is not None else 0.0
 
     def _first_call(self, external, scalars, n):
-        """The first call at a batch size compiles or loads from Numba's cache; a corrupt
-        cache entry is deleted and the module reloaded, once."""
-        name = self.function_for(n).__name__
-        work = self.workspace.get(n).flat
+        """The first call at a batch size compiles its kernels or loads them from Numba's
+        cache; corrupt cache entries are deleted and the modules reloaded, once."""
+        parallel = self.uses_parallel(n)
+        arena = self.workspace.get(n)
+        views = [arena.views[e] for e in self.external]
+        out = self.program.outputs.get("loss")
+        loss = self.buffers(n)[out] if out is not None else None
         for attempt in (1, 2):
-            self._ready[n] = (getattr(self.module, name), work, self._use_parallel[n])
             try:
+                self._ready[n] = (self.frames(n, parallel), views, loss, parallel)
                 return self.call(external, scalars, n)
             except Exception:
-                del self._ready[n]
+                self._ready.pop(n, None)
                 if attempt == 2:
                     raise
-                cache.clear_compiled(cache.module_path(self.source, "cpu"))
-                self.module = cache.load_module(self.source, backend="cpu")
+                for s in self.kernel_sources:
+                    cache.clear_compiled(cache.module_path(s, "cpu"))
+                self._load()
 
     def inspect(self, what: str, n: int) -> str:
-        """LLVM IR or assembly of the function that ran at batch size ``n``."""
-        dispatcher = self.function_for(n)
-        if not hasattr(dispatcher, "py_func"):
+        """LLVM IR or assembly of the kernels the step ran at batch size ``n``, one per formula."""
+        if numba.config.DISABLE_JIT:
             raise RuntimeError("inspect needs the JIT (NUMBA_DISABLE_JIT is set)")
-        # Numba cannot show code it loaded from its cache: compile an uncached twin.
-        options = dict(dispatcher.targetoptions)
-        options.pop("cache", None)
-        options.pop("nopython", None)
-        twin = numba.njit(**options)(dispatcher.py_func)
-        for sig in dispatcher.signatures:
-            twin.compile(sig)
-        getter = twin.inspect_llvm if what == "llvm" else twin.inspect_asm
-        return "\n".join(getter().values())
+        return "\n".join(k.inspect(what) for k in self.kernels(self.uses_parallel(n)))
 
 
 def compile_program(program: Program, dtype) -> Runner:

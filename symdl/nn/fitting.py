@@ -196,6 +196,9 @@ def _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last, t
     # A bar only on a terminal: redirected to a file or a pipe, fit prints one line per epoch instead.
     bar = tqdm(groups, desc=f"epoch {epoch + 1}/{last}", disable=not verbose or not _interactive(), leave=False,
                unit="batch", mininterval=0.2)
+    if verbose and groups and step.runner.will_compile(len(groups[0])):
+        print("compiling the training step… (once per formula: later models and runs load it from the cache)",
+              file=sys.stderr if _interactive() else sys.stdout, flush=True)
     started = time.perf_counter()
     for k, idx in enumerate(bar):
         xb, yb = X[idx], Y[idx]

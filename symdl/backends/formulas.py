@@ -1,0 +1,116 @@
+"""Kernels as formulas: a kernel with its buffers and sizes taken out.
+
+Two kernels are *the same formula* when they differ only in which buffers they read
+and write and in their sizes: every hidden layer's activation, every parameter's
+optimizer update, every bias gradient's column sum. ``formula(kernel, program)``
+returns that formula as a one-kernel ``Program`` whose buffers are *slots*
+``s0, s1, ...`` (the output first, then the reads, then an update's other writes)
+and whose sizes are symbols (``_rows0``, ``_cols0`` for slot 0's rows and columns,
+``_size0, ...`` for a kernel's own shape fields), plus the actual buffers and sizes of
+this use. A backend compiles each distinct formula once and calls it with the
+buffers and sizes of every use, so compile time grows with the number of distinct
+formulas, not with the depth of the network.
+
+A size of 1 stays the literal 1 (a row vector is part of what a formula means).
+
+>>> import symdl as sd
+>>> from symdl.lowering import lower
+>>> x = sd.input("x", 2); W1 = sd.param("W1", (2, 3)); W2 = sd.param("W2", (3, 4))
+>>> prog = lower({"h": sd.tanh(sd.tanh(x @ W1) @ W2)})
+>>> f1, f2 = (formula(k, prog) for k in prog.kernels if k.kind == "elementwise")
+>>> f1.program.kernels == f2.program.kernels, f1.slots, f2.slots
+(True, ['t1', 't0'], ['h', 't2'])
+>>> print(f1.program)
+s0 (_rows0, _cols0) = elementwise[tanh(v0)](s1:ij)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..graph import VARSET, n as N
+from ..ir import Operand, Program, Update
+
+
+@dataclass
+class Formula:
+    """One use of a formula: the canonical one-kernel program, and what this use binds.
+
+    ``slots[i]`` is the buffer bound to slot ``s{i}``; ``sizes`` are the values of the
+    kernel's own size symbols (``size_symbols``, in order) as expressions in ``n``;
+    ``scalars`` the free scalar symbols its bodies read (``n`` included), by name.
+    """
+
+    program: Program
+    slots: list
+    size_symbols: list
+    sizes: list
+    scalars: list
+
+    @property
+    def kernel(self):
+        return self.program.kernels[0]
+
+
+def slot(i: int) -> str:
+    return f"s{i}"
+
+
+def _slot_buffers(kernel) -> list:
+    names = [kernel.out] + [op.buffer for op in kernel.reads()]
+    if isinstance(kernel, Update):
+        names += [b for b, _ in kernel.writes]
+    return list(dict.fromkeys(names))
+
+
+def _rename(value, mapping: dict):
+    """``value`` with every buffer name in ``mapping`` replaced (operands and tuples too)."""
+    if isinstance(value, str):
+        return mapping.get(value, value)
+    if isinstance(value, Operand):
+        return Operand(mapping.get(value.buffer, value.buffer), value.pattern)
+    if isinstance(value, tuple):
+        return tuple(_rename(v, mapping) for v in value)
+    return value
+
+
+def _is_size(value) -> bool:
+    """A tuple of sizes (SymPy integers or expressions in ``n``), like a reduction's input shape."""
+    return isinstance(value, tuple) and len(value) > 0 and all(
+        isinstance(d, sp.Basic) and not (d.free_symbols - {N}) for d in value)
+
+
+def formula(kernel, program: Program) -> Formula:
+    """``kernel`` (of ``program``) as a formula over slots and size symbols."""
+    buffers = _slot_buffers(kernel)
+    mapping = {b: slot(i) for i, b in enumerate(buffers)}
+    shapes = {}
+    for i, b in enumerate(buffers):
+        r, c = (sp.sympify(d) for d in program.shape_of(b))
+        shapes[slot(i)] = (sp.Integer(1) if r == 1 else sp.Symbol(f"_rows{i}", integer=True, positive=True),
+                           sp.Integer(1) if c == 1 else sp.Symbol(f"_cols{i}", integer=True, positive=True))
+    size_symbols, sizes, changes = [], [], {}
+    for field in dataclasses.fields(kernel):
+        value = getattr(kernel, field.name)
+        if field.name != "out" and _is_size(value):  # a kernel's own shape (a reduction's input)
+            dims = []
+            for d in value:
+                d = sp.sympify(d)
+                if d == 1:
+                    dims.append(sp.Integer(1))
+                else:
+                    sym = sp.Symbol(f"_size{len(size_symbols)}", integer=True, positive=True)
+                    size_symbols.append(sym)
+                    sizes.append(d)
+                    dims.append(sym)
+            changes[field.name] = tuple(dims)
+        else:
+            changes[field.name] = _rename(value, mapping)
+    canonical = dataclasses.replace(kernel, **changes)
+    let_symbols = {s for s, _ in getattr(kernel, "lets", ())}
+    scalars = {s for b in kernel.bodies() for s in sp.sympify(b).free_symbols} - VARSET - let_symbols
+    scalars |= {s for s in sp.sympify(getattr(kernel, "alpha", 0)).free_symbols}
+    prog = Program(kernels=[canonical], buffers=shapes, inputs=[], params=[], outputs={})
+    return Formula(prog, buffers, size_symbols, sizes, sorted(scalars, key=str))
