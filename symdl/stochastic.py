@@ -13,7 +13,7 @@ recompiles between steps.
 >>> import symdl as sd
 >>> h = sd.dropout(sd.input("x", 3), 0.5, key=1)
 >>> print(h)
-2.0*x⊙Heaviside(u1[i, j] - 0.5, 1)
+2*x⊙Heaviside(u1[i, j] - 1/2, 1)
 >>> sd.dropout(sd.input("x", 3), 0.0) == sd.input("x", 3)     # rate 0: exactly the identity
 True
 """
@@ -90,9 +90,11 @@ def dropout(h, rate, *, key: int | None = None):
         key = next(_keys)
     if not (isinstance(key, numbers.Integral) and key >= 0):
         raise ValueError(f"dropout of {name_of(h)} {shape_text(h)}: key must be an integer >= 0, got {key!r}")
-    keep = sp.Heaviside(uniform(int(key)) - sp.Float(rate), 1)  # U >= rate: kept with probability 1 - rate
-    scale = sp.Float(1.0 / (1.0 - rate))
-    return elementwise(lambda a: scale * a * keep, h, op="dropout")
+    # the rate as the exact decimal it was written as: 1/(1 - 2/5) prints as 5/3, which every
+    # backend evaluates to the correctly rounded double (a 15-digit Float would not be)
+    r = sp.Rational(repr(rate))
+    keep = sp.Heaviside(uniform(int(key)) - r, 1)  # U >= rate: kept with probability 1 - rate
+    return elementwise(lambda a: a * keep / (1 - r), h, op="dropout")
 
 
 __all__ = ["SEED", "STEP", "UniformHash", "uniform", "dropout", "check_rate"]
