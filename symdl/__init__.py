@@ -13,7 +13,7 @@ graph writes) -> ``ir`` and ``lowering`` -> ``backends`` -> ``pipeline`` (``comp
 """
 from .version import __version__  # noqa: F401 - first: the compile cache keys on it
 
-from . import datasets, functions, higher, losses, nn, optim, printing, proofs  # noqa: F401 - printing fills the print rules
+from . import datasets, functions, higher, losses, nn, normalization, optim, printing, proofs, stochastic  # noqa: F401 - printing fills the print rules
 from . import distributed  # noqa: F401 - registers fit(cluster=...); imports dask only when used
 from .autodiff import adjoints, grad
 from .backends.threads import get_num_threads, set_num_threads
@@ -21,15 +21,17 @@ from .explanation import explain
 from .functions import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
 from .graph import Input, Param, hadamard, input, mean, n, param, sum_squares, total
 from .higher import hessian, hvp, jacobian
+from .normalization import batch_norm, layer_norm
 from .pipeline import compile, value_and_grad
 from .printing import latex, text
 from .proofs import check_grad, prove
 from .regularizers import l1, l2
+from .stochastic import dropout
 from .distributed import sweep
 
 __all__ = [
-    "activation", "adjoints", "check_grad", "compile", "datasets", "elu", "explain", "functions", "gelu", "get_num_threads",
-    "grad", "hadamard", "hessian", "higher", "hvp", "input", "Input", "jacobian", "l1", "l2", "latex", "leaky_relu",
-    "log_softmax", "losses", "mean", "n", "nn", "optim", "param", "Param", "proofs", "prove", "relu", "set_num_threads", "sigmoid",
-    "silu", "softmax", "softplus", "sum_squares", "sweep", "tanh", "text", "total", "value_and_grad",
+    "activation", "adjoints", "batch_norm", "check_grad", "compile", "datasets", "dropout", "elu", "explain", "functions", "gelu", "get_num_threads",
+    "grad", "hadamard", "hessian", "higher", "hvp", "input", "Input", "jacobian", "l1", "l2", "latex", "layer_norm", "leaky_relu",
+    "log_softmax", "losses", "mean", "n", "nn", "normalization", "optim", "param", "Param", "proofs", "prove", "relu", "set_num_threads", "sigmoid",
+    "silu", "softmax", "softplus", "stochastic", "sum_squares", "sweep", "tanh", "text", "total", "value_and_grad",
 ]

@@ -58,7 +58,7 @@ def _vjp_map(node, G):
         if d == 0:
             continue
         if not body.is_Symbol:
-            d = d.xreplace({body: y})  # reuse the forward value: σ′ = y(1 − y)
+            d = d.xreplace({body: y, 1 / body: 1 / y})  # reuse the forward value: σ′ = y(1 − y), sqrt′ = 1/(2y)
         out.append((a, make_map(g * d, args)))
     return out
 

@@ -25,7 +25,11 @@ from sympy.matrices.expressions import MatMul, MatrixSymbol
 
 from .graph import Broadcast, Input, Map, Param, topological
 from .autodiff import adjoints
+from .normalization import ROLES
 from .simplify import fuse_maps
+
+#: How a normalisation's named intermediates read in LaTeX (text uses ``ROLES``' own names).
+_LATEX_ROLES = {"μ": r"\mu", "σ": r"\sigma", "x̂": r"\hat{x}"}
 
 
 def _is_linear(node) -> bool:
@@ -58,7 +62,7 @@ class Explanation:
         params = list(params)
         order = topological([loss])
         self.zs, self.names = [], {}
-        layer = 0
+        layer = norms = 0
         for node in order:
             if isinstance(node, (Input, Param)) or node == loss:
                 continue
@@ -68,25 +72,30 @@ class Explanation:
                 self.names[node] = ("Z", layer)
             elif _is_activation_of(node, self.names) and self.names[node.operands[0]][0] == "Z":
                 self.names[node] = ("A", self.names[node.operands[0]][1])
+            elif node in ROLES:  # a normalisation's μ, σ, x̂, numbered by normalisation
+                norms += ROLES[node] == "μ"
+                self.names[node] = (ROLES[node], max(norms, 1))
+        # δ lines: each pre-activation, and each normalised x̂ (δx̂k = ∂L/∂x̂k), in graph order
+        self.deltas = [nd for nd in order if nd in self.zs or self.names.get(nd, ("",))[0] == "x̂"]
         self.loss, self.params = loss, params
         self.adj = adjoints(loss, params)
 
     def _symbols(self, latex: bool) -> dict:
         def sym(kind, k, node):
-            name = f"{kind}_{{{k}}}" if latex else f"{kind}{k}"
+            name = f"{_LATEX_ROLES.get(kind, kind)}_{{{k}}}" if latex else f"{kind}{k}"
             return MatrixSymbol(name, *node.shape)
 
         table = {node: sym(kind, k, node) for node, (kind, k) in self.names.items()}
         return table
 
     def _deltas(self, latex: bool) -> dict:
-        return {
-            self.adj[z]: MatrixSymbol(
-                ("\\delta_{%d}" if latex else "δ%d") % self.names[z][1], *z.shape
-            )
-            for z in self.zs
-            if z in self.adj
-        }
+        def name(z):
+            kind, k = self.names[z]
+            if kind == "Z":
+                return ("\\delta_{%d}" if latex else "δ%d") % k
+            return r"\delta^{\hat{x}}_{%d}" % k if latex else f"δx̂{k}"
+
+        return {self.adj[z]: MatrixSymbol(name(z), *z.shape) for z in self.deltas if z in self.adj}
 
     def lines(self, latex: bool = False) -> list:
         """``[(section, left-hand side, right-hand side expression), ...]``."""
@@ -98,7 +107,7 @@ class Explanation:
                 out.append(("forward", fwd[node], self._named(node.func(*[a.xreplace(own) for a in node.args]))))
         out.append(("forward", sp.Symbol("L"), self._named(self.loss.xreplace(fwd))))
         names = {**fwd, **deltas}
-        for z in reversed(self.zs):
+        for z in reversed(self.deltas):
             if z not in self.adj:
                 continue
             d = self.adj[z]

@@ -40,6 +40,13 @@ n = sp.Symbol("n", integer=True, positive=True)
 VARS = sp.symbols("v0:256", real=True)
 VARSET = frozenset(VARS)
 
+#: The loop indices ``(i, j)`` of the entry an elementwise formula computes. A body may use
+#: them (dropout's counter-based mask is a hash of the entry's position); every backend's
+#: loop binds them (NumPy as broadcast ``arange``s) and ``Map._entry`` substitutes them.
+ROW_INDEX = sp.Symbol("i", integer=True, nonnegative=True)
+COL_INDEX = sp.Symbol("j", integer=True, nonnegative=True)
+INDEX_SYMBOLS = frozenset((ROW_INDEX, COL_INDEX))
+
 #: How each symdl node reads, ``rule(node, printer, latex: bool) -> str``. ``symdl.printing``
 #: (the next module in the pipeline) fills it; nodes only look it up.
 PRINT_RULES = RuleTable("printing")
@@ -269,7 +276,8 @@ class Map(Printable, Ops, MatrixExpr):
         return self.args[1].shape
 
     def _entry(self, i, j, **kw):
-        return self.lam(*[a._entry(i, j, **kw) for a in self.operands])
+        value = self.lam(*[a._entry(i, j, **kw) for a in self.operands])
+        return value.xreplace({ROW_INDEX: i, COL_INDEX: j}) if value.has(ROW_INDEX, COL_INDEX) else value
 
 
 def _scalar_of(a):
@@ -559,7 +567,7 @@ def topological(roots) -> list:
 
 
 __all__ = [
-    "n", "VARS", "input", "param", "Input", "Param", "VectorParam", "State", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
+    "n", "VARS", "ROW_INDEX", "COL_INDEX", "INDEX_SYMBOLS", "input", "param", "Input", "Param", "VectorParam", "State", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
     "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean", "sum_squares",
     "matmul", "broadcast_to", "leaves", "check_leaf_names", "children", "topological", "ShapeMismatch", "MatMul",
     "MatAdd", "Transpose",

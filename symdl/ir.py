@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .graph import VARS, Input, Param, State, n as N
+from .graph import INDEX_SYMBOLS, VARS, Input, Param, State, n as N
 
 Shape = tuple  # (rows, cols), SymPy expressions in n
 
@@ -162,7 +162,7 @@ class Program:
     kernels: list
     buffers: dict  # work buffers: name -> shape (one arena per batch size)
     inputs: list  # Input leaves
-    params: list  # Param leaves
+    params: list  # Param leaves (and State leaves read but not written: passed in like a parameter)
     outputs: dict  # output name -> buffer name
     scalars: list = field(default_factory=list)  # free scalar symbols other than n, sorted by name
     persistent: dict = field(default_factory=dict)  # name -> shape: buffers kept between calls (written params, state)
@@ -221,7 +221,7 @@ def check(program: Program) -> None:
     for leaf in leaves.values():
         if not isinstance(leaf, (Input, Param, State)):
             raise ProgramError(f"leaf {leaf} is not an Input or Param")
-    scalars = set(program.scalars) | {N}
+    scalars = set(program.scalars) | {N} | INDEX_SYMBOLS  # a body may read its loop indices (i, j)
     seen_out = set()
     for k in program.kernels:
         if not isinstance(k, KERNELS):

@@ -27,7 +27,7 @@ import sympy as sp
 from sympy.matrices.expressions import MatMul, Transpose
 
 from .graph import (
-    VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names,
+    INDEX_SYMBOLS, VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names,
     children, n as N, topological,
 )
 from .ir import Elementwise, Gemm, Operand, Pattern, Program, Reduction, ReduceKind, Update, check
@@ -59,12 +59,13 @@ def lower(outputs: dict, writes: dict | None = None) -> Program:
     for g in groups:
         _lower_write_group(lw, g, persistent)
     leaves = [nd for nd in lw.order if isinstance(nd, (Input, Param, State))]
-    scalars = {s for k in lw.kernels for s in _free_scalars(k)} - {N}
+    scalars = {s for k in lw.kernels for s in _free_scalars(k)} - {N} - INDEX_SYMBOLS
     program = Program(
         kernels=lw.kernels,
         buffers=lw.shapes,
         inputs=[l for l in leaves if isinstance(l, Input)],
-        params=[l for l in leaves if isinstance(l, Param)],
+        # a State read but not written (running statistics at inference) is passed in like a parameter
+        params=[l for l in leaves if isinstance(l, Param) or isinstance(l, State) and str(l.name) not in persistent],
         outputs={name: name for name in names},
         scalars=sorted(scalars, key=str),
         persistent=persistent,

@@ -32,16 +32,28 @@ from .backends.base import as_dtype
 from .graph import VectorParam
 from .lowering import lower
 from .optim import SGD, STEP, Optimizer, state_name
+from .stochastic import SEED
 from .validate import ArrayError, check_arrays, fast_inputs
 
 
-def training_program(loss, params, optimizer: Optimizer, outputs=None):
-    """The training step as a program: ``loss`` and ``outputs``, and every parameter's update."""
+def training_program(loss, params, optimizer: Optimizer, outputs=None, writes=None):
+    """The training step as a program: ``loss`` and ``outputs``, every parameter's update, and
+    the extra graph ``writes`` ``{State: expression}`` (batch norm's running statistics)."""
     gradients = grad(loss, params)
-    writes = {}
+    all_writes = dict(writes or {})
     for p in params:
-        writes.update(optimizer.writes(p, gradients[p]))
-    return lower({"loss": loss, **dict(outputs or {})}, writes)
+        all_writes.update(optimizer.writes(p, gradients[p]))
+    return lower({"loss": loss, **dict(outputs or {})}, all_writes)
+
+
+def step_scalars(program, seed, t) -> dict:
+    """The values of the runtime scalars a program without an optimizer reads: the random
+    ``seed`` and the step count ``t`` (what dropout masks are drawn from)."""
+    known = {SEED: float(seed), STEP: float(t)}
+    unknown = [str(s) for s in program.scalars if s not in known]
+    if unknown:
+        raise ValueError(f"the expression reads runtime scalar(s) {unknown} that only a training step supplies")
+    return {str(s): known[s] for s in program.scalars}
 
 
 def compile_outputs(outputs: dict, backend: str = "numpy", dtype="float64"):
@@ -61,8 +73,9 @@ def gradient_program(loss, params):
 class ValueAndGrad:
     """Callable ``f(**arrays) -> (loss: float, {param name: gradient ndarray})``."""
 
-    def __init__(self, loss, params, backend="numpy", dtype="float64"):
+    def __init__(self, loss, params, backend="numpy", dtype="float64", seed=0):
         self.params = list(params)
+        self.seed = seed
         self.dtype = as_dtype(dtype)
         self.program, self.gradients = gradient_program(loss, self.params)
         self.backend = backend
@@ -75,18 +88,20 @@ class ValueAndGrad:
 
     def __call__(self, **arrays):
         arrays, n = check_arrays(arrays, self.program.inputs, self.program.params, self.dtype)
-        outs = self.runner.run(arrays, {}, n)
+        outs = self.runner.run(arrays, step_scalars(self.program, self.seed, 0), n)
         value = float(np.asarray(outs["loss"]).reshape(-1)[0])
         grads = {str(p.name): np.array(outs[f"grad_{p.name}"]).reshape(p.value_shape) for p in self.params}
         return value, grads
 
 
-def value_and_grad(loss, params, *, backend: str = "numpy", dtype: str = "float64") -> ValueAndGrad:
+def value_and_grad(loss, params, *, backend: str = "numpy", dtype: str = "float64", seed: int = 0) -> ValueAndGrad:
     """Compile ``loss`` and ``∂loss/∂param`` for every param into one call.
 
     Arrays are passed by name; a vector parameter's gradient has its ``(k,)`` shape.
+    A loss with dropout draws its masks from ``seed`` (and step 0): the same masks on
+    every call, so its gradients can be checked against finite differences.
     """
-    return ValueAndGrad(loss, params, backend=backend, dtype=dtype)
+    return ValueAndGrad(loss, params, backend=backend, dtype=dtype, seed=seed)
 
 
 class KernelTable(list):
@@ -116,14 +131,14 @@ class TrainStep:
     """
 
     def __init__(self, loss, params, optimizer: Optimizer | None = None, backend="cpu", dtype="float32",
-                 outputs=None, seed: int = 0):
+                 outputs=None, seed: int = 0, writes=None, initial=None):
         self.param_leaves = list(params)
         self.optimizer = optimizer if optimizer is not None else SGD(1e-2)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(f"optimizer must be an sd.optim optimizer, got {self.optimizer!r}")
         self.dtype = as_dtype(dtype)
         self.backend = backend
-        self.program = training_program(loss, self.param_leaves, self.optimizer, outputs=outputs)
+        self.program = training_program(loss, self.param_leaves, self.optimizer, outputs=outputs, writes=writes)
         self.runner = backends.get(backend).compile_program(self.program, self.dtype)
         arrays = self.runner.persistent_arrays
         self.params = arrays({str(p.name): (str(p.name), p.value_shape) for p in self.param_leaves})
@@ -131,6 +146,11 @@ class TrainStep:
             str(p.name): arrays({k: (state_name(str(p.name), k), p.value_shape) for k in self.optimizer.state})
             for p in self.param_leaves
         }
+        # other written State leaves (running statistics), by name, as (k,) vectors when they are rows
+        self.statistics = arrays({str(s.name): (str(s.name), _value_shape(s)) for s in (writes or {})})
+        for name, value in (initial or {}).items():
+            self.statistics[name][...] = value
+        self.seed = seed  # dropout masks: a hash of (seed, t, layer, entry)
         rng = np.random.default_rng(seed)  # all zeros would leave hidden units identical: training stalls
         for p in self.param_leaves:
             if not isinstance(p, VectorParam):
@@ -158,7 +178,8 @@ class TrainStep:
         external, n = fast
         self.t += 1
         values = self.optimizer.values
-        scalars = [float(self.t) if s == STEP else values[s.name] for s in self._scalars]
+        scalars = [float(self.t) if s == STEP else float(self.seed) if s == SEED else values[s.name]
+                   for s in self._scalars]
         loss = self.runner.call(external, scalars, n)
         self.last_n = n
         return float(loss)
@@ -186,6 +207,7 @@ class TrainStep:
         out = {f"param/{k}": v.copy() for k, v in self.params.items()}
         for p, states in self.state.items():
             out.update({f"state/{p}/{k}": v.copy() for k, v in states.items()})
+        out.update({f"stat/{k}": v.copy() for k, v in self.statistics.items()})
         out["t"] = np.array(self.t)
         return out
 
@@ -195,7 +217,8 @@ class TrainStep:
             if key == "t":
                 continue
             parts = key.split("/")
-            target = self.params.get(parts[1]) if parts[0] == "param" else self.state.get(parts[1], {}).get(parts[-1])
+            target = (self.params.get(parts[1]) if parts[0] == "param" else self.statistics.get(parts[1])
+                      if parts[0] == "stat" else self.state.get(parts[1], {}).get(parts[-1]))
             if target is None:
                 raise ArrayError(f"checkpoint array {key!r} does not belong to this model")
             if np.shape(value) != target.shape:
@@ -205,12 +228,24 @@ class TrainStep:
 
 
 def compile(loss, params, *, optimizer=None, backend: str = "cpu", dtype: str = "float32", outputs=None,  # noqa: A001
-            seed: int = 0) -> TrainStep:
+            seed: int = 0, writes=None, initial=None) -> TrainStep:
     """Compile a training step: ``step(**inputs)`` runs forward, backward and the update.
 
     ``outputs={"out": expr}`` also keeps ``expr`` from each step (``train.output("out")``).
     Parameters start initialised as in ``nn.Dense`` by default, seeded by ``seed``: every matrix
     Glorot uniform (in the order of ``params``), every vector parameter zero. Overwrite them in
     ``train.params`` to start elsewhere.
+
+    ``writes={State: expression}`` adds graph writes to the step (batch norm's running
+    statistics, ``normalization.running_writes``), readable in ``train.statistics`` and started
+    from ``initial={name: value}`` (zeros otherwise). ``seed`` also seeds dropout's masks,
+    which depend on the seed and the step count only.
     """
-    return TrainStep(loss, params, optimizer=optimizer, backend=backend, dtype=dtype, outputs=outputs, seed=seed)
+    return TrainStep(loss, params, optimizer=optimizer, backend=backend, dtype=dtype, outputs=outputs, seed=seed,
+                     writes=writes, initial=initial)
+
+
+def _value_shape(leaf) -> tuple:
+    """A written leaf's array shape outside: a (1, k) row is a (k,) vector, as for a vector parameter."""
+    r, c = (int(d) for d in leaf.shape)
+    return (c,) if r == 1 else (r, c)

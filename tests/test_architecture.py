@@ -19,7 +19,8 @@ ROOT = Path(sd.__file__).parent
 #: The pipeline order of docs/architecture.md; a module may import only its own stage or earlier ones.
 STAGES = [
     {"version", "registry"},
-    {"graph", "printing", "functions", "losses", "regularizers", "validate", "datasets", "plotting"},
+    {"graph", "printing", "functions", "losses", "regularizers", "validate", "datasets", "plotting", "normalization",
+     "stochastic"},
     {"simplify", "autodiff", "explanation"},
     {"optim"},
     {"ir", "lowering"},

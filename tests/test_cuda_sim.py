@@ -128,3 +128,45 @@ def test_extending_recipe_new_node_matches_finite_differences():
     rng = np.random.default_rng(1)
     arrays = {"x": rng.normal(size=(5, 4)), "y": rng.normal(size=(5, 1)), "W": rng.normal(size=(4, 3))}
     assert_close(f(**arrays)[1]["W"], finite_difference(f, arrays, "W"), 1e-6, what="d/dW on cuda")
+
+
+# --------------------------------------------------------------------------- issue 11: norms and dropout
+
+
+@pytest.mark.parametrize("which", ["batch_norm", "layer_norm"])
+def test_norms_match_numpy_and_finite_differences(which):
+    from helpers import finite_difference
+    from test_normalization import _arrays, _norm_net
+
+    loss, params = _norm_net(which, 3, 5)
+    arrays = _arrays(3, 5, 7, 0)
+    compare(loss, params, arrays)
+    f = sd.value_and_grad(loss, params, backend="cuda", dtype="float64")
+    assert_close(f(**arrays)[1]["g"], finite_difference(f, arrays, "g"), 1e-6, what=f"{which} d/dg")
+
+
+def test_dropout_masks_match_numpy():
+    from test_normalization import _mask
+
+    for dtype in ("float64", "float32"):
+        ref = _mask("numpy", 0.5, 9, seed=4, dtype=dtype)
+        assert np.array_equal(_mask("cuda", 0.5, 9, seed=4, dtype=dtype) != 0, ref != 0), dtype
+
+
+def test_batch_norm_running_statistics_match_numpy():
+    from symdl.graph import State
+    from symdl.normalization import batch_norm_parts, running_writes
+
+    x = sd.input("x", 3); y = sd.input("y", 3); g = sd.param("g", 3); b = sd.param("b", 3)
+    parts = batch_norm_parts(x, g, b)
+    stats = {}
+    for backend in ("numpy", "cuda"):
+        writes = running_writes(parts, State("mu1", 1, 3), State("var1", 1, 3), 0.9)
+        train = sd.compile(sd.losses.mse(parts.out, y), [g, b], optimizer=sd.optim.SGD(0.1), backend=backend,
+                           dtype="float64", writes=writes)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            train.step(x=rng.normal(size=(5, 3)), y=rng.normal(size=(5, 3)))
+        stats[backend] = {k: np.array(v) for k, v in train.statistics.items()}
+    for k in stats["numpy"]:
+        assert_close(stats["cuda"][k], stats["numpy"][k], 1e-12, what=k)

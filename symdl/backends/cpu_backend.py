@@ -33,7 +33,7 @@ from ..graph import n as N
 from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
 from .base import Runner as RunnerBase, Workspace, buf, indent
 from .formulas import Formula, formula, slot
-from .scalar_code import TANH32, dims as _dims, loop_body
+from .scalar_code import TANH32, dims as _dims, loop_body, uniform_hash_source, uses_uniform_hash
 
 #: Loops whose estimated work (elements x operations) is at least this use ``prange``.
 PARALLEL_MIN_WORK = 1 << 17
@@ -165,7 +165,7 @@ def kernel_source(f: Formula, flavor: str, dtype: str) -> str:
         f"# {f.program}\n"
         "import math\n\nimport numba\nimport numpy as np\n\n"
         "from symdl.backends.cpu_runtime import as_ptr, carray, kernel, load_f64\n"
-        + (TANH32 + "\n" if flavor == "scalar32" else "\n") + "\n" + functions
+        + (TANH32 + "\n" if flavor == "scalar32" else "\n") + _helpers(f.program) + "\n" + functions
     )
 
 
@@ -324,3 +324,11 @@ class Runner(RunnerBase):
 
 def compile_program(program: Program, dtype) -> Runner:
     return Runner(program, dtype)
+
+
+def _helpers(program: Program) -> str:
+    """Scalar helpers a formula's body calls, defined in its module: ``_uniform_hash``
+    (dropout's counter-based uniform) when a body draws from it."""
+    if not uses_uniform_hash(program):
+        return ""
+    return uniform_hash_source('@numba.njit(inline="always", error_model="numpy", cache=True)') + "\n\n"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from ..graph import VARSET, n as N
+from ..graph import INDEX_SYMBOLS, VARSET, n as N
 from ..ir import Operand, Program, Update
 
 
@@ -40,7 +40,8 @@ class Formula:
 
     ``slots[i]`` is the buffer bound to slot ``s{i}``; ``sizes`` are the values of the
     kernel's own size symbols (``size_symbols``, in order) as expressions in ``n``;
-    ``scalars`` the free scalar symbols its bodies read (``n`` included), by name.
+    ``scalars`` the free scalar symbols its bodies read (``n`` included; not the loop
+    indices ``i, j``, which every backend's loop binds), by name.
     """
 
     program: Program
@@ -110,7 +111,7 @@ def formula(kernel, program: Program) -> Formula:
             changes[field.name] = _rename(value, mapping)
     canonical = dataclasses.replace(kernel, **changes)
     let_symbols = {s for s, _ in getattr(kernel, "lets", ())}
-    scalars = {s for b in kernel.bodies() for s in sp.sympify(b).free_symbols} - VARSET - let_symbols
+    scalars = {s for b in kernel.bodies() for s in sp.sympify(b).free_symbols} - VARSET - let_symbols - INDEX_SYMBOLS
     scalars |= {s for s in sp.sympify(getattr(kernel, "alpha", 0)).free_symbols}
     prog = Program(kernels=[canonical], buffers=shapes, inputs=[], params=[], outputs={})
     return Formula(prog, buffers, size_symbols, sizes, sorted(scalars, key=str))

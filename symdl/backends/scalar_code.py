@@ -23,8 +23,9 @@ from sympy.printing.pycode import PythonCodePrinter
 from functools import singledispatch
 
 from ..functions import expand_activations
-from ..graph import VARS
+from ..graph import INDEX_SYMBOLS, VARS
 from ..ir import Elementwise, Pattern, Reduction, Update
+from ..stochastic import UniformHash
 from .base import buf
 
 
@@ -59,6 +60,9 @@ class ScalarPrinter(PythonCodePrinter):
 
     def _print_Abs(self, e):
         return f"abs({self._print(e.args[0])})"
+
+    def _print_UniformHash(self, e):
+        return f"_uniform_hash({', '.join(self._print(a) for a in e.args)})"
 
 
 def _nan_fold(printer, cmp, args):
@@ -119,6 +123,59 @@ class ArrayPrinter(NumPyPrinter):
 
     def _print_erf(self, e):
         return f"scipy.special.erf({self._print(e.args[0])})"
+
+    def _print_UniformHash(self, e):
+        return f"_uniform_hash({', '.join(self._print(a) for a in e.args)})"
+
+
+# --------------------------------------------------------------------------- the counter-based uniform
+# ``stochastic.UniformHash(seed, t, key, i, j)``: murmur3's fmix32 chained over the five arguments
+# (each modulo 2**32), times 2**-32. The scalar version (Numba CPU, CUDA, the simulator) works on
+# int64: a product of two numbers below 2**32 may wrap, but its low 32 bits (all that is kept) are
+# exact. The array version (NumPy) works on uint64, where such a product never overflows. Every
+# backend therefore draws the same bits.
+
+_MIX = ["h = h ^ ((({x}) & 0xFFFFFFFF) * 0x9E3779B9 & 0xFFFFFFFF)", "h = h ^ (h >> 16)",
+        "h = (h * 0x85EBCA6B) & 0xFFFFFFFF", "h = h ^ (h >> 13)", "h = (h * 0xC2B2AE35) & 0xFFFFFFFF",
+        "h = h ^ (h >> 16)"]
+
+
+def uniform_hash_source(decorator: str) -> str:
+    """The scalar ``_uniform_hash`` for a generated module, under ``decorator`` (njit or cuda device)."""
+    lines = ["h = (int(seed) & 0xFFFFFFFF) ^ 0x6A09E667"]
+    for x in ("int(t)", "int(key)", "int(i)", "int(j)"):
+        lines += [m.format(x=x) for m in _MIX]
+    return (f"\n{decorator}\ndef _uniform_hash(seed, t, key, i, j):\n"
+            + "\n".join("    " + l for l in lines + ["return h * 2.3283064365386963e-10"]) + "\n")
+
+
+UNIFORM_HASH_ARRAY = """
+def _u32(x):
+    return numpy.asarray(x).astype(numpy.int64).astype(numpy.uint64) & numpy.uint64(0xFFFFFFFF)
+
+
+def _uniform_hash(seed, t, key, i, j):
+    m = numpy.uint64(0xFFFFFFFF)
+    h = _u32(seed) ^ numpy.uint64(0x6A09E667)
+    for x in (t, key, i, j):
+        h = h ^ ((_u32(x) * numpy.uint64(0x9E3779B9)) & m)
+        h = h ^ (h >> numpy.uint64(16))
+        h = (h * numpy.uint64(0x85EBCA6B)) & m
+        h = h ^ (h >> numpy.uint64(13))
+        h = (h * numpy.uint64(0xC2B2AE35)) & m
+        h = h ^ (h >> numpy.uint64(16))
+    return h * 2.3283064365386963e-10
+"""
+
+
+def uses_uniform_hash(program) -> bool:
+    """Whether any kernel body of ``program`` draws from ``UniformHash`` (dropout)."""
+    return any(sp.sympify(b).has(UniformHash) for k in program.kernels for b in k.bodies())
+
+
+def uses_indices(body) -> bool:
+    """Whether a body reads its loop indices ``(i, j)`` (array code must bind them)."""
+    return bool(sp.sympify(body).free_symbols & INDEX_SYMBOLS)
 
 
 PRINTERS = {"array": ArrayPrinter, "scalar": ScalarPrinter, "scalar32": Float32ScalarPrinter}

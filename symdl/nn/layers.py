@@ -17,8 +17,10 @@ import math
 
 import numpy as np
 
-from .. import functions
-from ..graph import param
+from typing import NamedTuple
+
+from .. import functions, normalization, stochastic
+from ..graph import State, param
 from ..pipeline import glorot_uniform
 from ..registry import Registry
 
@@ -33,6 +35,159 @@ INITIALIZERS.update({
 })
 
 
+class Built(NamedTuple):
+    """What a layer adds to a model: its parameters, its output in the training graph and in the
+    inference graph, graph writes of the training step (``{State: expr}``), and starting values
+    (``{parameter or state name: array}``) other than the defaults (matrices drawn, vectors zero)."""
+
+    params: list
+    train: object
+    infer: object
+    writes: dict = {}
+    initial: dict = {}
+
+
+#: Layer classes by name (what a checkpoint's ``"class"`` names).
+LAYERS = Registry("layer")
+
+
+def _layer(cls):
+    LAYERS[cls.__name__] = cls
+    return cls
+
+
+class Layer:
+    """Base of the layers without a weight matrix. ``apply(params, h, training)`` is the output;
+    ``make_params(index, features)`` the parameters (none by default)."""
+
+    kind = "layer"  # the default name's stem: ``batch_normalization_2``
+    name = None
+
+    def make_params(self, index: int, features: int) -> list:
+        return []
+
+    def build_both(self, index: int, h, h_infer) -> Built:
+        params = self.make_params(index, int(h.shape[1]))
+        return Built(params, self.apply(params, h, True), self.apply(params, h_infer, False))
+
+    def build(self, index: int, h) -> tuple:
+        """``(params, training output)``, as ``Dense.build``."""
+        built = self.build_both(index, h, h)
+        return built.params, built.train
+
+    def describe(self) -> str:
+        return ""
+
+
+@_layer
+class Activation(Layer):
+    """An activation on its own, ``Activation("relu")``: a norm can sit between a Dense and it."""
+
+    kind = "activation"
+
+    def __init__(self, activation, name=None):
+        self.activation = functions.get(activation)
+        if self.activation is None:
+            raise ValueError("Activation: name an activation (e.g. 'relu'), got None")
+        self.activation_name, self.name = self.activation.__name__, name
+
+    def apply(self, params, h, training):
+        return self.activation(h)
+
+    def describe(self) -> str:
+        return self.activation_name
+
+    def config(self, name=None) -> dict:
+        return {"activation": self.activation_name, "name": name or self.name}
+
+
+@_layer
+class Dropout(Layer):
+    """Inverted dropout while training (``sd.dropout``, the mask a hash of the model's seed, the
+    step count, the layer's index and the entry); the identity in ``predict`` and ``evaluate``."""
+
+    kind = "dropout"
+
+    def __init__(self, rate: float, name=None):
+        self.rate, self.name = stochastic.check_rate(rate, "Dropout"), name
+
+    def apply(self, params, h, training):
+        return h  # see build_both: the training graph needs the layer's index as the mask's key
+
+    def build_both(self, index, h, h_infer) -> Built:
+        return Built([], stochastic.dropout(h, self.rate, key=index), h_infer)
+
+    def describe(self) -> str:
+        return f"rate {self.rate:g}"
+
+    def config(self, name=None) -> dict:
+        return {"rate": self.rate, "name": name or self.name}
+
+
+class _Normalization(Layer):
+    def __init__(self, epsilon=1e-3, name=None):
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+            raise ValueError(f"{type(self).__name__}: epsilon must be a number > 0, got {epsilon!r}")
+        self.epsilon, self.name = float(epsilon), name
+
+    def make_params(self, index, features):
+        return [param(f"gamma{index}", features), param(f"beta{index}", features)]
+
+    def ones(self, params) -> dict:
+        return {str(params[0].name): np.ones(params[0].value_shape)}  # γ starts at 1, β at 0
+
+
+@_layer
+class LayerNormalization(_Normalization):
+    """``sd.layer_norm`` over each row's features (same in training and inference)."""
+
+    kind = "layer_normalization"
+
+    def apply(self, params, h, training):
+        return normalization.layer_norm(h, *params, eps=self.epsilon)
+
+    def build_both(self, index, h, h_infer) -> Built:
+        built = super().build_both(index, h, h_infer)
+        return built._replace(initial=self.ones(built.params))
+
+    def config(self, name=None) -> dict:
+        return {"epsilon": self.epsilon, "name": name or self.name}
+
+
+@_layer
+class BatchNormalization(_Normalization):
+    """``sd.batch_norm`` while training; in ``predict``/``evaluate`` the running statistics.
+
+    The compiled training step also writes ``moving_mean{k}`` and ``moving_var{k}`` (the
+    unbiased batch variance): ``new = momentum * old + (1 - momentum) * batch``, as Keras
+    (PyTorch's ``BatchNorm1d`` with ``momentum = 1 - momentum``). They start at 0 and 1.
+    """
+
+    kind = "batch_normalization"
+
+    def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
+        super().__init__(epsilon, name)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"BatchNormalization: momentum must be a number in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+
+    def build_both(self, index, h, h_infer) -> Built:
+        m = int(h.shape[1])
+        params = self.make_params(index, m)
+        parts = normalization.batch_norm_parts(h, *params, eps=self.epsilon)
+        mean, var = State(f"moving_mean{index}", 1, m), State(f"moving_var{index}", 1, m)
+        writes = normalization.running_writes(parts, mean, var, self.momentum)
+        infer = normalization.batch_norm_inference(h_infer, *params, mean, var, eps=self.epsilon)
+        return Built(params, parts.out, infer, writes, {**self.ones(params), str(var.name): np.ones(m)})
+
+    def describe(self) -> str:
+        return f"momentum {self.momentum:g}"
+
+    def config(self, name=None) -> dict:
+        return {"momentum": self.momentum, "epsilon": self.epsilon, "name": name or self.name}
+
+
+@_layer
 class Dense:
     """A fully connected layer ``activation(h @ W + b)``.
 
@@ -52,12 +207,25 @@ class Dense:
             INITIALIZERS.get(kernel_initializer)  # raises on unknown names
         self.kernel_initializer = kernel_initializer
 
+    kind = "dense"
+
     def build(self, index: int, h) -> tuple:
         """``([W, b], output)``: this layer's parameters (``W{index}``, ``b{index}``) and output."""
         W = param(f"W{index}", (int(h.shape[1]), self.units))
         b = param(f"b{index}", self.units) if self.use_bias else None
-        z = h @ W + b if self.use_bias else h @ W
-        return [W] + ([b] if self.use_bias else []), (self.activation(z) if self.activation else z)
+        params = [W] + ([b] if self.use_bias else [])
+        return params, self.apply(params, h)
+
+    def apply(self, params, h, training=True):
+        z = h @ params[0] + params[1] if self.use_bias else h @ params[0]
+        return self.activation(z) if self.activation else z
+
+    def build_both(self, index: int, h, h_infer) -> Built:
+        params, out = self.build(index, h)
+        return Built(params, out, out if h_infer == h else self.apply(params, h_infer))
+
+    def describe(self) -> str:
+        return self.activation_name or "linear"
 
     def init_kernel(self, rng, shape):
         init = self.kernel_initializer

@@ -18,12 +18,12 @@ import numpy as np
 
 from .. import datasets, functions, losses
 from ..explanation import explain
-from ..graph import input as sd_input
+from ..graph import VectorParam, input as sd_input
 from ..optim import Adam, Optimizer, from_config, get as get_optimizer
 from ..pipeline import TrainStep, compile_outputs
 from ..regularizers import Regularizer, l1, l2
 from . import checkpoint, fitting
-from .layers import Dense
+from .layers import LAYERS, Dense
 
 
 class Sequential:
@@ -36,13 +36,20 @@ class Sequential:
             raise ValueError(f"Sequential: input_dim must be a positive integer, got {input_dim!r}")
         self.layers, self.input_dim = list(layers), input_dim
         self.x = sd_input("x", input_dim)
-        h, self.layer_params = self.x, []
+        h = h_infer = self.x
+        self.layer_params, self.layer_units, self.writes, self.initial = [], [], {}, {}
         for i, layer in enumerate(self.layers, start=1):
-            params, h = layer.build(i, h)
-            self.layer_params.append(params)
-        self.layer_names = [layer.name or f"dense_{i}" for i, layer in enumerate(self.layers, start=1)]
-        self.output = h
-        self.y = sd_input("y", self.layers[-1].units)
+            built = layer.build_both(i, h, h_infer)
+            h, h_infer = built.train, built.infer
+            self.layer_params.append(built.params)
+            self.layer_units.append(int(h.shape[1]))
+            self.writes.update(built.writes)
+            self.initial.update(built.initial)
+        self.layer_names = [layer.name or f"{layer.kind}_{i}" for i, layer in enumerate(self.layers, start=1)]
+        self.output = h  # the training graph (dropout on, batch statistics)
+        self.inference_output = h_infer  # predict / evaluate: no dropout, running statistics
+        self.units = self.layer_units[-1]
+        self.y = sd_input("y", self.units)
         self.train_step = None
         self.stop_training = False
         self.epoch = 0
@@ -57,8 +64,8 @@ class Sequential:
 
     @property
     def kernels(self) -> list:
-        """Each layer's weight matrix (what a regulariser penalises)."""
-        return [params[0] for params in self.layer_params]
+        """Each layer's weight matrix (what a regulariser penalises; never a norm's γ or β)."""
+        return [p for params in self.layer_params for p in params if not isinstance(p, VectorParam)]
 
     def compile(self, loss="softmax_cross_entropy", optimizer: Optimizer | str | None = None, regularizer=None,
                 backend: str = "cpu", dtype: str = "float32", seed: int = 0):
@@ -72,18 +79,25 @@ class Sequential:
         if regularizer is not None and not isinstance(regularizer, Regularizer):
             raise TypeError(f"regularizer must be sd.l1(c) or sd.l2(c), got {regularizer!r}")
         self.loss_name, self.kind = loss, loss_fn.targets
-        if self.kind == "classes" and self.layers[-1].units < 2:
+        if self.kind == "classes" and self.units < 2:
             raise ValueError("softmax_cross_entropy needs at least 2 output units")
         self.optimizer = get_optimizer(optimizer) if optimizer is not None else Adam(1e-3)
         self.regularizer, self.backend, self.dtype, self.seed = regularizer, backend, dtype, seed
         self.data_loss = loss_fn(self.output, self.y)
-        self.loss = self.data_loss + regularizer(*self.kernels) if regularizer is not None else self.data_loss
+        penalty = regularizer(*self.kernels) if regularizer is not None and self.kernels else None
+        self.loss = self.data_loss + penalty if penalty is not None else self.data_loss
+        infer_loss = loss_fn(self.inference_output, self.y)
+        self.inference_loss = infer_loss + penalty if penalty is not None else infer_loss
         self.train_step = TrainStep(self.loss, self.params, optimizer=self.optimizer, backend=backend, dtype=dtype,
-                                    outputs={"out": self.output})
+                                    outputs={"out": self.output}, seed=seed, writes=self.writes)
         rng = np.random.default_rng(seed)
         for layer, params in zip(self.layers, self.layer_params):
-            W = params[0]
-            self.train_step.params[str(W.name)][...] = layer.init_kernel(rng, W.value_shape)
+            if isinstance(layer, Dense):
+                W = params[0]
+                self.train_step.params[str(W.name)][...] = layer.init_kernel(rng, W.value_shape)
+        for name, value in self.initial.items():  # γ = 1, running variance = 1
+            target = self.train_step.params.get(name)
+            (target if target is not None else self.train_step.statistics[name])[...] = value
         self._forward = {}
 
     def require_compiled(self):
@@ -110,7 +124,7 @@ class Sequential:
 
     def prepare(self, X, y, what):
         """Checked ``(X, one-hot or column Y)`` for this model's loss."""
-        return datasets.check_dataset(X, y, kind=self.kind, outputs=self.layers[-1].units, input_dim=self.input_dim,
+        return datasets.check_dataset(X, y, kind=self.kind, outputs=self.units, input_dim=self.input_dim,
                                       what=what)
 
     def metrics(self, out, Y) -> dict:
@@ -123,11 +137,13 @@ class Sequential:
     def _run_forward(self, which: str, arrays: dict, n: int) -> dict:
         """The forward program (``"predict"``: outputs; ``"evaluate"``: loss too) on the model's backend."""
         if which not in self._forward:
-            outputs = {"out": self.output} if which == "predict" else {"loss": self.loss, "out": self.output}
+            out = self.inference_output
+            outputs = {"out": out} if which == "predict" else {"loss": self.inference_loss, "out": out}
             self._forward[which] = compile_outputs(outputs, self.backend, self.dtype)
         runner = self._forward[which]
         externals = dict(arrays)
-        externals.update({k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in self.train_step.params.items()})
+        for values in (self.train_step.params, self.train_step.statistics):
+            externals.update({k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in values.items()})
         return runner.run(externals, {}, n)
 
     # ------------------------------------------------------------------ training
@@ -182,18 +198,24 @@ class Sequential:
     # ------------------------------------------------------------------ reading
 
     def summary(self, print_fn=print) -> str:
-        """A Keras-style table of layers, output shapes and parameter counts."""
+        """A Keras-style table of layers, output shapes and parameter counts (trainable, and the
+        non-trainable running statistics of batch norms)."""
         rows = [("layer", "output shape", "params", "activation")]
-        total = 0
-        for layer, name, params in zip(self.layers, self.layer_names, self.layer_params):
+        total = frozen = 0
+        stats = {str(s.name): int(np.prod(s.shape)) for s in self.writes}
+        for i, (layer, name, params, units) in enumerate(
+                zip(self.layers, self.layer_names, self.layer_params, self.layer_units), start=1):
             count = sum(int(np.prod(p.value_shape)) for p in params)
-            total += count
-            rows.append((name, f"(n, {layer.units})", f"{count:,}", layer.activation_name or "linear"))
+            fixed = sum(stats.get(f"{k}{i}", 0) for k in ("moving_mean", "moving_var"))
+            total, frozen = total + count, frozen + fixed
+            rows.append((name, f"(n, {units})", f"{count + fixed:,}", layer.describe()))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [f"Sequential (input_dim={self.input_dim})"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(2, "  ".join("-" * w for w in widths))
-        lines.append(f"total params: {total:,}")
+        lines.append(f"total params: {total + frozen:,}")
+        lines.append(f"trainable params: {total:,}")
+        lines.append(f"non-trainable params: {frozen:,}")
         text = "\n".join(lines)
         if print_fn:
             print_fn(text)
@@ -210,7 +232,8 @@ class Sequential:
         self.require_compiled()
         if backend is None or backend == self.backend:
             return self.train_step.source
-        return TrainStep(self.loss, self.params, optimizer=self.optimizer, backend=backend, dtype=self.dtype).source
+        return TrainStep(self.loss, self.params, optimizer=self.optimizer, backend=backend, dtype=self.dtype,
+                         writes=self.writes).source
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -221,7 +244,8 @@ class Sequential:
         meta = {
             "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
             "architecture": {"input_dim": self.input_dim,
-                             "layers": [l.config(name) for l, name in zip(self.layers, self.layer_names)]},
+                             "layers": [{"class": type(l).__name__, **l.config(name)}
+                                        for l, name in zip(self.layers, self.layer_names)]},
             "compile": {"loss": self.loss_name, "optimizer": self.optimizer.config(),
                         "regularizer": None if reg is None else {"kind": reg.kind, "coefficient": reg.coefficient},
                         "backend": self.backend, "dtype": str(np.dtype(self.dtype)), "seed": self.seed},
@@ -242,13 +266,14 @@ def load(path, backend: str | None = None) -> Sequential:
         arch, comp = meta["architecture"], meta["compile"]
         layers = []
         for cfg in arch["layers"]:
-            act = cfg["activation"]
+            cfg = dict(cfg)
+            cls = LAYERS.get(cfg.pop("class", "Dense"))  # version-1 files before issue 11 hold Dense layers only
+            act = cfg.get("activation")
             if act is not None and act not in functions.REGISTRY:
                 raise checkpoint.CheckpointError(
                     f"{path} uses the activation {act!r}, which is not registered: call "
                     f"sd.activation({act!r}, formula) before loading")
-            layers.append(Dense(cfg["units"], activation=act, use_bias=cfg["use_bias"],
-                                kernel_initializer=cfg["kernel_initializer"], name=cfg["name"]))
+            layers.append(cls(**cfg))
         model = Sequential(layers, input_dim=arch["input_dim"])
         reg = comp["regularizer"]
         regularizer = None if reg is None else {"l1": l1, "l2": l2}[reg["kind"]](reg["coefficient"])
