@@ -17,7 +17,7 @@ from . import datasets, functions, higher, losses, nn, optim, printing, proofs  
 from . import distributed  # noqa: F401 - registers fit(cluster=...); imports dask only when used
 from .autodiff import adjoints, grad
 from .backends.threads import get_num_threads, set_num_threads
-from .explanation import explain
+from .explanation import explain, explain_hvp
 from .functions import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
 from .graph import Input, Param, hadamard, input, mean, n, param, sum_squares, total
 from .higher import hessian, hvp, jacobian
@@ -28,7 +28,7 @@ from .regularizers import l1, l2
 from .distributed import sweep
 
 __all__ = [
-    "activation", "adjoints", "check_grad", "compile", "datasets", "elu", "explain", "functions", "gelu", "get_num_threads",
+    "activation", "adjoints", "check_grad", "compile", "datasets", "elu", "explain", "explain_hvp", "functions", "gelu", "get_num_threads",
     "grad", "hadamard", "hessian", "higher", "hvp", "input", "Input", "jacobian", "l1", "l2", "latex", "leaky_relu",
     "log_softmax", "losses", "mean", "n", "nn", "optim", "param", "Param", "proofs", "prove", "relu", "set_num_threads", "sigmoid",
     "silu", "softmax", "softplus", "sum_squares", "sweep", "tanh", "text", "total", "value_and_grad",

@@ -29,6 +29,7 @@ import sympy as sp
 from . import backends
 from .autodiff import grad
 from .backends.base import as_dtype
+from .explanation import explain
 from .graph import VectorParam
 from .lowering import lower
 from .optim import SGD, STEP, Optimizer, state_name
@@ -41,7 +42,7 @@ def training_program(loss, params, optimizer: Optimizer, outputs=None):
     writes = {}
     for p in params:
         writes.update(optimizer.writes(p, gradients[p]))
-    return lower({"loss": loss, **dict(outputs or {})}, writes)
+    return lower({"loss": loss, **dict(outputs or {})}, writes, notes=explain(loss, params).notes())
 
 
 def compile_outputs(outputs: dict, backend: str = "numpy", dtype="float64"):
@@ -55,7 +56,8 @@ def compile_outputs(outputs: dict, backend: str = "numpy", dtype="float64"):
 def gradient_program(loss, params):
     """``loss`` and ``grad_<name>`` for every parameter, as a program (no writes)."""
     gradients = grad(loss, params)
-    return lower({"loss": loss, **{f"grad_{p.name}": gradients[p] for p in params}}), gradients
+    outputs = {"loss": loss, **{f"grad_{p.name}": gradients[p] for p in params}}
+    return lower(outputs, notes=explain(loss, params).notes()), gradients
 
 
 class ValueAndGrad:

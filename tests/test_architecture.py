@@ -20,7 +20,7 @@ ROOT = Path(sd.__file__).parent
 STAGES = [
     {"version", "registry"},
     {"graph", "printing", "functions", "losses", "regularizers", "validate", "datasets", "plotting"},
-    {"simplify", "autodiff", "explanation"},
+    {"simplify", "autodiff", "tangents", "explanation"},
     {"optim"},
     {"ir", "lowering"},
     {"backends"},

@@ -134,7 +134,7 @@ def _function(program: Program, parallel: bool, flavor: str) -> str:
     body = [f"{buf(nm)} = {nm}" for nm in ext]
     body += _carve("persist", program.persistent) + _carve("work", program.buffers)
     for k in program.kernels:
-        body.append(f"# {k.out}: {k.kind}")
+        body.append(f"# {k.out}: {k.kind}{program.note(k.out)}")
         body += emit(k, program, parallel, flavor)
     body.append(f"return {buf(program.outputs['loss'])}[0, 0]" if "loss" in program.outputs else "return 0.0")
     args = ", ".join(ext + ["persist", "work", "n"] + scalars)
