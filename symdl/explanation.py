@@ -64,10 +64,11 @@ class Explanation:
         order = topological([loss])
         self.zs, self.names = [], {}
         layer = 0
+        inside_linear = {o for p in order if isinstance(p, Map) and _is_linear(p) for o in p.operands}
         for node in order:
             if isinstance(node, (Input, Param)) or node == loss:
                 continue
-            if _is_linear(node) and not any(node in p.operands and _is_linear(p) for p in order if isinstance(p, Map)):
+            if _is_linear(node) and node not in inside_linear:
                 layer += 1
                 self.zs.append(node)
                 self.names[node] = ("Z", layer)
@@ -99,7 +100,7 @@ class Explanation:
         out = []
         for node in topological([self.loss]):
             if node in self.names:
-                own = {k: v for k, v in fwd.items() if k != node}
+                own = _without(fwd, node)
                 out.append(("forward", fwd[node], self._named(node.func(*[a.xreplace(own) for a in node.args]))))
         out.append(("forward", sp.Symbol("L"), self._named(self.loss.xreplace(fwd))))
         names = {**fwd, **deltas}
@@ -107,7 +108,7 @@ class Explanation:
             if z not in self.adj:
                 continue
             d = self.adj[z]
-            subs = {k: v for k, v in names.items() if k != d}
+            subs = _without(names, d)
             out.append(("backward", deltas[d], self._named(d.xreplace(subs))))
             for p in self.params:
                 if self._layer_param(p, z):
@@ -177,6 +178,13 @@ class Explanation:
         return {**dict(zip(fused, out.values())), **out}
 
 
+def _without(table: dict, key) -> dict:
+    """``table`` less ``key`` (a hash lookup: comparing SymPy trees one by one is slow)."""
+    out = dict(table)
+    out.pop(key, None)
+    return out
+
+
 def _left_text(lhs) -> str:
     if isinstance(lhs, tuple):
         return f"{lhs[0]}{lhs[1].name}"
@@ -236,6 +244,13 @@ def _dotted(name: str) -> str:
     return unicodedata.normalize("NFC", name[0] + "\u0307" + name[1:])
 
 
+def _dot_symbol(kind: str, k: int, shape, latex: bool) -> MatrixSymbol:
+    """The symbol of a directional derivative: ``Ż1`` / ``\\dot{Z}_{1}``, ``δ̇2`` / ``\\dot{\\delta}_{2}``."""
+    if latex:
+        return MatrixSymbol(r"\dot{%s}_{%d}" % ("\\delta" if kind == "δ" else kind, k), *shape)
+    return MatrixSymbol(_dotted(f"{kind}{k}"), *shape)
+
+
 class HvpExplanation(Explanation):
     """A Hessian-vector product as a textbook derives it: forward over reverse.
 
@@ -263,13 +278,10 @@ class HvpExplanation(Explanation):
         out = {}
         for node, (kind, k) in self.names.items():
             if node in self.tangent:
-                name = r"\dot{%s}_{%d}" % (kind, k) if latex else _dotted(f"{kind}{k}")
-                out[self.tangent[node]] = MatrixSymbol(name, *node.shape)
+                out[self.tangent[node]] = _dot_symbol(kind, k, node.shape, latex)
         for z in self.zs:
             if z in self.adj and self.adj[z] in self.tangent:
-                k = self.names[z][1]
-                name = r"\dot{\delta}_{%d}" % k if latex else _dotted(f"δ{k}")
-                out[self.tangent[self.adj[z]]] = MatrixSymbol(name, *z.shape)
+                out[self.tangent[self.adj[z]]] = _dot_symbol("δ", self.names[z][1], z.shape, latex)
         return out
 
     def lines(self, latex: bool = False) -> list:
@@ -279,7 +291,7 @@ class HvpExplanation(Explanation):
         table = {**names, **dots}
 
         def named(expr, own=None):
-            return self._named(expr.xreplace({k: v for k, v in table.items() if k is not own and k != own}))
+            return self._named(expr.xreplace(_without(table, own)))
 
         out = []
         for node in topological([self.loss]):  # the forward pass's directional derivatives
@@ -291,6 +303,8 @@ class HvpExplanation(Explanation):
             if d in self.tangent:
                 t = self.tangent[d]
                 out.append(("hvp", dots[t], named(t, t)))
+            elif d is not None:  # constant along v (mae's sign, a piecewise-linear loss)
+                out.append(("hvp", _dot_symbol("δ", self.names[z][1], z.shape, latex), sp.ZeroMatrix(*z.shape)))
             for p in self.params:
                 if self._layer_param(p, z):
                     out.append(("hvp", ("(Hv)_", p), named(self.hvp[p])))

@@ -91,6 +91,21 @@ def test_explain_hvp_expressions_equal_hvp():
         assert np.abs(out[f"a_{p.name}"]).max() > 1e-3  # not trivially zero
 
 
+def test_explain_hvp_of_a_piecewise_linear_loss_says_where_it_is_zero():
+    x = sd.input("x", 3); y = sd.input("y", 1)
+    W1 = sd.param("W1", (3, 4)); W2 = sd.param("W2", (4, 1)); V1 = sd.param("V1", (3, 4)); V2 = sd.param("V2", (4, 1))
+    text = str(sd.explain_hvp(sd.losses.mae(sd.relu(x @ W1) @ W2, y), [W1, W2], [V1, V2]))
+    assert text.endswith("""
+  Ȧ1 = Ż1⊙1[Z1 > 0]
+  Ż2 = Ȧ1*W2 + A1*V2
+
+Hessian-vector product ((Hv)_θ = (∂L/∂θ)˙, δ̇k = (∂L/∂Zk)˙)
+  δ̇2 = 0
+  (Hv)_W2 = Ȧ1.T*δ2
+  δ̇1 = (δ2*V2.T)⊙1[Z1 > 0]
+  (Hv)_W1 = x.T*δ̇1"""), text
+
+
 def test_explain_hvp_checks_its_directions():
     loss, params, vectors = _mlp()
     with pytest.raises(ValueError, match="one per parameter"):
