@@ -17,7 +17,7 @@ from . import datasets, functions, higher, losses, nn, normalization, optim, pri
 from . import distributed  # noqa: F401 - registers fit(cluster=...); imports dask only when used
 from .autodiff import adjoints, grad
 from .backends.threads import get_num_threads, set_num_threads
-from .explanation import explain
+from .explanation import explain, explain_hvp
 from .functions import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
 from .graph import Input, Param, hadamard, input, mean, n, param, sum_squares, total
 from .higher import hessian, hvp, jacobian
@@ -30,8 +30,9 @@ from .stochastic import dropout
 from .distributed import sweep
 
 __all__ = [
-    "activation", "adjoints", "batch_norm", "check_grad", "compile", "datasets", "dropout", "elu", "explain", "functions", "gelu", "get_num_threads",
-    "grad", "hadamard", "hessian", "higher", "hvp", "input", "Input", "jacobian", "l1", "l2", "latex", "layer_norm", "leaky_relu",
-    "log_softmax", "losses", "mean", "n", "nn", "normalization", "optim", "param", "Param", "proofs", "prove", "relu", "set_num_threads", "sigmoid",
-    "silu", "softmax", "softplus", "stochastic", "sum_squares", "sweep", "tanh", "text", "total", "value_and_grad",
+    "activation", "adjoints", "batch_norm", "check_grad", "compile", "datasets", "dropout", "elu", "explain", "explain_hvp",
+    "functions", "gelu", "get_num_threads", "grad", "hadamard", "hessian", "higher", "hvp", "input", "Input", "jacobian", "l1",
+    "l2", "latex", "layer_norm", "leaky_relu", "log_softmax", "losses", "mean", "n", "nn", "normalization", "optim", "param",
+    "Param", "proofs", "prove", "relu", "set_num_threads", "sigmoid", "silu", "softmax", "softplus", "stochastic",
+    "sum_squares", "sweep", "tanh", "text", "total", "value_and_grad",
 ]

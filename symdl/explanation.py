@@ -20,13 +20,18 @@ Backward pass (δk = ∂L/∂Zk)
 """
 from __future__ import annotations
 
+import unicodedata
+
 import sympy as sp
 from sympy.matrices.expressions import MatMul, MatrixSymbol
 
 from .graph import Broadcast, Input, Map, Param, topological
 from .autodiff import adjoints
+from .functions import NamedDerivative
 from .normalization import ROLES
+from .printing import body_latex, body_text
 from .simplify import fuse_maps
+from .tangents import check_directions, tangents
 
 #: How a normalisation's named intermediates read in LaTeX (text uses ``ROLES``' own names).
 _LATEX_ROLES = {"μ": r"\mu", "σ": r"\sigma", "x̂": r"\hat{x}"}
@@ -63,10 +68,11 @@ class Explanation:
         order = topological([loss])
         self.zs, self.names = [], {}
         layer = norms = 0
+        inside_linear = {o for p in order if isinstance(p, Map) and _is_linear(p) for o in p.operands}
         for node in order:
             if isinstance(node, (Input, Param)) or node == loss:
                 continue
-            if _is_linear(node) and not any(node in p.operands and _is_linear(p) for p in order if isinstance(p, Map)):
+            if _is_linear(node) and node not in inside_linear:
                 layer += 1
                 self.zs.append(node)
                 self.names[node] = ("Z", layer)
@@ -103,7 +109,7 @@ class Explanation:
         out = []
         for node in topological([self.loss]):
             if node in self.names:
-                own = {k: v for k, v in fwd.items() if k != node}
+                own = _without(fwd, node)
                 out.append(("forward", fwd[node], self._named(node.func(*[a.xreplace(own) for a in node.args]))))
         out.append(("forward", sp.Symbol("L"), self._named(self.loss.xreplace(fwd))))
         names = {**fwd, **deltas}
@@ -111,7 +117,7 @@ class Explanation:
             if z not in self.adj:
                 continue
             d = self.adj[z]
-            subs = {k: v for k, v in names.items() if k != d}
+            subs = _without(names, d)
             out.append(("backward", deltas[d], self._named(d.xreplace(subs))))
             for p in self.params:
                 if self._layer_param(p, z):
@@ -120,7 +126,7 @@ class Explanation:
         for p in self.params:
             if p not in done and p in self.adj:
                 out.append(("backward", ("∂L/∂", p), self._named(self.adj[p].xreplace(names))))
-        return out
+        return out + _where(out)
 
     def _layer_param(self, p, z) -> bool:
         """Whether ``p`` is the weight or bias read directly by pre-activation ``z``."""
@@ -134,27 +140,24 @@ class Explanation:
     def _named(expr):
         return fuse_maps([expr])[0]
 
+    #: Section headings of the text form, in order.
+    HEADINGS = {"forward": "Forward pass", "backward": "Backward pass (δk = ∂L/∂Zk)",
+                "where": "where"}
+
     def __str__(self):
-        text = ["Forward pass"]
-        section = "forward"
+        text, section = [], None
         for sec, lhs, rhs in self.lines():
             if sec != section:
-                text += ["", "Backward pass (δk = ∂L/∂Zk)"]
+                text += ([""] if text else []) + [self.HEADINGS[sec]]
                 section = sec
-            left = f"∂L/∂{lhs[1].name}" if isinstance(lhs, tuple) else str(lhs)
-            text.append(f"  {left} = {sp.sstr(rhs)}")
+            text.append(f"  {_left_text(lhs)} = {_text(rhs)}")
         return "\n".join(text)
 
     __repr__ = __str__
 
     @property
     def latex(self) -> str:
-        rows = []
-        for _, lhs, rhs in self.lines(latex=True):
-            left = (
-                r"\frac{\partial L}{\partial %s}" % sp.latex(lhs[1]) if isinstance(lhs, tuple) else sp.latex(lhs)
-            )
-            rows.append(f"{left} &= {sp.latex(rhs)}")
+        rows = [f"{_left_latex(lhs)} &= {_latex(rhs)}" for _, lhs, rhs in self.lines(latex=True)]
         return "\\begin{aligned}\n" + " \\\\\n".join(rows) + "\n\\end{aligned}"
 
     def _repr_latex_(self):
@@ -163,7 +166,187 @@ class Explanation:
     def _repr_markdown_(self):
         return "```text\n" + str(self) + "\n```\n\n$$" + self.latex + "$$"
 
+    def notes(self) -> dict:
+        """``{graph node: "δ2 = ..."}``: the line that names each node, for comments in generated
+        code. Keys are the nodes as ``sd.grad`` returns them (elementwise work fused) and as
+        they are before fusing, so a lowered program's buffers find their names."""
+        fwd, deltas = self._symbols(False), self._deltas(False)
+        lines = {}
+        for sec, lhs, rhs in self.lines():
+            if sec != "where":
+                lines[_left_text(lhs)] = f"{_left_text(lhs)} = {_text(rhs)}"
+        out = {}
+        for node, sym in list(fwd.items()) + list(deltas.items()):
+            if str(sym.name) in lines:
+                out[node] = lines[str(sym.name)]
+        out[self.loss] = lines["L"]
+        for p in self.params:
+            if p in self.adj and f"∂L/∂{p.name}" in lines:
+                out[self.adj[p]] = lines[f"∂L/∂{p.name}"]
+        fused = fuse_maps(list(out), protect=set(topological([self.loss])))
+        return {**dict(zip(fused, out.values())), **out}
+
+
+def _without(table: dict, key) -> dict:
+    """``table`` less ``key`` (a hash lookup: comparing SymPy trees one by one is slow)."""
+    out = dict(table)
+    out.pop(key, None)
+    return out
+
+
+def _left_text(lhs) -> str:
+    if isinstance(lhs, tuple):
+        return f"{lhs[0]}{lhs[1].name}"
+    return _text(lhs)
+
+
+def _left_latex(lhs) -> str:
+    if isinstance(lhs, tuple):
+        if lhs[0] == "∂L/∂":
+            return r"\frac{\partial L}{\partial %s}" % sp.latex(lhs[1])
+        return r"(H v)_{%s}" % sp.latex(lhs[1])
+    return _latex(lhs)
+
+
+def _scalar(e) -> bool:
+    return isinstance(e, sp.Expr) and not isinstance(e, sp.MatrixExpr) and not e.is_Symbol
+
+
+def _text(e) -> str:
+    return body_text(e) if _scalar(e) else sp.sstr(e)
+
+
+def _latex(e) -> str:
+    return body_latex(e) if _scalar(e) else sp.latex(e)
+
+
+_Z = sp.Symbol("z", real=True)
+
+
+def _where(lines) -> list:
+    """``("where", f′(z), formula)`` for every named derivative (``mish′``) the lines use, once."""
+    found, queue = [], []
+    for _, _, rhs in lines:
+        for node in topological([rhs]) if isinstance(rhs, sp.MatrixExpr) else ():
+            if isinstance(node, Map):
+                queue += [type(f) for f in node.lam.expr.atoms(NamedDerivative)]
+    while queue:  # a definition may use another named derivative (mish′′ uses mish′)
+        cls = queue.pop(0)
+        if cls in found:
+            continue
+        found.append(cls)
+        queue += [type(f) for f in cls.formula_body.atoms(NamedDerivative)]
+    out = []
+    for cls in found:
+        lhs, rhs = cls.definition()
+        out.append(("where", lhs.xreplace({lhs.args[0]: _Z}), rhs.xreplace({lhs.args[0]: _Z})))
+    return out
+
 
 def explain(loss, params) -> Explanation:
     """The backward pass of ``loss`` in textbook notation (text, LaTeX, notebook display)."""
     return Explanation(loss, params)
+
+
+def _dotted(name: str) -> str:
+    """``Ż1``, ``Ȧ1``, ``δ̇2``: a dot over the letter (precomposed where Unicode has one)."""
+    return unicodedata.normalize("NFC", name[0] + "\u0307" + name[1:])
+
+
+def _dot_symbol(kind: str, k: int, shape, latex: bool) -> MatrixSymbol:
+    """The symbol of a directional derivative: ``Ż1`` / ``\\dot{Z}_{1}``, ``δ̇2`` / ``\\dot{\\delta}_{2}``."""
+    if latex:
+        return MatrixSymbol(r"\dot{%s}_{%d}" % ("\\delta" if kind == "δ" else kind, k), *shape)
+    return MatrixSymbol(_dotted(f"{kind}{k}"), *shape)
+
+
+class HvpExplanation(Explanation):
+    """A Hessian-vector product as a textbook derives it: forward over reverse.
+
+    Every named quantity of ``explain`` gets its directional derivative along the directions
+    ``v`` (one per parameter), ``Ẋ = d/dε X(θ + εv)`` at ``ε = 0``: the forward pass's ``Żk``,
+    ``Ȧk``, then the backward pass's ``δ̇k``; ``(Hv)_W`` is the directional derivative of
+    ``∂L/∂W`` (Pearlmutter's R-operator). ``hvp`` holds those expressions with nothing named:
+    equal to ``sd.hvp``'s (reverse over reverse) at every point.
+    """
+
+    def __init__(self, loss, params, vectors):
+        super().__init__(loss, params)
+        self.vectors = check_directions(self.params, vectors, "explain_hvp")
+        along = ", ".join(str(v) for v in self.vectors)
+        self.HEADINGS = {**self.HEADINGS,
+                         "tangent": f"Directional derivatives along v = ({along}) (Ẋ = dX(θ + εv)/dε at ε = 0)",
+                         "hvp": "Hessian-vector product ((Hv)_θ = (∂L/∂θ)˙, δ̇k = (∂L/∂Zk)˙)"}
+        roots = [self.adj[p] for p in self.params if p in self.adj]
+        self.tangent = tangents(roots, dict(zip(self.params, self.vectors)))
+        zero = {p: sp.ZeroMatrix(*p.shape) for p in self.params}
+        self.hvp = {p: self.tangent.get(self.adj[p], zero[p]) if p in self.adj else zero[p] for p in self.params}
+
+    def _dots(self, latex: bool) -> dict:
+        """``{Ẋ expression: its symbol}`` for every named forward node and δ with a tangent."""
+        out = {}
+        for node, (kind, k) in self.names.items():
+            if node in self.tangent:
+                out[self.tangent[node]] = _dot_symbol(kind, k, node.shape, latex)
+        for z in self.zs:
+            if z in self.adj and self.adj[z] in self.tangent:
+                out[self.tangent[self.adj[z]]] = _dot_symbol("δ", self.names[z][1], z.shape, latex)
+        return out
+
+    def lines(self, latex: bool = False) -> list:
+        base = [line for line in super().lines(latex) if line[0] != "where"]
+        names = {**self._symbols(latex), **self._deltas(latex)}
+        dots = self._dots(latex)
+        table = {**names, **dots}
+
+        def named(expr, own=None):
+            return self._named(expr.xreplace(_without(table, own)))
+
+        out = []
+        for node in topological([self.loss]):  # the forward pass's directional derivatives
+            if node in self.names and node in self.tangent:
+                t = self.tangent[node]
+                out.append(("tangent", dots[t], named(t, t)))
+        for z in reversed(self.zs):  # the backward pass's, each layer's (Hv) after its δ̇
+            d = self.adj.get(z)
+            if d in self.tangent:
+                t = self.tangent[d]
+                out.append(("hvp", dots[t], named(t, t)))
+            elif d is not None:  # constant along v (mae's sign, a piecewise-linear loss)
+                out.append(("hvp", _dot_symbol("δ", self.names[z][1], z.shape, latex), sp.ZeroMatrix(*z.shape)))
+            for p in self.params:
+                if self._layer_param(p, z):
+                    out.append(("hvp", ("(Hv)_", p), named(self.hvp[p])))
+        done = {p for p in self.params if any(self._layer_param(p, z) for z in self.zs)}
+        out += [("hvp", ("(Hv)_", p), named(self.hvp[p])) for p in self.params if p not in done]
+        lines = base + out
+        return lines + _where(lines)
+
+
+def explain_hvp(loss, params, vectors) -> HvpExplanation:
+    """The Hessian-vector product ``H·v`` of ``loss`` in textbook notation, as ``explain`` prints
+    the gradient: the forward and backward passes, then the directional derivative along ``v``
+    of every named quantity (``Żk``, ``Ȧk``, ``δ̇k``) and ``(Hv)`` for every parameter.
+
+    ``vectors`` holds one direction per parameter, shaped like it (as for ``sd.hvp``).
+
+    >>> import symdl as sd
+    >>> x = sd.input("x", 2); y = sd.input("y", 1)
+    >>> W = sd.param("W", (2, 1)); V = sd.param("V", (2, 1))
+    >>> print(sd.explain_hvp(sd.losses.mse(x @ W, y), [W], [V]))
+    Forward pass
+      Z1 = x*W
+      L = sum((Z1 - y)**2)/n
+    <BLANKLINE>
+    Backward pass (δk = ∂L/∂Zk)
+      δ1 = 2*(Z1 - y)/n
+      ∂L/∂W = x.T*δ1
+    <BLANKLINE>
+    Directional derivatives along v = (V) (Ẋ = dX(θ + εv)/dε at ε = 0)
+      Ż1 = x*V
+    <BLANKLINE>
+    Hessian-vector product ((Hv)_θ = (∂L/∂θ)˙, δ̇k = (∂L/∂Zk)˙)
+      δ̇1 = 2*Ż1/n
+      (Hv)_W = x.T*δ̇1
+    """
+    return HvpExplanation(loss, params, vectors)

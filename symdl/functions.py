@@ -80,6 +80,44 @@ def heaviside_at_zero(expr):
                         lambda e: sp.Heaviside(e.args[0], 0))
 
 
+class NamedDerivative(Activation):
+    """The derivative of a custom activation, named once: ``mish′(Z)`` in every layer's δ.
+
+    Its formula is the derivative's formula (what backends evaluate, after inlining), and its
+    own derivative (for a Hessian) is taken by ``sp.diff`` when first asked for, itself named
+    (``mish′′``) when it is more than a function of the activation's value.
+    """
+
+    of = None  # the activation class this is the derivative of
+
+    def fdiff(self, argindex=1):
+        cls = type(self)
+        if cls.derivative_body is None:
+            cls.derivative_body = name_derivative(cls, heaviside_at_zero(sp.diff(cls.formula_body, _t)))
+        return super().fdiff(argindex)
+
+    def _eval_evalf(self, prec):
+        return expand_activations(self.formula(), use_impl=False)._eval_evalf(prec)
+
+    @classmethod
+    def definition(cls) -> tuple:
+        """``(f′(t), formula in t)``, for a "where" line of an explanation."""
+        return cls(_t), cls.formula_body
+
+
+def name_derivative(cls, d):
+    """``d`` (the derivative of activation ``cls``, in ``t``) as a named ``cls′(t)`` when it is
+    more than a function of the activation's own value (σ′ = σ(1 − σ) stays inline: it reuses
+    the forward value), else ``d`` itself."""
+    if _t not in d.xreplace({cls(_t): sp.Dummy()}).free_symbols:
+        return d
+    base = getattr(cls, "latex_name", r"\operatorname{%s}" % cls.__name__)
+    prime = type(cls.__name__ + "′", (NamedDerivative,), {
+        "formula_body": d, "impl_body": d, "derivative_body": None, "of": getattr(cls, "of", None) or cls,
+        "latex_name": base + "'"})
+    return prime(_t)
+
+
 REGISTRY = Registry("activation")
 
 
@@ -168,7 +206,9 @@ def activation(name: str, formula, derivative=None):
 
     >>> import sympy as sp
     >>> sq = activation("square_plus", lambda t: (t + sp.sqrt(t**2 + 4)) / 2)
-    >>> sq.function.derivative_body
+    >>> sq.function.derivative_body            # named once, used by name in every layer's δ
+    square_plus′(t)
+    >>> sq.function.derivative_body.formula()
     t/(2*sqrt(t**2 + 4)) + 1/2
     >>> ste = activation("sign_ste", sp.sign, derivative=lambda t: 1)   # straight-through
     >>> ste.function.derivative_body
@@ -195,6 +235,7 @@ def activation(name: str, formula, derivative=None):
         given = lambda t, f: d_body.xreplace({_t: t})  # noqa: E731
     cls = define(name, lambda t: body.xreplace({_t: t}), derivative=given)
     check_printable(cls.derivative_body, f"activation {name!r} (derivative)")
+    cls.derivative_body = name_derivative(cls, cls.derivative_body)  # mish′(Z): one definition, every layer
     return _applier(cls, name)
 
 

@@ -34,6 +34,7 @@ from .autodiff import grad
 from .backends.base import as_dtype
 from .graph import Input, MatrixExpr, Param, SumAll, VectorParam, hadamard, leaves, n as N
 from .lowering import lower
+from .tangents import check_directions
 from .validate import check_arrays
 
 
@@ -71,15 +72,7 @@ def hvp(loss, params, vectors) -> dict:
     x.T*(-2*tanh(x*W)⊙(x*V)⊙(1 - tanh(x*W)**2))
     """
     params = _check_wrt(params, "hvp")
-    vectors = list(vectors)
-    if len(vectors) != len(params):
-        raise ValueError(f"hvp: {len(params)} parameter(s) but {len(vectors)} direction(s); give one per parameter")
-    for p, v in zip(params, vectors):
-        if not isinstance(v, MatrixExpr) or tuple(v.shape) != tuple(p.shape):
-            shape = tuple(v.shape) if isinstance(v, MatrixExpr) else type(v).__name__
-            raise ValueError(f"hvp: the direction for {p.name} must have its shape {tuple(p.shape)}, got {shape}")
-        if v in params:
-            raise ValueError(f"hvp: the direction {v} is also a parameter being differentiated")
+    vectors = check_directions(params, vectors, "hvp")
     g = grad(loss, params)
     return grad(_directional(g, dict(zip(params, vectors))), params)
 

@@ -166,6 +166,12 @@ class Program:
     outputs: dict  # output name -> buffer name
     scalars: list = field(default_factory=list)  # free scalar symbols other than n, sorted by name
     persistent: dict = field(default_factory=dict)  # name -> shape: buffers kept between calls (written params, state)
+    notes: dict = field(default_factory=dict)  # buffer name -> one line naming its value ("δ2 = ..."), for comments
+
+    def note(self, buffer: str) -> str:
+        """``"  δ2 = ..."`` for a kernel's comment line in generated code ("" when ``buffer`` has no note)."""
+        text = self.notes.get(buffer)
+        return "" if not text else "  " + " ".join(str(text).split())
 
     @property
     def externals(self) -> list:

@@ -5,13 +5,13 @@ Every loss returns a (1, 1) expression; ``n`` (the batch size) appears in the di
 >>> import symdl as sd
 >>> z = sd.input("z", 1); y = sd.input("y", 1)
 >>> print(sd.losses.bce_with_logits(z, y))
-sum(-z⊙y + softplus(z))/n
+sum(softplus(z) - z⊙y)/n
 """
 from __future__ import annotations
 
 import sympy as sp
 
-from .graph import RowLogSumExp, ShapeMismatch, SumAll, name_of, shape_text, elementwise, mean
+from .graph import RowLogSumExp, ShapeMismatch, SumAll, SumCols, elementwise, hadamard, mean, name_of, shape_text
 from .functions import Softplus
 from .registry import Registry
 
@@ -59,7 +59,7 @@ def mae(pred, target):
 def huber(pred, target, delta: float = 1.0):
     """Huber loss, mean over all elements (``torch.nn.HuberLoss(delta=1.0)``)."""
     _same_shape(pred, target, "huber")
-    d = sp.Float(delta)
+    d = sp.Integer(int(delta)) if float(delta).is_integer() else sp.Float(delta)  # |r| - 1/2, not 1.0*|r| - 0.5
 
     def h(p, t):
         r = p - t
@@ -76,14 +76,31 @@ def bce_with_logits(logits, target):
 
 
 @register("softmax_cross_entropy", targets="classes")
-def softmax_cross_entropy(logits, target):
-    """Mean over the batch of ``-Σ_j y_j log softmax(z)_j`` (``target`` one-hot or probabilities).
+def softmax_cross_entropy(logits, target, *, rows_sum_to_one: bool = True):
+    """Mean over the batch of ``-Σ_j y_j log softmax(z)_j`` (``torch.nn.CrossEntropyLoss()``).
 
-    Written as ``Σ_j y_j (logsumexp(z) - z_j)``: stable for any logit.
+    By default the targets are distributions: every row of ``target`` sums to one (one-hot
+    labels, as the training API feeds them, or class probabilities, label smoothing). The loss
+    is then written with that fact, ``Σ_rows (logsumexp(z) - z·y) / n``, and its gradient is the
+    textbook ``δ = (softmax(Z) - y)/n``. ``rows_sum_to_one=False`` gives the general form,
+    ``Σ y (logsumexp(z) - z) / n``, for targets of any row sum (its gradient carries the row
+    sums: ``(sum_cols(y)⊙softmax(Z) - y)/n``); on distributions the two agree. Both are stable
+    for any logit (log-sum-exp subtracts the row max).
+
+    >>> import symdl as sd
+    >>> z = sd.input("z", 3); y = sd.input("y", 3); W = sd.param("W", (3, 3))
+    >>> print(sd.losses.softmax_cross_entropy(z @ W, y))
+    sum(logsumexp(z*W) - sum_cols((z*W)⊙y))/n
+    >>> e = str(sd.explain(sd.losses.softmax_cross_entropy(z @ W, y), [W]))
+    >>> print(next(line for line in e.splitlines() if line.startswith("  δ1")))
+      δ1 = (softmax(Z1) - y)/n
     """
     _same_shape(logits, target, "softmax_cross_entropy")
-    per_entry = elementwise(lambda z, y, l: y * (l - z), logits, target, RowLogSumExp(logits))
     rows = logits.shape[0]
+    if rows_sum_to_one:
+        per_row = elementwise(lambda l, s: l - s, RowLogSumExp(logits), SumCols(hadamard(logits, target)))
+        return elementwise(lambda s: s / rows, SumAll(per_row))
+    per_entry = elementwise(lambda z, y, l: y * (l - z), logits, target, RowLogSumExp(logits))
     return elementwise(lambda s: s / rows, SumAll(per_entry))
 
 

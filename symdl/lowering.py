@@ -38,11 +38,16 @@ from .simplify import fuse_maps, use_counts
 LOWER = RuleTable("lowering")
 
 
-def lower(outputs: dict, writes: dict | None = None) -> Program:
-    """Lower ``{name: expression}`` plus graph ``writes`` ``{leaf: expression}`` to a ``Program``."""
+def lower(outputs: dict, writes: dict | None = None, notes: dict | None = None) -> Program:
+    """Lower ``{name: expression}`` plus graph ``writes`` ``{leaf: expression}`` to a ``Program``.
+
+    ``notes`` (``{graph node: one line}``, e.g. what ``explain`` calls the node) become the
+    program's ``notes`` for the buffers that hold those nodes: comments in generated code.
+    """
     names = list(outputs)
     targets = list(writes or {})
-    roots = fuse_maps([outputs[k] for k in names] + [writes[t] for t in targets])
+    rebuilt = {}
+    roots = fuse_maps([outputs[k] for k in names] + [writes[t] for t in targets], rebuilt=rebuilt)
     out_roots, write_roots = roots[: len(names)], roots[len(names) :]
     lw = Lowerer(roots)
     check_leaf_names(lw.order + targets)
@@ -69,6 +74,8 @@ def lower(outputs: dict, writes: dict | None = None) -> Program:
         outputs={name: name for name in names},
         scalars=sorted(scalars, key=str),
         persistent=persistent,
+        notes={lw.names[rebuilt[nd]]: text for nd, text in (notes or {}).items()
+               if nd in rebuilt and rebuilt[nd] in lw.names and lw.names[rebuilt[nd]] in lw.shapes},
     )
     check(program)  # cheap next to lowering, and a broken program must never reach a backend
     return program

@@ -91,7 +91,7 @@ class Optimizer:
         >>> import symdl as sd
         >>> W = sd.param("W", (2, 2))
         >>> for leaf, value in Momentum(0.1).writes(W, 2 * W).items(): print(leaf, "<-", value)
-        W <- -lr*(momentum*b__W + 2*W) + W
+        W <- W - lr*(momentum*b__W + 2*W)
         b__W <- momentum*b__W + 2*W
         """
         states = {k: State(state_name(str(param.name), k), *param.shape) for k in self.state}

@@ -29,6 +29,7 @@ import sympy as sp
 from . import backends
 from .autodiff import grad
 from .backends.base import as_dtype
+from .explanation import explain
 from .graph import VectorParam
 from .lowering import lower
 from .optim import SGD, STEP, Optimizer, state_name
@@ -43,7 +44,7 @@ def training_program(loss, params, optimizer: Optimizer, outputs=None, writes=No
     all_writes = dict(writes or {})
     for p in params:
         all_writes.update(optimizer.writes(p, gradients[p]))
-    return lower({"loss": loss, **dict(outputs or {})}, all_writes)
+    return lower({"loss": loss, **dict(outputs or {})}, all_writes, notes=explain(loss, params).notes())
 
 
 def step_scalars(program, seed, t) -> dict:
@@ -67,7 +68,8 @@ def compile_outputs(outputs: dict, backend: str = "numpy", dtype="float64"):
 def gradient_program(loss, params):
     """``loss`` and ``grad_<name>`` for every parameter, as a program (no writes)."""
     gradients = grad(loss, params)
-    return lower({"loss": loss, **{f"grad_{p.name}": gradients[p] for p in params}}), gradients
+    outputs = {"loss": loss, **{f"grad_{p.name}": gradients[p] for p in params}}
+    return lower(outputs, notes=explain(loss, params).notes()), gradients
 
 
 class ValueAndGrad:

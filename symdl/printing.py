@@ -21,12 +21,146 @@ import re
 
 import sympy as sp
 
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.str import StrPrinter
+
 from .graph import PRINT_RULES, Broadcast, Map, RowLogSumExp, SumAll, SumCols, SumRows, is_atomic
 
-# a "*" between two matrix factors is elementwise; next to a number literal it is a scalar product
-# (an indicator ``1[Z > 0]`` is a matrix factor, not the number 1)
-_ELEMENTWISE_MUL = re.compile(r"(?<![\d*])\*(?!\*)(?!\d(?!\[))")
 _LATEX_NUMBER_ODOT = re.compile(r"(\d) \\odot ")
+_OPEN, _CLOSE = "\x01", "\x02"  # bracket a matrix factor of a product while it prints
+
+
+def _positive_first(terms):
+    """A sum reads as a textbook writes it: ``softmax(Z) - y``, not ``-y + softmax(Z)``."""
+    return sorted(terms, key=lambda t: t.could_extract_minus_sign())
+
+
+class BodyText(StrPrinter):
+    """The text of a scalar formula applied elementwise to matrices (the symbols in ``matrices``).
+
+    ``⊙`` joins two matrix factors of a product; a number or scalar symbol is joined with
+    ``*`` (``2*Z``, ``lr*G``); ``|x|`` is ``Abs``, ``{a if c; b otherwise}`` a ``Piecewise``,
+    and a sum puts its positive terms first.
+    """
+
+    def __init__(self, matrices=frozenset(), **settings):
+        super().__init__(settings)
+        self.matrices = frozenset(matrices)
+        self._mark = False
+
+    def _as_ordered_terms(self, expr, order=None):
+        return _positive_first(super()._as_ordered_terms(expr, order=order))
+
+    def parenthesize(self, item, level, strict=False):
+        mark, self._mark = self._mark, False  # only the direct factors of a product are marked
+        try:
+            s = super().parenthesize(item, level, strict)
+        finally:
+            self._mark = mark
+        if mark and getattr(item, "free_symbols", set()) & self.matrices:
+            return _OPEN + s + _CLOSE
+        return s
+
+    def _print_Mul(self, expr):
+        mark, self._mark = self._mark, True
+        try:
+            s = super()._print_Mul(expr)
+        finally:
+            self._mark = mark
+        return s.replace(_CLOSE + "*" + _OPEN, "⊙").replace(_OPEN, "").replace(_CLOSE, "")
+
+    def _print_Abs(self, expr):
+        return "|" + self._print(expr.args[0]) + "|"
+
+    def _print_Piecewise(self, expr):
+        cases = []
+        for e, c in expr.args:
+            cond = "otherwise" if c == sp.true else "if " + self._print(c)
+            cases.append(f"{self._print(e)} {cond}")
+        return "{" + "; ".join(cases) + "}"
+
+
+class BodyLatex(LatexPrinter):
+    """LaTeX of a scalar formula: ``\\odot`` for products (scalar factors are fixed up by
+    ``body_latex``), sums positive terms first, ``\\begin{cases}`` with "if" and "otherwise"."""
+
+    def _as_ordered_terms(self, expr, order=None):
+        return _positive_first(super()._as_ordered_terms(expr, order=order))
+
+    def _print_Piecewise(self, expr):
+        rows = []
+        for e, c in expr.args:
+            cond = r"\text{otherwise}" if c == sp.true else r"\text{if } " + self._print(c)
+            rows.append(f"{self._print(e)} & {cond}")
+        return r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}"
+
+
+def body_text(body, matrices=frozenset()) -> str:
+    """``body`` (a scalar formula over the symbols ``matrices``) as text, see ``BodyText``.
+
+    Scalar symbols (``n``, hyper-parameters) print as tokens that sort first, so a product
+    reads ``lr*G``, then get their names back.
+    """
+    scalars = sorted(body.free_symbols - set(matrices), key=str)
+    tokens = {sym: sp.Symbol("QA" + _placeholder(i).name[2:-2]) for i, sym in enumerate(scalars)}
+    s = BodyText(matrices).doprint(body.xreplace(tokens))
+    for sym, tok in sorted(tokens.items(), key=lambda kv: -len(kv[1].name)):
+        s = s.replace(tok.name, sp.sstr(sym))
+    return s
+
+
+def _scalar_tokens(body, matrices):
+    """Stand-in symbols for the scalar factors of every product in ``body``.
+
+    A product's factors that mention no matrix symbol (a hyper-parameter, ``n``, ``√2``,
+    ``π``) are scalars: they get a token, printed next to their neighbour with a space, never
+    ``\\odot``. Returns ``(body with tokens, {token: its LaTeX})``.
+    """
+    tokens = {}
+
+    def token(value):
+        for t, v in tokens.items():
+            if v == value:
+                return t
+        t = sp.Symbol("QA" + _placeholder(len(tokens)).name[2:-2])  # sorts first: scalars lead
+        tokens[t] = value
+        return t
+
+    def scalar(a):
+        return not (a.free_symbols & matrices) and not a.is_Rational and not a.is_Float
+
+    def split(m):
+        args = []
+        for a in m.args:
+            if not scalar(a):
+                args.append(a)
+            elif a.is_Pow and a.exp.could_extract_minus_sign():  # keep 1/√π a fraction
+                args.append(sp.Pow(token(a.base ** -a.exp), -1))
+            else:
+                args.append(token(a))
+        return sp.Mul(*args)
+
+    body = body.replace(lambda e: e.is_Mul and any(scalar(a) for a in e.args), split)
+    body = body.xreplace({s: token(s) for s in body.free_symbols - set(matrices) - set(tokens)})
+    out = {}
+    for t, v in tokens.items():  # made inner first: a token's value may hold earlier tokens
+        s = BodyLatex().doprint(v)
+        for inner, name in sorted(out.items(), key=lambda kv: -len(kv[0].name)):
+            s = s.replace(inner.name, name)
+        out[t] = s
+    return body, out
+
+
+def body_latex(body, matrices=frozenset()) -> str:
+    """LaTeX of ``body`` (over the symbols ``matrices``): ``\\odot`` only between matrix factors."""
+    if not matrices:  # a scalar formula (a derivative's definition): no elementwise products
+        return BodyLatex().doprint(body)
+    body, tokens = _scalar_tokens(body, frozenset(matrices))
+    s = _LATEX_NUMBER_ODOT.sub(r"\1 ", BodyLatex(dict(mul_symbol=r" \odot ")).doprint(body))
+    for tok, name in sorted(tokens.items(), key=lambda kv: -len(kv[0].name)):
+        s = s.replace(f"{tok.name} \\odot ", f"{name} ").replace(f" \\odot {tok.name}", f" {name}")
+        s = s.replace(tok.name, name)
+    return s
 
 
 class Indicator(sp.Function):
@@ -47,6 +181,32 @@ class Indicator(sp.Function):
 
     def _latex(self, printer):
         return r"\mathbb{1}\left[%s > 0\right]" % printer._print(self.args[0])
+
+
+class Softmax(sp.Function):
+    """``softmax(z)``: how ``exp(z - logsumexp(z))`` (row-wise, stable) reads in a formula."""
+
+    nargs = 1
+
+    def _sympystr(self, printer):
+        return f"softmax({printer._print(self.args[0])})"
+
+    def _latex(self, printer):
+        return r"\operatorname{softmax}\left(%s\right)" % printer._print(self.args[0])
+
+
+def _softmax_of(body, ph, operands):
+    """``exp(z - l)`` where the operand behind ``l`` is ``logsumexp(z)`` (broadcast) reads ``softmax(z)``."""
+    pairs = {}
+    for j, a in enumerate(operands):
+        lse = a.args[0] if isinstance(a, Broadcast) else a
+        if isinstance(lse, RowLogSumExp) and lse.args[0] in operands:
+            pairs[ph[j]] = ph[operands.index(lse.args[0])]
+    if not pairs:
+        return body
+    return body.replace(
+        lambda e: isinstance(e, sp.exp) and any(e.args[0] == z - l for l, z in pairs.items()),
+        lambda e: Softmax(next(z for l, z in pairs.items() if e.args[0] == z - l)))
 
 
 def _readable(body):
@@ -74,32 +234,16 @@ def _in_product(body, var) -> bool:
 
 def map_text(node, printer, latex: bool = False) -> str:
     """Print a ``Map`` by substituting its printed operands into its scalar body."""
-    body = _readable(node.lam.expr)
+    body = sp.factor_terms(_readable(node.lam.expr))  # a/n - b/n reads (a - b)/n
     ph = [_placeholder(i) for i in range(len(node.operands))]
-    body = body.xreplace(dict(zip(node.lam.variables, ph)))
+    body = _softmax_of(body.xreplace(dict(zip(node.lam.variables, ph))), ph, list(node.operands))
     texts = []
     for p, a in zip(ph, node.operands):
         t = printer._print(a)
         if not is_atomic(a) and _in_product(body, p):
             t = r"\left(" + t + r"\right)" if latex else "(" + t + ")"
         texts.append(t)
-    if latex:
-        # a product with a scalar symbol (n, a hyper-parameter) is not elementwise: no ⊙ next to it
-        scalars = sorted(body.free_symbols - set(ph), key=str)
-        tokens = {sym: sp.Symbol(f"QS{_placeholder(i).name}") for i, sym in enumerate(scalars)}
-        s = _LATEX_NUMBER_ODOT.sub(r"\1 ", sp.latex(body.xreplace(tokens), mul_symbol=r" \odot "))
-        for sym, tok in tokens.items():
-            name = sp.latex(sym)
-            s = s.replace(f"{tok.name} \\odot ", f"{name} ").replace(f" \\odot {tok.name}", f" {name}")
-            s = s.replace(tok.name, name)
-    else:
-        # scalar symbols (hyper-parameters, n) print as digit-edged tokens first, so a product
-        # with them stays '*' (the '⊙' rule skips a '*' next to a digit), then get their names back
-        scalars = sorted(body.free_symbols - set(ph), key=str)
-        tokens = {sym: sp.Symbol(f"0{i}ZZ{i}0") for i, sym in enumerate(scalars)}
-        s = _ELEMENTWISE_MUL.sub("⊙", sp.sstr(body.xreplace(tokens)))
-        for sym, tok in tokens.items():
-            s = s.replace(tok.name, sym.name)
+    s = body_latex(body, set(ph)) if latex else body_text(body, set(ph))
     for p, t in zip(ph, texts):
         s = s.replace(p.name, t)
     return s

@@ -38,10 +38,13 @@ def inline(node: Map, operands, fuse) -> "MatrixExpr":
     return make_map(node.lam.expr.xreplace(repl), args)
 
 
-def fuse_maps(roots, protect=frozenset()):
-    """Rebuild ``roots`` with every single-use, unprotected ``Map`` inlined into its user."""
+def fuse_maps(roots, protect=frozenset(), rebuilt=None):
+    """Rebuild ``roots`` with every single-use, unprotected ``Map`` inlined into its user.
+
+    ``rebuilt``, a dict, receives ``{old node: its rebuilt node}`` for every node under ``roots``.
+    """
     uses = use_counts(roots)
-    new = {}
+    new = {} if rebuilt is None else rebuilt
     for node in topological(roots):  # operands first: each is fully fused before its user
         if not children(node):
             new[node] = node

@@ -21,7 +21,7 @@ STAGES = [
     {"version", "registry"},
     {"graph", "printing", "functions", "losses", "regularizers", "validate", "datasets", "plotting", "normalization",
      "stochastic"},
-    {"simplify", "autodiff", "explanation"},
+    {"simplify", "autodiff", "tangents", "explanation"},
     {"optim"},
     {"ir", "lowering"},
     {"backends"},

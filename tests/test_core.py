@@ -240,7 +240,7 @@ def test_explain_two_hidden_layers_reads_like_a_textbook():
     e = sd.explain(sd.losses.bce_with_logits(logits, y), [W1, b1, W2, b2, W3, b3])
     text = str(e)
     for line in ["Z1 = x*W1 + b1", "A1 = tanh(Z1)", "Z2 = A1*W2 + b2", "A2 = relu(Z2)", "Z3 = A2*W3 + b3",
-                 "δ3 = (-y + sigmoid(Z3))/n", "∂L/∂W3 = A2.T*δ3", "∂L/∂b3 = sum_rows(δ3)",
+                 "δ3 = (sigmoid(Z3) - y)/n", "∂L/∂W3 = A2.T*δ3", "∂L/∂b3 = sum_rows(δ3)",
                  "δ2 = (δ3*W3.T)⊙1[Z2 > 0]", "∂L/∂W2 = A1.T*δ2", "δ1 = (δ2*W2.T)⊙(1 - A1**2)",
                  "∂L/∂W1 = x.T*δ1", "∂L/∂b1 = sum_rows(δ1)"]:
         assert line in text, f"missing {line!r} in\n{text}"

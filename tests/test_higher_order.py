@@ -293,7 +293,7 @@ def test_no_odot_next_to_a_scalar():
     x = sd.input("x", 2); W = sd.param("W", (2, 3))
     lr = sp.Symbol("lr")
     assert str(lr * sd.tanh(x @ W)) == "lr*tanh(x*W)" and str(2 * sd.tanh(x @ W)) == "2*tanh(x*W)"
-    assert sd.latex(lr * sd.tanh(x @ W)) == r"\tanh{\left(x W \right)} lr"
+    assert sd.latex(lr * sd.tanh(x @ W)) == r"lr \tanh{\left(x W \right)}"
     assert sd.latex(2 * sd.tanh(x @ W)) == r"2 \tanh{\left(x W \right)}"
     assert sd.latex(sd.hadamard(sd.tanh(x @ W), sd.relu(x @ W))).count(r"\odot") == 1
 

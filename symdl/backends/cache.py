@@ -64,7 +64,7 @@ def module_path(source: str, backend: str) -> Path:
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:  # kernel comments hold δ, ⊙, ∂
         f.write(text)
     os.replace(tmp, path)
 
@@ -73,7 +73,7 @@ def load_module(source: str, backend: str):
     """Import ``source`` from its cache file, writing (or rewriting) the file first if needed."""
     path = module_path(source, backend)
     try:
-        current = path.read_text()
+        current = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         current = None
     if current != source:  # missing, stale or corrupt: write it afresh, drop Numba's entries too

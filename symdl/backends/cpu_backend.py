@@ -174,7 +174,7 @@ def listing(program: Program, uses: list, ops: list) -> str:
     lines = ["# the step: cpu_runtime.run calls, in order, each kernel's formula k<i> on its buffers"]
     for k, f, op in zip(program.kernels, uses, ops):
         shape = "(" + ", ".join(map(str, program.shape_of(k.out))) + ")"
-        lines.append(f"# {k.out} {shape}: {k.kind} -> k{op}({', '.join(f.slots)})")
+        lines.append(f"# {k.out} {shape}: {k.kind} -> k{op}({', '.join(f.slots)}){program.note(k.out)}")
     return "\n".join(lines) + "\n"
 
 

@@ -246,7 +246,7 @@ def generate(program: Program, dtype) -> str:
     for i, k in enumerate(program.kernels):
         definition, launch = emit(k, program, i)
         kernels += definition
-        launches += [f"# {k.out}: {k.kind}"] + launch
+        launches += [f"# {k.out}: {k.kind}{program.note(k.out)}"] + launch
     names = program.externals + list(program.persistent) + list(program.buffers)
     unpack = [f"{buf(nm)} = b[{nm!r}]" for nm in names]
     scalars = _scalar_params(program)
