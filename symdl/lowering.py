@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy as sp
-from sympy.matrices.expressions import MatMul, Transpose
+from sympy.matrices.expressions import MatMul, MatrixExpr, Transpose
 
 from .graph import (
     INDEX_SYMBOLS, VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names,
@@ -74,8 +74,7 @@ def lower(outputs: dict, writes: dict | None = None, notes: dict | None = None) 
         outputs={name: name for name in names},
         scalars=sorted(scalars, key=str),
         persistent=persistent,
-        notes={lw.names[rebuilt[nd]]: text for nd, text in (notes or {}).items()
-               if nd in rebuilt and rebuilt[nd] in lw.names and lw.names[rebuilt[nd]] in lw.shapes},
+        notes=_buffer_notes(notes or {}, rebuilt, lw),
     )
     check(program)  # cheap next to lowering, and a broken program must never reach a backend
     return program
@@ -283,6 +282,44 @@ def _settled_copy(lw, op, shape) -> str:
     at = next((i for i, k in enumerate(lw.kernels) if isinstance(k, Update)), len(lw.kernels))
     lw.kernels.insert(at, Elementwise(name, VARS[0], (op,)))
     return name
+
+
+def _structural_ids(roots) -> dict:
+    """``{id(node): n}``, equal ``n`` for structurally equal nodes, in time linear in the graph.
+
+    Two graphs built apart (``explain``'s and the gradient's) hold equal but distinct nodes;
+    comparing them as dict keys walks each pair of trees again and again (minutes for a deep
+    net), while this walks each graph once, operands first.
+    """
+    canon, ids = {}, {}
+    stack = [(r, False) for r in roots]
+    while stack:  # by identity, not equality: equal twins are exactly what is being matched
+        node, expanded = stack.pop()
+        if id(node) in ids:
+            continue
+        operands = [a for a in node.args if isinstance(a, MatrixExpr)]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((a, False) for a in operands if id(a) not in ids)
+            continue
+        head = tuple(ids[id(a)] if isinstance(a, MatrixExpr) else a for a in node.args)
+        ids[id(node)] = canon.setdefault((type(node), head), len(canon))
+    return ids
+
+
+def _buffer_notes(notes: dict, rebuilt: dict, lw) -> dict:
+    """``{buffer: note}`` for the buffers that hold a node ``notes`` names."""
+    if not notes:
+        return {}
+    ids = _structural_ids(list(notes) + list(rebuilt))
+    by_id = {ids[id(nd)]: text for nd, text in notes.items()}
+    out = {}
+    for old, new in rebuilt.items():
+        text = by_id.get(ids[id(old)])
+        name = lw.names.get(new) if text is not None else None
+        if name is not None and name in lw.shapes:
+            out.setdefault(name, text)
+    return out
 
 
 def _free_scalars(k) -> set:
