@@ -24,7 +24,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-from .graph import PRINT_RULES, Broadcast, Map, RowLogSumExp, SumAll, SumCols, SumRows, is_atomic
+from .graph import INDEX_SYMBOLS, PRINT_RULES, Broadcast, Map, RowLogSumExp, SumAll, SumCols, SumRows, is_atomic
 
 _LATEX_NUMBER_ODOT = re.compile(r"(\d) \\odot ")
 _OPEN, _CLOSE = "\x01", "\x02"  # bracket a matrix factor of a product while it prints
@@ -95,12 +95,18 @@ class BodyLatex(LatexPrinter):
         return r"\begin{cases} " + r" \\ ".join(rows) + r" \end{cases}"
 
 
+def _with_indices(body, matrices) -> frozenset:
+    """A factor that reads the loop indices (dropout's draw) varies per entry: a matrix."""
+    return frozenset(matrices) | (sp.sympify(body).free_symbols & INDEX_SYMBOLS)
+
+
 def body_text(body, matrices=frozenset()) -> str:
     """``body`` (a scalar formula over the symbols ``matrices``) as text, see ``BodyText``.
 
     Scalar symbols (``n``, hyper-parameters) print as tokens that sort first, so a product
     reads ``lr*G``, then get their names back.
     """
+    matrices = _with_indices(body, matrices)
     scalars = sorted(body.free_symbols - set(matrices), key=str)
     tokens = {sym: sp.Symbol("QA" + _placeholder(i).name[2:-2]) for i, sym in enumerate(scalars)}
     s = BodyText(matrices).doprint(body.xreplace(tokens))
@@ -153,6 +159,7 @@ def _scalar_tokens(body, matrices):
 
 def body_latex(body, matrices=frozenset()) -> str:
     """LaTeX of ``body`` (over the symbols ``matrices``): ``\\odot`` only between matrix factors."""
+    matrices = _with_indices(body, matrices)
     if not matrices:  # a scalar formula (a derivative's definition): no elementwise products
         return BodyLatex().doprint(body)
     body, tokens = _scalar_tokens(body, frozenset(matrices))

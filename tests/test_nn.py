@@ -366,9 +366,9 @@ def test_fit_says_when_it_compiles(xor_data, tmp_path, monkeypatch, capsys):
     X, y = xor_data
 
     def fit():
-        model = sd.nn.Sequential([sd.nn.Dense(5, activation="tanh"), sd.nn.Dense(1, activation="sigmoid")],
+        model = sd.nn.Sequential([sd.nn.Dense(5, activation="tanh"), sd.nn.Dense(1)],
                                  input_dim=2)
-        model.compile(loss="bce", optimizer="adam", backend="cpu")
+        model.compile(loss="bce_with_logits", optimizer="adam", backend="cpu")
         model.fit(X, y, epochs=1, batch_size=4, verbose=1)
         return capsys.readouterr()
 
