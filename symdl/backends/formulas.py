@@ -72,8 +72,8 @@ def _rename(value, mapping: dict):
         return mapping.get(value, value)
     if isinstance(value, Operand):
         return Operand(mapping.get(value.buffer, value.buffer), value.pattern)
-    if isinstance(value, tuple):
-        return tuple(_rename(v, mapping) for v in value)
+    if isinstance(value, tuple):  # a tuple subclass (an image geometry) keeps its type
+        return type(value)(tuple(_rename(v, mapping) for v in value))
     return value
 
 
