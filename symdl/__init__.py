@@ -20,6 +20,7 @@ from .backends.threads import get_num_threads, set_num_threads
 from .explanation import explain
 from .functions import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
 from .graph import Input, Param, hadamard, input, mean, n, param, sum_squares, total
+from .conv import avg_pool2d, conv2d, flatten, max_pool2d
 from .higher import hessian, hvp, jacobian
 from .pipeline import compile, value_and_grad
 from .printing import latex, text
@@ -28,7 +29,7 @@ from .regularizers import l1, l2
 from .distributed import sweep
 
 __all__ = [
-    "activation", "adjoints", "check_grad", "compile", "datasets", "elu", "explain", "functions", "gelu", "get_num_threads",
+    "avg_pool2d", "conv2d", "flatten", "max_pool2d", "activation", "adjoints", "check_grad", "compile", "datasets", "elu", "explain", "functions", "gelu", "get_num_threads",
     "grad", "hadamard", "hessian", "higher", "hvp", "input", "Input", "jacobian", "l1", "l2", "latex", "leaky_relu",
     "log_softmax", "losses", "mean", "n", "nn", "optim", "param", "Param", "proofs", "prove", "relu", "set_num_threads", "sigmoid",
     "silu", "softmax", "softplus", "sum_squares", "sweep", "tanh", "text", "total", "value_and_grad",

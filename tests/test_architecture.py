@@ -22,7 +22,7 @@ STAGES = [
     {"graph", "printing", "functions", "losses", "regularizers", "validate", "datasets", "plotting"},
     {"simplify", "autodiff", "explanation"},
     {"optim"},
-    {"ir", "lowering"},
+    {"ir", "lowering", "conv"},  # conv: image nodes with their VJP and lowering rules
     {"backends"},
     {"pipeline", "higher", "proofs"},
     {"nn"},

@@ -1,6 +1,6 @@
 """Keras-style models: layers, ``Sequential``, the fit loop, callbacks and checkpoints.
 
-* ``layers``      ``Dense`` (builds parameters and an expression; keeps no graph);
+* ``layers``      ``Dense``, ``Conv2D``, ``MaxPooling2D``, ``AveragePooling2D``, ``Flatten`` (build parameters and an expression; keeps no graph);
 * ``model``       ``Sequential``: compile, predict, evaluate, summary, formulas, save; ``load``;
 * ``fitting``     the fit loop, ``History``, mini-batches;
 * ``callbacks``   ``EarlyStopping``, ``ModelCheckpoint``, ``LearningRateScheduler``, schedules;
@@ -11,11 +11,11 @@ from .callbacks import (
     Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint, cosine_decay, exponential_decay, step_decay,
 )
 from .fitting import History, batches
-from .layers import INITIALIZERS, Dense
+from .layers import INITIALIZERS, AveragePooling2D, Conv2D, Dense, Flatten, MaxPooling2D
 from .model import Model, Sequential, load
 
 __all__ = [
-    "Callback", "Dense", "EarlyStopping", "History", "INITIALIZERS", "LearningRateScheduler", "Model",
+    "AveragePooling2D", "Callback", "Conv2D", "Dense", "Flatten", "MaxPooling2D", "EarlyStopping", "History", "INITIALIZERS", "LearningRateScheduler", "Model",
     "ModelCheckpoint", "Sequential", "batches", "callbacks", "checkpoint", "cosine_decay", "exponential_decay",
     "fitting", "layers", "load", "model", "step_decay",
 ]
