@@ -167,10 +167,12 @@ class ImageNode(Printable, Ops, MatrixExpr):
         g = self.geometry
         return (g.H, g.W, g.C)
 
+    writes_image = False  # whether the result is the (n·H·W, C) input-shaped batch (a gradient)
+
     @property
     def out_image(self):
         g = self.geometry
-        return (g.OH, g.OW, g.C)
+        return (g.H, g.W, g.C) if self.writes_image else (g.OH, g.OW, g.C)
 
     @property
     def batch(self):
@@ -184,7 +186,8 @@ class ImageNode(Printable, Ops, MatrixExpr):
     @property
     def shape(self):
         g = self.geometry
-        return (self.batch * g.OH * g.OW, sp.Integer(g.C))
+        pixels = g.H * g.W if self.writes_image else g.OH * g.OW
+        return (self.batch * pixels, sp.Integer(g.C))
 
     # the explicit-scalar oracle: entries of small, concrete shapes (n substituted)
     def _entry(self, i, j, **kw):
@@ -248,15 +251,7 @@ class PatchesAdjoint(ImageNode):
 
     op, label = "col2im", "col2im"
     reads_image = False
-
-    @property
-    def shape(self):
-        g = self.geometry
-        return (self.batch * g.H * g.W, sp.Integer(g.C))
-
-    @property
-    def out_image(self):
-        return self.in_image
+    writes_image = True
 
     def _int_entry(self, i, j, **kw):
         g = self.geometry
@@ -280,15 +275,7 @@ class MaxPoolGrad(ImageNode):
     """``route_max(x, G)``: each window's ``G`` sent to the window's first arg-max of ``x``."""
 
     op, label = "maxpool_grad", "route_max"
-
-    @property
-    def shape(self):
-        g = self.geometry
-        return (self.batch * g.H * g.W, sp.Integer(g.C))
-
-    @property
-    def out_image(self):
-        return self.in_image
+    writes_image = True
 
 
 class AvgPool(ImageNode):
@@ -307,15 +294,7 @@ class AvgPoolGrad(ImageNode):
 
     op, label = "avgpool_grad", "spread"
     reads_image = False
-
-    @property
-    def shape(self):
-        g = self.geometry
-        return (self.batch * g.H * g.W, sp.Integer(g.C))
-
-    @property
-    def out_image(self):
-        return self.in_image
+    writes_image = True
 
     def _int_entry(self, i, j, **kw):
         g = self.geometry
