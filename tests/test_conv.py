@@ -215,3 +215,32 @@ def test_formulas_read_as_im2col_products():
     assert str(g[K]).startswith("patches(x).T*")
     assert "route_max(" in str(g[K])
     assert r"\operatorname{patches}\left(x\right)" in sd.latex(g[K])
+
+
+# --------------------------------------------------------------------------- Keras layers
+
+
+def test_sequential_cnn_summary_fit_predict_and_save_load(tmp_path):
+    X, y = sd.datasets.digits(images=True)
+    assert X.shape == (1797, 8, 8, 1)
+    model = sd.nn.Sequential([sd.nn.Conv2D(4, 3, padding="same", activation="relu"), sd.nn.MaxPooling2D(2),
+                              sd.nn.Conv2D(6, (2, 3), strides=(1, 2), activation="tanh"), sd.nn.AveragePooling2D(1),
+                              sd.nn.Flatten(), sd.nn.Dense(10)], input_shape=(8, 8, 1))
+    text = model.summary(print_fn=None)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[3:-1]}
+    assert rows["conv2d_1"][:5] == ["(n,", "8,", "8,", "4)", "40"] and rows["max_pooling2d_1"][-1] == "0"
+    assert rows["conv2d_2"][:5] == ["(n,", "3,", "1,", "6)", "150"] and rows["flatten_1"][:2] == ["(n,", "18)"]
+    model.compile(optimizer=sd.optim.Adam(1e-2), backend="numpy", dtype="float64")
+    assert model.train_step.params["K1"].shape == (3, 3, 1, 4)
+    model.fit(X[:256], y[:256], epochs=2, batch_size=64, verbose=0)
+    out = model.predict(X[:20])
+    assert out.shape == (20, 10)
+    path = tmp_path / "cnn.symdl"
+    model.save(path)
+    again = sd.nn.load(path)
+    assert_close(again.predict(X[:20]), out, 1e-12)
+    assert "patches(x).T*δ1" in model.formulas()
+    with pytest.raises(sd.datasets.DataError, match=r"expects images \(n, 8, 8, 1\)"):
+        model.predict(X[:5].reshape(5, 64))
+    with pytest.raises(ValueError, match="put sd.nn.Flatten"):
+        sd.nn.Sequential([sd.nn.Conv2D(2, 3), sd.nn.Dense(10)], input_shape=(8, 8, 1))

@@ -17,30 +17,43 @@ from __future__ import annotations
 import numpy as np
 
 from .. import datasets, functions, losses
+from ..conv import image_shape
 from ..explanation import explain
 from ..graph import input as sd_input
 from ..optim import Adam, Optimizer, from_config, get as get_optimizer
 from ..pipeline import TrainStep, compile_outputs
 from ..regularizers import Regularizer, l1, l2
 from . import checkpoint, fitting
-from .layers import Dense
+from .layers import from_config as layer_from_config
 
 
 class Sequential:
-    """A stack of layers applied in order. ``input_dim`` is the number of features."""
+    """A stack of layers applied in order. ``input_dim`` is the number of features, or
+    ``input_shape=(h, w, c)`` the NHWC images a convolutional model reads (Keras's name)."""
 
-    def __init__(self, layers, input_dim: int):
+    def __init__(self, layers, input_dim: int | None = None, input_shape=None):
         if not layers:
             raise ValueError("Sequential needs at least one layer")
-        if not (isinstance(input_dim, int) and input_dim > 0):
-            raise ValueError(f"Sequential: input_dim must be a positive integer, got {input_dim!r}")
+        if input_shape is not None:
+            input_shape = tuple(input_shape)
+            if input_dim is not None:
+                raise ValueError("Sequential: give input_dim or input_shape, not both")
+            input_dim = input_shape[0] if len(input_shape) == 1 else input_shape
+        if not (isinstance(input_dim, int) and input_dim > 0 or isinstance(input_dim, tuple) and len(input_dim) == 3):
+            raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c), "
+                             f"got {input_dim!r}")
         self.layers, self.input_dim = list(layers), input_dim
         self.x = sd_input("x", input_dim)
-        h, self.layer_params = self.x, []
+        h, self.layer_params, self.layer_outputs = self.x, [], []
         for i, layer in enumerate(self.layers, start=1):
             params, h = layer.build(i, h)
             self.layer_params.append(params)
-        self.layer_names = [layer.name or f"dense_{i}" for i, layer in enumerate(self.layers, start=1)]
+            self.layer_outputs.append(h)
+        if self.layers[-1].units is None or image_shape(h) is not None:
+            raise ValueError("Sequential: the last layer must be Dense (after Flatten for images)")
+        kinds = [layer.kind for layer in self.layers]
+        self.layer_names = [layer.name or f"{kind}_{kinds[:i].count(kind)}"
+                            for i, (layer, kind) in enumerate(zip(self.layers, kinds), start=1)]
         self.output = h
         self.y = sd_input("y", self.layers[-1].units)
         self.train_step = None
@@ -58,7 +71,7 @@ class Sequential:
     @property
     def kernels(self) -> list:
         """Each layer's weight matrix (what a regulariser penalises)."""
-        return [params[0] for params in self.layer_params]
+        return [params[0] for params in self.layer_params if params]
 
     def compile(self, loss="softmax_cross_entropy", optimizer: Optimizer | str | None = None, regularizer=None,
                 backend: str = "cpu", dtype: str = "float32", seed: int = 0):
@@ -82,6 +95,8 @@ class Sequential:
                                     outputs={"out": self.output})
         rng = np.random.default_rng(seed)
         for layer, params in zip(self.layers, self.layer_params):
+            if not params:
+                continue
             W = params[0]
             self.train_step.params[str(W.name)][...] = layer.init_kernel(rng, W.value_shape)
         self._forward = {}
@@ -127,7 +142,10 @@ class Sequential:
             self._forward[which] = compile_outputs(outputs, self.backend, self.dtype)
         runner = self._forward[which]
         externals = dict(arrays)
-        externals.update({k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in self.train_step.params.items()})
+        if isinstance(self.input_dim, tuple):  # images (n, h, w, c) are (n·h·w, c) pixel rows in the graph
+            externals["x"] = np.ascontiguousarray(arrays["x"]).reshape(-1, self.input_dim[2])
+        # a vector is a (1, k) row and a kernel (kh, kw, c_in, c_out) a (kh·kw·c_in, c_out) matrix
+        externals.update({k: v.reshape(-1, v.shape[-1]) if v.ndim != 2 else v for k, v in self.train_step.params.items()})
         return runner.run(externals, {}, n)
 
     # ------------------------------------------------------------------ training
@@ -185,12 +203,15 @@ class Sequential:
         """A Keras-style table of layers, output shapes and parameter counts."""
         rows = [("layer", "output shape", "params", "activation")]
         total = 0
-        for layer, name, params in zip(self.layers, self.layer_names, self.layer_params):
+        for layer, name, params, out in zip(self.layers, self.layer_names, self.layer_params, self.layer_outputs):
             count = sum(int(np.prod(p.value_shape)) for p in params)
             total += count
-            rows.append((name, f"(n, {layer.units})", f"{count:,}", layer.activation_name or "linear"))
+            shape = "(n, " + ", ".join(map(str, image_shape(out) or (out.shape[1],))) + ")"
+            act = layer.activation_name or ("linear" if layer.units is not None else "")
+            rows.append((name, shape, f"{count:,}", act))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [f"Sequential (input_dim={self.input_dim})"]
+        what = f"input_shape={self.input_dim}" if isinstance(self.input_dim, tuple) else f"input_dim={self.input_dim}"
+        lines = [f"Sequential ({what})"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(2, "  ".join("-" * w for w in widths))
         lines.append(f"total params: {total:,}")
@@ -220,7 +241,7 @@ class Sequential:
         reg = self.regularizer
         meta = {
             "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
-            "architecture": {"input_dim": self.input_dim,
+            "architecture": {"input_dim": list(self.input_dim) if isinstance(self.input_dim, tuple) else self.input_dim,
                              "layers": [l.config(name) for l, name in zip(self.layers, self.layer_names)]},
             "compile": {"loss": self.loss_name, "optimizer": self.optimizer.config(),
                         "regularizer": None if reg is None else {"kind": reg.kind, "coefficient": reg.coefficient},
@@ -242,14 +263,14 @@ def load(path, backend: str | None = None) -> Sequential:
         arch, comp = meta["architecture"], meta["compile"]
         layers = []
         for cfg in arch["layers"]:
-            act = cfg["activation"]
+            act = cfg.get("activation")
             if act is not None and act not in functions.REGISTRY:
                 raise checkpoint.CheckpointError(
                     f"{path} uses the activation {act!r}, which is not registered: call "
                     f"sd.activation({act!r}, formula) before loading")
-            layers.append(Dense(cfg["units"], activation=act, use_bias=cfg["use_bias"],
-                                kernel_initializer=cfg["kernel_initializer"], name=cfg["name"]))
-        model = Sequential(layers, input_dim=arch["input_dim"])
+            layers.append(layer_from_config(cfg))
+        dim = arch["input_dim"]
+        model = Sequential(layers, input_dim=tuple(dim) if isinstance(dim, list) else dim)
         reg = comp["regularizer"]
         regularizer = None if reg is None else {"l1": l1, "l2": l2}[reg["kind"]](reg["coefficient"])
         model.compile(loss=comp["loss"], optimizer=from_config(comp["optimizer"]), regularizer=regularizer,
