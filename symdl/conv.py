@@ -225,6 +225,8 @@ class Patches(ImageNode):
     """``patches(x)`` (im2col): row ``(b, oy, ox)`` holds the window ``(dy, dx, c)`` it sees."""
 
     op, label = "im2col", "patches"
+    notation = ("patches(A) (im2col): row (b, oy, ox) holds the window A[b, oy·s+dy, ox·s+dx, c]; "
+                "patches(A)*K is the convolution A ⋆ K (⋆: correlation), and patches(A).T*δ = A ⋆ δ is ∂L/∂K")
 
     @property
     def shape(self):
@@ -250,6 +252,8 @@ class PatchesAdjoint(ImageNode):
     """``col2im(G)``, the adjoint of ``patches``: each input pixel sums what its windows hold for it."""
 
     op, label = "col2im", "col2im"
+    notation = ("col2im(G), the adjoint of patches: each pixel sums what the windows containing it hold; "
+                "col2im(δ*K.T) = δ ⋆ rot180(K), the full correlation of δ with the flipped kernel")
     reads_image = False
     writes_image = True
 
@@ -264,6 +268,7 @@ class MaxPool(ImageNode):
     """The maximum of each window, per channel."""
 
     op, label = "maxpool", "maxpool"
+    notation = "maxpool(A): the maximum of each window, per channel"
 
     def _int_entry(self, i, j, **kw):
         g = self.geometry
@@ -275,6 +280,7 @@ class MaxPoolGrad(ImageNode):
     """``route_max(x, G)``: each window's ``G`` sent to the window's first arg-max of ``x``."""
 
     op, label = "maxpool_grad", "route_max"
+    notation = "route_max(A, G): each window's G goes to the window's first arg-max of A (ties: the first, as PyTorch)"
     writes_image = True
 
 
@@ -282,6 +288,7 @@ class AvgPool(ImageNode):
     """The mean of each window, per channel."""
 
     op, label = "avgpool", "avgpool"
+    notation = "avgpool(A): the mean of each window, per channel"
 
     def _int_entry(self, i, j, **kw):
         g = self.geometry
@@ -293,6 +300,7 @@ class AvgPoolGrad(ImageNode):
     """``spread(G)``: each window's ``G`` shared evenly by its ``kh·kw`` pixels (avg-pool's gradient)."""
 
     op, label = "avgpool_grad", "spread"
+    notation = "spread(G): each window's G shared evenly by its pixels (avg-pool's gradient)"
     reads_image = False
     writes_image = True
 
@@ -309,6 +317,7 @@ class Reshape(Printable, Ops, MatrixExpr):
     """
 
     precedence = PRECEDENCE["Atom"]
+    notation = "flatten(A): images (n, H, W, C) as rows (n, H·W·C), row-major over (h, w, c); unflatten: back"
 
     def _entry(self, i, j, **kw):
         return _entry_of(self, i, j, **kw)
@@ -445,9 +454,8 @@ def _print_image(node, printer, latex=False):
 
 @PRINT_RULES.rule(Reshape)
 def _print_reshape(node, printer, latex=False):
-    x = node.args[0]
-    label = "flatten" if image_shape(x) is not None else "unflatten"
-    inner = printer._print(x)
+    label = "unflatten" if node.out_image else "flatten"
+    inner = printer._print(node.args[0])
     return r"\operatorname{%s}\left(%s\right)" % (label, inner) if latex else f"{label}({inner})"
 
 

@@ -125,6 +125,15 @@ class Explanation:
     def _named(expr):
         return fuse_maps([expr])[0]
 
+    def notation(self) -> list:
+        """What the symbols of special nodes mean (a node class's ``notation`` text), in first-use order."""
+        seen = []
+        for node in topological([self.loss, *self.adj.values()]):
+            note = getattr(type(node), "notation", None)
+            if note and note not in seen:
+                seen.append(note)
+        return seen
+
     def __str__(self):
         text = ["Forward pass"]
         section = "forward"
@@ -134,6 +143,9 @@ class Explanation:
                 section = sec
             left = f"∂L/∂{lhs[1].name}" if isinstance(lhs, tuple) else str(lhs)
             text.append(f"  {left} = {sp.sstr(rhs)}")
+        notes = self.notation()
+        if notes:
+            text += ["", "Notation"] + [f"  {note}" for note in notes]
         return "\n".join(text)
 
     __repr__ = __str__

@@ -244,3 +244,14 @@ def test_sequential_cnn_summary_fit_predict_and_save_load(tmp_path):
         model.predict(X[:5].reshape(5, 64))
     with pytest.raises(ValueError, match="put sd.nn.Flatten"):
         sd.nn.Sequential([sd.nn.Conv2D(2, 3), sd.nn.Dense(10)], input_shape=(8, 8, 1))
+
+
+def test_explain_names_the_conv_layer_and_defines_its_symbols():
+    x = sd.input("x", (6, 6, 1)); K = sd.param("K", (3, 3, 1, 2)); c = sd.param("c", 2)
+    W = sd.param("W", (18, 3)); b = sd.param("b", 3); y = sd.input("y", 3)
+    h = sd.avg_pool2d(sd.relu(sd.conv2d(x, K, padding="same") + c), 2)
+    text = str(sd.explain(sd.losses.softmax_cross_entropy(sd.flatten(h) @ W + b, y), [K, c, W, b]))
+    assert "Z1 = patches(x)*K + c" in text and "Z2 = flatten(avgpool(A1))*W + b" in text
+    assert "δ1 = (spread(unflatten(δ2*W.T)))⊙1[Z1 > 0]" in text
+    assert "∂L/∂K = patches(x).T*δ1" in text and "∂L/∂c = sum_rows(δ1)" in text
+    assert "⋆" in text and "spread(G)" in text

@@ -128,3 +128,15 @@ def test_extending_recipe_new_node_matches_finite_differences():
     rng = np.random.default_rng(1)
     arrays = {"x": rng.normal(size=(5, 4)), "y": rng.normal(size=(5, 1)), "W": rng.normal(size=(4, 3))}
     assert_close(f(**arrays)[1]["W"], finite_difference(f, arrays, "W"), 1e-6, what="d/dW on cuda")
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_conv_and_pooling_match_numpy(kind):
+    """Every image kernel (im2col, col2im, pooling and its gradient, reshape) on odd shapes."""
+    x = sd.input("x", (5, 7, 2)); K = sd.param("K", (3, 2, 2, 3)); c = sd.param("c", 3)
+    h = sd.tanh(sd.conv2d(x, K, stride=(2, 1), padding="same") + c)
+    h = (sd.max_pool2d if kind == "max" else sd.avg_pool2d)(h, (2, 3), 1)
+    loss = sd.total(sd.sigmoid(sd.flatten(h)))
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(3, 5, 7, 2)), "K": rng.normal(size=(3, 2, 2, 3)), "c": rng.normal(size=3)}
+    compare(loss, [K, c, x], arrays)
