@@ -24,8 +24,10 @@ built. Each node lowers to one ``ir.ImageOp`` kernel.
 >>> h = sd.max_pool2d(sd.relu(sd.conv2d(x, K, padding="same") + c), 2)
 >>> image_shape(h), sd.flatten(h).shape
 ((4, 4, 4), (n, 64))
->>> print(sd.grad(sd.total(sd.conv2d(x, K)), [K])[K])
-patches(x).T*1
+>>> g = sd.grad(sd.sum_squares(sd.conv2d(x, K)), [K, x])
+>>> print(g[K]); print(g[x])
+patches(x).T*(2*(patches(x)*K))
+col2im((2*(patches(x)*K))*K.T)
 """
 from __future__ import annotations
 
