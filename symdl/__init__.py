@@ -20,6 +20,7 @@ from .backends.threads import get_num_threads, set_num_threads
 from .explanation import explain, explain_hvp
 from .functions import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
 from .graph import Input, Param, hadamard, input, mean, n, param, sum_squares, total
+from .conv import avg_pool2d, conv2d, flatten, max_pool2d
 from .higher import hessian, hvp, jacobian
 from .normalization import batch_norm, layer_norm
 from .pipeline import compile, value_and_grad
@@ -30,9 +31,10 @@ from .stochastic import dropout
 from .distributed import sweep
 
 __all__ = [
-    "activation", "adjoints", "batch_norm", "check_grad", "compile", "datasets", "dropout", "elu", "explain", "explain_hvp",
-    "functions", "gelu", "get_num_threads", "grad", "hadamard", "hessian", "higher", "hvp", "input", "Input", "jacobian", "l1",
-    "l2", "latex", "layer_norm", "leaky_relu", "log_softmax", "losses", "mean", "n", "nn", "normalization", "optim", "param",
-    "Param", "proofs", "prove", "relu", "set_num_threads", "sigmoid", "silu", "softmax", "softplus", "stochastic",
-    "sum_squares", "sweep", "tanh", "text", "total", "value_and_grad",
+    "activation", "adjoints", "avg_pool2d", "batch_norm", "check_grad", "compile", "conv2d", "datasets", "dropout", "elu",
+    "explain", "explain_hvp", "flatten", "functions", "gelu", "get_num_threads", "grad", "hadamard", "hessian", "higher",
+    "hvp", "input", "Input", "jacobian", "l1", "l2", "latex", "layer_norm", "leaky_relu", "log_softmax", "losses",
+    "max_pool2d", "mean", "n", "nn", "normalization", "optim", "param", "Param", "proofs", "prove", "relu",
+    "set_num_threads", "sigmoid", "silu", "softmax", "softplus", "stochastic", "sum_squares", "sweep", "tanh", "text",
+    "total", "value_and_grad",
 ]

@@ -20,12 +20,16 @@ class DataError(ValueError):
     """Data a model cannot train on, with the reason and the offending shapes or values."""
 
 
-def digits():
-    """scikit-learn's 8x8 handwritten digits: ``X`` (1797, 64) scaled to [0, 1], ``y`` labels 0-9."""
+def digits(images: bool = False):
+    """scikit-learn's 8x8 handwritten digits: ``X`` (1797, 64) scaled to [0, 1], ``y`` labels 0-9.
+
+    ``images=True``: ``X`` is the NHWC image batch (1797, 8, 8, 1) for convolutional models.
+    """
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return (d.data / 16.0).astype(np.float64), d.target.astype(np.int64)
+    X = (d.data / 16.0).astype(np.float64)
+    return (X.reshape(-1, 8, 8, 1) if images else X), d.target.astype(np.int64)
 
 
 def xor(n: int = 400, noise: float = 0.1, seed: int = 0):
@@ -140,11 +144,22 @@ def save_idx(path, array) -> None:
         f.write(payload)
 
 
-def check_features(X, *, input_dim: int, what: str = "data") -> np.ndarray:
-    """Validate a feature matrix: numeric, 2-D, ``input_dim`` columns, not empty, finite."""
+def check_features(X, *, input_dim, what: str = "data") -> np.ndarray:
+    """Validate a feature matrix: numeric, 2-D, ``input_dim`` columns, not empty, finite.
+
+    ``input_dim = (h, w, c)``: images ``(n, h, w, c)`` (``(n, h, w)`` when ``c`` is 1).
+    """
     X = np.asarray(X)
     if X.dtype.kind not in "fiub":
         raise DataError(f"{what}: X has dtype {X.dtype}; expected numbers")
+    if isinstance(input_dim, tuple):
+        X = X[..., None] if X.ndim == 3 and input_dim[2] == 1 else X
+        if X.shape[1:] != input_dim:
+            raise DataError(f"{what}: X has shape {X.shape}, the model expects images (n, "
+                            f"{', '.join(map(str, input_dim))})")
+        if len(X) == 0 or not np.isfinite(X).all():
+            raise DataError(f"{what}: X is empty or contains NaN or Inf")
+        return X.astype(np.float64)
     if X.ndim != 2:
         raise DataError(f"{what}: X must be 2-D (samples, features), got shape {X.shape}")
     if X.shape[1] != input_dim:

@@ -375,7 +375,7 @@ class DataParallel:
         self.rounds, self.round_seconds, self.worker_seconds, self.driver_seconds = 0, 0.0, 0.0, 0.0
         self._futures = []
         blob = _model_blob(model)
-        check = dict(kind=model.kind, outputs=model.layers[-1].units, input_dim=model.input_dim)
+        check = dict(kind=model.kind, outputs=model.units, input_dim=model.input_dim)
         placed = self._place(X, Y)
         setups = {}
         for w, (xs, ys, rows) in placed.items():
@@ -635,7 +635,7 @@ def fit(model, X, y, *, cluster, sync="grads", every=1, epochs=1, batch_size=32,
         raise RuntimeError("call model.compile(...) first")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    check = dict(kind=model.kind, outputs=model.layers[-1].units, input_dim=model.input_dim)
+    check = dict(kind=model.kind, outputs=model.units, input_dim=model.input_dim)
     lazy = hasattr(X, "to_delayed") and hasattr(X, "chunks")
     Xv = Yv = None
     if validation_data is None and validation_split:

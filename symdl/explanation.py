@@ -144,6 +144,15 @@ class Explanation:
     HEADINGS = {"forward": "Forward pass", "backward": "Backward pass (δk = ∂L/∂Zk)",
                 "where": "where"}
 
+    def notation(self) -> list:
+        """What the symbols of special nodes mean (a node class's ``notation`` text), in first-use order."""
+        seen = []
+        for node in topological([self.loss, *self.adj.values()]):
+            note = getattr(type(node), "notation", None)
+            if note and note not in seen:
+                seen.append(note)
+        return seen
+
     def __str__(self):
         text, section = [], None
         for sec, lhs, rhs in self.lines():
@@ -151,6 +160,9 @@ class Explanation:
                 text += ([""] if text else []) + [self.HEADINGS[sec]]
                 section = sec
             text.append(f"  {_left_text(lhs)} = {_text(rhs)}")
+        notes = self.notation()
+        if notes:
+            text += ["", "Notation"] + [f"  {note}" for note in notes]
         return "\n".join(text)
 
     __repr__ = __str__

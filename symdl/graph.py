@@ -185,6 +185,28 @@ class ParamName(Str):
 _param_ids = itertools.count()
 
 
+class ShapedName(Str):
+    """A leaf's name that also carries the shape its arrays have outside the graph.
+
+    An image input ``(n, H, W, C)`` is the matrix ``(n·H·W, C)`` in the graph and a
+    convolution kernel ``(kh, kw, c_in, c_out)`` the matrix ``(kh·kw·c_in, c_out)``; the
+    outer shape is part of the name's identity (two inputs ``x`` of other geometries differ).
+    """
+
+    __slots__ = ("dims", "uid")
+
+    def __new__(cls, name, dims, uid=-1):
+        obj = Str.__new__(cls, name)
+        obj.dims, obj.uid = tuple(int(d) for d in dims), int(uid)
+        return obj
+
+    def __getnewargs__(self):
+        return (self.name, self.dims, self.uid)
+
+    def _hashable_content(self):
+        return (self.name, self.dims, self.uid)
+
+
 class Input(Ops, MatrixSymbol):
     """A data array fed at call time: ``(n, features)`` with the batch symbol ``n``."""
 
@@ -205,6 +227,22 @@ class VectorParam(Param):
         return (int(self.shape[1]),)
 
 
+class ImageInput(Input):
+    """A batch of NHWC images ``(n, H, W, C)``, held as the matrix ``(n·H·W, C)``: one row per pixel."""
+
+    @property
+    def image_shape(self) -> tuple:
+        return self.args[0].dims
+
+
+class KernelParam(Param):
+    """A convolution kernel ``(kh, kw, c_in, c_out)``, held as the matrix ``(kh·kw·c_in, c_out)``."""
+
+    @property
+    def value_shape(self) -> tuple:
+        return self.args[0].dims
+
+
 class State(Ops, MatrixSymbol):
     """A persistent buffer that is not trained: optimizer state, later running statistics.
 
@@ -213,13 +251,24 @@ class State(Ops, MatrixSymbol):
     """
 
 
-def input(name: str, features: int) -> Input:  # noqa: A001 - public name from the design
+def input(name: str, features) -> Input:  # noqa: A001 - public name from the design
     """A batch of data with ``features`` columns and ``n`` (symbolic) rows.
+
+    ``features = (H, W, C)`` declares a batch of NHWC images, held as ``(n·H·W, C)``:
 
     >>> x = input("x", 4); x.shape
     (n, 4)
+    >>> input("img", (8, 8, 1)).shape
+    (64*n, 1)
     """
     _check_name(name)
+    if isinstance(features, (tuple, list)):
+        dims = tuple(features)
+        if len(dims) != 3 or not all(isinstance(d, numbers.Integral) and d > 0 for d in dims):
+            raise ValueError(f"input {name!r}: an image shape is (height, width, channels) of positive ints, "
+                             f"got {features!r}")
+        h, w, c = (int(d) for d in dims)
+        return ImageInput(ShapedName(name, dims), n * h * w, c)
     if not (isinstance(features, numbers.Integral) and features > 0):
         raise ValueError(f"input {name!r}: features must be a positive integer, got {features!r}")
     return Input(name, n, int(features))
@@ -239,8 +288,12 @@ def param(name: str, shape) -> Param:
     shape = tuple(shape)
     if len(shape) == 1:
         return param(name, shape[0])
+    if len(shape) == 4 and all(isinstance(d, numbers.Integral) and d > 0 for d in shape):
+        kh, kw, cin, cout = (int(d) for d in shape)  # a convolution kernel, as in Keras
+        return KernelParam(ShapedName(name, shape, next(_param_ids)), kh * kw * cin, cout)
     if len(shape) != 2 or not all(isinstance(d, numbers.Integral) and d > 0 for d in shape):
-        raise ValueError(f"param {name!r}: shape must be an int or a pair of positive ints, got {shape!r}")
+        raise ValueError(f"param {name!r}: shape must be an int, a pair of positive ints or a convolution "
+                         f"kernel (kh, kw, c_in, c_out), got {shape!r}")
     return Param(ParamName(name, next(_param_ids)), int(shape[0]), int(shape[1]))
 
 
@@ -567,7 +620,7 @@ def topological(roots) -> list:
 
 
 __all__ = [
-    "n", "VARS", "ROW_INDEX", "COL_INDEX", "INDEX_SYMBOLS", "input", "param", "Input", "Param", "VectorParam", "State", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
+    "n", "VARS", "ROW_INDEX", "COL_INDEX", "INDEX_SYMBOLS", "input", "param", "Input", "Param", "VectorParam", "State", "ImageInput", "KernelParam", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
     "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean", "sum_squares",
     "matmul", "broadcast_to", "leaves", "check_leaf_names", "children", "topological", "ShapeMismatch", "MatMul",
     "MatAdd", "Transpose",

@@ -152,7 +152,88 @@ class Update:
         return f"[{lets}] {writes} ({', '.join(map(str, self.operands))})"
 
 
-KERNELS = (Gemm, Elementwise, Reduction, Update)
+class Geometry(tuple):
+    """An image operation's geometry: ``(H, W, C, kh, kw, sh, sw, pt, pl, OH, OW)`` (ints).
+
+    An image batch ``(n, H, W, C)`` is the matrix ``(n·H·W, C)`` (NHWC memory); a window
+    ``kh x kw`` moves with strides ``(sh, sw)``; ``pt``/``pl`` zero rows/columns pad the top
+    and left (the bottom and right padding is whatever the output size ``OH x OW`` needs).
+    """
+
+    FIELDS = ("H", "W", "C", "kh", "kw", "sh", "sw", "pt", "pl", "OH", "OW")
+
+    def __new__(cls, values):
+        values = tuple(int(v) for v in values)
+        if len(values) != len(cls.FIELDS):
+            raise ValueError(f"a geometry has {len(cls.FIELDS)} fields {cls.FIELDS}, got {values}")
+        return tuple.__new__(cls, values)
+
+    def __getattr__(self, name):
+        try:
+            return self[self.FIELDS.index(name)]
+        except ValueError:
+            raise AttributeError(name) from None
+
+    def __getnewargs__(self):
+        return (tuple(self),)
+
+
+#: What each ``ImageOp`` reads and writes, as (operand shapes, output shape) in units of
+#: ``in``: ``(n·H·W, C)``, ``out``: ``(n·OH·OW, C)``, ``cols``: ``(n·OH·OW, kh·kw·C)``.
+IMAGE_OPS = {
+    "im2col": (("in",), "cols"),  # patch extraction: out[(b, oy, ox), (dy, dx, c)] = x[(b, iy, ix), c]
+    "col2im": (("cols",), "in"),  # its adjoint, a scatter-add written as a gather over input pixels
+    "maxpool": (("in",), "out"),
+    "maxpool_grad": (("in", "out"), "in"),  # (x, G): G routed to each window's first arg-max
+    "avgpool": (("in",), "out"),
+    "avgpool_grad": (("out",), "in"),  # G spread evenly over each window
+    "reshape": (("any",), "any"),  # the same row-major memory read as another (rows, cols)
+}
+
+
+@dataclass
+class ImageOp:
+    """An image kernel over NHWC batches held as ``(n·H·W, C)`` matrices (see ``Geometry``).
+
+    ``op`` is one of ``IMAGE_OPS``; every op is written as a gather (each output entry
+    computed by one iteration), so loops parallelise over the output without write races.
+    """
+
+    out: str
+    op: str
+    operands: tuple  # Operands (always Pattern.SAME)
+    geometry: Geometry
+
+    @property
+    def kind(self) -> str:  # how generated code, train.kernels and CUDA kernel names spell it
+        return self.op
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        return []
+
+    def window(self) -> int:
+        g = self.geometry
+        return 1 if self.op == "reshape" else g.kh * g.kw
+
+    def shapes(self) -> tuple:
+        """``(operand shapes, output shape)`` the geometry implies (None: any, for ``reshape``)."""
+        g = self.geometry
+        units = {"in": (N * g.H * g.W, sp.Integer(g.C)), "out": (N * g.OH * g.OW, sp.Integer(g.C)),
+                 "cols": (N * g.OH * g.OW, sp.Integer(g.kh * g.kw * g.C)), "any": None}
+        ins, out = IMAGE_OPS[self.op]
+        return [units[u] for u in ins], units[out]
+
+    def __str__(self):
+        g = self.geometry
+        geo = "" if self.op == "reshape" else (f"[{g.H}x{g.W}x{g.C} window {g.kh}x{g.kw} stride {g.sh},{g.sw} "
+                                               f"pad {g.pt},{g.pl} -> {g.OH}x{g.OW}]")
+        return f"{self.op}{geo}({', '.join(map(str, self.operands))})"
+
+
+KERNELS = (Gemm, Elementwise, Reduction, Update, ImageOp)
 
 
 @dataclass
@@ -205,6 +286,8 @@ class Program:
             inner = self.shape_of(kernel.a)[0 if kernel.trans_a else 1]
             return sp.sympify(r * c * inner)
         r, c = self.loop_shape(kernel)
+        if isinstance(kernel, ImageOp):  # each output entry reads one window
+            return sp.sympify(r * c * kernel.window())
         return sp.sympify(r * c) * max(1, sum(sp.count_ops(b) for b in kernel.bodies()))
 
     def work(self, kernel, n_value: int) -> int:
@@ -275,6 +358,9 @@ def _check_shapes(program, k, where):
             raise ProgramError(f"{where}: {a}{'ᵀ' if k.trans_a else ''} @ {b}{'ᵀ' if k.trans_b else ''} "
                                f"does not give {program.shape_of(k.out)}")
         return
+    if isinstance(k, ImageOp):
+        _check_image_shapes(program, k, where)
+        return
     r, c = program.loop_shape(k)
     for op in k.reads():
         shape = tuple(program.shape_of(op.buffer))
@@ -282,3 +368,21 @@ def _check_shapes(program, k, where):
                 Pattern.TRANSPOSE: (c, r)}[op.pattern]
         if tuple(sp.sympify(d) for d in shape) != tuple(sp.sympify(d) for d in want):
             raise ProgramError(f"{where}: operand {op} has shape {shape}, its pattern needs {want}")
+
+
+def _check_image_shapes(program, k, where):
+    if k.op not in IMAGE_OPS:
+        raise ProgramError(f"{where}: unknown image op {k.op!r}")
+    ins, out = k.shapes()
+    actual = [tuple(program.shape_of(o.buffer)) for o in k.operands]
+    if len(actual) != len(ins) or any(o.pattern != Pattern.SAME for o in k.operands):
+        raise ProgramError(f"{where}: {k.op} reads {len(ins)} whole buffers, got {list(map(str, k.operands))}")
+    got_out = tuple(program.shape_of(k.out))
+    if k.op == "reshape":
+        size = lambda s: sp.expand(s[0] * s[1])  # noqa: E731
+        if sp.expand(size(actual[0]) - size(got_out)) != 0:
+            raise ProgramError(f"{where}: reshape of {actual[0]} to {got_out} changes the size")
+        return
+    for shape, want in list(zip(actual, ins)) + [(got_out, out)]:
+        if any(sp.expand(sp.sympify(a) - b) != 0 for a, b in zip(shape, want)):
+            raise ProgramError(f"{where}: a buffer has shape {shape}, the geometry needs {want}")

@@ -328,4 +328,4 @@ def _free_scalars(k) -> set:
     if isinstance(k, Update):
         defined = {s for s, _ in k.lets}
         return {s for _, b in k.lets for s in sp.sympify(b).free_symbols if s not in VARSET and s not in defined}
-    return {s for s in k.body.free_symbols if s not in VARSET}
+    return {s for b in k.bodies() for s in sp.sympify(b).free_symbols if s not in VARSET}

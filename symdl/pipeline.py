@@ -92,8 +92,15 @@ class ValueAndGrad:
         arrays, n = check_arrays(arrays, self.program.inputs, self.program.params, self.dtype)
         outs = self.runner.run(arrays, step_scalars(self.program, self.seed, 0), n)
         value = float(np.asarray(outs["loss"]).reshape(-1)[0])
-        grads = {str(p.name): np.array(outs[f"grad_{p.name}"]).reshape(p.value_shape) for p in self.params}
+        grads = {str(p.name): np.array(outs[f"grad_{p.name}"]).reshape(_outer_shape(p)) for p in self.params}
         return value, grads
+
+
+def _outer_shape(leaf) -> tuple:
+    """The shape of a leaf's arrays outside the graph: a parameter's, or ``(n, ...)`` for an input."""
+    if hasattr(leaf, "value_shape"):
+        return leaf.value_shape
+    return (-1, *getattr(leaf, "image_shape", (int(leaf.shape[1]),)))
 
 
 def value_and_grad(loss, params, *, backend: str = "numpy", dtype: str = "float64", seed: int = 0) -> ValueAndGrad:
@@ -119,8 +126,12 @@ class KernelTable(list):
 
 
 def glorot_uniform(rng, shape):
-    """Glorot (Xavier) uniform: ``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))`` (Keras's default)."""
-    return rng.uniform(-1, 1, shape) * math.sqrt(6.0 / (shape[0] + shape[1]))
+    """Glorot (Xavier) uniform: ``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))`` (Keras's default).
+
+    A convolution kernel ``(kh, kw, c_in, c_out)`` has fans ``kh·kw·c_in`` and ``kh·kw·c_out``.
+    """
+    receptive = math.prod(shape[:-2])
+    return rng.uniform(-1, 1, shape) * math.sqrt(6.0 / (receptive * (shape[-2] + shape[-1])))
 
 
 class TrainStep:

@@ -41,23 +41,33 @@ def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True) -> t
         a = np.asarray(value)
         if a.dtype.kind not in "fiub":
             raise ArrayError(f"array {name!r} has dtype {a.dtype}, expected numbers (converted to {np.dtype(dtype).name})")
-        if leaf in inputs:
+        image = getattr(leaf, "image_shape", None)
+        if leaf in inputs and image is not None:  # (n, H, W, C) images -> (n·H·W, C) pixel rows
+            a = a[..., None] if a.ndim == 3 and image[2] == 1 else a
+            if a.ndim != 4 or a.shape[1:] != tuple(image):
+                raise ArrayError(f"array {name!r} has shape {_fmt(a.shape)}, expected images (n, "
+                                 f"{', '.join(map(str, image))})")
+            rows = a.shape[0]
+            a = a.reshape(-1, image[2])
+        elif leaf in inputs:
             a = a.reshape(-1, 1) if a.ndim == 1 and int(leaf.shape[1]) == 1 else a
             if a.ndim != 2 or a.shape[1] != int(leaf.shape[1]):
                 raise ArrayError(f"array {name!r} has shape {_fmt(a.shape)}, expected (n, {leaf.shape[1]})")
+            rows = a.shape[0]
+        if leaf in inputs:
             if a.shape[0] == 0:
                 raise ArrayError(f"array {name!r} is empty (0 rows)")
             if batch is None:
-                batch, batch_from = a.shape[0], name
-            elif a.shape[0] != batch:
-                raise ArrayError(f"batch sizes differ: {batch_from!r} has {batch} rows, {name!r} has {a.shape[0]}")
+                batch, batch_from = rows, name
+            elif rows != batch:
+                raise ArrayError(f"batch sizes differ: {batch_from!r} has {batch} rows, {name!r} has {rows}")
         else:
             want = leaf.value_shape
             if isinstance(leaf, VectorParam) and a.shape == (1, want[0]):
                 a = a.reshape(want)
             if a.shape != want:
                 raise ArrayError(f"array {name!r} has shape {_fmt(a.shape)}, expected {_fmt(want)}")
-            a = a.reshape(1, -1) if isinstance(leaf, VectorParam) else a
+            a = a.reshape(int(leaf.shape[0]), int(leaf.shape[1]))  # a vector is a row, a kernel a matrix
         a = np.ascontiguousarray(a, dtype=dtype)
         if check_finite and not np.isfinite(a).all():
             raise ArrayError(f"array {name!r} contains NaN or Inf")
@@ -93,5 +103,5 @@ def _expected_shape(leaf):
     from .graph import Input  # noqa
 
     if isinstance(leaf, Input):
-        return ("n", int(leaf.shape[1]))
+        return ("n", *getattr(leaf, "image_shape", (int(leaf.shape[1]),)))
     return leaf.value_shape

@@ -23,7 +23,7 @@ STAGES = [
      "stochastic"},
     {"simplify", "autodiff", "tangents", "explanation"},
     {"optim"},
-    {"ir", "lowering"},
+    {"ir", "lowering", "conv"},  # conv: image nodes with their VJP and lowering rules
     {"backends"},
     {"pipeline", "higher", "proofs"},
     {"nn"},

@@ -330,7 +330,7 @@ def test_cli_train(tmp_path):
     assert out.returncode == 2 and "needs --layers 64,...,10" in out.stderr
 
 
-EXAMPLES = ["xor", "moons", "digits", "sine_regression", "custom_activation", "regularization", "mnist_idx"]
+EXAMPLES = ["xor", "moons", "digits", "digits_cnn", "sine_regression", "custom_activation", "regularization", "mnist_idx"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

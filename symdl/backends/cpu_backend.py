@@ -332,3 +332,18 @@ def _helpers(program: Program) -> str:
     if not uses_uniform_hash(program):
         return ""
     return uniform_hash_source('@numba.njit(inline="always", error_model="numpy", cache=True)') + "\n\n"
+
+
+# --------------------------------------------------------------------------- image kernels (issue 10)
+# Convolution and pooling (``ir.ImageOp``): one gather loop over the output rows (pixels),
+# ``prange`` when the work is large; no two rows write one entry (see ``image_code``).
+
+from ..ir import ImageOp  # noqa: E402 - kept with the printer that uses it
+from .image_code import row_body as _image_row_body  # noqa: E402
+
+
+@emit.register
+def _emit_image(k: ImageOp, program, parallel, flavor):
+    rows, cols = _dims(program.shape_of(k.out))
+    body = _image_row_body(k, cols)
+    return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par)] + indent(body), parallel)

@@ -106,3 +106,53 @@ class Runner(RunnerBase):
 
 def compile_program(program: Program, dtype) -> Runner:
     return Runner(program, dtype)
+
+
+# --------------------------------------------------------------------------- image kernels (issue 10)
+# Convolution and pooling over NHWC batches held as (n·H·W, C) matrices: the windows are
+# strided slices of a zero-padded (n, H', W', C) view, one slice per window offset (dy, dx).
+
+from ..ir import ImageOp  # noqa: E402 - kept with the printers that use it
+
+
+def _image_lines(k: ImageOp, program) -> list:
+    g = k.geometry
+    out = buf(k.out)
+    src = [buf(o.buffer) for o in k.operands]
+    if k.op == "reshape":
+        return [f"{out}.reshape(-1)[...] = {src[0]}.reshape(-1)"]
+    hp = max(g.H + g.pt, (g.OH - 1) * g.sh + g.kh)  # padded height: every window inside
+    wp = max(g.W + g.pl, (g.OW - 1) * g.sw + g.kw)
+    win = (f"_pad[:, dy:dy + {(g.OH - 1) * g.sh + 1}:{g.sh}, dx:dx + {(g.OW - 1) * g.sw + 1}:{g.sw}, :]")
+    inner = f"_pad[:, {g.pt}:{g.pt + g.H}, {g.pl}:{g.pl + g.W}, :]"
+    pad = [f"_pad = numpy.zeros((n, {hp}, {wp}, {g.C}), {out}.dtype)"]
+    offsets = [f"for dy in range({g.kh}):", f"    for dx in range({g.kw}):"]
+    images = f"(n, {g.OH}, {g.OW}, {g.C})"
+    if k.op == "im2col":
+        return pad + [f"{inner}[...] = {src[0]}.reshape(n, {g.H}, {g.W}, {g.C})",
+                      f"_cols = {out}.reshape(n, {g.OH}, {g.OW}, {g.kh}, {g.kw}, {g.C})", *offsets,
+                      f"        _cols[:, :, :, dy, dx, :] = {win}"]
+    if k.op == "col2im":
+        return pad + [f"_cols = {src[0]}.reshape(n, {g.OH}, {g.OW}, {g.kh}, {g.kw}, {g.C})", *offsets,
+                      f"        {win} += _cols[:, :, :, dy, dx, :]",
+                      f"{out}[...] = {inner}.reshape({out}.shape)"]
+    stack = ["_w = numpy.stack([" + win.replace("dy", "_dy").replace("dx", "_dx")
+             + f" for _dy in range({g.kh}) for _dx in range({g.kw})], axis=3)"]
+    if k.op in ("maxpool", "maxpool_grad"):
+        stack = [f"_pad[...] = -numpy.inf", f"{inner}[...] = {src[0]}.reshape(n, {g.H}, {g.W}, {g.C})"] + stack
+    if k.op == "maxpool":
+        return pad + stack + [f"{out}[...] = _w.max(axis=3).reshape({out}.shape)"]
+    if k.op == "avgpool":
+        return pad + [f"{inner}[...] = {src[0]}.reshape(n, {g.H}, {g.W}, {g.C})"] + stack + \
+            [f"{out}[...] = _w.mean(axis=3).reshape({out}.shape)"]
+    grad = src[-1]
+    if k.op == "maxpool_grad":  # the first arg-max of each window takes the window's gradient (NumPy's argmax)
+        lines = pad + stack + ["_arg = _w.argmax(axis=3)", "_pad[...] = 0.0", *offsets,
+                               f"        {win} += numpy.where(_arg == dy * {g.kw} + dx, "
+                               f"{grad}.reshape({images}), 0.0)"]
+    else:  # avgpool_grad
+        lines = pad + [*offsets, f"        {win} += {grad}.reshape({images}) / {g.kh * g.kw}"]
+    return lines + [f"{out}[...] = {inner}.reshape({out}.shape)"]
+
+
+emit.register(ImageOp)(_image_lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import datasets, functions, losses
+from ..conv import image_shape
 from ..explanation import explain
 from ..graph import VectorParam, input as sd_input
 from ..optim import Adam, Optimizer, from_config, get as get_optimizer
@@ -27,28 +28,40 @@ from .layers import LAYERS, Dense
 
 
 class Sequential:
-    """A stack of layers applied in order. ``input_dim`` is the number of features."""
+    """A stack of layers applied in order. ``input_dim`` is the number of features, or
+    ``input_shape=(h, w, c)`` the NHWC images a convolutional model reads (Keras's name)."""
 
-    def __init__(self, layers, input_dim: int):
+    def __init__(self, layers, input_dim: int | None = None, input_shape=None):
         if not layers:
             raise ValueError("Sequential needs at least one layer")
-        if not (isinstance(input_dim, int) and input_dim > 0):
-            raise ValueError(f"Sequential: input_dim must be a positive integer, got {input_dim!r}")
+        if input_shape is not None:
+            input_shape = tuple(input_shape)
+            if input_dim is not None:
+                raise ValueError("Sequential: give input_dim or input_shape, not both")
+            input_dim = input_shape[0] if len(input_shape) == 1 else input_shape
+        if not (isinstance(input_dim, int) and input_dim > 0 or isinstance(input_dim, tuple) and len(input_dim) == 3):
+            raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c), "
+                             f"got {input_dim!r}")
         self.layers, self.input_dim = list(layers), input_dim
         self.x = sd_input("x", input_dim)
         h = h_infer = self.x
-        self.layer_params, self.layer_units, self.writes, self.initial = [], [], {}, {}
+        self.layer_params, self.layer_outputs, self.writes, self.initial = [], [], {}, {}
         for i, layer in enumerate(self.layers, start=1):
             built = layer.build_both(i, h, h_infer)
             h, h_infer = built.train, built.infer
             self.layer_params.append(built.params)
-            self.layer_units.append(int(h.shape[1]))
+            self.layer_outputs.append(h)
             self.writes.update(built.writes)
             self.initial.update(built.initial)
-        self.layer_names = [layer.name or f"{layer.kind}_{i}" for i, layer in enumerate(self.layers, start=1)]
+        if image_shape(h) is not None:
+            raise ValueError(f"Sequential: the model ends in images {image_shape(h)}: put sd.nn.Flatten() and a "
+                             "Dense layer last")
+        kinds = [layer.kind for layer in self.layers]
+        self.layer_names = [layer.name or f"{kind}_{kinds[:i].count(kind)}"
+                            for i, (layer, kind) in enumerate(zip(self.layers, kinds), start=1)]
         self.output = h  # the training graph (dropout on, batch statistics)
         self.inference_output = h_infer  # predict / evaluate: no dropout, running statistics
-        self.units = self.layer_units[-1]
+        self.units = int(h.shape[1])
         self.y = sd_input("y", self.units)
         self.train_step = None
         self.stop_training = False
@@ -64,7 +77,8 @@ class Sequential:
 
     @property
     def kernels(self) -> list:
-        """Each layer's weight matrix (what a regulariser penalises; never a norm's γ or β)."""
+        """Each layer's weight matrix or convolution kernel (what a regulariser penalises; never a
+        bias or a norm's γ or β)."""
         return [p for params in self.layer_params for p in params if not isinstance(p, VectorParam)]
 
     def compile(self, loss="softmax_cross_entropy", optimizer: Optimizer | str | None = None, regularizer=None,
@@ -92,7 +106,7 @@ class Sequential:
                                     outputs={"out": self.output}, seed=seed, writes=self.writes)
         rng = np.random.default_rng(seed)
         for layer, params in zip(self.layers, self.layer_params):
-            if isinstance(layer, Dense):
+            if isinstance(layer, Dense) and params:  # Conv2D is a Dense: its kernel is drawn the same way
                 W = params[0]
                 self.train_step.params[str(W.name)][...] = layer.init_kernel(rng, W.value_shape)
         for name, value in self.initial.items():  # γ = 1, running variance = 1
@@ -142,8 +156,11 @@ class Sequential:
             self._forward[which] = compile_outputs(outputs, self.backend, self.dtype)
         runner = self._forward[which]
         externals = dict(arrays)
+        if isinstance(self.input_dim, tuple):  # images (n, h, w, c) are (n·h·w, c) pixel rows in the graph
+            externals["x"] = np.ascontiguousarray(arrays["x"]).reshape(-1, self.input_dim[2])
+        # a vector is a (1, k) row and a kernel (kh, kw, c_in, c_out) a (kh·kw·c_in, c_out) matrix
         for values in (self.train_step.params, self.train_step.statistics):
-            externals.update({k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in values.items()})
+            externals.update({k: v.reshape(-1, v.shape[-1]) if v.ndim != 2 else v for k, v in values.items()})
         return runner.run(externals, {}, n)
 
     # ------------------------------------------------------------------ training
@@ -203,14 +220,16 @@ class Sequential:
         rows = [("layer", "output shape", "params", "activation")]
         total = frozen = 0
         stats = {str(s.name): int(np.prod(s.shape)) for s in self.writes}
-        for i, (layer, name, params, units) in enumerate(
-                zip(self.layers, self.layer_names, self.layer_params, self.layer_units), start=1):
+        for i, (layer, name, params, out) in enumerate(
+                zip(self.layers, self.layer_names, self.layer_params, self.layer_outputs), start=1):
             count = sum(int(np.prod(p.value_shape)) for p in params)
             fixed = sum(stats.get(f"{k}{i}", 0) for k in ("moving_mean", "moving_var"))
             total, frozen = total + count, frozen + fixed
-            rows.append((name, f"(n, {units})", f"{count + fixed:,}", layer.describe()))
+            shape = "(n, " + ", ".join(map(str, image_shape(out) or (out.shape[1],))) + ")"
+            rows.append((name, shape, f"{count + fixed:,}", layer.describe()))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [f"Sequential (input_dim={self.input_dim})"]
+        what = f"input_shape={self.input_dim}" if isinstance(self.input_dim, tuple) else f"input_dim={self.input_dim}"
+        lines = [f"Sequential ({what})"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         lines.insert(2, "  ".join("-" * w for w in widths))
         lines.append(f"total params: {total + frozen:,}")
@@ -243,7 +262,7 @@ class Sequential:
         reg = self.regularizer
         meta = {
             "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
-            "architecture": {"input_dim": self.input_dim,
+            "architecture": {"input_dim": list(self.input_dim) if isinstance(self.input_dim, tuple) else self.input_dim,
                              "layers": [{"class": type(l).__name__, **l.config(name)}
                                         for l, name in zip(self.layers, self.layer_names)]},
             "compile": {"loss": self.loss_name, "optimizer": self.optimizer.config(),
@@ -274,7 +293,8 @@ def load(path, backend: str | None = None) -> Sequential:
                     f"{path} uses the activation {act!r}, which is not registered: call "
                     f"sd.activation({act!r}, formula) before loading")
             layers.append(cls(**cfg))
-        model = Sequential(layers, input_dim=arch["input_dim"])
+        dim = arch["input_dim"]
+        model = Sequential(layers, input_dim=tuple(dim) if isinstance(dim, list) else dim)
         reg = comp["regularizer"]
         regularizer = None if reg is None else {"l1": l1, "l2": l2}[reg["kind"]](reg["coefficient"])
         model.compile(loss=comp["loss"], optimizer=from_config(comp["optimizer"]), regularizer=regularizer,

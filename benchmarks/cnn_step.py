@@ -1,0 +1,173 @@
+"""One SGD step of a LeNet-style CNN (float32, batch 64, 28x28x1) against PyTorch eager and JAX jit.
+
+conv 5x5x6 (valid) -> relu -> max-pool 2 -> conv 5x5x16 -> relu -> max-pool 2 -> flatten ->
+dense 120 (relu) -> dense 84 (relu) -> dense 10, softmax cross-entropy, SGD.
+
+Each framework runs in its own process (thread pools and caches do not leak). Prints the
+median ms/step, each peer's ratio to symdl (>1: symdl is faster), and symdl's cold compile
+(empty cache: derive + generate + Numba) and warm start (a second process, from the cache).
+
+    python benchmarks/cnn_step.py                  # 2 threads, every installed peer
+    python benchmarks/cnn_step.py --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BATCH, LR = 64, 0.01
+
+
+def data(seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(BATCH, 28, 28, 1)).astype(np.float32)
+    Y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, BATCH)]
+    shapes = {"K1": (5, 5, 1, 6), "c1": (6,), "K2": (5, 5, 6, 16), "c2": (16,), "W1": (256, 120), "b1": (120,),
+              "W2": (120, 84), "b2": (84,), "W3": (84, 10), "b3": (10,)}
+    params = {k: (rng.normal(size=s) * (2 / max(1, int(np.prod(s[:-1])))) ** 0.5).astype(np.float32)
+              if len(s) > 1 else np.zeros(s, np.float32) for k, s in shapes.items()}
+    return X, Y, params
+
+
+def timeit(step, seconds=2.0):
+    for _ in range(3):
+        step()
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 10:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run_symdl():
+    t0 = time.perf_counter()
+    import symdl as sd
+
+    X, Y, init = data()
+    x = sd.input("x", (28, 28, 1)); y = sd.input("y", 10)
+    P = {k: sd.param(k, v.shape) for k, v in init.items()}
+    h = sd.max_pool2d(sd.relu(sd.conv2d(x, P["K1"]) + P["c1"]), 2)
+    h = sd.max_pool2d(sd.relu(sd.conv2d(h, P["K2"]) + P["c2"]), 2)
+    h = sd.relu(sd.flatten(h) @ P["W1"] + P["b1"])
+    h = sd.relu(h @ P["W2"] + P["b2"])
+    loss = sd.losses.softmax_cross_entropy(h @ P["W3"] + P["b3"], y)
+    train = sd.compile(loss, list(P.values()), optimizer=sd.optim.SGD(LR), backend="cpu", dtype="float32")
+    for k, v in init.items():
+        train.params[k][...] = v
+    train.step(x=X, y=Y)
+    ready = time.perf_counter() - t0
+    return {"ms": timeit(lambda: train.step(x=X, y=Y, check_finite=False)), "ready_s": ready}
+
+
+def run_torch():
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    X, Y, init = data()
+    x = torch.tensor(X.transpose(0, 3, 1, 2).copy()); y = torch.tensor(Y.argmax(1))
+    p = {k: torch.tensor(v.transpose(3, 2, 0, 1).copy() if v.ndim == 4 else v.copy(), requires_grad=True)
+         for k, v in init.items()}
+    F = torch.nn.functional
+
+    def step():
+        h = F.max_pool2d(F.relu(F.conv2d(x, p["K1"], p["c1"])), 2)
+        h = F.max_pool2d(F.relu(F.conv2d(h, p["K2"], p["c2"])), 2)
+        h = F.relu(h.permute(0, 2, 3, 1).reshape(BATCH, -1) @ p["W1"] + p["b1"])
+        h = F.relu(h @ p["W2"] + p["b2"])
+        loss = F.cross_entropy(h @ p["W3"] + p["b3"], y)
+        for t in p.values():
+            t.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for t in p.values():
+                t -= LR * t.grad
+    return {"ms": timeit(step)}
+
+
+def run_jax():
+    import jax
+    import jax.numpy as jnp
+
+    X, Y, init = data()
+    params = {k: jnp.asarray(v) for k, v in init.items()}
+
+    def loss_fn(p, x, y):
+        dn = ("NHWC", "HWIO", "NHWC")
+        pool = lambda h: jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")  # noqa
+        h = pool(jax.nn.relu(jax.lax.conv_general_dilated(x, p["K1"], (1, 1), "VALID", dimension_numbers=dn) + p["c1"]))
+        h = pool(jax.nn.relu(jax.lax.conv_general_dilated(h, p["K2"], (1, 1), "VALID", dimension_numbers=dn) + p["c2"]))
+        h = jax.nn.relu(h.reshape(x.shape[0], -1) @ p["W1"] + p["b1"])
+        h = jax.nn.relu(h @ p["W2"] + p["b2"])
+        z = h @ p["W3"] + p["b3"]
+        return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(z), axis=1))
+
+    @jax.jit
+    def step(p, x, y):
+        g = jax.grad(loss_fn)(p, x, y)
+        return jax.tree_util.tree_map(lambda a, b: a - LR * b, p, g)
+
+    x, y = jnp.asarray(X), jnp.asarray(Y)
+    state = {"p": params}
+
+    def one():
+        state["p"] = step(state["p"], x, y)
+        jax.block_until_ready(state["p"])
+    return {"ms": timeit(one)}
+
+
+def child(which):
+    out = {"symdl": run_symdl, "torch": run_torch, "jax": run_jax}[which]()
+    print("RESULT " + json.dumps(out))
+
+
+def spawn(which, env):
+    proc = subprocess.run([sys.executable, __file__, "--child", which], env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"{which} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, BENCH_THREADS=str(args.threads), NUMBA_NUM_THREADS=str(args.threads),
+               PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with tempfile.TemporaryDirectory() as cache:
+        env["SYMDL_CACHE_DIR"] = cache
+        cold = spawn("symdl", env)
+        warm = spawn("symdl", env)
+    rows = [("symdl (cpu)", warm)]
+    import importlib.util
+
+    for name in ("torch", "jax"):
+        if importlib.util.find_spec(name):
+            rows.append((f"{name} ({'eager' if name == 'torch' else 'jit'})", spawn(name, env)))
+    base = warm["ms"] if warm else float("nan")
+    print(f"LeNet-style SGD step, batch {BATCH}, float32, {args.threads} threads")
+    print(f"{'framework':<14} {'ms/step':>9} {'vs symdl':>9}")
+    for name, r in rows:
+        if r:
+            print(f"{name:<14} {r['ms']:>9.2f} {r['ms'] / base:>8.2f}x")
+    if cold and warm:
+        print(f"symdl compile: cold {cold['ready_s']:.1f} s (empty cache), warm {warm['ready_s']:.1f} s (from the cache)")
+
+
+if __name__ == "__main__":
+    main()
