@@ -203,9 +203,10 @@ def loops_dominate(program: Program, n_value: int) -> bool:
 class Runner(RunnerBase):
     """Runs the step as a table of frames; BLAS and Numba threads are coordinated.
 
-    Externals (inputs, parameters passed per call) are copied into the work arena, so
-    every buffer has a fixed address for the runner's lifetime and the frames of a
-    batch size are computed once.
+    The frames of a batch size are computed once: every buffer lives at a fixed address
+    for the runner's lifetime, except the externals (inputs, parameters passed per call),
+    whose addresses are written into the frames at each call (an array that is not
+    C-contiguous in the runner's dtype is first copied into the work arena).
     """
 
     def __init__(self, program: Program, dtype):
@@ -225,7 +226,7 @@ class Runner(RunnerBase):
         self._scal = np.zeros(len(program.scalars) + 1)  # scalar values, then n: kernels read them by address
         self._usual = None  # the first batch size seen: the model's usual one
         self._use_parallel = {}  # batch size -> whether the step threads its loops
-        self._ready = {}  # batch size -> (frames, external views, loss view, parallel)
+        self._ready = {}  # batch size -> (frames, flat view, external views, external spots, loss view, parallel)
 
     def _load(self):
         self.kernel_modules = [cache.load_module(s, backend="cpu") for s in self.kernel_sources]
@@ -255,6 +256,16 @@ class Runner(RunnerBase):
             table[i, : len(r)] = r
         return table
 
+    def _external_spots(self, frames: np.ndarray, views: list) -> list:
+        """For each external: where its address sits in the flattened frames, and the address of
+        its copy in the work arena (used when an array is not already contiguous and typed)."""
+        spots = []
+        for name, view in zip(self.external, views):
+            where = [i * frames.shape[1] + 1 + 3 * j for i, f in enumerate(self.uses)
+                     for j, b in enumerate(f.slots) if b == name]
+            spots.append((np.array(where, dtype=np.intp), view.__array_interface__["data"][0]))
+        return spots
+
     def uses_parallel(self, n: int) -> bool:
         """Whether a call at batch size ``n`` runs the threaded kernels.
 
@@ -282,9 +293,13 @@ class Runner(RunnerBase):
         ready = self._ready.get(n)
         if ready is None:
             return self._first_call(external, scalars, n)
-        frames, views, loss, parallel = ready
-        for view, array in zip(views, external):
-            view[...] = array
+        frames, flat, views, spots, loss, parallel = ready
+        for view, array, (where, copy_address) in zip(views, external, spots):
+            if array.dtype == self.dtype and array.flags.c_contiguous and array.shape == view.shape:
+                flat[where] = array.__array_interface__["data"][0]  # read in place, no copy
+            else:
+                view[...] = array
+                flat[where] = copy_address
         scal = self._scal
         scal[:-1] = scalars
         scal[-1] = n
@@ -305,7 +320,8 @@ class Runner(RunnerBase):
         loss = self.buffers(n)[out] if out is not None else None
         for attempt in (1, 2):
             try:
-                self._ready[n] = (self.frames(n, parallel), views, loss, parallel)
+                frames = self.frames(n, parallel)
+                self._ready[n] = (frames, frames.reshape(-1), views, self._external_spots(frames, views), loss, parallel)
                 return self.call(external, scalars, n)
             except Exception:
                 self._ready.pop(n, None)
