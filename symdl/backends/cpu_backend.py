@@ -22,7 +22,6 @@ there, so Numba's ``cache=True`` works and a second process starts warm.
 from __future__ import annotations
 
 from functools import singledispatch
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -129,18 +128,24 @@ def _emit_reduction(k: Reduction, program, parallel, flavor):
     return _parallel_branches(program, k, make, parallel)
 
 
+#: A slot's fields in a kernel's frame: its address, rows and columns.
+SLOT_FIELDS = 3
+
+
 def _prologue(f: Formula, dtype: str) -> list:
     """Bind a formula's slots, sizes and scalars from its frame (``cpu_runtime``).
 
-    The frame is ``[(address, rows, cols) per slot, sizes..., scalar addresses...]``.
+    The frame is ``[(address, rows, cols) per slot, sizes..., scalar addresses...]``;
+    ``Runner.frames`` writes it in this order.
     """
-    width = 3 * len(f.slots) + len(f.size_symbols) + len(f.scalars)
+    width = SLOT_FIELDS * len(f.slots) + len(f.size_symbols) + len(f.scalars)
     lines = [f"f = carray(frame, ({max(width, 1)},))"]
     for i in range(len(f.slots)):
+        at = SLOT_FIELDS * i
         r, c = f"_rows{i}", f"_cols{i}"  # the names formulas.formula gives slot i's sizes
-        lines += [f"{r} = f[{3 * i + 1}]", f"{c} = f[{3 * i + 2}]",
-                  f"{buf(slot(i))} = carray(as_ptr(f[{3 * i}], numba.{dtype}), ({r}, {c}))"]
-    at = 3 * len(f.slots)
+        lines += [f"{r} = f[{at + 1}]", f"{c} = f[{at + 2}]",
+                  f"{buf(slot(i))} = carray(as_ptr(f[{at}], numba.{dtype}), ({r}, {c}))"]
+    at = SLOT_FIELDS * len(f.slots)
     lines += [f"{sym} = f[{at + k}]" for k, sym in enumerate(f.size_symbols)]
     at += len(f.size_symbols)
     lines += [f"{s} = load_f64(f[{at + k}])" for k, s in enumerate(f.scalars)]
@@ -261,7 +266,7 @@ class Runner(RunnerBase):
         its copy in the work arena (used when an array is not already contiguous and typed)."""
         spots = []
         for name, view in zip(self.external, views):
-            where = [i * frames.shape[1] + 1 + 3 * j for i, f in enumerate(self.uses)
+            where = [i * frames.shape[1] + 1 + SLOT_FIELDS * j for i, f in enumerate(self.uses)  # 1: the kernel
                      for j, b in enumerate(f.slots) if b == name]
             spots.append((np.array(where, dtype=np.intp), view.__array_interface__["data"][0]))
         return spots
@@ -282,11 +287,7 @@ class Runner(RunnerBase):
         """Whether the first call at batch size ``n`` compiles (a kernel neither in memory nor on disk)."""
         if n in self._ready or numba.config.DISABLE_JIT:
             return False
-        for m, k in zip(self.kernel_modules, self.kernels(self.uses_parallel(n))):
-            folder = Path(m.__file__).parent / "__pycache__"
-            if k._cfunc is None and not any(folder.glob(f"*.{k.py_func.__name__}-*.nbi")):
-                return True
-        return False
+        return any(k.will_compile() for k in self.kernels(self.uses_parallel(n)))
 
     def call(self, external: list, scalars: list, n: int) -> float:
         """The hot path: externals and scalars in the program's order."""

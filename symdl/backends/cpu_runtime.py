@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -49,6 +50,14 @@ class Kernel:
             self._cfunc = numba.cfunc(SIGNATURE, cache=True, error_model="numpy", parallel=self.parallel)(self.py_func)
             self.compiled = self._cfunc.cache_hits == 0
         return self._cfunc.address
+
+    def will_compile(self) -> bool:
+        """Whether ``address`` compiles: not compiled or loaded yet, and no Numba cache index
+        for it beside its module."""
+        if self._cfunc is not None or numba.config.DISABLE_JIT:
+            return False
+        folder = Path(self.py_func.__code__.co_filename).parent / "__pycache__"
+        return not any(folder.glob(f"*.{self.py_func.__name__}-*.nbi"))
 
     def inspect(self, what: str) -> str:
         """LLVM IR or assembly (an uncached twin: Numba cannot show code it loaded from its cache)."""

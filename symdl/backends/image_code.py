@@ -75,7 +75,7 @@ def row_body(k: ImageOp, out_cols: str) -> list:
         return head + [f"            _acc += {src[0]}[_src, _c]"] + [f"    {out}[i, _c] = _acc / {g.kh * g.kw}"]
     if k.op == "maxpool_grad":  # the window's gradient goes to its first arg-max (PyTorch's rule)
         return head + [f"            _row0 = (_b * {g.H} + _oy * {g.sh}) * {g.W} + _ox * {g.sw}"] + \
-            _argmax(g, src[0], "            ") + [f"            if _arg == i:",
+            _argmax(g, src[0], "            ") + ["            if _arg == i:",
                                                    f"                _acc += {src[1]}[_src, _c]"] + tail
     raise NotImplementedError(f"no scalar code for the image op {k.op!r}")
 

@@ -139,7 +139,7 @@ def _image_lines(k: ImageOp, program) -> list:
     stack = ["_w = numpy.stack([" + win.replace("dy", "_dy").replace("dx", "_dx")
              + f" for _dy in range({g.kh}) for _dx in range({g.kw})], axis=3)"]
     if k.op in ("maxpool", "maxpool_grad"):
-        stack = [f"_pad[...] = -numpy.inf", f"{inner}[...] = {src[0]}.reshape(n, {g.H}, {g.W}, {g.C})"] + stack
+        stack = ["_pad[...] = -numpy.inf", f"{inner}[...] = {src[0]}.reshape(n, {g.H}, {g.W}, {g.C})"] + stack
     if k.op == "maxpool":
         return pad + stack + [f"{out}[...] = _w.max(axis=3).reshape({out}.shape)"]
     if k.op == "avgpool":

@@ -29,6 +29,11 @@ from ..stochastic import UniformHash
 from .base import buf
 
 
+def _print_uniform_hash(printer, e):
+    """Dropout's draw calls the module's ``_uniform_hash`` helper (scalar and array code alike)."""
+    return f"_uniform_hash({', '.join(printer._print(a) for a in e.args)})"
+
+
 def _nested(printer, fn, args):
     out = printer._print(args[0])
     for a in args[1:]:
@@ -61,8 +66,7 @@ class ScalarPrinter(PythonCodePrinter):
     def _print_Abs(self, e):
         return f"abs({self._print(e.args[0])})"
 
-    def _print_UniformHash(self, e):
-        return f"_uniform_hash({', '.join(self._print(a) for a in e.args)})"
+    _print_UniformHash = _print_uniform_hash
 
 
 def _nan_fold(printer, cmp, args):
@@ -124,8 +128,7 @@ class ArrayPrinter(NumPyPrinter):
     def _print_erf(self, e):
         return f"scipy.special.erf({self._print(e.args[0])})"
 
-    def _print_UniformHash(self, e):
-        return f"_uniform_hash({', '.join(self._print(a) for a in e.args)})"
+    _print_UniformHash = _print_uniform_hash
 
 
 # --------------------------------------------------------------------------- the counter-based uniform
