@@ -475,13 +475,17 @@ def test_a_second_model_of_other_widths_and_depth_reuses_the_compiled_formulas(t
 
 
 def test_inputs_are_read_in_place_or_copied_when_not_contiguous():
-    """The step reads a C-contiguous input where it lies, and copies any other; both give the same."""
+    """The step reads a large C-contiguous input where it lies, and copies any other; all agree."""
+    from symdl.backends.cpu_backend import IN_PLACE_MIN_BYTES
+
     loss, params = small_regression()
     train = sd.compile(loss, params, optimizer=sd.optim.SGD(0.1), backend="cpu", dtype="float64")
     state = train.state_dict()
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(6, 3)); Y = rng.normal(size=(6, 2))
+    rows = IN_PLACE_MIN_BYTES // (8 * 2) + 1  # y (rows, 2) in float64 is just large enough, so x is too
+    X = rng.normal(size=(rows, 3)); Y = rng.normal(size=(rows, 2))
     first = [train.step(x=X, y=Y) for _ in range(3)]
+    assert all(spot is not None for spot in train.runner._ready[rows][3]), "both inputs are read in place"
     train.load_state_dict(state)
     Xf, Yf = np.asfortranarray(X), np.asfortranarray(Y)
     again = [train.step(x=Xf, y=Yf) for _ in range(3)]
@@ -489,5 +493,5 @@ def test_inputs_are_read_in_place_or_copied_when_not_contiguous():
     ref = sd.compile(loss, params, optimizer=sd.optim.SGD(0.1), backend="numpy", dtype="float64")
     ref.load_state_dict(train.state_dict())
     for _ in range(3):  # a fresh array each step: its address is read, not the last one's
-        Xn, Yn = rng.normal(size=(6, 3)), rng.normal(size=(6, 2))
+        Xn, Yn = rng.normal(size=(rows, 3)), rng.normal(size=(rows, 2))
         assert train.step(x=Xn, y=Yn) == pytest.approx(ref.step(x=Xn, y=Yn), rel=1e-12)

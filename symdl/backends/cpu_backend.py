@@ -128,6 +128,10 @@ def _emit_reduction(k: Reduction, program, parallel, flavor):
     return _parallel_branches(program, k, make, parallel)
 
 
+#: Inputs at least this large are read where they lie; smaller ones are copied into the work
+#: arena, which is cheaper than reading an array's address (a few µs in Python).
+IN_PLACE_MIN_BYTES = 1 << 15
+
 #: A slot's fields in a kernel's frame: its address, rows and columns.
 SLOT_FIELDS = 3
 
@@ -209,9 +213,10 @@ class Runner(RunnerBase):
     """Runs the step as a table of frames; BLAS and Numba threads are coordinated.
 
     The frames of a batch size are computed once: every buffer lives at a fixed address
-    for the runner's lifetime, except the externals (inputs, parameters passed per call),
-    whose addresses are written into the frames at each call (an array that is not
-    C-contiguous in the runner's dtype is first copied into the work arena).
+    for the runner's lifetime. Externals (inputs, parameters passed per call) are copied
+    into the work arena, except large ones, whose addresses are written into the frames
+    at each call (``IN_PLACE_MIN_BYTES``; one that is not C-contiguous in the runner's
+    dtype is still copied).
     """
 
     def __init__(self, program: Program, dtype):
@@ -262,10 +267,14 @@ class Runner(RunnerBase):
         return table
 
     def _external_spots(self, frames: np.ndarray, views: list) -> list:
-        """For each external: where its address sits in the flattened frames, and the address of
-        its copy in the work arena (used when an array is not already contiguous and typed)."""
+        """For each external read in place: where its address sits in the flattened frames, and
+        the address of its copy in the work arena (for an array not already contiguous and
+        typed). None for a small external: copying it costs less than finding its address."""
         spots = []
         for name, view in zip(self.external, views):
+            if view.nbytes < IN_PLACE_MIN_BYTES:
+                spots.append(None)
+                continue
             where = [i * frames.shape[1] + 1 + SLOT_FIELDS * j for i, f in enumerate(self.uses)  # 1: the kernel
                      for j, b in enumerate(f.slots) if b == name]
             spots.append((np.array(where, dtype=np.intp), view.__array_interface__["data"][0]))
@@ -295,12 +304,14 @@ class Runner(RunnerBase):
         if ready is None:
             return self._first_call(external, scalars, n)
         frames, flat, views, spots, loss, parallel = ready
-        for view, array, (where, copy_address) in zip(views, external, spots):
-            if array.dtype == self.dtype and array.flags.c_contiguous and array.shape == view.shape:
-                flat[where] = array.__array_interface__["data"][0]  # read in place, no copy
+        for view, array, spot in zip(views, external, spots):
+            if spot is None:  # small: copied, and the frames point at the copy for good
+                view[...] = array
+            elif array.dtype == self.dtype and array.flags.c_contiguous and array.shape == view.shape:
+                flat[spot[0]] = array.__array_interface__["data"][0]  # read in place, no copy
             else:
                 view[...] = array
-                flat[where] = copy_address
+                flat[spot[0]] = spot[1]
         scal = self._scal
         scal[:-1] = scalars
         scal[-1] = n
