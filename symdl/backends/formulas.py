@@ -11,7 +11,11 @@ this use. A backend compiles each distinct formula once and calls it with the
 buffers and sizes of every use, so compile time grows with the number of distinct
 formulas, not with the depth of the network.
 
-A size of 1 stays the literal 1 (a row vector is part of what a formula means).
+A size of 1 stays the literal 1 (a row vector is part of what a formula means), except
+in a loop whose operands all have the output's shape and are read at ``(i, j)``: there
+a bias's (1, k) update and a matrix's (r, k) one are one formula. Every matrix product
+is one formula too: its orientation and ``alpha`` are ``constants`` of the use, not of
+the formula (``cpu_gemm``).
 
 >>> import symdl as sd
 >>> from symdl.lowering import lower
@@ -28,10 +32,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 
 from ..graph import INDEX_SYMBOLS, VARSET, n as N
-from ..ir import Operand, Program, Update
+from ..ir import Elementwise, Gemm, Operand, Pattern, Program, Update
 
 
 @dataclass
@@ -41,7 +46,8 @@ class Formula:
     ``slots[i]`` is the buffer bound to slot ``s{i}``; ``sizes`` are the values of the
     kernel's own size symbols (``size_symbols``, in order) as expressions in ``n``;
     ``scalars`` the free scalar symbols its bodies read (``n`` included; not the loop
-    indices ``i, j``, which every backend's loop binds), by name.
+    indices ``i, j``, which every backend's loop binds), by name; ``constants`` integers
+    this use passes after them (a product's ``trans_a, trans_b`` and ``alpha``'s bits).
     """
 
     program: Program
@@ -49,6 +55,7 @@ class Formula:
     size_symbols: list
     sizes: list
     scalars: list
+    constants: list = dataclasses.field(default_factory=list)
 
     @property
     def kernel(self):
@@ -59,8 +66,15 @@ def slot(i: int) -> str:
     return f"s{i}"
 
 
+def float_bits(value) -> int:
+    """A number as the int64 holding its float64 bits (how a frame of int64 carries it)."""
+    return int(np.array(float(value), np.float64).view(np.int64))
+
+
 def _slot_buffers(kernel) -> list:
     names = [kernel.out] + [op.buffer for op in kernel.reads()]
+    if isinstance(kernel, Gemm):  # a, b and out each have their place in the frame, even x.T @ x
+        return names
     if isinstance(kernel, Update):
         names += [b for b, _ in kernel.writes]
     return list(dict.fromkeys(names))
@@ -83,15 +97,42 @@ def _is_size(value) -> bool:
         isinstance(d, sp.Basic) and not (d.free_symbols - {N}) for d in value)
 
 
+def _uniform(kernel, program: Program) -> bool:
+    """A loop whose every operand has the output's shape, read at ``(i, j)``, and whose
+    bodies do not read ``i, j``: its sizes are only a length, a 1 means nothing special."""
+    if not isinstance(kernel, (Elementwise, Update)):
+        return False
+    shape = tuple(sp.sympify(d) for d in program.shape_of(kernel.out))
+    return all(op.pattern == Pattern.SAME and tuple(sp.sympify(d) for d in program.shape_of(op.buffer)) == shape
+               for op in kernel.reads()) and not any(
+        sp.sympify(b).free_symbols & INDEX_SYMBOLS for b in kernel.bodies())
+
+
+def _gemm_formula(kernel: Gemm, program: Program) -> Formula:
+    """Every product as one formula: ``s0 = alpha*gemm(s1, s2)`` with the orientation and ``alpha``
+    in this use's constants."""
+    if sp.sympify(kernel.alpha).free_symbols:
+        raise NotImplementedError(f"a matrix product with a symbolic alpha ({kernel.alpha}): {kernel}")
+    shapes = {slot(i): (sp.Symbol(f"_rows{i}", integer=True, positive=True),
+                        sp.Symbol(f"_cols{i}", integer=True, positive=True)) for i in range(3)}
+    canonical = Gemm(slot(0), slot(1), slot(2), False, False)
+    prog = Program(kernels=[canonical], buffers=shapes, inputs=[], params=[], outputs={})
+    return Formula(prog, _slot_buffers(kernel), [], [], [],
+                   [int(kernel.trans_a), int(kernel.trans_b), float_bits(kernel.alpha)])
+
+
 def formula(kernel, program: Program) -> Formula:
     """``kernel`` (of ``program``) as a formula over slots and size symbols."""
+    if isinstance(kernel, Gemm):
+        return _gemm_formula(kernel, program)
     buffers = _slot_buffers(kernel)
     mapping = {b: slot(i) for i, b in enumerate(buffers)}
+    keep_ones = not _uniform(kernel, program)
     shapes = {}
     for i, b in enumerate(buffers):
         r, c = (sp.sympify(d) for d in program.shape_of(b))
-        shapes[slot(i)] = (sp.Integer(1) if r == 1 else sp.Symbol(f"_rows{i}", integer=True, positive=True),
-                           sp.Integer(1) if c == 1 else sp.Symbol(f"_cols{i}", integer=True, positive=True))
+        shapes[slot(i)] = (sp.Integer(1) if r == 1 and keep_ones else sp.Symbol(f"_rows{i}", integer=True, positive=True),
+                           sp.Integer(1) if c == 1 and keep_ones else sp.Symbol(f"_cols{i}", integer=True, positive=True))
     size_symbols, sizes, changes = [], [], {}
     for field in dataclasses.fields(kernel):
         value = getattr(kernel, field.name)
@@ -112,6 +153,5 @@ def formula(kernel, program: Program) -> Formula:
     canonical = dataclasses.replace(kernel, **changes)
     let_symbols = {s for s, _ in getattr(kernel, "lets", ())}
     scalars = {s for b in kernel.bodies() for s in sp.sympify(b).free_symbols} - VARSET - let_symbols - INDEX_SYMBOLS
-    scalars |= {s for s in sp.sympify(getattr(kernel, "alpha", 0)).free_symbols}
     prog = Program(kernels=[canonical], buffers=shapes, inputs=[], params=[], outputs={})
     return Formula(prog, buffers, size_symbols, sizes, sorted(scalars, key=str))

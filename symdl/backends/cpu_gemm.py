@@ -1,0 +1,141 @@
+"""Every matrix product of the CPU backend: one prebuilt kernel per dtype, for every model.
+
+A product ``out = alpha * op(a) @ op(b)`` (``op`` the identity or a transpose) is the
+same formula whatever its buffers, sizes, orientation and ``alpha``: all of them go in
+its frame. So every GEMM of every model calls one of two kernels, ``gemm_float32`` or
+``gemm_float64``, compiled once per machine like ``cpu_runtime.run`` (a model's cold
+compile no longer pays for its products).
+
+The frame (``GEMM_FRAME`` int64 values) is the usual three slots, then the flags and
+``alpha``::
+
+    [out address, m, n,  a address, a rows, a cols,  b address, b rows, b cols,
+     trans_a, trans_b, alpha as the bits of a float64 (formulas.float_bits)]
+
+Products of at least ``SMALL_GEMM`` multiply-adds call BLAS ``xgemm`` (the one Numba's
+``np.dot`` calls, through its ``numba_xxgemm`` helper); smaller ones run as loops, where
+BLAS's call overhead would dominate. Row-major ``out = op(a) op(b)`` is column-major
+``outᵀ = op(b)ᵀ op(a)ᵀ``: BLAS gets ``b`` first.
+
+Under ``NUMBA_DISABLE_JIT=1`` the same kernel runs as Python, the BLAS call as NumPy.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .cpu_runtime import as_ptr, carray, kernel
+
+#: Products with fewer multiply-adds run as loops; BLAS from here on.
+SMALL_GEMM = 8192
+
+#: The frame's length: three slots of three fields, trans_a, trans_b, alpha.
+GEMM_FRAME = 12
+
+
+if numba.config.DISABLE_JIT:
+
+    def f64_from_bits(bits):
+        return float(np.array(bits, np.int64).view(np.float64))
+
+    def _matrix(addr, dtype, rows, cols, ld):
+        """The column-major ``rows x cols`` matrix at ``addr`` with leading dimension ``ld``."""
+        return carray(as_ptr(addr, dtype), (cols, ld))[:, :rows].T
+
+    def blas_gemm(dtype, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc):
+        """Column-major ``c = alpha * op(a) @ op(b)``, as BLAS ``xgemm`` with beta 0."""
+        x = _matrix(a, dtype, *((k, m) if trans_a else (m, k)), lda)
+        y = _matrix(b, dtype, *((n, k) if trans_b else (k, n)), ldb)
+        out = _matrix(c, dtype, m, n, ldc)
+        out[...] = alpha * ((x.T if trans_a else x) @ (y.T if trans_b else y))
+
+else:
+
+    @intrinsic
+    def f64_from_bits(typingctx, bits):
+        """The float64 whose bits are the int64 ``bits``."""
+        sig = types.float64(bits)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.DoubleType())
+
+        return sig, codegen
+
+    @intrinsic
+    def blas_gemm(typingctx, dtype, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc):
+        """Column-major ``c = alpha * op(a) @ op(b)`` through Numba's ``numba_xxgemm`` (BLAS
+        ``sgemm``/``dgemm`` from SciPy), beta 0; the flags are 0/1, the matrices addresses."""
+        from numba.np.linalg import ensure_blas
+
+        ensure_blas()
+        sig = types.int32(dtype, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc)
+        element = dtype.dtype
+
+        def codegen(context, builder, signature, args):
+            _, ta, tb, m_, n_, k_, alpha_, a_, lda_, b_, ldb_, c_, ldc_ = args
+            char, i64, void_p = ir.IntType(8), ir.IntType(64), ir.IntType(8).as_pointer()
+            fnty = ir.FunctionType(ir.IntType(32), [char, char, char, i64, i64, i64, void_p, void_p, i64,
+                                                    void_p, i64, void_p, void_p, i64])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+            value = context.get_value_type(element)
+            scale = builder.fptrunc(alpha_, value) if element == types.float32 else alpha_
+            alpha_slot = cgutils.alloca_once_value(builder, scale)
+            beta_slot = cgutils.alloca_once_value(builder, ir.Constant(value, 0.0))
+
+            def flag(x):
+                return builder.select(builder.icmp_signed("!=", x, ir.Constant(i64, 0)),
+                                      ir.Constant(char, ord("t")), ir.Constant(char, ord("n")))
+
+            kind = ir.Constant(char, ord("s" if element == types.float32 else "d"))
+            return builder.call(fn, (kind, flag(ta), flag(tb), m_, n_, k_, builder.bitcast(alpha_slot, void_p),
+                                     builder.inttoptr(a_, void_p), lda_, builder.inttoptr(b_, void_p), ldb_,
+                                     builder.bitcast(beta_slot, void_p), builder.inttoptr(c_, void_p), ldc_))
+
+        return sig, codegen
+
+
+@numba.njit(inline="always", error_model="numpy", cache=True)
+def _gemm(frame, dtype):
+    f = carray(frame, (GEMM_FRAME,))
+    m, n = f[1], f[2]
+    a_rows, a_cols, b_cols = f[4], f[5], f[8]
+    trans_a, trans_b = f[9], f[10]
+    k = a_rows if trans_a else a_cols
+    alpha = f64_from_bits(f[11])
+    if m * n * k >= SMALL_GEMM:
+        blas_gemm(dtype, trans_b, trans_a, n, m, k, alpha, f[6], b_cols, f[3], a_cols, f[0], n)
+        return
+    out = carray(as_ptr(f[0], dtype), (m * n,))
+    a = carray(as_ptr(f[3], dtype), (a_rows * a_cols,))
+    b = carray(as_ptr(f[6], dtype), (f[7] * b_cols,))
+    # op(a)[i, q] = a[i * a_i + q * a_q]; the inner loops run along contiguous memory of b
+    a_i, a_q = (1, a_cols) if trans_a else (a_cols, 1)
+    if trans_b:  # op(b)[q, j] = b[j, q]: a dot product of row j of b per entry
+        for i in range(m):
+            for j in range(n):
+                acc = 0.0
+                for q in range(k):
+                    acc += a[i * a_i + q * a_q] * b[j * b_cols + q]
+                out[i * n + j] = alpha * acc
+    else:  # row i of out += op(a)[i, q] * row q of b
+        for i in range(m):
+            for j in range(n):
+                out[i * n + j] = 0.0
+            for q in range(k):
+                x = alpha * a[i * a_i + q * a_q]
+                for j in range(n):
+                    out[i * n + j] += x * b[q * b_cols + j]
+
+
+@kernel(parallel=False)
+def gemm_float32(frame):
+    _gemm(frame, numba.float32)
+
+
+@kernel(parallel=False)
+def gemm_float64(frame):
+    _gemm(frame, numba.float64)
