@@ -27,6 +27,8 @@ h (n, 3) = elementwise[tanh(v0)](t0:ij)
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import enum
 from dataclasses import dataclass, field
 
@@ -247,7 +249,7 @@ class Program:
     outputs: dict  # output name -> buffer name
     scalars: list = field(default_factory=list)  # free scalar symbols other than n, sorted by name
     persistent: dict = field(default_factory=dict)  # name -> shape: buffers kept between calls (written params, state)
-    notes: dict = field(default_factory=dict)  # buffer name -> one line naming its value ("δ2 = ..."), for comments
+    notes: Mapping = field(default_factory=dict)  # buffer name -> one line naming its value ("δ2 = ..."), for comments
 
     def note(self, buffer: str) -> str:
         """``"  δ2 = ..."`` for a kernel's comment line in generated code ("" when ``buffer`` has no note)."""

@@ -21,6 +21,8 @@ h (n, 3) = elementwise[tanh(v0 + v1)](t0:ij, b:j)
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dataclasses import dataclass
 
 import sympy as sp
@@ -43,6 +45,9 @@ def lower(outputs: dict, writes: dict | None = None, notes: dict | None = None) 
 
     ``notes`` (``{graph node: one line}``, e.g. what ``explain`` calls the node) become the
     program's ``notes`` for the buffers that hold those nodes: comments in generated code.
+    ``notes`` may be a function returning that dict: it is called the first time a note is
+    read (explaining a deep net costs more than lowering it, and a CPU step reads its notes
+    only when someone prints ``train.source``).
     """
     names = list(outputs)
     targets = list(writes or {})
@@ -74,7 +79,7 @@ def lower(outputs: dict, writes: dict | None = None, notes: dict | None = None) 
         outputs={name: name for name in names},
         scalars=sorted(scalars, key=str),
         persistent=persistent,
-        notes=_buffer_notes(notes or {}, rebuilt, lw),
+        notes=LazyNotes(lambda: _buffer_notes(notes() if callable(notes) else notes or {}, rebuilt, lw)),
     )
     check(program)  # cheap next to lowering, and a broken program must never reach a backend
     return program
@@ -305,6 +310,27 @@ def _structural_ids(roots) -> dict:
         head = tuple(ids[id(a)] if isinstance(a, MatrixExpr) else a for a in node.args)
         ids[id(node)] = canon.setdefault((type(node), head), len(canon))
     return ids
+
+
+class LazyNotes(Mapping):
+    """``{buffer: note}``, computed on first use."""
+
+    def __init__(self, compute):
+        self._compute, self._notes = compute, None
+
+    def _get(self) -> dict:
+        if self._notes is None:
+            self._notes, self._compute = self._compute(), None
+        return self._notes
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self):
+        return len(self._get())
 
 
 def _buffer_notes(notes: dict, rebuilt: dict, lw) -> dict:

@@ -44,7 +44,7 @@ def training_program(loss, params, optimizer: Optimizer, outputs=None, writes=No
     all_writes = dict(writes or {})
     for p in params:
         all_writes.update(optimizer.writes(p, gradients[p]))
-    return lower({"loss": loss, **dict(outputs or {})}, all_writes, notes=explain(loss, params).notes())
+    return lower({"loss": loss, **dict(outputs or {})}, all_writes, notes=lambda: explain(loss, params).notes())
 
 
 def step_scalars(program, seed, t) -> dict:
@@ -69,7 +69,7 @@ def gradient_program(loss, params):
     """``loss`` and ``grad_<name>`` for every parameter, as a program (no writes)."""
     gradients = grad(loss, params)
     outputs = {"loss": loss, **{f"grad_{p.name}": gradients[p] for p in params}}
-    return lower(outputs, notes=explain(loss, params).notes()), gradients
+    return lower(outputs, notes=lambda: explain(loss, params).notes()), gradients
 
 
 class ValueAndGrad:

@@ -405,6 +405,18 @@ def test_compiled_formulas_do_not_grow_with_depth():
     assert counts[0] == counts[1]
 
 
+def test_each_formula_is_printed_once_and_that_print_serves_every_use():
+    """The runner prints a formula once per distinct ``Formula.key``; printing each use afresh
+    gives the same module."""
+    from symdl.backends.cpu_backend import kernel_source
+
+    loss, params = deep_tanh_mlp(4)
+    for dtype, flavor in (("float32", "scalar32"), ("float64", "scalar")):
+        runner = sd.compile(loss, params, optimizer=sd.optim.Adam(1e-2), backend="cpu", dtype=dtype).runner
+        for use, op in zip(runner.uses, runner.ops):
+            assert kernel_source(use, flavor, dtype) == runner.kernel_sources[op]
+
+
 def test_deep_net_trains_on_cpu_like_numpy():
     """A 16-hidden-layer net: gradients and five Adam steps agree with the NumPy reference."""
     loss, params = deep_tanh_mlp(16)

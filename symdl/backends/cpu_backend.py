@@ -201,12 +201,12 @@ class Runner(RunnerBase):
         super().__init__(program, dtype)
         flavor = "scalar32" if self.dtype == np.float32 else "scalar"
         self.uses = [formula(k, program) for k in program.kernels]
-        sources = [kernel_source(f, flavor, self.dtype.name) for f in self.uses]
+        printed = {}  # a deep net uses each formula many times: print it once
+        sources = [printed.get(f.key) or printed.setdefault(f.key, kernel_source(f, flavor, self.dtype.name))
+                   for f in self.uses]
         self.kernel_sources = sorted(set(sources), key=lambda s: cache.key(s, "cpu"))
         self.ops = [self.kernel_sources.index(s) for s in sources]
         self._load()
-        self.source = "\n\n".join([listing(program, self.uses, self.ops), *(
-            f"# ---- k{i}: {m.__name__}\n{s}" for i, (m, s) in enumerate(zip(self.kernel_modules, self.kernel_sources)))])
         self.workspace = Workspace({**program.buffers, **{e: program.shape_of(e) for e in self.external}}, self.dtype)
         index = {s: i for i, s in enumerate(program.scalars)}
         index[N] = len(program.scalars)
@@ -215,6 +215,13 @@ class Runner(RunnerBase):
         self._usual = None  # the first batch size seen: the model's usual one
         self._use_parallel = {}  # batch size -> whether the step threads its loops
         self._ready = {}  # batch size -> (frames, flat view, external views, external spots, loss view, parallel)
+
+    @property
+    def source(self) -> str:
+        """The step's listing (each kernel, its shape, its formula and what ``explain`` calls it),
+        then every formula's module."""
+        return "\n\n".join([listing(self.program, self.uses, self.ops), *(
+            f"# ---- k{i}: {m.__name__}\n{s}" for i, (m, s) in enumerate(zip(self.kernel_modules, self.kernel_sources)))])
 
     def _load(self):
         self.kernel_modules = [cache.load_module(s, backend="cpu") for s in self.kernel_sources]

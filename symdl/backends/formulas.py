@@ -61,6 +61,14 @@ class Formula:
     def kernel(self):
         return self.program.kernels[0]
 
+    @property
+    def key(self) -> tuple:
+        """What the formula's printed code depends on: equal keys, equal code (a backend prints
+        each distinct formula once, however many kernels use it)."""
+        shapes = tuple((b, tuple(map(str, s))) for b, s in sorted(self.program.buffers.items()))
+        return (repr(self.kernel), shapes, tuple(map(str, self.size_symbols)), tuple(map(str, self.scalars)),
+                len(self.slots))
+
 
 def slot(i: int) -> str:
     return f"s{i}"
