@@ -65,9 +65,10 @@ class Formula:
     def key(self) -> tuple:
         """What the formula's printed code depends on: equal keys, equal code (a backend prints
         each distinct formula once, however many kernels use it)."""
-        shapes = tuple((b, tuple(map(str, s))) for b, s in sorted(self.program.buffers.items()))
-        return (repr(self.kernel), shapes, tuple(map(str, self.size_symbols)), tuple(map(str, self.scalars)),
-                len(self.slots))
+        kernel = self.kernel  # its fields are SymPy trees, strings, enums and tuples: hashable, compared by structure
+        fields = tuple(getattr(kernel, f.name) for f in dataclasses.fields(kernel))
+        shapes = tuple((b, tuple(sp.sympify(d) for d in s)) for b, s in sorted(self.program.buffers.items()))
+        return type(kernel), fields, shapes, tuple(self.size_symbols), tuple(self.scalars), len(self.slots)
 
 
 def slot(i: int) -> str:
