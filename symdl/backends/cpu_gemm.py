@@ -114,7 +114,14 @@ def _gemm(frame, dtype):
     b = carray(as_ptr(f[6], dtype), (f[7] * b_cols,))
     # op(a)[i, q] = a[i * a_i + q * a_q]; the inner loops run along contiguous memory of b
     a_i, a_q = (1, a_cols) if trans_a else (a_cols, 1)
-    if trans_b:  # op(b)[q, j] = b[j, q]: a dot product of row j of b per entry
+    if trans_b and not trans_a:  # a dot product of rows of a and b per entry: both contiguous
+        for i in range(m):
+            for j in range(n):
+                acc = 0.0
+                for q in range(k):
+                    acc += a[i * a_cols + q] * b[j * b_cols + q]
+                out[i * n + j] = alpha * acc
+    elif trans_b:  # op(b)[q, j] = b[j, q]: a dot product of row j of b per entry
         for i in range(m):
             for j in range(n):
                 acc = 0.0
