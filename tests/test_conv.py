@@ -113,12 +113,14 @@ def test_conv_and_pooling_match_pytorch_autograd(H, W, C, F, kh, kw, stride, pad
         assert_close(grads[name], ref[name], 1e-8, what=name)
 
 
-def test_max_pool_ties_go_to_the_first_arg_max_as_in_pytorch():
+@pytest.mark.parametrize("stride", [1, 2], ids=["overlapping", "disjoint"])
+def test_max_pool_ties_go_to_the_first_arg_max_as_in_pytorch(stride):
     x = sd.input("x", (4, 4, 1))
-    loss = sd.total(sd.max_pool2d(x, 2, 1) * 1.0)
+    loss = sd.total(sd.max_pool2d(x, 2, stride) * 1.0)
     X = np.zeros((1, 4, 4, 1)); X[0, 1:3, 1:3, 0] = 1.0  # ties everywhere
+    X[0, 0, 2:, 0] = 1.0  # a window whose maximum is tied at its first two pixels
     xt = torch.tensor(X.transpose(0, 3, 1, 2), requires_grad=True)
-    F_.max_pool2d(xt, 2, stride=1).sum().backward()
+    F_.max_pool2d(xt, 2, stride=stride).sum().backward()
     for backend in ("numpy", "cpu"):
         _, g = sd.value_and_grad(loss, [x], backend=backend)(x=X)
         assert_close(g["x"], xt.grad.numpy().transpose(0, 2, 3, 1), 0, what=backend)
@@ -138,6 +140,24 @@ def test_cpu_backend_matches_numpy(dtype, tol):
         assert v == pytest.approx(ref_v, rel=tol)
         for name in ref:
             assert_close(got[name], ref[name], tol, what=f"{name} {case}")
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("pool", [(2, None), ((3, 2), None), (2, 3)], ids=["remainder", "3x2", "gaps"])
+def test_cpu_disjoint_pooling_matches_numpy(kind, pool):
+    """Windows that do not overlap (each pixel in one window at most) take their own code path:
+    a 7x7 image leaves a last row and column in no window, stride 3 leaves gaps between windows."""
+    loss, x, K, c = _conv_net(7, 7, 2, 1, 1, 3, 1, "valid", pool, kind)
+    arrays = _arrays(7, 7, 2, 1, 1, 3, n=3)
+    for dtype, tol in (("float64", 1e-12), ("float32", 2e-5)):
+        ref_v, ref = sd.value_and_grad(loss, [K, c, x], backend="numpy", dtype=dtype)(**arrays)
+        f = sd.value_and_grad(loss, [K, c, x], backend="cpu", dtype=dtype)
+        f(**arrays)
+        f.runner.workspace.get(3).flat[...] = np.nan  # every entry must be written, none left from before
+        v, got = f(**arrays)
+        assert v == pytest.approx(ref_v, rel=tol)
+        for name in ref:
+            assert_close(got[name], ref[name], tol, what=f"{name} {dtype}")
 
 
 def test_cpu_parallel_step_matches_numpy():

@@ -172,12 +172,14 @@ def test_batch_norm_running_statistics_match_numpy():
         assert_close(stats["cuda"][k], stats["numpy"][k], 1e-12, what=k)
 
 
+@pytest.mark.parametrize("pool_stride", [1, None], ids=["overlapping", "disjoint"])
 @pytest.mark.parametrize("kind", ["max", "avg"])
-def test_conv_and_pooling_match_numpy(kind):
-    """Every image kernel (im2col, col2im, pooling and its gradient, reshape) on odd shapes."""
+def test_conv_and_pooling_match_numpy(kind, pool_stride):
+    """Every image kernel (im2col, col2im, pooling and its gradient, reshape) on odd shapes; pooling
+    windows that overlap, and windows that do not (a pixel row and column left in none)."""
     x = sd.input("x", (5, 7, 2)); K = sd.param("K", (3, 2, 2, 3)); c = sd.param("c", 3)
     h = sd.tanh(sd.conv2d(x, K, stride=(2, 1), padding="same") + c)
-    h = (sd.max_pool2d if kind == "max" else sd.avg_pool2d)(h, (2, 3), 1)
+    h = (sd.max_pool2d if kind == "max" else sd.avg_pool2d)(h, (2, 3), pool_stride)
     loss = sd.total(sd.sigmoid(sd.flatten(h)))
     rng = np.random.default_rng(0)
     arrays = {"x": rng.normal(size=(3, 5, 7, 2)), "K": rng.normal(size=(3, 2, 2, 3)), "c": rng.normal(size=3)}

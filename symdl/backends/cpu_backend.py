@@ -349,15 +349,17 @@ def _helpers(program: Program) -> str:
 
 
 # --------------------------------------------------------------------------- image kernels (issue 10)
-# Convolution and pooling (``ir.ImageOp``): one gather loop over the output rows (pixels),
-# ``prange`` when the work is large; no two rows write one entry (see ``image_code``).
+# Convolution and pooling (``ir.ImageOp``): one loop over the output rows (pixels), or over the
+# windows of a pooling gradient, ``prange`` when the work is large; no two iterations write one
+# entry (see ``image_code``).
 
 from ..ir import ImageOp  # noqa: E402 - kept with the printer that uses it
-from .image_code import row_body as _image_row_body  # noqa: E402
+from .image_code import loop_rows as _image_loop_rows, row_body as _image_row_body  # noqa: E402
 
 
 @emit.register
 def _emit_image(k: ImageOp, program, parallel, flavor):
-    rows, cols = _dims(program.shape_of(k.out))
+    cols = _dims(program.shape_of(k.out))[1]
+    rows = _dims(program.shape_of(_image_loop_rows(k)))[0]
     body = _image_row_body(k, cols)
     return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par)] + indent(body), parallel)

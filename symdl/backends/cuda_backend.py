@@ -351,16 +351,18 @@ def compile_program(program: Program, dtype) -> Runner:
 
 # --------------------------------------------------------------------------- image kernels (issue 10)
 # Convolution and pooling (``ir.ImageOp``): one thread per output row (a pixel, all its
-# channels), each a gather, so no two threads write one entry (see ``image_code``).
+# channels), or per window of a pooling gradient, so no two threads write one entry (see
+# ``image_code``).
 
 from ..ir import ImageOp  # noqa: E402 - kept with the printer that uses it
-from .image_code import row_body as _image_row_body  # noqa: E402
+from .image_code import loop_rows as _image_loop_rows, row_body as _image_row_body  # noqa: E402
 
 
 @emit.register
 def _emit_image(k: ImageOp, program, index):
     name = f"k{index}_{k.kind}"
-    rows, cols = _dims(program.shape_of(k.out))
+    cols = _dims(program.shape_of(k.out))[1]
+    rows = _dims(program.shape_of(_image_loop_rows(k)))[0]
     args = list(dict.fromkeys([buf(k.out)] + [buf(o.buffer) for o in k.operands])) + ["R"]
     body = ["i = cuda.grid(1)", "if i < R:"] + indent(_image_row_body(k, cols))
     launch = [f"{name}[((({rows}) + TPB - 1) // TPB,), TPB]({', '.join(args[:-1])}, ({rows}))"]
