@@ -31,7 +31,7 @@ from . import cache, cpu_runtime, threads
 from ..graph import n as N
 from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
 from .base import Runner as RunnerBase, Workspace, buf, indent
-from .formulas import Formula, formula, slot
+from .formulas import Formula, formula, slot, uniform
 from .scalar_code import TANH32, dims as _dims, loop_body, uniform_hash_source, uses_uniform_hash
 
 #: Loops whose estimated work (elements x operations) is at least this use ``prange``.
@@ -61,11 +61,35 @@ def emit(kernel, program: Program, parallel: bool, flavor: str) -> list:
     raise NotImplementedError(f"cpu backend: no printer for {type(kernel).__name__}")
 
 
+#: Entries per ``prange`` iteration of a flat loop.
+FLAT_CHUNK = 4096
+
+
+def _flat_loop(size: str, parallel: bool) -> list:
+    """``for i`` over ``size`` entries: ``prange`` over chunks of ``FLAT_CHUNK`` when parallel.
+
+    Chunks, not ``prange(size)`` itself: with Numba 0.68 a ``prange`` that indexes a 1-D
+    ``carray`` directly with its own variable wrote nothing in a cfunc (measured; a test runs
+    both variants of every flat formula against NumPy).
+    """
+    if not parallel:
+        return [f"for i in range({size}):"]
+    return [f"for _chunk in numba.prange(({size} + {FLAT_CHUNK - 1}) // {FLAT_CHUNK}):",
+            f"    for i in range(_chunk * {FLAT_CHUNK}, min({size}, _chunk * {FLAT_CHUNK} + {FLAT_CHUNK})):"]
+
+
 @emit.register(Elementwise)
 @emit.register(Update)
 def _emit_loop(k, program, parallel, flavor):
-    lines, _ = loop_body(k, flavor)
     rows, cols = _dims(program.shape_of(k.out))
+    if uniform(k):  # one loop over buffers viewed as vectors: long, so LLVM vectorises it (a conv
+        lines, _ = loop_body(k, flavor, flat=True)  # layer's 6 channels would be a 6-long inner loop)
+        def make(par):
+            header = _flat_loop(f"{rows} * {cols}", par)
+            return header + indent(lines, len(header))
+
+        return _parallel_branches(program, k, make, parallel)
+    lines, _ = loop_body(k, flavor)
     return _parallel_branches(
         program, k, lambda par: [_loop(rows, "i", par), f"    for j in range({cols}):"] + indent(lines, 2), parallel
     )
@@ -116,11 +140,13 @@ def _prologue(f: Formula, dtype: str) -> list:
     """
     width = SLOT_FIELDS * len(f.slots) + len(f.size_symbols) + len(f.scalars)
     lines = [f"f = carray(frame, ({max(width, 1)},))"]
+    flat = uniform(f.kernel)  # buffers viewed as vectors (``_emit_loop``)
     for i in range(len(f.slots)):
         at = SLOT_FIELDS * i
         r, c = f"_rows{i}", f"_cols{i}"  # the names formulas.formula gives slot i's sizes
+        shape = f"({r} * {c},)" if flat else f"({r}, {c})"
         lines += [f"{r} = f[{at + 1}]", f"{c} = f[{at + 2}]",
-                  f"{buf(slot(i))} = carray(as_ptr(f[{at}], numba.{dtype}), ({r}, {c}))"]
+                  f"{buf(slot(i))} = carray(as_ptr(f[{at}], numba.{dtype}), {shape})"]
     at = SLOT_FIELDS * len(f.slots)
     lines += [f"{sym} = f[{at + k}]" for k, sym in enumerate(f.size_symbols)]
     at += len(f.size_symbols)

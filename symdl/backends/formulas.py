@@ -106,14 +106,12 @@ def _is_size(value) -> bool:
         isinstance(d, sp.Basic) and not (d.free_symbols - {N}) for d in value)
 
 
-def _uniform(kernel, program: Program) -> bool:
-    """A loop whose every operand has the output's shape, read at ``(i, j)``, and whose
-    bodies do not read ``i, j``: its sizes are only a length, a 1 means nothing special."""
-    if not isinstance(kernel, (Elementwise, Update)):
-        return False
-    shape = tuple(sp.sympify(d) for d in program.shape_of(kernel.out))
-    return all(op.pattern == Pattern.SAME and tuple(sp.sympify(d) for d in program.shape_of(op.buffer)) == shape
-               for op in kernel.reads()) and not any(
+def uniform(kernel) -> bool:
+    """A loop whose every operand has the output's shape (``Pattern.SAME``) and whose bodies
+    do not read ``i, j``: its sizes are only a length (a 1 means nothing special), and a
+    backend may run it as one flat loop over buffers viewed as vectors."""
+    return isinstance(kernel, (Elementwise, Update)) and all(
+        op.pattern == Pattern.SAME for op in kernel.reads()) and not any(
         sp.sympify(b).free_symbols & INDEX_SYMBOLS for b in kernel.bodies())
 
 
@@ -136,7 +134,7 @@ def formula(kernel, program: Program) -> Formula:
         return _gemm_formula(kernel, program)
     buffers = _slot_buffers(kernel)
     mapping = {b: slot(i) for i, b in enumerate(buffers)}
-    keep_ones = not _uniform(kernel, program)
+    keep_ones = not uniform(kernel)
     shapes = {}
     for i, b in enumerate(buffers):
         r, c = (sp.sympify(d) for d in program.shape_of(b))

@@ -188,9 +188,10 @@ INDEX = {Pattern.SAME: "[i, j]", Pattern.ROW: "[0, j]", Pattern.COL: "[i, 0]", P
          Pattern.TRANSPOSE: "[j, i]"}
 
 
-def operand_reads(operands) -> list:
-    """``v0 = b_x[i, j]``-style lines for a kernel's operands."""
-    return [f"v{i} = {buf(o.buffer)}{INDEX[o.pattern]}" for i, o in enumerate(operands)]
+def operand_reads(operands, flat: bool = False) -> list:
+    """``v0 = b_x[i, j]``-style lines for a kernel's operands (``b_x[i]`` in a flat loop, where
+    every operand has the output's shape and is viewed as one vector)."""
+    return [f"v{i} = {buf(o.buffer)}{'[i]' if flat else INDEX[o.pattern]}" for i, o in enumerate(operands)]
 
 
 def operand_names(operands) -> list:
@@ -223,28 +224,31 @@ def lets_code(lets, names, flavor: str) -> list:
 
 
 @singledispatch
-def loop_body(kernel, flavor: str) -> tuple:
+def loop_body(kernel, flavor: str, flat: bool = False) -> tuple:
     """``(lines, result)`` for one ``(i, j)`` iteration: operand reads, then the body.
 
     Elementwise and Update kernels store their results (``result`` is None); a
-    Reduction returns the value to accumulate.
+    Reduction returns the value to accumulate. ``flat``: one index ``i`` over buffers
+    viewed as vectors (``formulas.uniform`` kernels only).
     """
     raise NotImplementedError(f"no scalar loop body for {type(kernel).__name__}")
 
 
 @loop_body.register
-def _(k: Elementwise, flavor):
+def _(k: Elementwise, flavor, flat=False):
     lines, result = body_code(k.body, operand_names(k.operands), flavor)
-    return operand_reads(k.operands) + lines + [f"{buf(k.out)}[i, j] = {result}"], None
+    at = "[i]" if flat else "[i, j]"
+    return operand_reads(k.operands, flat) + lines + [f"{buf(k.out)}{at} = {result}"], None
 
 
 @loop_body.register
-def _(k: Update, flavor):
+def _(k: Update, flavor, flat=False):
     lines = lets_code(k.lets, operand_names(k.operands), flavor)
-    return operand_reads(k.operands) + lines + [f"{buf(b)}[i, j] = {s}" for b, s in k.writes], None
+    at = "[i]" if flat else "[i, j]"
+    return operand_reads(k.operands, flat) + lines + [f"{buf(b)}{at} = {s}" for b, s in k.writes], None
 
 
 @loop_body.register
-def _(k: Reduction, flavor):
+def _(k: Reduction, flavor, flat=False):
     lines, result = body_code(k.body, operand_names(k.operands), flavor)
     return operand_reads(k.operands) + lines, result
