@@ -112,30 +112,34 @@ def _gemm(frame, dtype):
     out = carray(as_ptr(f[0], dtype), (m * n,))
     a = carray(as_ptr(f[3], dtype), (a_rows * a_cols,))
     b = carray(as_ptr(f[6], dtype), (f[7] * b_cols,))
-    # op(a)[i, q] = a[i * a_i + q * a_q]; the inner loops run along contiguous memory of b
+    # op(a)[i, q] = a[i * a_i + q * a_q], op(b)[q, j] = b[q * b_q + j * b_j]. The inner loop runs
+    # along contiguous memory of b: along its rows (q) when it is transposed, else along j;
+    # a loop of length 1 never is the inner one (a 16x1 output is 16 dot products).
     a_i, a_q = (1, a_cols) if trans_a else (a_cols, 1)
-    if trans_b and not trans_a:  # a dot product of rows of a and b per entry: both contiguous
+    b_q, b_j = (1, b_cols) if trans_b else (b_cols, 1)
+    dots = k > 1 if trans_b else n == 1
+    if dots and not trans_a and trans_b:  # rows of a against rows of b: both contiguous
         for i in range(m):
             for j in range(n):
                 acc = 0.0
                 for q in range(k):
                     acc += a[i * a_cols + q] * b[j * b_cols + q]
                 out[i * n + j] = alpha * acc
-    elif trans_b:  # op(b)[q, j] = b[j, q]: a dot product of row j of b per entry
+    elif dots:
         for i in range(m):
             for j in range(n):
                 acc = 0.0
                 for q in range(k):
-                    acc += a[i * a_i + q * a_q] * b[j * b_cols + q]
+                    acc += a[i * a_i + q * a_q] * b[q * b_q + j * b_j]
                 out[i * n + j] = alpha * acc
-    else:  # row i of out += op(a)[i, q] * row q of b
+    else:  # row i of out += op(a)[i, q] * row q of op(b)
         for i in range(m):
             for j in range(n):
                 out[i * n + j] = 0.0
             for q in range(k):
                 x = alpha * a[i * a_i + q * a_q]
                 for j in range(n):
-                    out[i * n + j] += x * b[q * b_cols + j]
+                    out[i * n + j] += x * b[q * b_q + j * b_j]
 
 
 @kernel(parallel=False)
