@@ -227,9 +227,12 @@ class Runner(RunnerBase):
         super().__init__(program, dtype)
         flavor = "scalar32" if self.dtype == np.float32 else "scalar"
         self.uses = [formula(k, program) for k in program.kernels]
-        printed = {}  # a deep net uses each formula many times: print it once
-        sources = [printed.get(f.key) or printed.setdefault(f.key, kernel_source(f, flavor, self.dtype.name))
-                   for f in self.uses]
+        printed, sources = {}, []  # a deep net uses each formula many times: print it once
+        for f in self.uses:
+            key = f.key
+            if key not in printed:
+                printed[key] = kernel_source(f, flavor, self.dtype.name)
+            sources.append(printed[key])
         self.kernel_sources = sorted(set(sources), key=lambda s: cache.key(s, "cpu"))
         self.ops = [self.kernel_sources.index(s) for s in sources]
         self._load()

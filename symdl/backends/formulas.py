@@ -82,8 +82,6 @@ def float_bits(value) -> int:
 
 def _slot_buffers(kernel) -> list:
     names = [kernel.out] + [op.buffer for op in kernel.reads()]
-    if isinstance(kernel, Gemm):  # a, b and out each have their place in the frame, even x.T @ x
-        return names
     if isinstance(kernel, Update):
         names += [b for b, _ in kernel.writes]
     return list(dict.fromkeys(names))
@@ -115,7 +113,7 @@ def uniform(kernel) -> bool:
         sp.sympify(b).free_symbols & INDEX_SYMBOLS for b in kernel.bodies())
 
 
-def _gemm_formula(kernel: Gemm, program: Program) -> Formula:
+def _gemm_formula(kernel: Gemm) -> Formula:
     """Every product as one formula: ``s0 = alpha*gemm(s1, s2)`` with the orientation and ``alpha``
     in this use's constants."""
     if sp.sympify(kernel.alpha).free_symbols:
@@ -124,14 +122,15 @@ def _gemm_formula(kernel: Gemm, program: Program) -> Formula:
                         sp.Symbol(f"_cols{i}", integer=True, positive=True)) for i in range(3)}
     canonical = Gemm(slot(0), slot(1), slot(2), False, False)
     prog = Program(kernels=[canonical], buffers=shapes, inputs=[], params=[], outputs={})
-    return Formula(prog, _slot_buffers(kernel), [], [], [],
+    slots = [kernel.out, kernel.a, kernel.b]  # each has its place in the frame, even in x.T @ x
+    return Formula(prog, slots, [], [], [],
                    [int(kernel.trans_a), int(kernel.trans_b), float_bits(kernel.alpha)])
 
 
 def formula(kernel, program: Program) -> Formula:
     """``kernel`` (of ``program``) as a formula over slots and size symbols."""
     if isinstance(kernel, Gemm):
-        return _gemm_formula(kernel, program)
+        return _gemm_formula(kernel)
     buffers = _slot_buffers(kernel)
     mapping = {b: slot(i) for i, b in enumerate(buffers)}
     keep_ones = not uniform(kernel)
