@@ -25,6 +25,7 @@ clear`` show and empty it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -91,8 +92,24 @@ def load_module(source: str, backend: str):
 
 
 def clear_compiled(path: Path) -> None:
-    """Delete Numba's cache entries for the module at ``path``."""
+    """Delete the compiled code saved for the module at ``path`` (symdl's and Numba's)."""
     shutil.rmtree(path.parent / "__pycache__", ignore_errors=True)
+    for f in path.parent.glob("*.o"):
+        f.unlink(missing_ok=True)
+
+
+@functools.cache
+def _file_key(source: Path) -> str:
+    h = hashlib.sha256(source.read_bytes())
+    for part in (numba.__version__, __version__):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def prebuilt_dir(source: Path) -> Path:
+    """Where the compiled code of one of symdl's own modules (the CPU driver, the matrix
+    products) is saved: one entry per version of that file, compiled once per machine."""
+    return cache_dir() / "cpu" / f"symdl_{source.stem}_{_file_key(source)}"
 
 
 # --------------------------------------------------------------------------- size and age limits
@@ -120,7 +137,7 @@ def entries() -> list:
         if not backend.is_dir():
             continue
         for entry in backend.iterdir():
-            if not (entry.is_dir() and any(entry.glob("symdl_*.py"))):
+            if not (entry.is_dir() and (entry.name.startswith("symdl_") or any(entry.glob("symdl_*.py")))):
                 continue  # not ours: never delete what symdl did not write
             try:
                 size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())

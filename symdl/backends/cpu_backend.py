@@ -6,7 +6,7 @@
   sum is one compiled function, whatever the model's depth or widths.
 * A step is a table of frames, one row per kernel: the address of its formula's compiled
   kernel and the addresses and sizes of its buffers at this batch size. One fixed driver
-  (``cpu_runtime.run``, compiled once per machine) calls them in order, so a second model
+  (``cpu_runtime.run_table``, compiled once per machine) calls them in order, so a second model
   of another depth or width built from the same formulas compiles nothing.
 * Every GEMM of every model calls one prebuilt kernel per dtype (``cpu_gemm``: BLAS
   with the orientation and ``alpha`` from its frame, loops when tiny); no copies.
@@ -17,7 +17,8 @@
   buffers are views into the arenas (``base.Arena``).
 
 Modules are written to the compile cache (``cache.module_path``) and imported from
-there, so Numba's ``cache=True`` works and a second process starts warm.
+there; each kernel's machine code is saved beside its module (``objects``), so a second
+process loads it without starting Numba's compiler.
 """
 from __future__ import annotations
 
@@ -184,7 +185,7 @@ def kernel_source(f: Formula, flavor: str, dtype: str) -> str:
 
 def listing(program: Program, uses: list, ops: list) -> str:
     """The program as comments: each kernel, its shape and the formula it calls."""
-    lines = ["# the step: cpu_runtime.run calls, in order, each kernel's formula k<i> on its buffers"]
+    lines = ["# the step: cpu_runtime.run_table calls, in order, each kernel's formula k<i> on its buffers"]
     for k, f, op in zip(program.kernels, uses, ops):
         shape = "(" + ", ".join(map(str, program.shape_of(k.out))) + ")"
         lines.append(f"# {k.out} {shape}: {k.kind} -> k{op}({', '.join(f.slots)}){program.note(k.out)}")
@@ -318,7 +319,7 @@ class Runner(RunnerBase):
         ready = self._ready.get(n)
         if ready is None:
             return self._first_call(external, scalars, n)
-        frames, flat, views, spots, loss, parallel = ready
+        frames, flat, views, spots, loss, parallel, table = ready
         for view, array, spot in zip(views, external, spots):
             if spot is None:  # small: copied, and the frames point at the copy for good
                 view[...] = array
@@ -332,9 +333,9 @@ class Runner(RunnerBase):
         scal[-1] = n
         if parallel:
             with threads.blas_single_threaded():
-                cpu_runtime.run(frames)
+                self._driver(*table)
         else:
-            cpu_runtime.run(frames)
+            self._driver(*table)
         return float(loss[0, 0]) if loss is not None else 0.0
 
     def _first_call(self, external, scalars, n):
@@ -348,7 +349,10 @@ class Runner(RunnerBase):
         for attempt in (1, 2):
             try:
                 frames = self.frames(n, parallel)
-                self._ready[n] = (frames, frames.reshape(-1), views, self._external_spots(frames, views), loss, parallel)
+                self._driver = cpu_runtime.driver()
+                table = (frames.ctypes.data, *frames.shape)  # the driver's arguments
+                self._ready[n] = (frames, frames.reshape(-1), views, self._external_spots(frames, views), loss,
+                                  parallel, table)
                 return self.call(external, scalars, n)
             except Exception:
                 self._ready.pop(n, None)

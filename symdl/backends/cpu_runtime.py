@@ -4,9 +4,10 @@ Every formula is compiled once into a C-callable kernel (``numba.cfunc``) that t
 argument, a pointer to its *frame*: the addresses and sizes of its buffers, its other
 sizes, and the addresses of the scalars it reads (``cpu_backend`` prints the code that
 reads it). A step is a table of frames, one row per kernel of the program, each row
-starting with the kernel's address; ``run(frames)`` calls them in order. ``run`` is
-compiled once per machine, not per model: a model costs only its formulas that are not
-yet in the cache.
+starting with the kernel's address; the driver (``run_table``, called through ``driver()``)
+calls them in order. The driver is compiled once per machine, not per model: a model costs
+only its formulas that are not yet in the cache. Compiled code is saved and loaded by
+``objects``, so a warm process never starts Numba's compiler.
 
 Under ``NUMBA_DISABLE_JIT=1`` the same generated code runs as plain Python: ``kernel``
 returns the function itself, "addresses" index ``_PYTHON_KERNELS``, and ``carray`` and
@@ -15,6 +16,7 @@ returns the function itself, "addresses" index ``_PYTHON_KERNELS``, and ``carray
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from pathlib import Path
 
@@ -24,50 +26,73 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from . import cache, objects
+
 #: A kernel's C signature: ``void kernel(int64 *frame)``.
 SIGNATURE = types.void(types.CPointer(types.int64))
+
+#: The driver's: ``void run(int64 table_address, int64 rows, int64 width)``.
+RUN_SIGNATURE = types.void(types.int64, types.int64, types.int64)
 
 _PYTHON_KERNELS: list = []
 
 
 class Kernel:
-    """A formula's compiled kernel, compiled (or loaded from Numba's cache) on first use of
-    ``address``, so a step variant nobody runs never compiles."""
+    """A formula's compiled kernel, compiled (or loaded from the compile cache) on first use of
+    ``address``, so a step variant nobody runs never compiles.
 
-    def __init__(self, py_func, parallel: bool):
-        self.py_func, self.parallel = py_func, parallel
-        self._cfunc = None
+    The machine code is saved beside the formula's module (``objects``) and loaded from
+    there by later processes without starting Numba's compiler. Kernels of symdl's own
+    modules (the driver, the products) are saved under ``cache.prebuilt_dir``.
+    """
+
+    def __init__(self, py_func, parallel: bool, signature=SIGNATURE):
+        self.py_func, self.parallel, self.signature = py_func, parallel, signature
+        self._address = None
         self.compiled = False  # whether this process compiled it (False: loaded from the cache)
 
     @property
+    def stem(self) -> Path:
+        """Where its machine code is saved, less the machine suffix (``objects.object_path``)."""
+        source = Path(self.py_func.__code__.co_filename)
+        folder = source.parent if self.py_func.__module__.startswith("symdl_") else cache.prebuilt_dir(source)
+        return folder / f"{self.py_func.__module__}.{self.py_func.__name__}"
+
+    @property
     def address(self) -> int:
+        if self._address is not None:
+            return self._address
         if numba.config.DISABLE_JIT:
-            if self._cfunc is None:
-                _PYTHON_KERNELS.append(self.py_func)
-                self._cfunc = len(_PYTHON_KERNELS) - 1
-            return self._cfunc
-        if self._cfunc is None:
-            self._cfunc = numba.cfunc(SIGNATURE, cache=True, error_model="numpy", parallel=self.parallel)(self.py_func)
-            self.compiled = self._cfunc.cache_hits == 0
-        return self._cfunc.address
+            _PYTHON_KERNELS.append(self.py_func)
+            self._address = len(_PYTHON_KERNELS) - 1
+            return self._address
+        stem = self.stem
+        try:
+            self._address = objects.load(stem)
+        except Exception:  # unreadable or unloadable code: compiled afresh below, the file replaced
+            self._address = None
+        if self._address is None:
+            compiled = numba.cfunc(self.signature, error_model="numpy", parallel=self.parallel)(self.py_func)
+            self._address, self.compiled = compiled.address, True
+            self._keep = compiled
+            objects.save(stem, compiled, self.parallel)
+        return self._address
 
     def will_compile(self) -> bool:
-        """Whether ``address`` compiles: not compiled or loaded yet, and no Numba cache index
-        for it beside its module."""
-        if self._cfunc is not None or numba.config.DISABLE_JIT:
+        """Whether ``address`` compiles: not compiled or loaded yet, and no saved machine code."""
+        if self._address is not None or numba.config.DISABLE_JIT:
             return False
-        folder = Path(self.py_func.__code__.co_filename).parent / "__pycache__"
-        return not any(folder.glob(f"*.{self.py_func.__name__}-*.nbi"))
+        return not objects.object_path(self.stem).is_file()
 
     def inspect(self, what: str) -> str:
-        """LLVM IR or assembly (an uncached twin: Numba cannot show code it loaded from its cache)."""
-        twin = numba.cfunc(SIGNATURE, error_model="numpy", parallel=self.parallel)(self.py_func)
+        """LLVM IR or assembly (a twin compiled for the purpose: loaded code has no IR to show)."""
+        twin = numba.cfunc(self.signature, error_model="numpy", parallel=self.parallel)(self.py_func)
         return twin.inspect_llvm() if what == "llvm" else twin._library.get_asm_str()  # CFunc has no inspect_asm
 
 
-def kernel(parallel: bool = False):
+def kernel(parallel: bool = False, signature=SIGNATURE):
     """Decorator for a generated kernel ``def k(frame): ...``."""
-    return lambda py_func: Kernel(py_func, parallel)
+    return lambda py_func: Kernel(py_func, parallel, signature)
 
 
 if numba.config.DISABLE_JIT:  # plain Python: pointers are (address, dtype) pairs read through ctypes
@@ -85,10 +110,13 @@ if numba.config.DISABLE_JIT:  # plain Python: pointers are (address, dtype) pair
     def load_f64(addr):
         return ctypes.c_double.from_address(int(addr)).value
 
-    def run(frames):
-        for row in frames:
+    def run_table(address, rows, width):
+        table = np.frombuffer((ctypes.c_int64 * (rows * width)).from_address(address), np.int64).reshape(rows, width)
+        for row in table:
             _PYTHON_KERNELS[row[0]](row[1:])
-        return 0
+
+    def driver():
+        return run_table
 
 else:
     from numba import carray  # noqa: F401 - the generated kernels import it from here
@@ -115,23 +143,37 @@ else:
 
     @intrinsic
     def _call(typingctx, addr, frame):
-        """Call ``void f(int64 *frame)`` at ``addr`` with the data of the 1-D array ``frame``."""
+        """Call ``void f(int64 *frame)`` at address ``addr`` with the frame at address ``frame``."""
         sig = types.void(addr, frame)
 
         def codegen(context, builder, signature, args):
-            fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64).as_pointer()])
-            data = context.make_array(signature.args[1])(context, builder, args[1]).data
-            builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [data])
+            i64p = ir.IntType(64).as_pointer()
+            fnty = ir.FunctionType(ir.VoidType(), [i64p])
+            builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.inttoptr(args[1], i64p)])
             return context.get_dummy_value()
 
         return sig, codegen
 
-    @numba.njit(cache=True, nogil=True)
-    def run(frames):
-        """Run a step: each row is ``[kernel address, frame...]``."""
-        for pc in range(frames.shape[0]):
-            _call(frames[pc, 0], frames[pc, 1:])
-        return 0
+    def run_table(address, rows, width):
+        """Run a step: the table at ``address`` has ``rows`` rows ``[kernel address, frame...]``
+        of ``width`` int64 each."""
+        table = carray(as_ptr(address, numba.int64), (rows * width,))
+        for pc in range(rows):
+            _call(table[pc * width], address + 8 * (pc * width + 1))
+
+    _RUN = Kernel(run_table, False, RUN_SIGNATURE)
+
+    @functools.cache
+    def driver():
+        """The compiled ``run_table`` as a ctypes function (which releases the GIL while it runs)."""
+        return ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(_RUN.address)
 
 
-__all__ = ["Kernel", "SIGNATURE", "as_ptr", "carray", "kernel", "load_f64", "math", "run"]
+def run(frames: np.ndarray) -> None:
+    """Run the step table ``frames`` (C-contiguous int64, one row per kernel); ``Runner`` calls
+    ``driver()`` with the table's address directly."""
+    frames = np.ascontiguousarray(frames, np.int64)
+    driver()(frames.ctypes.data, *frames.shape)
+
+
+__all__ = ["Kernel", "SIGNATURE", "as_ptr", "carray", "driver", "kernel", "load_f64", "math", "run"]

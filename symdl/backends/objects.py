@@ -1,0 +1,133 @@
+"""Compiled kernels on disk: a kernel's machine code saved once, loaded back without Numba's compiler.
+
+Numba's own cache (``cache=True``) loads through its dispatcher, and the first load in a
+process initialises Numba's whole compiler first (``target_context.refresh()``: 0.5-0.6 s
+measured on this project's 2-core machine, more than loading every kernel of a step). A
+compiled kernel does not need the compiler. This module saves what Numba's cache saves for
+a C callback (its library as object code, ``serialize_using_object_code``) together with
+the name of its C entry point, and loads it straight into Numba's JIT engine
+(``unserialize_library``): a warm process compiles nothing and never starts the compiler.
+
+A file is used only if it is whole (a SHA-256 digest of its content heads it), was written
+by this Numba version, and was compiled for this CPU (``codegen.magic_tuple()``: target,
+CPU name and features, hashed into the file name). Anything else is ignored, and the
+kernel is compiled and the file rewritten.
+
+>>> import numba, tempfile, ctypes
+>>> from pathlib import Path
+>>> folder = Path(tempfile.mkdtemp())
+>>> def add_one(x):
+...     return x + 1
+>>> compiled = numba.cfunc("int64(int64)")(add_one)
+>>> save(folder / "symdl_add_one", compiled, parallel=False)
+True
+>>> address = load(folder / "symdl_add_one")
+>>> ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(address)(41)
+42
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import numba
+
+#: Bumped when the file layout changes: older files are then ignored.
+FORMAT = 1
+
+#: Libraries loaded in this process; the JIT engine runs their code, so they stay alive.
+_LIBRARIES: list = []
+
+
+def _codegen():
+    from numba.core.registry import cpu_target
+
+    return cpu_target.target_context.codegen()  # about 6 ms the first time; no compiler set-up
+
+
+@functools.cache
+def machine() -> str:
+    """A short hash of what the JIT compiles for: target triple, CPU name and its features."""
+    return hashlib.sha256(repr(_codegen().magic_tuple()).encode()).hexdigest()[:12]
+
+
+def object_path(stem: Path) -> Path:
+    """The file for ``stem`` on this machine: ``<stem>.<machine>.o``."""
+    return stem.with_name(f"{stem.name}.{machine()}.o")
+
+
+def save(stem: Path, compiled, parallel: bool) -> bool:
+    """Write ``compiled`` (a ``numba.cfunc``) for later ``load``; False when it cannot be saved:
+    its code uses a Python environment (object-mode calls, exceptions with runtime values;
+    symdl's kernels have none), which only Numba's own cache rebuilds, or the disk refused."""
+    library = compiled._library
+    module = library._final_module
+    text = str(module)
+    for g in module.global_variables:  # an environment (Python globals, constants) only Numba can rebuild
+        if g.name.startswith("_ZN08NumbaEnv") and text.count(g.name) > 1:  # defined, and used
+            return False
+    reload = sorted(getattr(library, "_reload_init", ()), key=lambda f: f"{f.__module__}.{f.__qualname__}")
+    externals = sorted({f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")}
+                       | {g.name for g in module.global_variables if g.is_declaration})
+    payload = pickle.dumps((FORMAT, numba.__version__, library.serialize_using_object_code(),
+                            compiled.native_name, reload, parallel, externals))
+    target = object_path(stem)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(hashlib.sha256(payload).digest() + payload)
+        os.replace(tmp, target)  # a reader sees the old file or the new one, never half of one
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _resolvable(externals: list, reload: list, parallel: bool) -> bool:
+    """Make the symbols the code calls known to the JIT engine, as Numba's compiler would have
+    (its runtime, its thread pool), and check that each one is: LLVM aborts the process on a
+    missing symbol, so code with one is compiled instead of loaded."""
+    import llvmlite.binding as ll
+
+    if any(name.startswith("NRT_") for name in externals):
+        from numba.core.registry import cpu_target
+        from numba.core.runtime import rtsys
+
+        rtsys.initialize(cpu_target.target_context)  # about 70 ms, once
+    for init in reload:  # a threaded kernel: Numba's thread pool and its symbols
+        init()
+    if parallel:
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()
+    return all(ll.address_of_symbol(name) for name in externals)
+
+
+def load(stem: Path) -> int | None:
+    """The address of the C entry point saved for ``stem``, or None (no file, or one not
+    whole, or written by another Numba or for another CPU)."""
+    try:
+        data = object_path(stem).read_bytes()
+    except OSError:
+        return None
+    digest, payload = data[:32], data[32:]
+    if hashlib.sha256(payload).digest() != digest:
+        return None
+    try:
+        fmt, version, state, symbol, reload, parallel, externals = pickle.loads(payload)
+    except Exception:  # written by another symdl: ignored, recompiled
+        return None
+    if fmt != FORMAT or version != numba.__version__:
+        return None
+    if not _resolvable(externals, reload, parallel):
+        return None
+    library = _codegen().unserialize_library(state)
+    address = library.get_pointer_to_function(symbol)
+    _LIBRARIES.append(library)
+    return address
+

@@ -1,0 +1,91 @@
+"""The compile cache's machine code (``backends/objects.py``): saved once, loaded without Numba's
+compiler, and never trusted when it is not whole or not for this machine."""
+import ctypes
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numba
+import pytest
+
+from symdl.backends import objects
+
+pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no machine code without the JIT")
+
+ADD = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
+
+
+def _add_one(x):
+    return x + 1
+
+
+def test_saved_code_loads_and_runs(tmp_path):
+    compiled = numba.cfunc("int64(int64)")(_add_one)
+    assert objects.save(tmp_path / "symdl_add", compiled, parallel=False)
+    assert objects.object_path(tmp_path / "symdl_add").name.endswith(f".{objects.machine()}.o")
+    assert ADD(objects.load(tmp_path / "symdl_add"))(41) == 42
+    assert ADD(objects.load(tmp_path / "symdl_add"))(1) == 2  # loading it twice in one process is fine
+
+
+def test_a_file_not_whole_or_not_ours_is_ignored(tmp_path):
+    stem = tmp_path / "symdl_add"
+    assert objects.load(stem) is None  # no file
+    objects.save(stem, numba.cfunc("int64(int64)")(_add_one), parallel=False)
+    path = objects.object_path(stem)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])  # truncated: the digest no longer matches
+    assert objects.load(stem) is None
+    path.write_bytes(b"garbage" * 10)
+    assert objects.load(stem) is None
+    payload = pickle.loads(data[32:])
+    for changed in ((objects.FORMAT + 1,) + payload[1:], payload[:1] + ("0.0.0",) + payload[2:]):
+        blob = pickle.dumps(changed)  # another file layout, another Numba: ignored
+        path.write_bytes(objects.hashlib.sha256(blob).digest() + blob)
+        assert objects.load(stem) is None
+
+
+def test_code_calling_a_symbol_this_process_lacks_is_not_loaded(tmp_path):
+    """LLVM aborts the process on a missing symbol: such code is compiled again instead."""
+    stem = tmp_path / "symdl_add"
+    objects.save(stem, numba.cfunc("int64(int64)")(_add_one), parallel=False)
+    path = objects.object_path(stem)
+    payload = list(pickle.loads(path.read_bytes()[32:]))
+    payload[-1] = payload[-1] + ["symdl_no_such_symbol"]
+    blob = pickle.dumps(tuple(payload))
+    path.write_bytes(objects.hashlib.sha256(blob).digest() + blob)
+    assert objects.load(stem) is None
+
+
+WARM = textwrap.dedent(
+    """
+    import numpy as np
+    import numba.core.base
+    calls = []
+    original = numba.core.base.BaseContext.refresh
+    numba.core.base.BaseContext.refresh = lambda self: (calls.append(1), original(self))[1]
+    import symdl as sd
+    x = sd.input("x", 3); y = sd.input("y", 2); W = sd.param("W", (3, 2)); b = sd.param("b", 2)
+    train = sd.compile(sd.losses.mse(sd.relu(x @ W + b), y), [W, b], optimizer=sd.optim.Adam(1e-2), backend="cpu")
+    rng = np.random.default_rng(0)
+    print("LOSS", train.step(x=rng.normal(size=(300, 3)), y=rng.normal(size=(300, 2))))
+    print("COMPILER", len(calls))
+    """
+)
+
+
+def test_a_warm_process_never_starts_numbas_compiler(tmp_path):
+    env = dict(os.environ, SYMDL_CACHE_DIR=str(tmp_path))
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", WARM], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        lines = dict(line.split(maxsplit=1) for line in out.stdout.splitlines() if line[:4] in ("LOSS", "COMP"))
+        return float(lines["LOSS"]), int(lines["COMPILER"])
+
+    cold_loss, cold_starts = run()
+    assert cold_starts >= 1  # it compiled
+    warm_loss, warm_starts = run()
+    assert warm_starts == 0, "the warm process started Numba's compiler"
+    assert warm_loss == cold_loss  # the same machine code, the same numbers
