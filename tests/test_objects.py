@@ -69,7 +69,14 @@ WARM = textwrap.dedent(
     x = sd.input("x", 3); y = sd.input("y", 2); W = sd.param("W", (3, 2)); b = sd.param("b", 2)
     train = sd.compile(sd.losses.mse(sd.relu(x @ W + b), y), [W, b], optimizer=sd.optim.Adam(1e-2), backend="cpu")
     rng = np.random.default_rng(0)
-    print("LOSS", train.step(x=rng.normal(size=(300, 3)), y=rng.normal(size=(300, 2))))
+    loss = train.step(x=rng.normal(size=(300, 3)), y=rng.normal(size=(300, 2)))
+    # a loop-dominated step: its threaded (prange) kernels are saved and loaded too
+    x = sd.input("x", 64); W = sd.param("W", (64, 2))
+    h = sd.softplus(sd.sigmoid(sd.tanh(x + 0.1) + 0.1) + 0.1)
+    threaded = sd.compile(sd.losses.mse(h @ W, y) + sd.mean(h), [W], backend="cpu")
+    loss += threaded.step(x=rng.normal(size=(3000, 64)), y=rng.normal(size=(3000, 2)))
+    assert threaded.runner.uses_parallel(3000)
+    print("LOSS", repr(loss))
     print("COMPILER", len(calls))
     """
 )

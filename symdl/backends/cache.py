@@ -1,10 +1,11 @@
-"""The compile cache: generated modules on disk, so Numba's ``cache=True`` can work.
+"""The compile cache: generated modules and their kernels' machine code on disk.
 
-Numba caches compiled code only for functions defined in files. Each generated
-module is written to ``$SYMDL_CACHE_DIR`` (default ``~/.cache/symdl``) under a hash
-of its source, the backend and the Numba version (the source already spells out
-the program and every shape). A stale or corrupt module file is rewritten; a
-corrupt Numba cache entry is deleted and rebuilt (``Runner`` retries once).
+Each generated module is written to ``$SYMDL_CACHE_DIR`` (default ``~/.cache/symdl``) under
+a hash of its source, the backend and the Numba version (the source already spells out the
+program and every shape); the CPU backend saves each kernel's machine code beside it
+(``objects``), and the code of symdl's own prebuilt kernels under ``prebuilt_dir``. A stale
+or corrupt module file is rewritten; corrupt machine code is ignored, compiled again and
+rewritten (``Runner`` also retries once after clearing a module's compiled code).
 
 The cache does not grow without bound: each time a new module is written, entries unused
 for ``MAX_AGE_DAYS`` are removed, then the least recently used ones while the cache is over

@@ -3,7 +3,7 @@
 A product ``out = alpha * op(a) @ op(b)`` (``op`` the identity or a transpose) is the
 same formula whatever its buffers, sizes, orientation and ``alpha``: all of them go in
 its frame. So every GEMM of every model calls one of two kernels, ``gemm_float32`` or
-``gemm_float64``, compiled once per machine like ``cpu_runtime.run`` (a model's cold
+``gemm_float64``, compiled once per machine like the driver ``cpu_runtime.run_table`` (a model's cold
 compile no longer pays for its products).
 
 The frame (``GEMM_FRAME`` int64 values) is the usual three slots, then the flags and

@@ -88,17 +88,25 @@ def save(stem: Path, compiled, parallel: bool) -> bool:
     return True
 
 
+def _runtime_symbols() -> None:
+    """Numba's runtime (NRT) C functions, as ``rtsys.initialize`` registers them, without the
+    LLVM module it also compiles (about 70 ms) for code the compiler generates: loaded code
+    only calls the C functions (a view's reference-count path names ``NRT_MemInfo_call_dtor``)."""
+    import llvmlite.binding as ll
+    from numba.core.runtime import _nrt_python as _nrt
+
+    for name, address in _nrt.c_helpers.items():
+        ll.add_symbol(name if name.startswith("_") else "NRT_" + name, address)
+
+
 def _resolvable(externals: list, reload: list, parallel: bool) -> bool:
     """Make the symbols the code calls known to the JIT engine, as Numba's compiler would have
     (its runtime, its thread pool), and check that each one is: LLVM aborts the process on a
     missing symbol, so code with one is compiled instead of loaded."""
     import llvmlite.binding as ll
 
-    if any(name.startswith("NRT_") for name in externals):
-        from numba.core.registry import cpu_target
-        from numba.core.runtime import rtsys
-
-        rtsys.initialize(cpu_target.target_context)  # about 70 ms, once
+    if any(name.startswith("NRT_") and not ll.address_of_symbol(name) for name in externals):
+        _runtime_symbols()
     for init in reload:  # a threaded kernel: Numba's thread pool and its symbols
         init()
     if parallel:
