@@ -23,7 +23,7 @@ def _add_one(x):
 
 def test_saved_code_loads_and_runs(tmp_path):
     compiled = numba.cfunc("int64(int64)")(_add_one)
-    assert objects.save(tmp_path / "symdl_add", compiled, parallel=False)
+    assert objects.save(tmp_path / "symdl_add", compiled)
     assert objects.object_path(tmp_path / "symdl_add").name.endswith(f".{objects.machine()}.o")
     assert ADD(objects.load(tmp_path / "symdl_add"))(41) == 42
     assert ADD(objects.load(tmp_path / "symdl_add"))(1) == 2  # loading it twice in one process is fine
@@ -32,7 +32,7 @@ def test_saved_code_loads_and_runs(tmp_path):
 def test_a_file_not_whole_or_not_ours_is_ignored(tmp_path):
     stem = tmp_path / "symdl_add"
     assert objects.load(stem) is None  # no file
-    objects.save(stem, numba.cfunc("int64(int64)")(_add_one), parallel=False)
+    objects.save(stem, numba.cfunc("int64(int64)")(_add_one))
     path = objects.object_path(stem)
     data = path.read_bytes()
     path.write_bytes(data[:-10])  # truncated: the digest no longer matches
@@ -49,7 +49,7 @@ def test_a_file_not_whole_or_not_ours_is_ignored(tmp_path):
 def test_code_calling_a_symbol_this_process_lacks_is_not_loaded(tmp_path):
     """LLVM aborts the process on a missing symbol: such code is compiled again instead."""
     stem = tmp_path / "symdl_add"
-    objects.save(stem, numba.cfunc("int64(int64)")(_add_one), parallel=False)
+    objects.save(stem, numba.cfunc("int64(int64)")(_add_one))
     path = objects.object_path(stem)
     payload = list(pickle.loads(path.read_bytes()[32:]))
     payload[-1] = payload[-1] + ["symdl_no_such_symbol"]

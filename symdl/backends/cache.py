@@ -63,12 +63,19 @@ def module_path(source: str, backend: str) -> Path:
     return cache_dir() / backend / k / f"symdl_{backend}_{k}.py"
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Write ``path`` so a reader sees the old file or the new one, never half of one (text as
+    UTF-8: kernel comments hold δ, ⊙, ∂); a failed write leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = content.encode("utf-8") if isinstance(content, str) else content
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:  # kernel comments hold δ, ⊙, ∂
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_module(source: str, backend: str):
@@ -80,7 +87,7 @@ def load_module(source: str, backend: str):
         current = None
     if current != source:  # missing, stale or corrupt: write it afresh, drop Numba's entries too
         clear_compiled(path)
-        _write_atomically(path, source)
+        write_atomically(path, source)
         prune(keep=path.parent)
     else:
         _touch(path.parent)  # recently used: pruning removes the least recently used first
@@ -101,10 +108,7 @@ def clear_compiled(path: Path) -> None:
 
 @functools.cache
 def _file_key(source: Path) -> str:
-    h = hashlib.sha256(source.read_bytes())
-    for part in (numba.__version__, __version__):
-        h.update(part.encode())
-    return h.hexdigest()[:16]
+    return key(source.read_text(encoding="utf-8"), "prebuilt")
 
 
 def prebuilt_dir(source: Path) -> Path:

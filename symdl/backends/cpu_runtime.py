@@ -75,7 +75,7 @@ class Kernel:
             compiled = numba.cfunc(self.signature, error_model="numpy", parallel=self.parallel)(self.py_func)
             self._address, self.compiled = compiled.address, True
             self._keep = compiled
-            objects.save(stem, compiled, self.parallel)
+            objects.save(stem, compiled)
         return self._address
 
     def will_compile(self) -> bool:

@@ -19,7 +19,7 @@ kernel is compiled and the file rewritten.
 >>> def add_one(x):
 ...     return x + 1
 >>> compiled = numba.cfunc("int64(int64)")(add_one)
->>> save(folder / "symdl_add_one", compiled, parallel=False)
+>>> save(folder / "symdl_add_one", compiled)
 True
 >>> address = load(folder / "symdl_add_one")
 >>> ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(address)(41)
@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numba
 
+from . import cache
+
 #: Bumped when the file layout changes: older files are then ignored.
-FORMAT = 1
+FORMAT = 2
 
 #: Libraries loaded in this process; the JIT engine runs their code, so they stay alive.
 _LIBRARIES: list = []
@@ -60,7 +60,7 @@ def object_path(stem: Path) -> Path:
     return stem.with_name(f"{stem.name}.{machine()}.o")
 
 
-def save(stem: Path, compiled, parallel: bool) -> bool:
+def save(stem: Path, compiled) -> bool:
     """Write ``compiled`` (a ``numba.cfunc``) for later ``load``; False when it cannot be saved:
     its code uses a Python environment (object-mode calls, exceptions with runtime values;
     symdl's kernels have none), which only Numba's own cache rebuilds, or the disk refused."""
@@ -70,20 +70,16 @@ def save(stem: Path, compiled, parallel: bool) -> bool:
     for g in module.global_variables:  # an environment (Python globals, constants) only Numba can rebuild
         if g.name.startswith("_ZN08NumbaEnv") and text.count(g.name) > 1:  # defined, and used
             return False
+    # what loading must run first, as Numba's cache does: a threaded kernel's is the launch of
+    # Numba's thread pool (which registers the symbols its code calls)
     reload = sorted(getattr(library, "_reload_init", ()), key=lambda f: f"{f.__module__}.{f.__qualname__}")
     externals = sorted({f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")}
                        | {g.name for g in module.global_variables if g.is_declaration})
     payload = pickle.dumps((FORMAT, numba.__version__, library.serialize_using_object_code(),
-                            compiled.native_name, reload, parallel, externals))
-    target = object_path(stem)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+                            compiled.native_name, reload, externals))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(hashlib.sha256(payload).digest() + payload)
-        os.replace(tmp, target)  # a reader sees the old file or the new one, never half of one
+        cache.write_atomically(object_path(stem), hashlib.sha256(payload).digest() + payload)
     except OSError:
-        Path(tmp).unlink(missing_ok=True)
         return False
     return True
 
@@ -99,20 +95,16 @@ def _runtime_symbols() -> None:
         ll.add_symbol(name if name.startswith("_") else "NRT_" + name, address)
 
 
-def _resolvable(externals: list, reload: list, parallel: bool) -> bool:
+def _resolvable(externals: list, reload: list) -> bool:
     """Make the symbols the code calls known to the JIT engine, as Numba's compiler would have
-    (its runtime, its thread pool), and check that each one is: LLVM aborts the process on a
-    missing symbol, so code with one is compiled instead of loaded."""
+    (its runtime; its thread pool, through the library's reload hooks), and check that each one
+    is: LLVM aborts the process on a missing symbol, so code with one is compiled instead of loaded."""
     import llvmlite.binding as ll
 
     if any(name.startswith("NRT_") and not ll.address_of_symbol(name) for name in externals):
         _runtime_symbols()
-    for init in reload:  # a threaded kernel: Numba's thread pool and its symbols
+    for init in reload:
         init()
-    if parallel:
-        from numba.np.ufunc.parallel import _launch_threads
-
-        _launch_threads()
     return all(ll.address_of_symbol(name) for name in externals)
 
 
@@ -127,12 +119,12 @@ def load(stem: Path) -> int | None:
     if hashlib.sha256(payload).digest() != digest:
         return None
     try:
-        fmt, version, state, symbol, reload, parallel, externals = pickle.loads(payload)
+        fmt, version, state, symbol, reload, externals = pickle.loads(payload)
     except Exception:  # written by another symdl: ignored, recompiled
         return None
     if fmt != FORMAT or version != numba.__version__:
         return None
-    if not _resolvable(externals, reload, parallel):
+    if not _resolvable(externals, reload):
         return None
     library = _codegen().unserialize_library(state)
     address = library.get_pointer_to_function(symbol)
