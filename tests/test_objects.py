@@ -23,7 +23,7 @@ def _add_one(x):
 
 def test_saved_code_loads_and_runs(tmp_path):
     compiled = numba.cfunc("int64(int64)")(_add_one)
-    assert objects.save(tmp_path / "symdl_add", compiled)
+    assert objects.save(tmp_path / "symdl_add", compiled._library, compiled.native_name)
     assert objects.object_path(tmp_path / "symdl_add").name.endswith(f".{objects.machine()}.o")
     assert ADD(objects.load(tmp_path / "symdl_add"))(41) == 42
     assert ADD(objects.load(tmp_path / "symdl_add"))(1) == 2  # loading it twice in one process is fine
@@ -32,7 +32,8 @@ def test_saved_code_loads_and_runs(tmp_path):
 def test_a_file_not_whole_or_not_ours_is_ignored(tmp_path):
     stem = tmp_path / "symdl_add"
     assert objects.load(stem) is None  # no file
-    objects.save(stem, numba.cfunc("int64(int64)")(_add_one))
+    compiled = numba.cfunc("int64(int64)")(_add_one)
+    objects.save(stem, compiled._library, compiled.native_name)
     path = objects.object_path(stem)
     data = path.read_bytes()
     path.write_bytes(data[:-10])  # truncated: the digest no longer matches
@@ -49,7 +50,8 @@ def test_a_file_not_whole_or_not_ours_is_ignored(tmp_path):
 def test_code_calling_a_symbol_this_process_lacks_is_not_loaded(tmp_path):
     """LLVM aborts the process on a missing symbol: such code is compiled again instead."""
     stem = tmp_path / "symdl_add"
-    objects.save(stem, numba.cfunc("int64(int64)")(_add_one))
+    compiled = numba.cfunc("int64(int64)")(_add_one)
+    objects.save(stem, compiled._library, compiled.native_name)
     path = objects.object_path(stem)
     payload = list(pickle.loads(path.read_bytes()[32:]))
     payload[-1] = payload[-1] + ["symdl_no_such_symbol"]
@@ -96,3 +98,49 @@ def test_a_warm_process_never_starts_numbas_compiler(tmp_path):
     warm_loss, warm_starts = run()
     assert warm_starts == 0, "the warm process started Numba's compiler"
     assert warm_loss == cold_loss  # the same machine code, the same numbers
+
+
+COLD = textwrap.dedent(
+    """
+    import numpy as np
+    import numba.core.base
+    calls = []
+    original = numba.core.base.BaseContext.refresh
+    numba.core.base.BaseContext.refresh = lambda self: (calls.append(1), original(self))[1]
+    import symdl as sd
+    rng = np.random.default_rng(0)
+    x = sd.input("x", 8); y = sd.input("y", 3)
+    W1 = sd.param("W1", (8, 16)); b1 = sd.param("b1", 16); W2 = sd.param("W2", (16, 3)); b2 = sd.param("b2", 3)
+    logits = sd.tanh(sd.relu(x @ W1 + b1)) @ W2 + b2
+    loss = sd.losses.softmax_cross_entropy(logits, y) + sd.losses.mse(sd.sigmoid(logits), y)
+    start = {"W1": rng.normal(size=(8, 16)), "b1": rng.normal(size=(1, 16)), "W2": rng.normal(size=(16, 3)),
+             "b2": rng.normal(size=(1, 3))}
+    X, Y = rng.normal(size=(70, 8)), np.eye(3)[rng.integers(0, 3, 70)]
+    for dtype in ("float32", "float64"):
+        trained = {}
+        for backend in ("cpu", "numpy"):
+            train = sd.compile(loss, [W1, b1, W2, b2], optimizer=sd.optim.Adam(1e-2), backend=backend, dtype=dtype)
+            for name, value in start.items():
+                train.params[name][...] = value
+            losses = [train.step(x=X[:64].astype(dtype), y=Y[:64].astype(dtype)),
+                      train.step(x=X[64:].astype(dtype), y=Y[64:].astype(dtype))]  # the short last batch
+            trained[backend] = losses, {k: np.array(v) for k, v in train.params.items()}
+            if backend == "cpu":
+                assert train.source.count("LLVM_SERIAL = ") == train.source.count("def kernel_serial(")
+        tol = 1e-4 if dtype == "float32" else 1e-10
+        np.testing.assert_allclose(trained["cpu"][0], trained["numpy"][0], rtol=tol)
+        for k in start:
+            np.testing.assert_allclose(trained["cpu"][1][k], trained["numpy"][1][k], rtol=tol, atol=tol)
+    print("COMPILER", len(calls))
+    """
+)
+
+
+def test_a_cold_mlp_compiles_without_numbas_compiler(tmp_path):
+    """Loop formulas, products and the driver are printed as LLVM IR (``llvm_code``) and compiled by
+    LLVM alone: an MLP's cold process matches NumPy, both dtypes, without starting Numba's compiler."""
+    env = dict(os.environ, SYMDL_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", COLD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "COMPILER 0" in out.stdout, out.stdout
+    assert any(p.suffix == ".o" for p in tmp_path.rglob("*"))  # and the code was saved

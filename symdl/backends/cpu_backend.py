@@ -28,7 +28,7 @@ import numba
 import numpy as np
 import sympy as sp
 
-from . import cache, cpu_runtime, threads
+from . import cache, cpu_runtime, llvm_code, threads
 from ..graph import n as N
 from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
 from .base import Runner as RunnerBase, Workspace, buf, indent
@@ -168,7 +168,11 @@ def kernel_source(f: Formula, flavor: str, dtype: str) -> str:
     serial = emit(f.kernel, f.program, False, flavor)
     parallel = emit(f.kernel, f.program, True, flavor)
     prologue = _prologue(f, dtype)
-    functions = "@kernel(parallel=False)\ndef kernel_serial(frame):\n" + "\n".join(indent(prologue + serial)) + "\n"
+    llvm = llvm_code.kernel_ir(f, dtype)  # what runs serially; the Python below is the same loop, read
+    header = "@kernel(parallel=False)\n"
+    if llvm is not None:
+        header = 'LLVM_SERIAL = """' + llvm + '"""\n\n\n@kernel(parallel=False, llvm=LLVM_SERIAL)\n'
+    functions = header + "def kernel_serial(frame):\n" + "\n".join(indent(prologue + serial)) + "\n"
     if parallel == serial:  # nothing to thread (a GEMM: BLAS threads itself)
         functions += "\n\nkernel_parallel = kernel_serial\n"
     else:

@@ -19,7 +19,7 @@ kernel is compiled and the file rewritten.
 >>> def add_one(x):
 ...     return x + 1
 >>> compiled = numba.cfunc("int64(int64)")(add_one)
->>> save(folder / "symdl_add_one", compiled)
+>>> save(folder / "symdl_add_one", compiled._library, compiled.native_name)
 True
 >>> address = load(folder / "symdl_add_one")
 >>> ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(address)(41)
@@ -60,11 +60,11 @@ def object_path(stem: Path) -> Path:
     return stem.with_name(f"{stem.name}.{machine()}.o")
 
 
-def save(stem: Path, compiled) -> bool:
-    """Write ``compiled`` (a ``numba.cfunc``) for later ``load``; False when it cannot be saved:
-    its code uses a Python environment (object-mode calls, exceptions with runtime values;
-    symdl's kernels have none), which only Numba's own cache rebuilds, or the disk refused."""
-    library = compiled._library
+def save(stem: Path, library, symbol: str) -> bool:
+    """Write a compiled ``library`` (Numba's ``CodeLibrary``, of a ``numba.cfunc`` or of
+    ``compile_llvm``) and the name of its C entry point for later ``load``; False when it cannot
+    be saved: its code uses a Python environment (object-mode calls, exceptions with runtime
+    values; symdl's kernels have none), which only Numba's own cache rebuilds, or the disk refused."""
     module = library._final_module
     text = str(module)
     for g in module.global_variables:  # an environment (Python globals, constants) only Numba can rebuild
@@ -76,7 +76,7 @@ def save(stem: Path, compiled) -> bool:
     externals = sorted({f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")}
                        | {g.name for g in module.global_variables if g.is_declaration})
     payload = pickle.dumps((FORMAT, numba.__version__, library.serialize_using_object_code(),
-                            compiled.native_name, reload, externals))
+                            symbol, reload, externals))
     try:
         cache.write_atomically(object_path(stem), hashlib.sha256(payload).digest() + payload)
     except OSError:
@@ -95,17 +95,45 @@ def _runtime_symbols() -> None:
         ll.add_symbol(name if name.startswith("_") else "NRT_" + name, address)
 
 
-def _resolvable(externals: list, reload: list) -> bool:
+def resolvable(externals, reload=()) -> bool:
     """Make the symbols the code calls known to the JIT engine, as Numba's compiler would have
-    (its runtime; its thread pool, through the library's reload hooks), and check that each one
-    is: LLVM aborts the process on a missing symbol, so code with one is compiled instead of loaded."""
+    (its runtime, its C helpers and math functions; its thread pool, through the library's reload
+    hooks), and check that each one is: LLVM aborts the process on a missing symbol, so code
+    with one is compiled by Numba instead of loaded."""
     import llvmlite.binding as ll
+    from numba import _helperlib
 
     if any(name.startswith("NRT_") and not ll.address_of_symbol(name) for name in externals):
         _runtime_symbols()
+    for name in externals:  # as numba.core.base and numba.core.externals register them
+        helper = name[len("numba_"):] if name.startswith("numba_") else name
+        if not ll.address_of_symbol(name) and helper in _helperlib.c_helpers:
+            ll.add_symbol(name, _helperlib.c_helpers[helper])
     for init in reload:
         init()
     return all(ll.address_of_symbol(name) for name in externals)
+
+
+def compile_llvm(text: str, symbol: str):
+    """The LLVM module ``text`` (``llvm_code``) compiled by Numba's JIT code generator (its
+    optimisation passes, its engine), with its object code kept for ``save``; None when a
+    function it calls is not known to the JIT engine."""
+    import llvmlite.binding as ll
+    from numba.core.compiler_lock import global_compiler_lock
+
+    codegen = _codegen()
+    module = ll.parse_assembly(text)
+    if not resolvable([f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")]):
+        return None
+    with global_compiler_lock:  # Numba's code generator is not reentrant
+        library = codegen.create_library(symbol)
+        target = library.create_ir_module(symbol)
+        module.triple, module.data_layout = target.triple, str(target.data_layout)
+        library.enable_object_caching()
+        library.add_llvm_module(module)
+        library.finalize()
+    _LIBRARIES.append(library)
+    return library
 
 
 def load(stem: Path) -> int | None:
@@ -124,7 +152,7 @@ def load(stem: Path) -> int | None:
         return None
     if fmt != FORMAT or version != numba.__version__:
         return None
-    if not _resolvable(externals, reload):
+    if not resolvable(externals, reload):
         return None
     library = _codegen().unserialize_library(state)
     address = library.get_pointer_to_function(symbol)
