@@ -541,3 +541,49 @@ def test_threaded_and_serial_kernels_agree_on_every_buffer():
     assert all(k._address is not None for k in runner.kernels(True))
     for name, value in results[0].items():
         np.testing.assert_allclose(results[1][name], value, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+PRINTED_BODIES = {  # each through the LLVM printer (llvm_code) and through Numba, float64
+    "division by a root": lambda a, b: a / sp.sqrt(b * b + 1),
+    "powers": lambda a, b: a**3 / (b * b + 1) ** 2 - a ** sp.Rational(3, 2) + 2 ** a,
+    "activations": lambda a, b: sp.tanh(a) * b - sp.exp(-a) + sp.log(1 + b**2) + sp.erf(a) + sp.Abs(b) ** 3,
+    "nan rules": lambda a, b: sp.Max(a, b) - sp.Min(a, 0) + sp.sign(a) + sp.Heaviside(b) + sp.Heaviside(a, 0.25),
+    "branches": lambda a, b: sp.Piecewise((a, a > b), (b * 2, sp.Ne(a, 0.5)), (-a, True)),
+}
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="compares compiled kernels")
+@pytest.mark.parametrize("name", list(PRINTED_BODIES))
+def test_printed_llvm_loops_agree_with_numbas_kernels_and_numpy(name):
+    """The serial kernel printed as LLVM IR computes what Numba's compile of the same formula does,
+    to the last bit or two (float64, special values included; sums may round in another order), and
+    what NumPy does: a flat loop, a broadcast row, a sum and a row's log-sum-exp."""
+    from symdl.backends import get
+    from symdl.backends.cpu_runtime import Kernel
+    from symdl.lowering import lower
+
+    fn = PRINTED_BODIES[name]
+    x, y, r = sd.input("x", 3), sd.input("y", 3), sd.param("r", (1, 3))
+    h = sd.graph.elementwise(fn, x, y)
+    prog = lower({"h": h, "row": sd.graph.elementwise(fn, x, r), "total": sd.total(sd.hadamard(h, r)),
+                  "logsumexp": sd.log_softmax(h)})
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(7, 3)) * 3, rng.normal(size=(7, 3))
+    X[0, :], Y[1, :] = [np.nan, np.inf, -np.inf], [0.0, -0.0, 0.5]
+    X[2, 1] = Y[2, 1] = 0.5
+    arrays = {"x": X, "y": Y, "r": np.array([[0.5, -1.0, np.nan]])}
+    runner = get("cpu").compile_program(prog, "float64")
+    with np.errstate(all="ignore"):
+        want = {k: np.array(v) for k, v in get("numpy").compile_program(prog, "float64").run(arrays, {}, 7).items()}
+    printed = {k: np.array(v) for k, v in runner.run(arrays, {}, 7).items()}
+    assert all("LLVM_SERIAL" in s for s in runner.kernel_sources if "def kernel_serial(" in s)
+    for module in runner.kernel_modules:  # Numba compiles each formula's Python loop: its address replaces the IR's
+        kernel = module.kernel_serial
+        if kernel.llvm is not None and "gemm" not in kernel.py_func.__module__:
+            library, symbol = Kernel(kernel.py_func, False)._compile()
+            kernel._address, kernel._numba = library.get_pointer_to_function(symbol), library
+    runner._ready.clear()
+    numba_out = {k: np.array(v) for k, v in runner.run(arrays, {}, 7).items()}
+    for k in want:
+        np.testing.assert_allclose(printed[k], numba_out[k], rtol=1e-15, atol=1e-300, equal_nan=True, err_msg=k)
+        np.testing.assert_allclose(printed[k], want[k], rtol=1e-12, atol=1e-300, equal_nan=True, err_msg=k)

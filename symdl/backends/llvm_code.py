@@ -15,7 +15,9 @@ Arithmetic follows NumPy's float32 rules: a value that depends on an array entry
 computed in the kernel's dtype, one that depends only on scalars (``beta1**t``) in
 float64; sums over a reduction accumulate in float64 (in the output's dtype for a column
 sum, as the Numba kernel does). NaN propagates as in NumPy (``scalar_code.ScalarPrinter``
-documents each rule; this printer keeps them).
+documents each rule; this printer keeps them). Numba's float32 loops (the threaded twins)
+promote Python's float64 constants instead, so in float32 the two variants of one formula may
+differ in the last digits (both are tested against NumPy; this one is the closer).
 
 >>> import symdl as sd
 >>> from symdl.lowering import lower
@@ -129,13 +131,13 @@ class Body:
 
     # ---------------------------------------------------------------- arithmetic
     def _Add(self, e):
-        return self._fold(self.b.fadd, e.args)
+        return self._fold(self.b.fadd, e.as_ordered_terms())  # the order Python's printer adds in
 
     def _Mul(self, e):
         """``a*b/(c*d)`` as Python prints it: the numerator's product over the denominator's."""
         num, den = [], []
         for a in e.args:
-            if a.is_Pow and a.exp.is_Integer and a.exp < 0:
+            if a.is_Pow and a.exp.is_Rational and a.exp.is_negative:  # x/sqrt(y), as Python prints it
                 den.append(a.base if a.exp == -1 else sp.Pow(a.base, -a.exp, evaluate=False))
             else:
                 num.append(a)
@@ -390,6 +392,7 @@ def _emit_loop(frame: Frame, k, flat: bool):
             return
         for sym, let in k.lets:  # an Update: its lets in order, then its writes
             body.env[sym] = body.value(_prepared(let))
+            body.memo.pop(sym, None)
         values = [(w, body.env[s]) for w, s in k.writes]
         for w, v in values:
             _store(frame, body, v, address(_slot(w)))
@@ -492,7 +495,7 @@ def kernel_ir(f: Formula, dtype: str) -> str | None:
             _emit_reduction(frame, f.kernel)
         else:
             _emit_loop(frame, f.kernel, uniform(f.kernel))
-    except Unsupported:
+    except (Unsupported, TypeError, KeyError, ValueError):  # what SymPy or the frame cannot give a value
         return None
     b.ret_void()
     text = named(str(module))
