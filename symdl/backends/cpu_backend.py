@@ -33,6 +33,7 @@ from ..graph import n as N
 from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
 from .base import Runner as RunnerBase, Workspace, buf, indent
 from .formulas import Formula, formula, slot, uniform
+from .llvm_code import SLOT_FIELDS
 from .scalar_code import TANH32, dims as _dims, loop_body, uniform_hash_source, uses_uniform_hash
 
 #: Loops whose estimated work (elements x operations) is at least this use ``prange``.
@@ -129,8 +130,6 @@ def _emit_reduction(k: Reduction, program, parallel, flavor):
 #: arena, which is cheaper than reading an array's address (a few µs in Python).
 IN_PLACE_MIN_BYTES = 1 << 15
 
-#: A slot's fields in a kernel's frame: its address, rows and columns.
-SLOT_FIELDS = 3
 
 
 def _prologue(f: Formula, dtype: str) -> list:

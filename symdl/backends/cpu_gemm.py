@@ -176,9 +176,6 @@ def gemm_ir(dtype: str) -> str:
 
     b.position_at_end(blas)  # column-major: out^T = op(b)^T op(a)^T, so BLAS gets b first
     void_p = CHAR.as_pointer()
-    xxgemm = ir.Function(module, ir.FunctionType(ir.IntType(32), [CHAR, CHAR, CHAR, I64, I64, I64, void_p, void_p,
-                                                                   I64, void_p, I64, void_p, void_p, I64]),
-                         "numba_xxgemm")
     scale = b.alloca(value)
     b.store(b.fptrunc(alpha, value) if value != F64 else alpha, scale)
     zero = b.alloca(value)
@@ -190,8 +187,9 @@ def gemm_ir(dtype: str) -> str:
     def raw(p):
         return b.bitcast(p, void_p)
 
-    b.call(xxgemm, [ir.Constant(CHAR, ord("s" if dtype == "float32" else "d")), flag(trans_b), flag(trans_a), n, m, k,
-                    raw(scale), raw(bb), b_cols, raw(a), a_cols, raw(zero), raw(out), n])
+    llvm_code.call(b, "numba_xxgemm", [ir.Constant(CHAR, ord("s" if dtype == "float32" else "d")), flag(trans_b),
+                                       flag(trans_a), n, m, k, raw(scale), raw(bb), b_cols, raw(a), a_cols, raw(zero),
+                                       raw(out), n], ir.IntType(32))
     b.ret_void()
 
     b.position_at_end(loops)

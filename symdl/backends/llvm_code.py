@@ -39,12 +39,13 @@ from ..functions import expand_activations
 from ..graph import INDEX_SYMBOLS, VARS
 from ..ir import Elementwise, Pattern, Reduction, ReduceKind, Update
 from .formulas import Formula, uniform
+from .scalar_code import TANH32_CLAMP, TANH32_P, TANH32_Q, TANH32_TINY
 
 I1, I64 = ir.IntType(1), ir.IntType(64)
 F32, F64 = ir.FloatType(), ir.DoubleType()
 TYPES = {"float32": F32, "float64": F64}
 
-#: The frame's fields per slot: address, rows, columns (``cpu_backend.SLOT_FIELDS``).
+#: A slot's fields in a kernel's frame: its address, rows and columns (``cpu_backend._prologue``).
 SLOT_FIELDS = 3
 
 #: Functions printed as a call to the C library (``<name>f`` in float32), as Numba's
@@ -82,19 +83,11 @@ class Body:
         t = self.work if any(v.type == self.work for v in values) else F64
         return [self.cast(v, t) for v in values], t
 
-    def call(self, name: str, args, t):
-        module = self.b.module
-        fn = module.globals.get(name)
-        if fn is None:
-            fn = ir.Function(module, ir.FunctionType(t, [a.type for a in args]), name)
-        return self.b.call(fn, args)
-
     def intrinsic(self, name, args):
-        t = args[0].type
-        return self.call(f"llvm.{name}.{'f32' if t == F32 else 'f64'}", args, t)
+        return intrinsic(self.b, name, args)
 
     def libm(self, name, x):
-        return self.call(name + ("f" if x.type == F32 else ""), [x], x.type)
+        return call(self.b, name + ("f" if x.type == F32 else ""), [x], x.type)
 
     def select(self, cond, a, b):
         (a, b), _ = self.unify([a, b])
@@ -187,7 +180,7 @@ class Body:
 
     def _tanh(self, e):
         x = self.value(e.args[0])
-        return tanh32(self.b, x) if x.type == F32 else self.libm("tanh", x)
+        return self.tanh32(x) if x.type == F32 else self.libm("tanh", x)
 
     def _Max(self, e):
         return self._nan_fold("ogt", e.args)
@@ -228,27 +221,13 @@ class Body:
         return out
 
     # ---------------------------------------------------------------- conditions
-    def _compare(self, op, e):
+    def _relation(self, e):
+        """A comparison: ordered (False with a NaN), as Python compares, except ``!=`` (True)."""
+        op = RELATIONS[type(e)]
         (a, b), _ = self.unify([self.value(e.lhs), self.value(e.rhs)])
         return self.b.fcmp_unordered(op, a, b) if op == "!=" else self.b.fcmp_ordered(op, a, b)
 
-    def _StrictGreaterThan(self, e):
-        return self._compare(">", e)
-
-    def _StrictLessThan(self, e):
-        return self._compare("<", e)
-
-    def _GreaterThan(self, e):
-        return self._compare(">=", e)
-
-    def _LessThan(self, e):
-        return self._compare("<=", e)
-
-    def _Equality(self, e):
-        return self._compare("==", e)
-
-    def _Unequality(self, e):
-        return self._compare("!=", e)
+    _StrictGreaterThan = _StrictLessThan = _GreaterThan = _LessThan = _Equality = _Unequality = _relation
 
     def _And(self, e):
         return self._fold_bool(self.b.and_, e.args)
@@ -265,34 +244,41 @@ class Body:
     def _Not(self, e):
         return self.b.not_(self.value(e.args[0]))
 
+    def tanh32(self, x):
+        """Eigen's float32 ``tanh`` (``scalar_code.TANH32``: no libm call, so LLVM vectorises it), NaN kept."""
+        b, c = self.b, _const(F32, TANH32_CLAMP)
+        neg = _const(F32, -TANH32_CLAMP)
+        y = b.select(b.fcmp_ordered("<", x, neg), neg, x)  # NaN compares false: kept
+        y = b.select(b.fcmp_ordered(">", y, c), c, y)
+        y2 = b.fmul(y, y)
 
-#: Eigen's float32 tanh (``scalar_code.TANH32``): a 13/6 rational fit, clamped at ±7.9053.
-_TANH_P = [-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
-           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03]
-_TANH_Q = [1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03]
+        def horner(coefficients):
+            out = _const(F32, coefficients[0])
+            for coefficient in coefficients[1:]:
+                out = b.fadd(b.fmul(y2, out), _const(F32, coefficient))
+            return out
 
-
-def tanh32(b: ir.IRBuilder, x):
-    """Eigen's float32 ``tanh`` (no libm call, so LLVM vectorises it), NaN kept."""
-    c = _const(F32, 7.90531110763549805)
-    neg = _const(F32, -7.90531110763549805)
-    y = b.select(b.fcmp_ordered("<", x, neg), neg, x)  # NaN compares false: kept
-    y = b.select(b.fcmp_ordered(">", y, c), c, y)
-    y2 = b.fmul(y, y)
-    p = _const(F32, _TANH_P[0])
-    for coef in _TANH_P[1:]:
-        p = b.fadd(b.fmul(y2, p), _const(F32, coef))
-    p = b.fmul(y, p)
-    q = _const(F32, _TANH_Q[0])
-    for coef in _TANH_Q[1:]:
-        q = b.fadd(b.fmul(y2, q), _const(F32, coef))
-    small = b.fcmp_ordered("<", b.call(_fabs(b.module), [y]), _const(F32, 0.0004))
-    return b.select(small, y, b.fdiv(p, q))
+        small = b.fcmp_ordered("<", self.intrinsic("fabs", [y]), _const(F32, TANH32_TINY))
+        return b.select(small, y, b.fdiv(b.fmul(y, horner(TANH32_P)), horner(TANH32_Q)))
 
 
-def _fabs(module):
-    fn = module.globals.get("llvm.fabs.f32")
-    return fn if fn is not None else ir.Function(module, ir.FunctionType(F32, [F32]), "llvm.fabs.f32")
+#: SymPy's comparisons and LLVM's names for them.
+RELATIONS = {sp.StrictGreaterThan: ">", sp.StrictLessThan: "<", sp.GreaterThan: ">=", sp.LessThan: "<=",
+             sp.Equality: "==", sp.Unequality: "!="}
+
+
+def call(b: ir.IRBuilder, name: str, args, t):
+    """Call the function ``name`` returning ``t``, declared in the module on first use."""
+    fn = b.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(b.module, ir.FunctionType(t, [a.type for a in args]), name)
+    return b.call(fn, args)
+
+
+def intrinsic(b: ir.IRBuilder, name: str, args):
+    """``llvm.<name>.f32``/``.f64`` on ``args`` (their type names it)."""
+    t = args[0].type
+    return call(b, f"llvm.{name}.{'f32' if t == F32 else 'f64'}", args, t)
 
 
 # --------------------------------------------------------------------------- loops
@@ -450,11 +436,11 @@ def _emit_reduction(frame: Frame, k: Reduction):
             def add_exp(j):
                 body, v = term(i, j)
                 shifted = b.fsub(body.cast(v, F64), b.load(largest))
-                b.store(b.fadd(b.load(acc), body.intrinsic("exp", [shifted])), acc)
+                b.store(b.fadd(b.load(acc), intrinsic(b, "exp", [shifted])), acc)
 
             for_range(b, cols, add_exp, "j")
             m = b.load(largest)
-            put(i, b.fadd(m, Body(b, frame.dtype, {}).intrinsic("log", [b.load(acc)])))
+            put(i, b.fadd(m, intrinsic(b, "log", [b.load(acc)])))
 
         for_range(b, rows, row)
     elif k.over == ReduceKind.ROWS:  # column sums in the output's dtype, row by row (vectorises along j)

@@ -73,8 +73,7 @@ def save(stem: Path, library, symbol: str) -> bool:
     # what loading must run first, as Numba's cache does: a threaded kernel's is the launch of
     # Numba's thread pool (which registers the symbols its code calls)
     reload = sorted(getattr(library, "_reload_init", ()), key=lambda f: f"{f.__module__}.{f.__qualname__}")
-    externals = sorted({f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")}
-                       | {g.name for g in module.global_variables if g.is_declaration})
+    externals = _externals(module)
     payload = pickle.dumps((FORMAT, numba.__version__, library.serialize_using_object_code(),
                             symbol, reload, externals))
     try:
@@ -82,6 +81,13 @@ def save(stem: Path, library, symbol: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _externals(module) -> list:
+    """The symbols an LLVM module (``llvmlite.binding``) calls or reads but does not define;
+    LLVM's own intrinsics aside."""
+    return sorted({f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")}
+                  | {g.name for g in module.global_variables if g.is_declaration})
 
 
 def _runtime_symbols() -> None:
@@ -123,7 +129,7 @@ def compile_llvm(text: str, symbol: str):
 
     codegen = _codegen()
     module = ll.parse_assembly(text)
-    if not resolvable([f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")]):
+    if not resolvable(_externals(module)):
         return None
     with global_compiler_lock:  # Numba's code generator is not reentrant
         library = codegen.create_library(symbol)

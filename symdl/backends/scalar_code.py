@@ -88,27 +88,23 @@ class Float32ScalarPrinter(ScalarPrinter):
 
 #: Eigen's float32 tanh (the one XLA uses): a 13/6 rational fit, clamped at ±7.9053.
 #: Max relative error 2.4e-7 (about 2 float32 ulps) against float64 tanh; LLVM vectorises
-#: it, where a libm call (~10 ns each) does not vectorise.
-TANH32 = '''
-@numba.njit(inline="always", error_model="numpy", cache=True)
-def _tanh32(x):
-    c = 7.90531110763549805
-    x = min(max(x, -c), c)
-    if abs(x) < 0.0004:
-        return x
-    x2 = x * x
-    p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
-    p = x2 * p + -8.60467152213735e-11
-    p = x2 * p + 5.12229709037114e-08
-    p = x2 * p + 1.48572235717979e-05
-    p = x2 * p + 6.37261928875436e-04
-    p = x2 * p + 4.89352455891786e-03
-    p = x * p
-    q = x2 * 1.19825839466702e-06 + 1.18534705686654e-04
-    q = x2 * q + 2.26843463243900e-03
-    q = x2 * q + 4.89352518554385e-03
-    return p / q
-'''
+#: it, where a libm call (~10 ns each) does not vectorise. The coefficients (highest power
+#: first) serve this Python helper and ``llvm_code``'s printed one.
+TANH32_CLAMP, TANH32_TINY = 7.90531110763549805, 0.0004
+TANH32_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+            1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+TANH32_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+def _horner(name: str, coefficients) -> list:
+    first, second, *rest = coefficients
+    return [f"{name} = x2 * {first!r} + {second!r}"] + [f"{name} = x2 * {name} + {c!r}" for c in rest]
+
+
+TANH32 = "\n".join(
+    ["", '@numba.njit(inline="always", error_model="numpy", cache=True)', "def _tanh32(x):"] + ["    " + line for line in [
+        f"c = {TANH32_CLAMP!r}", "x = min(max(x, -c), c)", f"if abs(x) < {TANH32_TINY!r}:", "    return x", "x2 = x * x",
+        *_horner("p", TANH32_P), "p = x * p", *_horner("q", TANH32_Q), "return p / q"]]) + "\n"
 
 
 class ArrayPrinter(NumPyPrinter):
