@@ -144,10 +144,16 @@ def save_idx(path, array) -> None:
         f.write(payload)
 
 
-def check_features(X, *, input_dim, what: str = "data") -> np.ndarray:
-    """Validate a feature matrix: numeric, 2-D, ``input_dim`` columns, not empty, finite.
+def check_features(X, *, input_dim, what: str = "data", dtype=np.float64) -> np.ndarray:
+    """Validate a feature matrix: numeric, 2-D, ``input_dim`` columns, not empty, finite;
+    returned C-contiguous in ``dtype`` (the model's: ``X`` itself when it already is, so a
+    float32 set trained in float32 is never copied).
 
     ``input_dim = (h, w, c)``: images ``(n, h, w, c)`` (``(n, h, w)`` when ``c`` is 1).
+
+    >>> X = np.zeros((3, 2), np.float32)
+    >>> check_features(X, input_dim=2, dtype=np.float32) is X
+    True
     """
     X = np.asarray(X)
     if X.dtype.kind not in "fiub":
@@ -159,7 +165,7 @@ def check_features(X, *, input_dim, what: str = "data") -> np.ndarray:
                             f"{', '.join(map(str, input_dim))})")
         if len(X) == 0 or not np.isfinite(X).all():
             raise DataError(f"{what}: X is empty or contains NaN or Inf")
-        return X.astype(np.float64)
+        return np.ascontiguousarray(X, dtype)
     if X.ndim != 2:
         raise DataError(f"{what}: X must be 2-D (samples, features), got shape {X.shape}")
     if X.shape[1] != input_dim:
@@ -169,16 +175,17 @@ def check_features(X, *, input_dim, what: str = "data") -> np.ndarray:
     if not np.isfinite(X).all():
         bad = np.argwhere(~np.isfinite(X))[0]
         raise DataError(f"{what}: X contains NaN or Inf (first at row {bad[0]}, column {bad[1]})")
-    return X.astype(np.float64)
+    return np.ascontiguousarray(X, dtype)
 
 
-def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = "training data"):
-    """Validate and convert ``(X, y)`` for a model; returns float ``X`` and target ``Y`` (n, outputs).
+def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = "training data", dtype=np.float64):
+    """Validate and convert ``(X, y)`` for a model; returns ``X`` and target ``Y`` (n, outputs)
+    in ``dtype`` (``check_features``).
 
     ``kind`` is ``"classes"`` (integer labels or one-hot), ``"binary"`` (0/1 or
     probabilities) or ``"regression"``. Errors come before any compilation.
     """
-    X = check_features(X, input_dim=input_dim, what=what)
+    X = check_features(X, input_dim=input_dim, what=what, dtype=dtype)
     y = np.asarray(y)
     if len(y) != len(X):
         raise DataError(f"{what}: X has {len(X)} rows but y has {len(y)}")
@@ -194,9 +201,9 @@ def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = 
             if labels.min() < 0 or labels.max() >= outputs:
                 raise DataError(f"{what}: labels must lie in 0..{outputs - 1} for {outputs} classes, "
                                 f"found {labels.min()}..{labels.max()}")
-            Y = np.eye(outputs)[labels]
+            Y = np.eye(outputs, dtype=dtype)[labels]
         elif y.ndim == 2 and y.shape[1] == outputs:
-            Y = y.astype(np.float64)
+            Y = y.astype(dtype)
         else:
             raise DataError(f"{what}: y must be labels (n,) or one-hot (n, {outputs}), got shape {y.shape}")
     else:
@@ -205,5 +212,5 @@ def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = 
             raise DataError(f"{what}: y must have shape (n,) or (n, {outputs}), got {y.shape}")
         if kind == "binary" and (Y.min() < 0 or Y.max() > 1):
             raise DataError(f"{what}: binary targets must lie in [0, 1], found {Y.min()}..{Y.max()}")
-        Y = Y.astype(np.float64)
+        Y = Y.astype(dtype)
     return X, Y

@@ -57,3 +57,33 @@ def test_every_product_is_one_formula():
     uses = [formula(k, program) for k in program.kernels if k.kind == "gemm"]
     assert len({str(u.program) for u in uses}) == 1
     assert len({tuple(u.constants[:2]) for u in uses}) >= 3  # x @ W, x.T @ δ, δ @ W.T
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numpys_blas_and_scipys_blas_routes_both_match_numpy(dtype, monkeypatch):
+    """The product kernel calls NumPy's ``cblas_?gemm`` where NumPy's build exports it, else
+    SciPy's through Numba's ``numba_xxgemm``: both printed routes compile and agree with NumPy."""
+    if cpu_gemm.numpy_blas(dtype) is None:
+        pytest.skip("this NumPy build exports no 64-bit-integer cblas_?gemm")
+    texts = {"numpy": cpu_gemm.gemm_ir(dtype)}
+    monkeypatch.setattr(cpu_gemm, "numpy_blas", lambda dtype: None)
+    texts["scipy"] = cpu_gemm.gemm_ir(dtype)
+    assert "symdl_cblas_" in texts["numpy"] and "numba_xxgemm" not in texts["numpy"]
+    assert "numba_xxgemm" in texts["scipy"] and "symdl_cblas_" not in texts["scipy"]
+    rng = np.random.default_rng(2)
+    m, n, k = 40, 33, 21
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for route, text in texts.items():
+        name = f"symdl_gemm_{dtype}"
+        kernel = cpu_runtime.Kernel(getattr(cpu_gemm, f"gemm_{dtype}").py_func, False, cpu_runtime.SIGNATURE,
+                                    llvm=text.replace(name, f"{name}_{route}_route"))
+        assert kernel.address
+        for trans_a, trans_b in itertools.product((False, True), (False, True)):
+            a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
+            b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
+            out = np.full((m, n), 7.0, dtype)
+            row = gemm_row(dtype, out, a, b, trans_a, trans_b, -0.5)
+            row[0, 0] = kernel.address
+            cpu_runtime.run(row)
+            expected = -0.5 * ((a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b))
+            np.testing.assert_allclose(out, expected, rtol=tol, atol=tol * k, err_msg=f"{route} {trans_a} {trans_b}")

@@ -12,10 +12,12 @@ The frame (``GEMM_FRAME`` int64 values) is the usual three slots, then the flags
     [out address, m, n,  a address, a rows, a cols,  b address, b rows, b cols,
      trans_a, trans_b, alpha as the bits of a float64 (formulas.float_bits)]
 
-Products of at least ``SMALL_GEMM`` multiply-adds call BLAS ``xgemm`` (the one Numba's
-``np.dot`` calls, through its ``numba_xxgemm`` helper); smaller ones run as loops, where
-BLAS's call overhead would dominate. Row-major ``out = op(a) op(b)`` is column-major
-``outᵀ = op(b)ᵀ op(a)ᵀ``: BLAS gets ``b`` first.
+Products of at least ``SMALL_GEMM`` multiply-adds call BLAS ``xgemm``; smaller ones run as
+loops, where BLAS's call overhead would dominate. The BLAS is NumPy's own (``numpy_blas``):
+the library ``a @ b`` calls, so a process has one BLAS thread pool, not two that starve each
+other, and no SciPy import (0.17 s) at the first product. Where NumPy's build does not export
+it, the product calls the BLAS Numba's ``np.dot`` calls (SciPy's, through ``numba_xxgemm``).
+Row-major ``out = op(a) op(b)`` is column-major ``outᵀ = op(b)ᵀ op(a)ᵀ``: BLAS gets ``b`` first.
 
 Under ``NUMBA_DISABLE_JIT=1`` the same kernel runs as Python, the BLAS call as NumPy.
 """
@@ -36,6 +38,49 @@ SMALL_GEMM = 8192
 
 #: The frame's length: three slots of three fields, trans_a, trans_b, alpha.
 GEMM_FRAME = 12
+
+#: ``cblas.h``'s enums.
+CBLAS_COL_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 102, 111, 112
+
+#: NumPy's BLAS ``cblas_?gemm`` with 64-bit integers, by the names NumPy's builds export it
+#: under: ``scipy-openblas64`` (NumPy 2 wheels), ``openblas64_`` (NumPy 1.26 wheels).
+NUMPY_CBLAS = ("scipy_cblas_{x}gemm64_", "cblas_{x}gemm64_")
+
+
+def numpy_blas(dtype: str) -> str | None:
+    """The symbol under which the product kernel calls NumPy's ``cblas_sgemm``/``dgemm``
+    (64-bit integers), registered with the JIT engine; None when NumPy's build exports
+    neither name in ``NUMPY_CBLAS`` (a 32-bit-integer or MKL build): the kernel then calls
+    SciPy's through ``numba_xxgemm``.
+
+    The symbol is symdl's own name, so a kernel saved in one process loads in another
+    whatever address the library got there; NumPy's extension module resolves it among
+    the libraries it links (``dlsym`` on its handle searches them).
+
+    >>> numpy_blas("float32") in (None, "symdl_cblas_sgemm64")
+    True
+    """
+    import ctypes
+
+    import llvmlite.binding as ll
+
+    x = "s" if dtype == "float32" else "d"
+    alias = f"symdl_cblas_{x}gemm64"
+    if ll.address_of_symbol(alias):
+        return alias
+    try:
+        from numpy._core import _multiarray_umath as umath
+    except ImportError:  # NumPy 1.26
+        from numpy.core import _multiarray_umath as umath
+    library = ctypes.CDLL(umath.__file__)
+    for name in NUMPY_CBLAS:
+        try:
+            function = getattr(library, name.format(x=x))
+        except AttributeError:
+            continue
+        ll.add_symbol(alias, ctypes.cast(function, ctypes.c_void_p).value)
+        return alias
+    return None
 
 
 if numba.config.DISABLE_JIT:
@@ -187,9 +232,19 @@ def gemm_ir(dtype: str) -> str:
     def raw(p):
         return b.bitcast(p, void_p)
 
-    llvm_code.call(b, "numba_xxgemm", [ir.Constant(CHAR, ord("s" if dtype == "float32" else "d")), flag(trans_b),
-                                       flag(trans_a), n, m, k, raw(scale), raw(bb), b_cols, raw(a), a_cols, raw(zero),
-                                       raw(out), n], ir.IntType(32))
+    cblas = numpy_blas(dtype)
+    if cblas is not None:  # cblas_?gemm(order, trans b, trans a, n, m, k, alpha, b, ldb, a, lda, beta, out, ldo)
+        I32 = ir.IntType(32)
+
+        def trans(x):
+            return b.select(x, ir.Constant(I32, CBLAS_TRANS), ir.Constant(I32, CBLAS_NO_TRANS))
+
+        llvm_code.call(b, cblas, [ir.Constant(I32, CBLAS_COL_MAJOR), trans(trans_b), trans(trans_a), n, m, k,
+                                  b.load(scale), bb, b_cols, a, a_cols, ir.Constant(value, 0.0), out, n], ir.VoidType())
+    else:
+        llvm_code.call(b, "numba_xxgemm", [ir.Constant(CHAR, ord("s" if dtype == "float32" else "d")), flag(trans_b),
+                                           flag(trans_a), n, m, k, raw(scale), raw(bb), b_cols, raw(a), a_cols,
+                                           raw(zero), raw(out), n], ir.IntType(32))
     b.ret_void()
 
     b.position_at_end(loops)

@@ -139,7 +139,7 @@ class Sequential:
     def prepare(self, X, y, what):
         """Checked ``(X, one-hot or column Y)`` for this model's loss."""
         return datasets.check_dataset(X, y, kind=self.kind, outputs=self.units, input_dim=self.input_dim,
-                                      what=what)
+                                      what=what, dtype=self.train_step.dtype)
 
     def metrics(self, out, Y) -> dict:
         if self.kind == "classes":
@@ -189,8 +189,7 @@ class Sequential:
     def predict(self, X, batch_size: int = 1024) -> np.ndarray:
         """The model's outputs (logits for classification), in chunks of ``batch_size``."""
         self.require_compiled()
-        X = datasets.check_features(X, input_dim=self.input_dim, what="prediction data")
-        X = np.ascontiguousarray(X, self.train_step.dtype)
+        X = datasets.check_features(X, input_dim=self.input_dim, what="prediction data", dtype=self.train_step.dtype)
         outs = []
         for i in range(0, len(X), batch_size):
             xb = X[i : i + batch_size]
