@@ -326,7 +326,12 @@ class Map(Printable, Ops, MatrixExpr):
 
     @property
     def shape(self):
-        return self.args[1].shape
+        # Kept once asked: a deep net's chain of maps and products would otherwise be walked to
+        # its input for every node's shape.
+        shape = self.__dict__.get("_shape")
+        if shape is None:
+            shape = self.__dict__["_shape"] = self.args[1].shape
+        return shape
 
     def _entry(self, i, j, **kw):
         value = self.lam(*[a._entry(i, j, **kw) for a in self.operands])
@@ -401,11 +406,13 @@ def make_map(body, args) -> MatrixExpr:
     are numbered by first use, and the identity map returns its argument.
     """
     args = list(args)
+    free = body.free_symbols
     for i, a in enumerate(args):  # fold constant operands (the seed 1, 1/n) into the body
         c = constant_value(a)
-        if c is not None and VARS[i] in body.free_symbols:
+        if c is not None and VARS[i] in free:
             body = body.xreplace({VARS[i]: c})
-    used = [i for i, _ in enumerate(args) if VARS[i] in body.free_symbols]
+            free = body.free_symbols
+    used = [i for i, _ in enumerate(args) if VARS[i] in free]
     if not used:  # a constant: keep one operand to carry the shape
         return Map(sp.Lambda((VARS[0],), body), args[0])
     new_args, remap = [], {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -37,6 +38,24 @@ import sympy as sp
 from .graph import INDEX_SYMBOLS, VARS, Input, Param, State, n as N
 
 Shape = tuple  # (rows, cols), SymPy expressions in n
+
+
+@functools.lru_cache(maxsize=4096)
+def at_batch(size, n_value: int) -> int:
+    """A size or work expression in ``n`` as an int at batch size ``n_value`` (memoised: the
+    kernels of a deep net ask the same few, and SymPy's ``subs`` costs tens of µs a call).
+
+    >>> at_batch(2 * N + 1, 5), at_batch(7, 5)
+    (11, 7)
+    """
+    return int(sp.sympify(size).subs(N, n_value))
+
+
+@functools.lru_cache(maxsize=4096)
+def operation_count(bodies: tuple) -> int:
+    """The operations of a loop's bodies (SymPy's ``count_ops``, memoised: every layer's
+    activation is the same body), at least 1."""
+    return max(1, sum(sp.count_ops(b) for b in bodies))
 
 
 class Pattern(enum.Enum):
@@ -290,10 +309,10 @@ class Program:
         r, c = self.loop_shape(kernel)
         if isinstance(kernel, ImageOp):  # each output entry reads one window
             return sp.sympify(r * c * kernel.window())
-        return sp.sympify(r * c) * max(1, sum(sp.count_ops(b) for b in kernel.bodies()))
+        return sp.sympify(r * c) * operation_count(tuple(kernel.bodies()))
 
     def work(self, kernel, n_value: int) -> int:
-        return int(self.work_expr(kernel).subs(N, n_value))
+        return at_batch(self.work_expr(kernel), n_value)
 
     def flops(self, kernel, n_value: int) -> int:
         """A FLOP estimate for one kernel at batch size ``n_value`` (for ``train.kernels``)."""

@@ -82,8 +82,20 @@ class Optimizer:
         new_state, new_p = self.update(p, g, s, self.symbols, t)
         return [(k, new_state[k]) for k in self.state], new_p
 
-    def writes(self, param, grad) -> dict:
-        """One step for ``param`` as graph writes ``{param or its state: new value}``.
+    def bodies(self) -> tuple:
+        """The update over the loop's variables, the same for every parameter:
+        ``([(state name, body)], new p body)``, operands ``(p, g, state...)`` then the new state.
+        """
+        state_rule, p_rule = self.rule()
+        old = [p, g] + [sp.Symbol(k, real=True) for k in self.state]
+        env = dict(zip(old, VARS))
+        states = [(k, e.xreplace(env)) for k, e in state_rule]
+        new_vars = {e: VARS[len(old) + i] for i, (_, e) in enumerate(states)}
+        return states, p_rule.xreplace(env).xreplace(new_vars)
+
+    def writes(self, param, grad, bodies=None) -> dict:
+        """One step for ``param`` as graph writes ``{param or its state: new value}``
+        (``bodies``: ``self.bodies()``, computed once for a model's parameters).
 
         Right-hand sides read the values before the step; the new parameter reads the
         new state through the same nodes, so the loop computes each once.
@@ -94,15 +106,11 @@ class Optimizer:
         W <- W - lr*(momentum*b__W + 2*W)
         b__W <- momentum*b__W + 2*W
         """
+        state_bodies, p_body = bodies or self.bodies()
         states = {k: State(state_name(str(param.name), k), *param.shape) for k in self.state}
-        state_rule, p_rule = self.rule()
-        old = [p, g] + [sp.Symbol(k, real=True) for k in self.state]
         operands = [param, grad] + [states[k] for k in self.state]
-        env = dict(zip(old, VARS))
-        out = {states[k]: make_map(e.xreplace(env), operands) for k, e in state_rule}
-        new_vars = {e.xreplace(env): VARS[len(operands) + i] for i, (_, e) in enumerate(state_rule)}
-        new_p = p_rule.xreplace(env).xreplace(new_vars)
-        return {param: make_map(new_p, operands + [out[states[k]] for k, _ in state_rule]), **out}
+        out = {states[k]: make_map(e, operands) for k, e in state_bodies}
+        return {param: make_map(p_body, operands + [out[states[k]] for k, _ in state_bodies]), **out}
 
     def formulas(self) -> list:
         """The update as readable lines ``state ← expr`` and ``p ← expr``.

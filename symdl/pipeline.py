@@ -42,8 +42,9 @@ def training_program(loss, params, optimizer: Optimizer, outputs=None, writes=No
     the extra graph ``writes`` ``{State: expression}`` (batch norm's running statistics)."""
     gradients = grad(loss, params)
     all_writes = dict(writes or {})
+    bodies = optimizer.bodies()  # the same for every parameter: derived once
     for p in params:
-        all_writes.update(optimizer.writes(p, gradients[p]))
+        all_writes.update(optimizer.writes(p, gradients[p], bodies))
     return lower({"loss": loss, **dict(outputs or {})}, all_writes, notes=lambda: explain(loss, params).notes())
 
 

@@ -38,6 +38,13 @@ def inline(node: Map, operands, fuse) -> "MatrixExpr":
     return make_map(node.lam.expr.xreplace(repl), args)
 
 
+def _same(new, old) -> bool:
+    """Whether every rebuilt operand is the very object it was: the node is then kept as is.
+    (A rebuilt copy would be equal but another object, and comparing equal SymPy trees that
+    share no objects walks them to the leaves: quadratic in a deep net's depth.)"""
+    return all(a is b for a, b in zip(new, old))
+
+
 def fuse_maps(roots, protect=frozenset(), rebuilt=None):
     """Rebuild ``roots`` with every single-use, unprotected ``Map`` inlined into its user.
 
@@ -51,7 +58,8 @@ def fuse_maps(roots, protect=frozenset(), rebuilt=None):
         elif isinstance(node, Map):
             ops = [new[a] for a in node.operands]
             fuse = [isinstance(o, Map) and uses[a] == 1 and a not in protect for a, o in zip(node.operands, ops)]
-            new[node] = inline(node, ops, fuse)
+            new[node] = node if _same(ops, node.operands) and not any(fuse) else inline(node, ops, fuse)
         else:
-            new[node] = node.func(*[new.get(a, a) for a in node.args])
+            args = [new.get(a, a) for a in node.args]
+            new[node] = node if _same(args, node.args) else node.func(*args)
     return [new[r] for r in roots]

@@ -10,10 +10,8 @@ code repeats, so Python and compiled code agree on every offset.
 from __future__ import annotations
 
 import numpy as np
-import sympy as sp
 
-from ..graph import n as N
-from ..ir import Program
+from ..ir import Program, at_batch
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 ALIGN = 16  # elements: 64 bytes in float32, 128 in float64
@@ -32,7 +30,7 @@ def as_dtype(dtype) -> np.dtype:
 
 def concrete_shape(shape, n_value: int) -> tuple:
     """A buffer's symbolic shape at batch size ``n_value``."""
-    return tuple(int(sp.sympify(d).subs(N, n_value)) for d in shape)
+    return tuple(at_batch(d, n_value) for d in shape)
 
 
 def aligned(size: int) -> int:

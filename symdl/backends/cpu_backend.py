@@ -30,7 +30,7 @@ import sympy as sp
 
 from . import cache, cpu_runtime, llvm_code, threads
 from ..graph import n as N
-from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
+from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update, at_batch
 from .base import Runner as RunnerBase, Workspace, buf, indent
 from .formulas import Formula, formula, slot, uniform
 from .llvm_code import SLOT_FIELDS
@@ -51,15 +51,16 @@ def _branch(condition: sp.Expr, threshold: int, below, above) -> list:
     return [f"if {sp.pycode(condition)} >= {threshold}:"] + indent(above) + ["else:"] + indent(below)
 
 
-def _parallel_branches(program, kernel, make, parallel: bool):
-    """Serial code; in the parallel step, a ``prange`` copy taken when the work is large."""
-    if not parallel:
-        return make(False)
-    return _branch(program.work_expr(kernel), PARALLEL_MIN_WORK, make(False), make(True))
+def _parallel_branches(program, kernel, make) -> tuple:
+    """``(serial, parallel)``: the serial code, and for the threaded step the same code
+    beside a ``prange`` copy taken when the work is large."""
+    serial = make(False)
+    return serial, _branch(program.work_expr(kernel), PARALLEL_MIN_WORK, serial, make(True))
 
 
 @singledispatch
-def emit(kernel, program: Program, parallel: bool, flavor: str) -> list:
+def emit(kernel, program: Program, flavor: str) -> tuple:
+    """``(serial lines, parallel lines)`` of a kernel's loops (its body printed once for both)."""
     raise NotImplementedError(f"cpu backend: no printer for {type(kernel).__name__}")
 
 
@@ -82,7 +83,7 @@ def _flat_loop(size: str, parallel: bool) -> list:
 
 @emit.register(Elementwise)
 @emit.register(Update)
-def _emit_loop(k, program, parallel, flavor):
+def _emit_loop(k, program, flavor):
     rows, cols = _dims(program.shape_of(k.out))
     if uniform(k):  # one loop over buffers viewed as vectors: long, so LLVM vectorises it (a conv
         lines, _ = loop_body(k, flavor, flat=True)  # layer's 6 channels would be a 6-long inner loop)
@@ -90,15 +91,14 @@ def _emit_loop(k, program, parallel, flavor):
             header = _flat_loop(f"{rows} * {cols}", par)
             return header + indent(lines, len(header))
 
-        return _parallel_branches(program, k, make, parallel)
+        return _parallel_branches(program, k, make)
     lines, _ = loop_body(k, flavor)
-    return _parallel_branches(
-        program, k, lambda par: [_loop(rows, "i", par), f"    for j in range({cols}):"] + indent(lines, 2), parallel
-    )
+    return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par), f"    for j in range({cols}):"]
+                              + indent(lines, 2))
 
 
 @emit.register
-def _emit_reduction(k: Reduction, program, parallel, flavor):
+def _emit_reduction(k: Reduction, program, flavor):
     body, result = loop_body(k, flavor)
     rows, cols = _dims(k.shape)
     out = buf(k.out)
@@ -123,7 +123,7 @@ def _emit_reduction(k: Reduction, program, parallel, flavor):
         return [f"for j in range({cols}):", f"    {out}[0, j] = 0.0", f"for i in range({rows}):",
                 f"    for j in range({cols}):", *indent(body, 2), f"        {out}[0, j] += {result}"]
 
-    return _parallel_branches(program, k, make, parallel)
+    return _parallel_branches(program, k, make)
 
 
 #: Inputs at least this large are read where they lie; smaller ones are copied into the work
@@ -164,8 +164,7 @@ def kernel_source(f: Formula, flavor: str, dtype: str) -> str:
                 "# s0 = alpha*op(s1) @ op(s2), op and alpha from the frame (cpu_gemm)\n"
                 f"from symdl.backends.cpu_gemm import gemm_{dtype} as kernel_serial\n\n"
                 "kernel_parallel = kernel_serial  # BLAS threads itself\n")
-    serial = emit(f.kernel, f.program, False, flavor)
-    parallel = emit(f.kernel, f.program, True, flavor)
+    serial, parallel = emit(f.kernel, f.program, flavor)
     prologue = _prologue(f, dtype)
     llvm = llvm_code.kernel_ir(f, dtype)  # what runs serially; the Python below is the same loop, read
     header = "@kernel(parallel=False)\n"
@@ -276,7 +275,7 @@ class Runner(RunnerBase):
                 arena = self.persist if b in self.persist.offsets else work
                 r, c = arena.shapes[b]
                 row += [arena.flat.ctypes.data + arena.offsets[b] * self.dtype.itemsize, r, c]
-            row += [int(sp.sympify(d).subs(N, n)) for d in f.sizes]
+            row += [at_batch(d, n) for d in f.sizes]
             row += [scalar_address + 8 * self._scalar_index[s] for s in f.scalars]
             row += f.constants
             rows.append(row)
@@ -394,8 +393,8 @@ from .image_code import loop_rows as _image_loop_rows, row_body as _image_row_bo
 
 
 @emit.register
-def _emit_image(k: ImageOp, program, parallel, flavor):
+def _emit_image(k: ImageOp, program, flavor):
     cols = _dims(program.shape_of(k.out))[1]
     rows = _dims(program.shape_of(_image_loop_rows(k)))[0]
     body = _image_row_body(k, cols)
-    return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par)] + indent(body), parallel)
+    return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par)] + indent(body))
