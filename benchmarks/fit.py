@@ -235,10 +235,13 @@ def main(argv=None):
             print("\n# symdl cold compile against depth (32-unit tanh, Adam, batch 64): build + derive + compile + step, after the import")
             rows = [("hidden layers", "kernels", "formulas", "derive s", "numba s", "total s", "vs 2 hidden")]
             first = None
-            for hidden in [int(d) for d in args.depths.split(",")]:
-                runs = [spawn(["depth", hidden], cold_env(os.path.join(scratch, f"depth{hidden}{r}")))
-                        for r in range(rounds)]
-                v = min((x for x in runs if "error" not in x), key=lambda x: x["total"])
+            depths = [int(d) for d in args.depths.split(",")]
+            runs = {hidden: [] for hidden in depths}
+            for r in range(rounds):  # depths interleaved round by round, like the frameworks above
+                for hidden in depths:
+                    runs[hidden].append(spawn(["depth", hidden], cold_env(os.path.join(scratch, f"depth{hidden}{r}"))))
+            for hidden in depths:
+                v = min((x for x in runs[hidden] if "error" not in x), key=lambda x: x["total"])
                 first = first or v["total"]
                 rows.append((hidden, v["kernels"], v["formulas"], f"{v['derive']:.2f}", f"{v['numba']:.2f}",
                              f"{v['total']:.2f}", f"{v['total'] / first:.2f}x"))
