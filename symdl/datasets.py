@@ -179,8 +179,8 @@ def check_features(X, *, input_dim, what: str = "data", dtype=np.float64) -> np.
 
 
 def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = "training data", dtype=np.float64):
-    """Validate and convert ``(X, y)`` for a model; returns ``X`` and target ``Y`` (n, outputs)
-    in ``dtype`` (``check_features``).
+    """Validate and convert ``(X, y)`` for a model; returns ``X`` and target ``Y`` (n, outputs),
+    both C-contiguous in ``dtype`` (``check_features``).
 
     ``kind`` is ``"classes"`` (integer labels or one-hot), ``"binary"`` (0/1 or
     probabilities) or ``"regression"``. Errors come before any compilation.
@@ -203,7 +203,7 @@ def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = 
                                 f"found {labels.min()}..{labels.max()}")
             Y = np.eye(outputs, dtype=dtype)[labels]
         elif y.ndim == 2 and y.shape[1] == outputs:
-            Y = y.astype(dtype)
+            Y = np.ascontiguousarray(y, dtype)
         else:
             raise DataError(f"{what}: y must be labels (n,) or one-hot (n, {outputs}), got shape {y.shape}")
     else:
@@ -212,5 +212,5 @@ def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = 
             raise DataError(f"{what}: y must have shape (n,) or (n, {outputs}), got {y.shape}")
         if kind == "binary" and (Y.min() < 0 or Y.max() > 1):
             raise DataError(f"{what}: binary targets must lie in [0, 1], found {Y.min()}..{Y.max()}")
-        Y = Y.astype(dtype)
+        Y = np.ascontiguousarray(Y, dtype)
     return X, Y

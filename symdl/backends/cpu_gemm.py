@@ -220,18 +220,7 @@ def gemm_ir(dtype: str) -> str:
     b.cbranch(b.icmp_signed(">=", b.mul(b.mul(m, n), k), const(SMALL_GEMM)), blas, loops)
 
     b.position_at_end(blas)  # column-major: out^T = op(b)^T op(a)^T, so BLAS gets b first
-    void_p = CHAR.as_pointer()
-    scale = b.alloca(value)
-    b.store(b.fptrunc(alpha, value) if value != F64 else alpha, scale)
-    zero = b.alloca(value)
-    b.store(ir.Constant(value, 0.0), zero)
-
-    def flag(x):
-        return b.select(x, ir.Constant(CHAR, ord("t")), ir.Constant(CHAR, ord("n")))
-
-    def raw(p):
-        return b.bitcast(p, void_p)
-
+    scale = b.fptrunc(alpha, value) if value != F64 else alpha
     cblas = numpy_blas(dtype)
     if cblas is not None:  # cblas_?gemm(order, trans b, trans a, n, m, k, alpha, b, ldb, a, lda, beta, out, ldo)
         I32 = ir.IntType(32)
@@ -240,11 +229,22 @@ def gemm_ir(dtype: str) -> str:
             return b.select(x, ir.Constant(I32, CBLAS_TRANS), ir.Constant(I32, CBLAS_NO_TRANS))
 
         llvm_code.call(b, cblas, [ir.Constant(I32, CBLAS_COL_MAJOR), trans(trans_b), trans(trans_a), n, m, k,
-                                  b.load(scale), bb, b_cols, a, a_cols, ir.Constant(value, 0.0), out, n], ir.VoidType())
-    else:
+                                  scale, bb, b_cols, a, a_cols, ir.Constant(value, 0.0), out, n], ir.VoidType())
+    else:  # numba_xxgemm takes alpha and beta by address, the flags as 't'/'n'
+        void_p = CHAR.as_pointer()
+
+        def slot(x):
+            p = b.alloca(value)
+            b.store(x, p)
+            return b.bitcast(p, void_p)
+
+        def flag(x):
+            return b.select(x, ir.Constant(CHAR, ord("t")), ir.Constant(CHAR, ord("n")))
+
         llvm_code.call(b, "numba_xxgemm", [ir.Constant(CHAR, ord("s" if dtype == "float32" else "d")), flag(trans_b),
-                                           flag(trans_a), n, m, k, raw(scale), raw(bb), b_cols, raw(a), a_cols,
-                                           raw(zero), raw(out), n], ir.IntType(32))
+                                           flag(trans_a), n, m, k, slot(scale), b.bitcast(bb, void_p), b_cols,
+                                           b.bitcast(a, void_p), a_cols, slot(ir.Constant(value, 0.0)),
+                                           b.bitcast(out, void_p), n], ir.IntType(32))
     b.ret_void()
 
     b.position_at_end(loops)

@@ -107,8 +107,6 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
         Xv, Yv = model.prepare(*validation_data, "validation data")
     else:
         Xv = Yv = None
-    dt = model.train_step.dtype
-    X, Y = np.ascontiguousarray(X, dt), np.ascontiguousarray(Y, dt)
     seed = model.seed if seed is None else seed
     callbacks = list(callbacks or [])
     for cb in callbacks:

@@ -199,17 +199,15 @@ class Sequential:
     def evaluate(self, X, y, batch_size: int = 1024, _prepared: bool = False) -> dict:
         """``{"loss": ..., "accuracy": ...}`` on ``(X, y)`` (the loss includes the regulariser)."""
         self.require_compiled()
-        if not _prepared:
+        if not _prepared:  # prepared: C-contiguous in the model's dtype (datasets.check_dataset)
             X, y = self.prepare(X, y, "evaluation data")
-        dt = self.train_step.dtype
-        X, Y = np.ascontiguousarray(X, dt), np.ascontiguousarray(y, dt)
         total, outs = 0.0, []
         for i in range(0, len(X), batch_size):
-            xb, yb = X[i : i + batch_size], Y[i : i + batch_size]
+            xb, yb = X[i : i + batch_size], y[i : i + batch_size]
             result = self._run_forward("evaluate", {"x": xb, "y": yb}, len(xb))
             total += float(np.asarray(result["loss"]).reshape(-1)[0]) * len(xb)
             outs.append(np.array(result["out"]))
-        return {"loss": total / len(X), **self.metrics(np.concatenate(outs), Y)}
+        return {"loss": total / len(X), **self.metrics(np.concatenate(outs), y)}
 
     # ------------------------------------------------------------------ reading
 
