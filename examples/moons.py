@@ -3,7 +3,7 @@ import sys
 
 import symdl as sd
 from _common import epochs
-from symdl.plotting import decision_boundary
+from symdl.nn.plotting import decision_boundary
 
 X, y = sd.datasets.moons(600, noise=0.2, seed=0)
 Xtr, Xte, ytr, yte = sd.datasets.train_test_split(X, y, test_size=0.25, seed=0)

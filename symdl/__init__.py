@@ -6,28 +6,34 @@
 >>> print(sd.grad(loss, [W])[W])
 x.T*(2*(x*W - y)/n)
 
-The modules read in pipeline order: ``graph`` (+ ``printing``, ``functions``, ``losses``,
-``regularizers``) -> ``autodiff`` (+ ``simplify``, ``explanation``) -> ``optim`` (updates as
-graph writes) -> ``ir`` and ``lowering`` -> ``backends`` -> ``pipeline`` (``compile``,
-``value_and_grad``) -> ``nn`` (Keras-style models) -> ``distributed`` (Dask).
+The package is folders in pipeline order, each a stage that imports only earlier ones:
+``graph`` (SymPy expressions, printing) -> ``formulas`` (activations, losses, optimizers, ...)
+-> ``autodiff`` (VJP, JVP, explanations) -> ``ir`` (kernel program, lowering) -> ``ops`` (node
+families: conv) -> ``backends`` (numpy, cpu, cuda) -> ``run`` (``compile``, ``value_and_grad``,
+higher order, proofs) -> ``nn`` (Keras-style models) -> ``distributed`` (Dask) -> ``sklearn``.
 """
 from .version import __version__  # noqa: F401 - first: the compile cache keys on it
 
-from . import datasets, functions, higher, losses, nn, normalization, optim, printing, proofs, stochastic  # noqa: F401 - printing fills the print rules
+from . import graph, formulas, autodiff, ir, ops, backends, run, nn  # noqa: F401 - in pipeline order
+# Short public names for the modules users reach through ``sd.``: ``sd.optim.Adam``, ``sd.losses.mse``.
+from .formulas import activations as functions, dropout as stochastic, losses, normalization, optimizers as optim  # noqa: F401
+from .graph import printing  # noqa: F401
+from .nn import datasets  # noqa: F401
+from .run import higher, pipeline, proofs, validate  # noqa: F401
 from . import distributed  # noqa: F401 - registers fit(cluster=...); imports dask only when used
-from .autodiff import adjoints, grad
+from .autodiff.vjp import adjoints, grad
 from .backends.threads import get_num_threads, set_num_threads
-from .explanation import explain, explain_hvp
-from .functions import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
-from .graph import Input, Param, hadamard, input, mean, n, param, sum_squares, total
-from .conv import avg_pool2d, conv2d, flatten, max_pool2d
-from .higher import hessian, hvp, jacobian
-from .normalization import batch_norm, layer_norm
-from .pipeline import compile, value_and_grad
-from .printing import latex, text
-from .proofs import check_grad, prove
-from .regularizers import l1, l2
-from .stochastic import dropout
+from .autodiff.explain import explain, explain_hvp
+from .formulas.activations import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
+from .graph.nodes import Input, Param, hadamard, input, mean, n, param, sum_squares, total
+from .ops.conv import avg_pool2d, conv2d, flatten, max_pool2d
+from .run.higher import hessian, hvp, jacobian
+from .formulas.normalization import batch_norm, layer_norm
+from .run.pipeline import compile, value_and_grad
+from .graph.printing import latex, text
+from .run.proofs import check_grad, prove
+from .formulas.regularizers import l1, l2
+from .formulas.dropout import dropout
 from .distributed import sweep
 
 __all__ = [

@@ -6,7 +6,7 @@ import numpy as np
 
 def random_arrays(program_leaves, n=5, seed=0, scale=1.0):
     """Random float64 arrays for every Input/Param leaf (inputs get ``n`` rows)."""
-    from symdl.graph import Input
+    from symdl.graph.nodes import Input
 
     rng = np.random.default_rng(seed)
     out = {}

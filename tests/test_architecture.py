@@ -16,16 +16,17 @@ from helpers import assert_close, finite_difference
 
 ROOT = Path(sd.__file__).parent
 
-#: The pipeline order of docs/architecture.md; a module may import only its own stage or earlier ones.
+#: The pipeline order of docs/architecture.md: a module's stage is its folder under ``symdl/``
+#: (root modules name themselves); a module may import only its own stage or earlier ones.
 STAGES = [
     {"version", "registry"},
-    {"graph", "printing", "functions", "losses", "regularizers", "validate", "datasets", "plotting", "normalization",
-     "stochastic"},
-    {"simplify", "autodiff", "tangents", "explanation"},
-    {"optim"},
-    {"ir", "lowering", "conv"},  # conv: image nodes with their VJP and lowering rules
+    {"graph"},
+    {"formulas"},
+    {"autodiff"},
+    {"ir"},
+    {"ops"},       # node families: each fills every rule table for its nodes
     {"backends"},
-    {"pipeline", "higher", "proofs"},
+    {"run"},
     {"nn"},
     {"distributed"},
     {"cli", "__main__", "__init__", "sklearn"},  # front ends: users of the package
@@ -111,12 +112,28 @@ def test_no_stage_imports_a_later_stage():
     assert not bad, bad
 
 
+def _backend_of(mod: str):
+    """The backend a module belongs to: ``numpy_backend``, ``cuda_backend`` or anything under ``cpu/``."""
+    parts = mod.split(".")
+    if parts[1:2] != ["backends"] or len(parts) < 3:
+        return None
+    return parts[2] if parts[2] in {"numpy_backend", "cpu", "cuda_backend"} else None
+
+
 def test_backends_never_import_each_other():
-    names = {"numpy_backend", "cpu_backend", "cuda_backend"}
     for mod, deps in _graph().items():
-        if mod.split(".")[-1] in names:
-            others = {d for d in deps if d.split(".")[-1] in names}
+        mine = _backend_of(mod)
+        if mine:
+            others = {d for d in deps if _backend_of(d) not in (None, mine)}
             assert not others, f"{mod} imports {others}"
+
+
+def test_root_holds_only_the_package_face():
+    assert sorted(p.name for p in ROOT.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py", "registry.py",
+                                                         "version.py"]
+    for folder in ROOT.iterdir():
+        if folder.is_dir() and folder.name != "__pycache__":
+            assert folder.name in STAGE, f"symdl/{folder.name}/ has no stage in STAGES"
 
 
 def test_no_public_module_is_shadowed_by_a_function():
@@ -148,8 +165,8 @@ def test_every_backend_keeps_one_run_contract():
 
 
 def test_check_rejects_broken_programs():
-    from symdl.ir import Elementwise, Operand, Pattern, ProgramError, check
-    from symdl.lowering import lower
+    from symdl.ir.kernels import Elementwise, Operand, Pattern, ProgramError, check
+    from symdl.ir.lowering import lower
 
     x = sd.input("x", 2); W = sd.param("W", (2, 3))
     program = lower({"h": sd.tanh(x @ W)})
@@ -169,10 +186,10 @@ def test_check_rejects_broken_programs():
 
 from sympy.matrices.expressions import MatrixExpr  # noqa: E402
 
-from symdl.autodiff import VJP  # noqa: E402
-from symdl.graph import PRINT_RULES, Broadcast, Ops, Printable, elementwise  # noqa: E402
-from symdl.ir import Reduction, ReduceKind  # noqa: E402
-from symdl.lowering import LOWER  # noqa: E402
+from symdl.autodiff.vjp import VJP  # noqa: E402
+from symdl.graph.nodes import PRINT_RULES, Broadcast, Ops, Printable, elementwise  # noqa: E402
+from symdl.ir.kernels import Reduction, ReduceKind  # noqa: E402
+from symdl.ir.lowering import LOWER  # noqa: E402
 
 
 class RowMean(Printable, Ops, MatrixExpr):

@@ -8,9 +8,9 @@ from hypothesis import given, settings, strategies as st
 
 import symdl as sd
 from helpers import assert_close, finite_difference
-from symdl.conv import conv_geometry, image_shape
-from symdl.graph import ShapeMismatch
-from symdl.ir import check
+from symdl.ops.conv import conv_geometry, image_shape
+from symdl.graph.nodes import ShapeMismatch
+from symdl.ir.kernels import check
 
 
 def _conv_net(H, W, C, kh, kw, F, stride, padding, pool=None, pool_kind="max"):

@@ -11,8 +11,8 @@ import pytest
 import sympy as sp
 
 import symdl as sd
-from symdl.graph import ShapeMismatch
-from symdl.validate import ArrayError
+from symdl.graph.nodes import ShapeMismatch
+from symdl.run.validate import ArrayError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -64,7 +64,7 @@ def test_random_mlps_cpu_matches_numpy(case):
 
 def test_large_batch_takes_the_parallel_step_and_agrees():
     """A batch big enough for prange loops (and BLAS GEMMs) gives the serial answer."""
-    from symdl.backends import cpu_backend
+    from symdl.backends.cpu import backend as cpu_backend
 
     x = sd.input("x", 64); y = sd.input("y", 10)
     W1 = sd.param("W1", (64, 128)); b1 = sd.param("b1", 128); W2 = sd.param("W2", (128, 10))
@@ -80,7 +80,7 @@ def test_large_batch_takes_the_parallel_step_and_agrees():
 
 def test_loop_dominated_step_threads_its_loops_and_agrees():
     """Elementwise-heavy work takes the prange step (BLAS held to one thread) and agrees."""
-    from symdl.backends import cpu_backend
+    from symdl.backends.cpu import backend as cpu_backend
 
     x = sd.input("x", 64); y = sd.input("y", 2); W = sd.param("W", (64, 2))
     h = x
@@ -412,7 +412,7 @@ def test_compiled_formulas_do_not_grow_with_depth():
 def test_each_formula_is_printed_once_and_that_print_serves_every_use():
     """The runner prints a formula once per distinct ``Formula.key``; printing each use afresh
     gives the same module."""
-    from symdl.backends.cpu_backend import kernel_source
+    from symdl.backends.cpu.backend import kernel_source
 
     loss, params = deep_tanh_mlp(4)
     for dtype, flavor in (("float32", "scalar32"), ("float64", "scalar")):
@@ -493,7 +493,7 @@ def test_a_second_model_of_other_widths_and_depth_reuses_the_compiled_formulas(t
 
 def test_inputs_are_read_in_place_or_copied_when_not_contiguous():
     """The step reads a large C-contiguous input where it lies, and copies any other; all agree."""
-    from symdl.backends.cpu_backend import IN_PLACE_MIN_BYTES
+    from symdl.backends.cpu.backend import IN_PLACE_MIN_BYTES
 
     loss, params = small_regression()
     train = sd.compile(loss, params, optimizer=sd.optim.SGD(0.1), backend="cpu", dtype="float64")
@@ -517,7 +517,7 @@ def test_inputs_are_read_in_place_or_copied_when_not_contiguous():
 def test_threaded_and_serial_kernels_agree_on_every_buffer():
     """Both variants of every formula (flat loops included: elementwise, Adam's update on a
     matrix large enough to take its ``prange`` branch) write the same buffers."""
-    from symdl.backends import cpu_runtime
+    from symdl.backends.cpu import runtime as cpu_runtime
 
     x = sd.input("x", 600); y = sd.input("y", 300); W = sd.param("W", (600, 300)); b = sd.param("b", 300)
     loss = sd.losses.mse(sd.tanh(x @ W + b), y) + sd.mean(sd.sigmoid(x @ W))
@@ -559,8 +559,8 @@ def test_printed_llvm_loops_agree_with_numbas_kernels_and_numpy(name):
     to the last bit or two (float64, special values included; sums may round in another order), and
     what NumPy does: a flat loop, a broadcast row, a sum and a row's log-sum-exp."""
     from symdl.backends import get
-    from symdl.backends.cpu_runtime import Kernel
-    from symdl.lowering import lower
+    from symdl.backends.cpu.runtime import Kernel
+    from symdl.ir.lowering import lower
 
     fn = PRINTED_BODIES[name]
     x, y, r = sd.input("x", 3), sd.input("y", 3), sd.param("r", (1, 3))

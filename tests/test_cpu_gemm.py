@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import symdl as sd
-from symdl.backends import cpu_gemm, cpu_runtime
+from symdl.backends.cpu import gemm as cpu_gemm, runtime as cpu_runtime
 from symdl.backends.formulas import float_bits, formula
 
 

@@ -154,8 +154,8 @@ def test_dropout_masks_match_numpy():
 
 
 def test_batch_norm_running_statistics_match_numpy():
-    from symdl.graph import State
-    from symdl.normalization import batch_norm_parts, running_writes
+    from symdl.graph.nodes import State
+    from symdl.formulas.normalization import batch_norm_parts, running_writes
 
     x = sd.input("x", 3); y = sd.input("y", 3); g = sd.param("g", 3); b = sd.param("b", 3)
     parts = batch_norm_parts(x, g, b)

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import symdl as sd
 from helpers import assert_close, finite_difference, random_arrays
-from symdl.graph import leaves, n as N
-from symdl.functions import expand_activations
+from symdl.graph.nodes import leaves, n as N
+from symdl.formulas.activations import expand_activations
 
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "softplus", "gelu", "silu"]
 REGRESSION_LOSSES = ["mse", "mae", "huber"]

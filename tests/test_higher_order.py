@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import symdl as sd
-from symdl.lowering import lower
+from symdl.ir.lowering import lower
 from helpers import assert_close, random_arrays
 from test_gradients import ACTIVATIONS, TORCH_ACTS, build_mlp, mlp_arrays, torch_loss
 

@@ -13,7 +13,7 @@ import sympy as sp
 
 import symdl as sd
 from symdl.nn.checkpoint import CheckpointError
-from symdl.datasets import DataError
+from symdl.nn.datasets import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ import pytest
 
 import symdl as sd
 from helpers import assert_close, finite_difference
-from symdl.graph import ShapeMismatch
-from symdl.normalization import batch_norm_parts, running_writes
-from symdl.graph import State
+from symdl.graph.nodes import ShapeMismatch
+from symdl.formulas.normalization import batch_norm_parts, running_writes
+from symdl.graph.nodes import State
 
 NORMS = {"batch_norm": sd.batch_norm, "layer_norm": sd.layer_norm}
 

@@ -10,7 +10,7 @@ import textwrap
 import numba
 import pytest
 
-from symdl.backends import objects
+from symdl.backends.cpu import objects
 
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="no machine code without the JIT")
 

@@ -11,7 +11,7 @@ import sympy as sp
 import symdl as sd
 from symdl.backends import get as get_backend
 from symdl.backends.base import as_dtype
-from symdl.lowering import lower
+from symdl.ir.lowering import lower
 from helpers import assert_close
 
 

@@ -69,7 +69,7 @@ def special_values(dtype):
 def special_programs():
     """``(name, program, {input: feature count}, row-wise?)`` for every activation and loss: each
     program outputs the value and the derivative with respect to its first input."""
-    from symdl.lowering import lower
+    from symdl.ir.lowering import lower
 
     out = []
     x = sd.input("x", 1)
@@ -449,7 +449,7 @@ def test_pyproject_declares_what_the_code_imports():
 # --------------------------------------------------------------------------- 11. litter
 
 
-@pytest.mark.parametrize("module", ["symdl.backends.cache", "symdl.nn.checkpoint", "symdl.datasets", "symdl.plotting"])
+@pytest.mark.parametrize("module", ["symdl.backends.cache", "symdl.nn.checkpoint", "symdl.nn.datasets", "symdl.nn.plotting"])
 def test_doctests_leave_no_folders_and_no_environment_behind(module, tmp_path, monkeypatch):
     import doctest
     import importlib

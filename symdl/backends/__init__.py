@@ -12,7 +12,7 @@ from ..registry import Registry
 
 #: Backend name -> module path (imported on first use: the CUDA one needs numba-cuda).
 BACKENDS = Registry("backend")
-BACKENDS.update({"numpy": "symdl.backends.numpy_backend", "cpu": "symdl.backends.cpu_backend",
+BACKENDS.update({"numpy": "symdl.backends.numpy_backend", "cpu": "symdl.backends.cpu.backend",
                  "cuda": "symdl.backends.cuda_backend"})
 NAMES = tuple(BACKENDS)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ir import Program, at_batch
+from ..ir.kernels import Program, at_batch
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 ALIGN = 16  # elements: 64 bytes in float32, 128 in float64

@@ -22,7 +22,7 @@ from functools import singledispatch
 import numpy as np
 
 from . import cache
-from ..ir import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
+from ..ir.kernels import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
 from .base import Runner as RunnerBase, buf, concrete_shape, indent
 from .scalar_code import dims as _dims, loop_body, uniform_hash_source, uses_uniform_hash
 
@@ -354,7 +354,7 @@ def compile_program(program: Program, dtype) -> Runner:
 # channels), or per window of a pooling gradient, so no two threads write one entry (see
 # ``image_code``).
 
-from ..ir import ImageOp  # noqa: E402 - kept with the printer that uses it
+from ..ir.kernels import ImageOp  # noqa: E402 - kept with the printer that uses it
 from .image_code import loop_rows as _image_loop_rows, row_body as _image_row_body  # noqa: E402
 
 

@@ -18,7 +18,7 @@ is one formula too: its orientation and ``alpha`` are ``constants`` of the use, 
 the formula (``cpu_gemm``).
 
 >>> import symdl as sd
->>> from symdl.lowering import lower
+>>> from symdl.ir.lowering import lower
 >>> x = sd.input("x", 2); W1 = sd.param("W1", (2, 3)); W2 = sd.param("W2", (3, 4))
 >>> prog = lower({"h": sd.tanh(sd.tanh(x @ W1) @ W2)})
 >>> f1, f2 = (formula(k, prog) for k in prog.kernels if k.kind == "elementwise")
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from ..graph import INDEX_SYMBOLS, VARSET, n as N
-from ..ir import Elementwise, Gemm, Operand, Pattern, Program, Update
+from ..graph.nodes import INDEX_SYMBOLS, VARSET, n as N
+from ..ir.kernels import Elementwise, Gemm, Operand, Pattern, Program, Update
 
 
 @dataclass

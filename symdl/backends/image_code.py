@@ -19,7 +19,7 @@ Images are NHWC batches held as ``(n·H·W, C)`` matrices (``ir.Geometry``).
 """
 from __future__ import annotations
 
-from ..ir import ImageOp
+from ..ir.kernels import ImageOp
 from .base import buf, indent
 
 

@@ -9,7 +9,7 @@ from functools import singledispatch
 
 import numpy as np
 
-from ..ir import Elementwise, Gemm, Pattern, Program, Reduction, ReduceKind, Update
+from ..ir.kernels import Elementwise, Gemm, Pattern, Program, Reduction, ReduceKind, Update
 from .base import Runner as RunnerBase, buf, indent
 from .scalar_code import UNIFORM_HASH_ARRAY, body_code, dims, lets_code, uses_indices, uses_uniform_hash
 
@@ -112,7 +112,7 @@ def compile_program(program: Program, dtype) -> Runner:
 # Convolution and pooling over NHWC batches held as (n·H·W, C) matrices: the windows are
 # strided slices of a zero-padded (n, H', W', C) view, one slice per window offset (dy, dx).
 
-from ..ir import ImageOp  # noqa: E402 - kept with the printers that use it
+from ..ir.kernels import ImageOp  # noqa: E402 - kept with the printers that use it
 
 
 def _image_lines(k: ImageOp, program) -> list:

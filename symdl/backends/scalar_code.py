@@ -8,8 +8,8 @@ temporaries, then a printer writes each line.
 ``loop_body`` prints what one ``(i, j)`` iteration of a scalar loop does; the CPU and
 CUDA backends share it and differ only in the loop around it.
 
->>> from symdl.graph import VARS
->>> from symdl.functions import Sigmoid
+>>> from symdl.graph.nodes import VARS
+>>> from symdl.formulas.activations import Sigmoid
 >>> lines, result = body_code(Sigmoid(VARS[0]) * (1 - Sigmoid(VARS[0])), ["a"], "scalar")
 >>> lines, result
 (['_c0 = 1/(1 + math.exp(-a))'], '_c0*(1 - _c0)')
@@ -22,10 +22,10 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from functools import singledispatch
 
-from ..functions import expand_activations
-from ..graph import INDEX_SYMBOLS, VARS
-from ..ir import Elementwise, Pattern, Reduction, Update
-from ..stochastic import UniformHash
+from ..formulas.activations import expand_activations
+from ..graph.nodes import INDEX_SYMBOLS, VARS
+from ..ir.kernels import Elementwise, Pattern, Reduction, Update
+from ..formulas.dropout import UniformHash
 from .base import buf
 
 

@@ -13,8 +13,7 @@ from .callbacks import (
 )
 from .fitting import History, batches
 from .layers import (
-    INITIALIZERS, Activation, AveragePooling2D, BatchNormalization, Conv2D, Dense, Dropout, Flatten, LayerNormalization,
-    MaxPooling2D,
+    INITIALIZERS, Activation, AveragePooling2D, BatchNormalization, Conv2D, Dense, Dropout, Flatten, LayerNormalization, MaxPooling2D,
 )
 from .model import Model, Sequential, load
 

@@ -19,10 +19,10 @@ import numpy as np
 
 from typing import NamedTuple
 
-from .. import functions, normalization, stochastic
-from ..conv import avg_pool2d, conv2d, flatten, image_shape, max_pool2d
-from ..graph import State, param
-from ..pipeline import glorot_uniform
+from ..formulas import activations as functions, normalization, dropout as stochastic
+from ..ops.conv import avg_pool2d, conv2d, flatten, image_shape, max_pool2d
+from ..graph.nodes import State, param
+from ..run.pipeline import glorot_uniform
 from ..registry import Registry
 
 _HE = {"relu", "leaky_relu", "elu", "gelu", "silu"}

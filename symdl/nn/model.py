@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import datasets, functions, losses
-from ..conv import image_shape
-from ..explanation import explain
-from ..graph import VectorParam, input as sd_input
-from ..optim import Adam, Optimizer, from_config, get as get_optimizer
-from ..pipeline import TrainStep, compile_outputs
-from ..regularizers import Regularizer, l1, l2
+from . import datasets
+from ..formulas import activations as functions, losses
+from ..ops.conv import image_shape
+from ..autodiff.explain import explain
+from ..graph.nodes import VectorParam, input as sd_input
+from ..formulas.optimizers import Adam, Optimizer, from_config, get as get_optimizer
+from ..run.pipeline import TrainStep, compile_outputs
+from ..formulas.regularizers import Regularizer, l1, l2
 from . import checkpoint, fitting
 from .layers import LAYERS, Dense
 

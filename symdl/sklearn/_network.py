@@ -30,7 +30,7 @@ import sympy as sp
 from scipy.special import expit
 
 import symdl as sd
-from symdl.optim import Optimizer
+from symdl.formulas.optimizers import Optimizer
 
 #: scikit-learn's activation names -> symdl's (None: identity).
 SKLEARN_ACTIVATIONS = {"identity": None, "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}

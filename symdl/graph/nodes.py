@@ -30,7 +30,7 @@ from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr, MatrixSymbol,
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pretty.stringpict import prettyForm
 
-from .registry import RuleTable
+from ..registry import RuleTable
 
 #: The symbolic batch size shared by every input.
 n = sp.Symbol("n", integer=True, positive=True)
@@ -47,7 +47,7 @@ ROW_INDEX = sp.Symbol("i", integer=True, nonnegative=True)
 COL_INDEX = sp.Symbol("j", integer=True, nonnegative=True)
 INDEX_SYMBOLS = frozenset((ROW_INDEX, COL_INDEX))
 
-#: How each symdl node reads, ``rule(node, printer, latex: bool) -> str``. ``symdl.printing``
+#: How each symdl node reads, ``rule(node, printer, latex: bool) -> str``. ``symdl.graph.printing``
 #: (the next module in the pipeline) fills it; nodes only look it up.
 PRINT_RULES = RuleTable("printing")
 

@@ -8,13 +8,13 @@ surfaces as a Numba typing traceback.
 >>> check_arrays({"x": np.ones((3, 2)), "W": np.ones((3, 1))}, [x], [W], np.float64)
 Traceback (most recent call last):
 ...
-symdl.validate.ArrayError: array 'W' has shape (3, 1), expected (2, 1)
+symdl.run.validate.ArrayError: array 'W' has shape (3, 1), expected (2, 1)
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .graph import VectorParam
+from ..graph.nodes import VectorParam
 
 
 class ArrayError(ValueError):
@@ -100,7 +100,7 @@ def fast_inputs(arrays: dict, spec: list, dtype):
 
 
 def _expected_shape(leaf):
-    from .graph import Input  # noqa
+    from ..graph.nodes import Input  # noqa
 
     if isinstance(leaf, Input):
         return ("n", *getattr(leaf, "image_shape", (int(leaf.shape[1]),)))

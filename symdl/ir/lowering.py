@@ -28,13 +28,12 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.matrices.expressions import MatMul, MatrixExpr, Transpose
 
-from .graph import (
-    INDEX_SYMBOLS, VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names,
-    children, n as N, topological,
+from ..graph.nodes import (
+    INDEX_SYMBOLS, VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names, children, n as N, topological,
 )
-from .ir import Elementwise, Gemm, Operand, Pattern, Program, Reduction, ReduceKind, Update, check
-from .registry import RuleTable
-from .simplify import fuse_maps, use_counts
+from .kernels import Elementwise, Gemm, Operand, Pattern, Program, Reduction, ReduceKind, Update, check
+from ..registry import RuleTable
+from ..graph.simplify import fuse_maps, use_counts
 
 #: Lowering rules, one per node type: ``LOWER.lookup(node)(lowerer, node)``.
 LOWER = RuleTable("lowering")

@@ -22,8 +22,8 @@ from __future__ import annotations
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from .graph import MatrixExpr, RowLogSumExp, elementwise
-from .registry import Registry
+from ..graph.nodes import MatrixExpr, RowLogSumExp, elementwise
+from ..registry import Registry
 
 _t = sp.Symbol("t", real=True)
 

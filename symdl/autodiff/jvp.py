@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .autodiff import scalar_derivative
-from .graph import (
-    VARS, Broadcast, MatAdd, MatMul, MatrixExpr, Map, RowLogSumExp, SumAll, SumCols, SumRows, Transpose, children,
-    make_map, topological,
+from .vjp import scalar_derivative
+from ..graph.nodes import (
+    VARS, Broadcast, MatAdd, MatMul, MatrixExpr, Map, RowLogSumExp, SumAll, SumCols, SumRows, Transpose, children, make_map, topological,
 )
-from .registry import RuleTable
+from ..registry import RuleTable
 
 #: The tangent (Jacobian-vector) rules: ``JVP.lookup(node)(node, tangent_of) -> Ẋ or None`` (None: zero).
 JVP = RuleTable("tangent")

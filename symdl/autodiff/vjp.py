@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .functions import heaviside_at_zero
-from .graph import (
-    VARS, Broadcast, Input, MatAdd, MatMul, Map, Param, RowLogSumExp, SumAll, SumCols, SumRows, Transpose,
-    check_leaf_names, children, make_map, topological,
+from ..formulas.activations import heaviside_at_zero
+from ..graph.nodes import (
+    VARS, Broadcast, Input, MatAdd, MatMul, Map, Param, RowLogSumExp, SumAll, SumCols, SumRows, Transpose, check_leaf_names, children, make_map, topological,
 )
-from .registry import RuleTable
-from .simplify import fuse_maps
+from ..registry import RuleTable
+from ..graph.simplify import fuse_maps
 
 #: The vector-Jacobian rules, one per node type: ``VJP.lookup(node)(node, G)``.
 VJP = RuleTable("gradient")

@@ -24,7 +24,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-from .graph import INDEX_SYMBOLS, PRINT_RULES, Broadcast, Map, RowLogSumExp, SumAll, SumCols, SumRows, is_atomic
+from .nodes import INDEX_SYMBOLS, PRINT_RULES, Broadcast, Map, RowLogSumExp, SumAll, SumCols, SumRows, is_atomic
 
 _LATEX_NUMBER_ODOT = re.compile(r"(\d) \\odot ")
 _OPEN, _CLOSE = "\x01", "\x02"  # bracket a matrix factor of a product while it prints

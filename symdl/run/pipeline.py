@@ -26,14 +26,14 @@ import math
 import numpy as np
 import sympy as sp
 
-from . import backends
-from .autodiff import grad
-from .backends.base import as_dtype
-from .explanation import explain
-from .graph import VectorParam
-from .lowering import lower
-from .optim import SGD, STEP, Optimizer, state_name
-from .stochastic import SEED
+from .. import backends
+from ..autodiff.vjp import grad
+from ..backends.base import as_dtype
+from ..autodiff.explain import explain
+from ..graph.nodes import VectorParam
+from ..ir.lowering import lower
+from ..formulas.optimizers import SGD, STEP, Optimizer, state_name
+from ..formulas.dropout import SEED
 from .validate import ArrayError, check_arrays, fast_inputs
 
 

@@ -20,7 +20,7 @@ promote Python's float64 constants instead, so in float32 the two variants of on
 differ in the last digits (both are tested against NumPy; this one is the closer).
 
 >>> import symdl as sd
->>> from symdl.lowering import lower
+>>> from symdl.ir.lowering import lower
 >>> from symdl.backends.formulas import formula
 >>> x = sd.input("x", 2)
 >>> prog = lower({"h": sd.tanh(x)})
@@ -35,11 +35,11 @@ import hashlib
 import sympy as sp
 from llvmlite import ir
 
-from ..functions import expand_activations
-from ..graph import INDEX_SYMBOLS, VARS
-from ..ir import Elementwise, Pattern, Reduction, ReduceKind, Update
-from .formulas import Formula, uniform
-from .scalar_code import TANH32_CLAMP, TANH32_P, TANH32_Q, TANH32_TINY
+from ...formulas.activations import expand_activations
+from ...graph.nodes import INDEX_SYMBOLS, VARS
+from ...ir.kernels import Elementwise, Pattern, Reduction, ReduceKind, Update
+from ..formulas import Formula, uniform
+from ..scalar_code import TANH32_CLAMP, TANH32_P, TANH32_Q, TANH32_TINY
 
 I1, I64 = ir.IntType(1), ir.IntType(64)
 F32, F64 = ir.FloatType(), ir.DoubleType()

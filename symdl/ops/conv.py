@@ -37,12 +37,12 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr
 
-from .autodiff import VJP
-from .graph import (
+from ..autodiff.vjp import VJP
+from ..graph.nodes import (
     PRINT_RULES, Broadcast, ImageInput, Map, Ops, Printable, ShapeMismatch, name_of, shape_text,
 )
-from .ir import Geometry, ImageOp, Operand
-from .lowering import LOWER
+from ..ir.kernels import Geometry, ImageOp, Operand
+from ..ir.lowering import LOWER
 
 
 # --------------------------------------------------------------------------- image geometry

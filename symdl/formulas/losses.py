@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .graph import RowLogSumExp, ShapeMismatch, SumAll, SumCols, elementwise, hadamard, mean, name_of, shape_text
-from .functions import Softplus
-from .registry import Registry
+from ..graph.nodes import RowLogSumExp, ShapeMismatch, SumAll, SumCols, elementwise, hadamard, mean, name_of, shape_text
+from .activations import Softplus
+from ..registry import Registry
 
 #: Losses by name, for ``Model.compile(loss=...)``. Each entry's ``targets`` says what the
 #: training API feeds it: ``"classes"`` (integer labels, one-hot encoded), ``"binary"`` (0/1)

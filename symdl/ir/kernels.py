@@ -16,7 +16,7 @@ buffer read is a leaf or written earlier, shapes fit the patterns, bodies use on
 their operands and the program's scalars.
 
 >>> import symdl as sd
->>> from symdl.lowering import lower
+>>> from symdl.ir.lowering import lower
 >>> x = sd.input("x", 2); W = sd.param("W", (2, 3))
 >>> prog = lower({"h": sd.tanh(x @ W)})
 >>> print(prog)
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .graph import INDEX_SYMBOLS, VARS, Input, Param, State, n as N
+from ..graph.nodes import INDEX_SYMBOLS, VARS, Input, Param, State, n as N
 
 Shape = tuple  # (rows, cols), SymPy expressions in n
 

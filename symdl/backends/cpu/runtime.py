@@ -26,7 +26,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from . import cache, llvm_code, objects
+from .. import cache
+from . import llvm_code, objects
 
 #: A kernel's C signature: ``void kernel(int64 *frame)``.
 SIGNATURE = types.void(types.CPointer(types.int64))

@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import llvm_code
-from .cpu_runtime import as_ptr, carray, kernel
+from .runtime import as_ptr, carray, kernel
 
 #: Products with fewer multiply-adds run as loops; BLAS from here on.
 SMALL_GEMM = 8192

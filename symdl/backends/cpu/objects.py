@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numba
 
-from . import cache
+from .. import cache
 
 #: Bumped when the file layout changes: older files are then ignored.
 FORMAT = 2

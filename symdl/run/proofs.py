@@ -28,9 +28,9 @@ import random
 import numpy as np
 import sympy as sp
 
-from .autodiff import grad, scalar_derivative
-from .functions import expand_activations, heaviside_at_zero
-from .graph import VARS, Input, Map, Param, leaves, n as N, topological
+from ..autodiff.vjp import grad, scalar_derivative
+from ..formulas.activations import expand_activations, heaviside_at_zero
+from ..graph.nodes import VARS, Input, Map, Param, leaves, n as N, topological
 from .pipeline import value_and_grad
 
 #: Above this many operations an entry's difference goes to random points, not ``simplify``.

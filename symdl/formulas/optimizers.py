@@ -18,8 +18,8 @@ import numbers
 
 import sympy as sp
 
-from .graph import VARS, State, make_map
-from .registry import Registry
+from ..graph.nodes import VARS, State, make_map
+from ..registry import Registry
 
 p, g = sp.symbols("p g", real=True)
 #: The step count, 1 on the first step: a runtime scalar of the compiled step (Adam reads it).

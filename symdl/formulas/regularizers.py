@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .graph import MatrixExpr, SumAll, elementwise
+from ..graph.nodes import MatrixExpr, SumAll, elementwise
 
 
 @dataclass(frozen=True)

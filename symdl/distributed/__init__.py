@@ -42,12 +42,12 @@ import uuid
 
 import numpy as np
 
-from .backends.threads import set_num_threads
-from .datasets import check_dataset
-from .graph import Input, hadamard, total
-from .nn import batches, load
-from .nn.fitting import DISTRIBUTED, end_epoch
-from .pipeline import compile as sd_compile, value_and_grad
+from ..backends.threads import set_num_threads
+from ..nn.datasets import check_dataset
+from ..graph.nodes import Input, hadamard, total
+from ..nn import batches, load
+from ..nn.fitting import DISTRIBUTED, end_epoch
+from ..run.pipeline import compile as sd_compile, value_and_grad
 
 INSTALL_HINT = 'pip install "symdl[distributed]"'
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from . import backends
-from .autodiff import grad
-from .backends.base import as_dtype
-from .graph import Input, MatrixExpr, Param, SumAll, VectorParam, hadamard, leaves, n as N
-from .lowering import lower
-from .tangents import check_directions
+from .. import backends
+from ..autodiff.vjp import grad
+from ..backends.base import as_dtype
+from ..graph.nodes import Input, MatrixExpr, Param, SumAll, VectorParam, hadamard, leaves, n as N
+from ..ir.lowering import lower
+from ..autodiff.jvp import check_directions
 from .validate import check_arrays
 
 

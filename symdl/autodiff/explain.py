@@ -25,13 +25,13 @@ import unicodedata
 import sympy as sp
 from sympy.matrices.expressions import MatMul, MatrixSymbol
 
-from .graph import Broadcast, Input, Map, Param, topological
-from .autodiff import adjoints
-from .functions import NamedDerivative
-from .normalization import ROLES
-from .printing import body_latex, body_text
-from .simplify import fuse_maps
-from .tangents import check_directions, tangents
+from ..graph.nodes import Broadcast, Input, Map, Param, topological
+from .vjp import adjoints
+from ..formulas.activations import NamedDerivative
+from ..formulas.normalization import ROLES
+from ..graph.printing import body_latex, body_text
+from ..graph.simplify import fuse_maps
+from .jvp import check_directions, tangents
 
 #: How a normalisation's named intermediates read in LaTeX (text uses ``ROLES``' own names).
 _LATEX_ROLES = {"μ": r"\mu", "σ": r"\sigma", "x̂": r"\hat{x}"}

@@ -24,7 +24,7 @@ import numbers
 
 import sympy as sp
 
-from .graph import COL_INDEX, ROW_INDEX, elementwise, name_of, shape_text
+from ..graph.nodes import COL_INDEX, ROW_INDEX, elementwise, name_of, shape_text
 
 #: The run's random seed: a runtime scalar of the compiled step (``compile(seed=...)``,
 #: ``Model.compile(seed=...)``, ``value_and_grad(seed=...)``).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .graph import VARS, Map, children, make_map, topological
+from .nodes import VARS, Map, children, make_map, topological
 
 
 def use_counts(roots) -> Counter:

@@ -26,9 +26,8 @@ from typing import NamedTuple
 
 import sympy as sp
 
-from .graph import (
-    Param, ShapeMismatch, State, SumCols, SumRows, VectorParam, elementwise, make_map, n as N, name_of, shape_text,
-    VARS,
+from ..graph.nodes import (
+    Param, ShapeMismatch, State, SumCols, SumRows, VectorParam, elementwise, make_map, n as N, name_of, shape_text, VARS,
 )
 
 
@@ -98,7 +97,7 @@ def batch_norm(z, gamma, beta, eps=1e-5):
     >>> sd.batch_norm(z, sd.param("g", 3), sd.param("b", 4))
     Traceback (most recent call last):
     ...
-    symdl.graph.ShapeMismatch: batch_norm of z (n, 4): gamma must be a vector parameter of its 4 features (sd.param(name, 4)), got g of shape (3,)
+    symdl.graph.nodes.ShapeMismatch: batch_norm of z (n, 4): gamma must be a vector parameter of its 4 features (sd.param(name, 4)), got g of shape (3,)
     """
     return batch_norm_parts(z, gamma, beta, eps).out
 
