@@ -1,2 +1,2 @@
 """symdl's version (the compile cache keys on it)."""
-__version__ = "0.1.0"
+__version__ = "0.3.0"

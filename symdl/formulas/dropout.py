@@ -24,14 +24,11 @@ import numbers
 
 import sympy as sp
 
-from ..graph.nodes import COL_INDEX, ROW_INDEX, elementwise, name_of, shape_text
+from ..graph.nodes import COL_INDEX, ROW_INDEX, STEP, elementwise, name_of, shape_text
 
 #: The run's random seed: a runtime scalar of the compiled step (``compile(seed=...)``,
 #: ``Model.compile(seed=...)``, ``value_and_grad(seed=...)``).
 SEED = sp.Symbol("seed", real=True)
-#: The step count, the same symbol as ``optim.STEP`` (SymPy symbols are equal by name and
-#: assumptions); spelled here because the graph stage comes before the optimizers.
-STEP = sp.Symbol("t", real=True)
 
 _keys = itertools.count(1)
 

@@ -18,12 +18,11 @@ import numbers
 
 import sympy as sp
 
-from ..graph.nodes import VARS, State, make_map
+from ..graph.nodes import STEP, VARS, State, make_map
 from ..registry import Registry
 
 p, g = sp.symbols("p g", real=True)
-#: The step count, 1 on the first step: a runtime scalar of the compiled step (Adam reads it).
-STEP = t = sp.Symbol("t", real=True)
+t = STEP  # the step count, as the formulas spell it
 
 
 def state_name(param_name: str, state: str) -> str:

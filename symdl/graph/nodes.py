@@ -34,6 +34,9 @@ from ..registry import RuleTable
 
 #: The symbolic batch size shared by every input.
 n = sp.Symbol("n", integer=True, positive=True)
+#: The step count of a training run, 1 on the first step: a runtime scalar of the compiled step
+#: (Adam's bias correction and dropout's masks read it).
+STEP = sp.Symbol("t", real=True)
 
 #: The variables of every elementwise formula: ``Map(Lambda((v0, v1), ...), a, b)``.
 #: Lowered kernels use the same alphabet for their operands.
@@ -627,7 +630,7 @@ def topological(roots) -> list:
 
 
 __all__ = [
-    "n", "VARS", "ROW_INDEX", "COL_INDEX", "INDEX_SYMBOLS", "input", "param", "Input", "Param", "VectorParam", "State", "ImageInput", "KernelParam", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
+    "n", "STEP", "VARS", "ROW_INDEX", "COL_INDEX", "INDEX_SYMBOLS", "input", "param", "Input", "Param", "VectorParam", "State", "ImageInput", "KernelParam", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
     "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean", "sum_squares",
     "matmul", "broadcast_to", "leaves", "check_leaf_names", "children", "topological", "ShapeMismatch", "MatMul",
     "MatAdd", "Transpose",

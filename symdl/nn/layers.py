@@ -58,8 +58,9 @@ def _layer(cls):
 
 
 class Layer:
-    """Base of the layers without a weight matrix. ``apply(params, h, training)`` is the output;
-    ``make_params(index, features)`` the parameters (none by default)."""
+    """Base of the layers without a weight matrix. ``apply(params, h)`` is the output where it is
+    the same in training and inference (layers that differ, dropout and batch norm, override
+    ``build_both``); ``make_params(index, features)`` the parameters (none by default)."""
 
     kind = "layer"  # the default name's stem: ``batch_normalization_2``
     name = None
@@ -69,7 +70,7 @@ class Layer:
 
     def build_both(self, index: int, h, h_infer) -> Built:
         params = self.make_params(index, int(h.shape[1]))
-        return Built(params, self.apply(params, h, True), self.apply(params, h_infer, False))
+        return Built(params, self.apply(params, h), self.apply(params, h_infer))
 
     def build(self, index: int, h) -> tuple:
         """``(params, training output)``, as ``Dense.build``."""
@@ -92,7 +93,7 @@ class Activation(Layer):
             raise ValueError("Activation: name an activation (e.g. 'relu'), got None")
         self.activation_name, self.name = self.activation.__name__, name
 
-    def apply(self, params, h, training):
+    def apply(self, params, h):
         return self.activation(h)
 
     def describe(self) -> str:
@@ -111,9 +112,6 @@ class Dropout(Layer):
 
     def __init__(self, rate: float, name=None):
         self.rate, self.name = stochastic.check_rate(rate, "Dropout"), name
-
-    def apply(self, params, h, training):
-        return h  # see build_both: the training graph needs the layer's index as the mask's key
 
     def build_both(self, index, h, h_infer) -> Built:
         return Built([], stochastic.dropout(h, self.rate, key=index), h_infer)
@@ -144,7 +142,7 @@ class LayerNormalization(_Normalization):
 
     kind = "layer_normalization"
 
-    def apply(self, params, h, training):
+    def apply(self, params, h):
         return normalization.layer_norm(h, *params, eps=self.epsilon)
 
     def build_both(self, index, h, h_infer) -> Built:
@@ -224,7 +222,7 @@ class Dense:
         params = [W] + ([b] if self.use_bias else [])
         return params, self.apply(params, h)
 
-    def apply(self, params, h, training=True):
+    def apply(self, params, h):
         z = h @ params[0] + params[1] if self.use_bias else h @ params[0]
         return self.activation(z) if self.activation else z
 
@@ -277,7 +275,7 @@ class Conv2D(Dense):
         params = [K] + ([b] if self.use_bias else [])
         return params, self.apply(params, h)
 
-    def apply(self, params, h, training=True):
+    def apply(self, params, h):
         z = conv2d(h, params[0], stride=self.strides, padding=self.padding)
         z = z + params[1] if self.use_bias else z
         return self.activation(z) if self.activation else z
@@ -298,7 +296,7 @@ class _Pool(Layer):
         self.strides = strides if strides is None or isinstance(strides, int) else tuple(strides)
         self.name = name
 
-    def apply(self, params, h, training):
+    def apply(self, params, h):
         return self.pool(h, self.pool_size, self.strides)
 
     def config(self, name=None) -> dict:
@@ -331,7 +329,7 @@ class Flatten(Layer):
     def __init__(self, name=None):
         self.name = name
 
-    def apply(self, params, h, training):
+    def apply(self, params, h):
         return flatten(h)
 
     def config(self, name=None) -> dict:

@@ -103,16 +103,15 @@ class Sequential:
         self.loss = self.data_loss + penalty if penalty is not None else self.data_loss
         infer_loss = loss_fn(self.inference_output, self.y)
         self.inference_loss = infer_loss + penalty if penalty is not None else infer_loss
-        self.train_step = TrainStep(self.loss, self.params, optimizer=self.optimizer, backend=backend, dtype=dtype,
-                                    outputs={"out": self.output}, seed=seed, writes=self.writes)
         rng = np.random.default_rng(seed)
+        initial = {}  # every parameter's first value, drawn once (TrainStep draws only what is not given)
         for layer, params in zip(self.layers, self.layer_params):
             if isinstance(layer, Dense) and params:  # Conv2D is a Dense: its kernel is drawn the same way
                 W = params[0]
-                self.train_step.params[str(W.name)][...] = layer.init_kernel(rng, W.value_shape)
-        for name, value in self.initial.items():  # γ = 1, running variance = 1
-            target = self.train_step.params.get(name)
-            (target if target is not None else self.train_step.statistics[name])[...] = value
+                initial[str(W.name)] = layer.init_kernel(rng, W.value_shape)
+        initial.update(self.initial)  # γ = 1, running variance = 1
+        self.train_step = TrainStep(self.loss, self.params, optimizer=self.optimizer, backend=backend, dtype=dtype,
+                                    outputs={"out": self.output}, seed=seed, writes=self.writes, initial=initial)
         self._forward = {}
 
     def require_compiled(self):

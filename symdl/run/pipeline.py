@@ -162,13 +162,14 @@ class TrainStep:
         }
         # other written State leaves (running statistics), by name, as (k,) vectors when they are rows
         self.statistics = arrays({str(s.name): (str(s.name), _value_shape(s)) for s in (writes or {})})
-        for name, value in (initial or {}).items():
-            self.statistics[name][...] = value
         self.seed = seed  # dropout masks: a hash of (seed, t, layer, entry)
+        initial = dict(initial or {})
         rng = np.random.default_rng(seed)  # all zeros would leave hidden units identical: training stalls
         for p in self.param_leaves:
-            if not isinstance(p, VectorParam):
+            if not isinstance(p, VectorParam) and str(p.name) not in initial:
                 self.params[str(p.name)][...] = glorot_uniform(rng, p.value_shape)
+        for name, value in initial.items():  # each buffer written once: given values are not drawn first
+            (self.params[name] if name in self.params else self.statistics[name])[...] = value
         self.t = 0  # steps taken (Adam's bias correction reads it)
         self.last_n = None
         self._spec = [(str(l.name), int(l.shape[1])) for l in self.program.inputs]
@@ -247,12 +248,12 @@ def compile(loss, params, *, optimizer=None, backend: str = "cpu", dtype: str = 
 
     ``outputs={"out": expr}`` also keeps ``expr`` from each step (``train.output("out")``).
     Parameters start initialised as in ``nn.Dense`` by default, seeded by ``seed``: every matrix
-    Glorot uniform (in the order of ``params``), every vector parameter zero. Overwrite them in
-    ``train.params`` to start elsewhere.
+    Glorot uniform (in the order of ``params``), every vector parameter zero; ``initial={name:
+    value}`` starts a parameter elsewhere (it is then not drawn), or overwrite ``train.params``.
 
     ``writes={State: expression}`` adds graph writes to the step (batch norm's running
     statistics, ``normalization.running_writes``), readable in ``train.statistics`` and started
-    from ``initial={name: value}`` (zeros otherwise). ``seed`` also seeds dropout's masks,
+    from ``initial`` too (zeros otherwise). ``seed`` also seeds dropout's masks,
     which depend on the seed and the step count only.
     """
     return TrainStep(loss, params, optimizer=optimizer, backend=backend, dtype=dtype, outputs=outputs, seed=seed,
