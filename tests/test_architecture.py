@@ -186,9 +186,10 @@ def test_check_rejects_broken_programs():
 
 from sympy.matrices.expressions import MatrixExpr  # noqa: E402
 
+from symdl.autodiff.jvp import JVP  # noqa: E402
 from symdl.autodiff.vjp import VJP  # noqa: E402
 from symdl.graph.nodes import PRINT_RULES, Broadcast, Ops, Printable, elementwise  # noqa: E402
-from symdl.ir.kernels import Reduction, ReduceKind  # noqa: E402
+from symdl.ir.kernels import ReduceCols  # noqa: E402
 from symdl.ir.lowering import LOWER  # noqa: E402
 
 
@@ -215,11 +216,17 @@ def _vjp_row_mean(node, G):
     return [(x, elementwise(lambda g: g / m, Broadcast(G, *x.shape)))]
 
 
+@JVP.rule(RowMean)
+def _jvp_row_mean(node, tan):
+    dx = tan(node.args[0])
+    return None if dx is None else RowMean(dx)  # linear: the node of the tangent
+
+
 @LOWER.rule(RowMean)
 def _lower_row_mean(lw, node):
     x = node.args[0]
     body, ops = lw.body_of(x)
-    lw.emit(Reduction(lw.name(node), ReduceKind.COLS, body / x.shape[1], ops, tuple(x.shape)), node.shape)
+    lw.emit(ReduceCols(lw.name(node), body / x.shape[1], ops, tuple(x.shape)), node.shape)
 
 
 PRINT_RULES[RowMean] = lambda node, printer, latex: (
@@ -245,3 +252,19 @@ def test_extending_recipe_new_node_matches_finite_differences(backend):
     assert_close(f(**arrays)[1]["W"], fd, 1e-6, what=f"d/dW on {backend}")
     x = arrays["x"] @ arrays["W"]
     assert f(**arrays)[0] == pytest.approx(np.mean((np.tanh(x).mean(1, keepdims=True) - arrays["y"]) ** 2))
+
+
+def test_extending_recipe_new_node_has_forward_mode():
+    """The recipe's JVP rule: explain_hvp (forward over reverse, through RowMean's tangent) equals
+    sd.hvp (reverse over reverse, through its VJP twice) at a random point."""
+    loss, W = _row_mean_loss()
+    V = sd.param("V", (4, 3))
+    explained = sd.explain_hvp(loss, [W], [V])
+    assert "row_mean" in str(explained)
+    out = sd.pipeline.compile_outputs({"e": explained.hvp[W], "h": sd.hvp(loss, [W], [V])[W]})
+    rng = np.random.default_rng(2)
+    arrays = {"x": rng.normal(size=(5, 4)), "y": rng.normal(size=(5, 1)), "W": rng.normal(size=(4, 3)),
+              "V": rng.normal(size=(4, 3))}
+    got = out.run(arrays, {}, 5)
+    assert np.abs(got["h"]).max() > 1e-3
+    assert_close(got["e"], got["h"], 1e-12, what="explain_hvp against hvp")

@@ -292,7 +292,8 @@ CACHE_SCRIPT = textwrap.dedent(
     # this model's formulas (the prebuilt products, like the driver, are compiled once per machine)
     kernels = [k for k in train.runner.kernels(parallel=False) if k.py_func.__module__.startswith("symdl_cpu_")]
     print("STATS", sum(not k.compiled for k in kernels), sum(k.compiled for k in kernels))
-    print("PATH", train.runner.kernel_modules[0].__file__)
+    runner = train.runner  # a formula's module (the products' module only names the prebuilt kernel)
+    print("PATH", next(m.__file__ for m, s in zip(runner.kernel_modules, runner.kernel_sources) if "def kernel_serial(" in s))
     """
 )
 
@@ -362,10 +363,10 @@ def test_float32_tanh_is_within_3e7_of_float64():
     """float32 CPU loops use Eigen's rational tanh (vectorisable); it stays within ~2 float32 ulps."""
     import numba
 
-    from symdl.backends.scalar_code import TANH32
+    from symdl.formulas.scalars import TANH32
 
     namespace = {"numba": numba}
-    exec(TANH32.replace("cache=True", "cache=False"), namespace)  # noqa: S102 - our own helper
+    exec(TANH32.define('@numba.njit(inline="always", error_model="numpy")'), namespace)  # noqa: S102 - our own helper
     tanh32 = namespace["_tanh32"]
 
     @numba.njit

@@ -35,7 +35,7 @@ def client():
     c = distributed.Client(cluster, timeout=30)
     c.wait_for_workers(2, timeout=60)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("symdl.distributed.DEFAULT_TIMEOUT", FIT_TIMEOUT)  # what model.fit(cluster=...) waits
+        mp.setattr("symdl.distributed.cluster.DEFAULT_TIMEOUT", FIT_TIMEOUT)  # what model.fit(cluster=...) waits
         yield c
     c.close(timeout=30)
     cluster.close(timeout=30)
@@ -237,6 +237,38 @@ def test_sweep_fits_one_model_per_configuration(client):
     assert table.sort("val_accuracy")[0]["lr"] == 0.05
     assert os.getpid() not in {r["pid"] for r in table}
     assert "val_accuracy" in str(table).splitlines()[0]
+
+
+def _diverging_model():
+    """A regression whose SGD steps (lr 1e4) overflow float32 in the first epoch (step 5 of 7)."""
+    m = sd.nn.Sequential([sd.nn.Dense(16, activation="tanh"), sd.nn.Dense(1)], input_dim=1)
+    m.compile(loss="mse", optimizer=sd.optim.SGD(1e4), backend="numpy", dtype="float32", seed=0)
+    return m
+
+
+@pytest.mark.parametrize("sync", ["grads", "params"])
+def test_terminate_on_nan_stops_a_cluster_fit_as_it_stops_a_single_process_one(client, sync):
+    """The cluster path runs the same loop: the first non-finite loss stops it with the same warning
+    and the weights, optimizer state and step count go back to the start of the epoch."""
+    X, y = sd.datasets.sine(200, seed=0)
+    single = _diverging_model()
+    with pytest.warns(RuntimeWarning, match=r"fit stopped: the training loss is (nan|inf|-inf) at epoch 1") as alone:
+        single.fit(X, y, epochs=5, batch_size=32, verbose=0)
+    dist = _diverging_model()
+    start = dist.train_step.state_dict()
+    with pytest.warns(RuntimeWarning, match=r"fit stopped: the training loss is (nan|inf|-inf) at epoch 1, "
+                                            r"step \d+ of 7 .*restored to the start of epoch 1") as spread:
+        dist.fit(X, y, epochs=5, batch_size=32, verbose=0, cluster=client, sync=sync, every=2)
+    if sync == "grads":  # the same steps, so the same step fails
+        stopped = [[str(w.message) for w in record if "fit stopped" in str(w.message)] for record in (spread, alone)]
+        assert stopped[0] == stopped[1] and len(stopped[0]) == 1
+    assert dist.stop_training and dist.epoch == 0 and dist.history.history == {}
+    assert dist.train_step.t == 0
+    for k, v in start.items():
+        np.testing.assert_array_equal(dist.train_step.state_dict()[k], v, err_msg=k)
+    # turned off, the cluster fit trains on through the non-finite losses, as a single process does
+    dist.fit(X, y, epochs=2, batch_size=32, verbose=0, cluster=client, sync=sync, every=2, terminate_on_nan=False)
+    assert dist.epoch == 2 and not np.isfinite(dist.history["loss"][-1])
 
 
 def test_bad_arguments_are_refused(client):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import symdl as sd
 from symdl.ir.lowering import lower
+from symdl.run.pipeline import compile_outputs
 from helpers import assert_close, random_arrays
 from test_gradients import ACTIVATIONS, TORCH_ACTS, build_mlp, mlp_arrays, torch_loss
 
@@ -302,3 +303,49 @@ def test_hvp_prints_like_a_gradient():
     x = sd.input("x", 2); y = sd.input("y", 1); W = sd.param("W", (2, 1)); V = sd.param("V", (2, 1))
     hv = sd.hvp(sd.losses.mse(x @ W, y), [W], [V])[W]
     assert str(hv) == "x.T*(2*(x*V)/n)"
+
+
+# --------------------------------------------------------------------------- convolutions
+
+
+def _small_cnn(pool_stride):
+    """conv -> relu -> max-pool (windows overlap at stride 1) -> conv -> tanh -> avg-pool -> dense."""
+    x = sd.input("x", (8, 8, 2)); y = sd.input("y", 3)
+    K1 = sd.param("K1", (3, 3, 2, 3)); c1 = sd.param("c1", 3); K2 = sd.param("K2", (2, 2, 3, 2))
+    c2 = sd.param("c2", 2)
+    h = sd.max_pool2d(sd.relu(sd.conv2d(x, K1, padding="same") + c1), 2, pool_stride)
+    h = sd.avg_pool2d(sd.tanh(sd.conv2d(h, K2, stride=2) + c2), (2, 1), 1)
+    W = sd.param("W", (sd.flatten(h).shape[1], 3)); b = sd.param("b", 3)
+    params = [K1, c1, K2, c2, W, b]
+    return sd.losses.softmax_cross_entropy(sd.flatten(h) @ W + b, y), params
+
+
+@pytest.mark.parametrize("pool_stride", [1, 2])
+def test_explain_hvp_of_a_cnn_equals_hvp_and_finite_differences_of_the_gradient(pool_stride):
+    """Forward over reverse through every conv-family node (explain_hvp's tangents: maxpool's is
+    pick_max) equals reverse over reverse (sd.hvp, through route_max's own gradient, pick_max
+    again) and central differences of the gradient."""
+    loss, params = _small_cnn(pool_stride)
+    vectors = [sd.param(f"V_{p.name}", p.value_shape) for p in params]
+    e = sd.explain_hvp(loss, params, vectors)
+    hv = sd.hvp(loss, params, vectors)
+    text = str(e)
+    assert "Ż2 = V_c2 + patches(pick_max(A1, Ȧ1))*K2 + patches(maxpool(A1))*V_K2" in text, text
+    assert "(Hv)_K1 = patches(x).T*δ̇1" in text and "pick_max(A, V): each window's V" in text
+    both = compile_outputs({**{f"e_{p.name}": e.hvp[p] for p in params}, **{f"h_{p.name}": hv[p] for p in params}})
+    f = sd.value_and_grad(loss, params, backend="numpy")
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        arrays = {**random_arrays(params, seed=seed), "x": rng.normal(size=(3, 8, 8, 2)), "y": np.eye(3)[[0, 2, 1]]}
+        directions = random_arrays(vectors, seed=seed + 100)
+        out = both.run({k: a.reshape(-1, a.shape[-1]) for k, a in {**arrays, **directions}.items()}, {}, 3)
+        eps = 1e-6
+        up, down = (f(**{**arrays, **{str(p.name): arrays[str(p.name)] + s * eps * directions[f"V_{p.name}"]
+                                      for p in params}})[1] for s in (1, -1))
+        for p in params:
+            explained, reverse = out[f"e_{p.name}"], out[f"h_{p.name}"]
+            assert_close(explained, reverse, rtol=1e-12, atol=1e-12, what=str(p.name))
+            assert np.abs(reverse).max() > 1e-4, p.name  # not trivially zero
+            difference = (up[str(p.name)] - down[str(p.name)]) / (2 * eps)
+            assert_close(reverse.reshape(difference.shape), difference, rtol=1e-6, atol=1e-7,
+                         what=f"finite differences, {p.name}")

@@ -26,7 +26,7 @@ import sympy as sp
 from sympy.matrices.expressions import MatMul, MatrixSymbol
 
 from ..graph.nodes import Broadcast, Input, Map, Param, topological
-from .vjp import adjoints
+from .vjp import Derivation
 from ..formulas.activations import NamedDerivative
 from ..formulas.normalization import ROLES
 from ..graph.printing import body_latex, body_text
@@ -61,11 +61,17 @@ class Explanation:
     """The forward and backward pass of a loss, one named line per intermediate.
 
     ``str(e)`` is text; ``e.latex`` an ``aligned`` block; in a notebook it renders itself.
+    ``derivation`` (``vjp.Derivation`` of the same loss and params) is one already done: its
+    adjoints are read, not derived again.
     """
 
-    def __init__(self, loss, params):
+    def __init__(self, loss, params, derivation: Derivation | None = None):
         params = list(params)
-        order = topological([loss])
+        if derivation is None:
+            derivation = Derivation(loss, params)
+        elif derivation.loss is not loss or derivation.params != params:
+            raise ValueError("explain: the derivation given is of another loss or other parameters")
+        self.order = order = derivation.order
         self.zs, self.names = [], {}
         layer = norms = 0
         inside_linear = {o for p in order if isinstance(p, Map) and _is_linear(p) for o in p.operands}
@@ -84,7 +90,7 @@ class Explanation:
         # δ lines: each pre-activation, and each normalised x̂ (δx̂k = ∂L/∂x̂k), in graph order
         self.deltas = [nd for nd in order if nd in self.zs or self.names.get(nd, ("",))[0] == "x̂"]
         self.loss, self.params = loss, params
-        self.adj = adjoints(loss, params)
+        self.adj = derivation.adjoints
 
     def _symbols(self, latex: bool) -> dict:
         def sym(kind, k, node):
@@ -107,7 +113,7 @@ class Explanation:
         """``[(section, left-hand side, right-hand side expression), ...]``."""
         fwd, deltas = self._symbols(latex), self._deltas(latex)
         out = []
-        for node in topological([self.loss]):
+        for node in self.order:
             if node in self.names:
                 own = _without(fwd, node)
                 out.append(("forward", fwd[node], self._named(node.func(*[a.xreplace(own) for a in node.args]))))
@@ -146,12 +152,7 @@ class Explanation:
 
     def notation(self) -> list:
         """What the symbols of special nodes mean (a node class's ``notation`` text), in first-use order."""
-        seen = []
-        for node in topological([self.loss, *self.adj.values()]):
-            note = getattr(type(node), "notation", None)
-            if note and note not in seen:
-                seen.append(note)
-        return seen
+        return _notation([self.loss, *self.adj.values()])
 
     def __str__(self):
         text, section = [], None
@@ -195,8 +196,18 @@ class Explanation:
         for p in self.params:
             if p in self.adj and f"∂L/∂{p.name}" in lines:
                 out[self.adj[p]] = lines[f"∂L/∂{p.name}"]
-        fused = fuse_maps(list(out), protect=set(topological([self.loss])))
+        fused = fuse_maps(list(out), protect=set(self.order))
         return {**dict(zip(fused, out.values())), **out}
+
+
+def _notation(roots) -> list:
+    """The ``notation`` texts of the node classes under ``roots``, each once, in first-use order."""
+    seen = []
+    for node in topological(roots):
+        note = getattr(type(node), "notation", None)
+        if note and note not in seen:
+            seen.append(note)
+    return seen
 
 
 def _without(table: dict, key) -> dict:
@@ -255,9 +266,13 @@ def _where(lines) -> list:
     return out
 
 
-def explain(loss, params) -> Explanation:
-    """The backward pass of ``loss`` in textbook notation (text, LaTeX, notebook display)."""
-    return Explanation(loss, params)
+def explain(loss, params, derivation: Derivation | None = None) -> Explanation:
+    """The backward pass of ``loss`` in textbook notation (text, LaTeX, notebook display).
+
+    ``derivation``: the ``vjp.Derivation`` of ``loss`` and ``params`` already done, if any (the
+    pipeline passes the one its gradients came from: nothing is differentiated twice).
+    """
+    return Explanation(loss, params, derivation)
 
 
 def _dotted(name: str) -> str:
@@ -294,6 +309,9 @@ class HvpExplanation(Explanation):
         zero = {p: sp.ZeroMatrix(*p.shape) for p in self.params}
         self.hvp = {p: self.tangent.get(self.adj[p], zero[p]) if p in self.adj else zero[p] for p in self.params}
 
+    def notation(self) -> list:
+        return _notation([self.loss, *self.adj.values(), *self.hvp.values()])
+
     def _dots(self, latex: bool) -> dict:
         """``{Ẋ expression: its symbol}`` for every named forward node and δ with a tangent."""
         out = {}
@@ -315,7 +333,7 @@ class HvpExplanation(Explanation):
             return self._named(expr.xreplace(_without(table, own)))
 
         out = []
-        for node in topological([self.loss]):  # the forward pass's directional derivatives
+        for node in self.order:  # the forward pass's directional derivatives
             if node in self.names and node in self.tangent:
                 t = self.tangent[node]
                 out.append(("tangent", dots[t], named(t, t)))

@@ -115,11 +115,14 @@ def _vjp_logsumexp(node, G):
     return [(z, make_map(softmax(*VARS[:3]), [Broadcast(G, *z.shape), z, Broadcast(node, *z.shape)]))]
 
 
-def adjoints(loss, wrt) -> dict:
-    """``{node: ∂loss/∂node}`` for every node on a path from ``wrt`` to ``loss``."""
+def adjoints(loss, wrt, order=None) -> dict:
+    """``{node: ∂loss/∂node}`` for every node on a path from ``wrt`` to ``loss``.
+
+    ``order`` is ``topological([loss])`` when the caller already holds it.
+    """
     if tuple(loss.shape) != (1, 1):
         raise ValueError(f"the loss must be a scalar (1, 1) expression, got shape {tuple(loss.shape)}")
-    order = topological([loss])
+    order = topological([loss]) if order is None else order
     check_leaf_names(order + list(wrt))
     targets = set(wrt)
     needs = set()
@@ -142,6 +145,34 @@ def adjoints(loss, wrt) -> dict:
     return adj
 
 
+class Derivation:
+    """One reverse pass over ``loss``: the forward graph's ``order``, every node's adjoint
+    (``adjoints``) and each parameter's fused gradient (``gradients``, what ``grad`` returns).
+
+    Whoever needs the gradients *and* their explanation (the compiled step's comments) keeps
+    this and hands it to ``explain``: the loss is walked and differentiated once.
+
+    >>> import symdl as sd
+    >>> x = sd.input("x", 2); y = sd.input("y", 1); W = sd.param("W", (2, 1))
+    >>> d = Derivation(sd.losses.mse(x @ W, y), [W])
+    >>> print(d.gradients[W])
+    x.T*(2*(x*W - y)/n)
+    >>> sd.explain(d.loss, d.params, derivation=d).adj is d.adjoints   # explained, not derived again
+    True
+    """
+
+    def __init__(self, loss, params):
+        self.loss, self.params = loss, list(params)
+        for p in self.params:
+            if not isinstance(p, (Param, Input)):
+                raise TypeError(f"grad is taken with respect to parameters (sd.param) or inputs (sd.input), got {p!r}")
+        self.order = topological([loss])
+        self.adjoints = adjoints(loss, self.params, self.order)
+        out = {p: self.adjoints.get(p, make_map(sp.Integer(0), [p])) for p in self.params}
+        fused = fuse_maps(list(out.values()), protect=set(self.order))
+        self.gradients = dict(zip(self.params, fused))
+
+
 def grad(loss, params) -> dict:
     """``{param: ∂loss/∂param}`` as SymPy matrix expressions, shaped like the params.
 
@@ -160,11 +191,4 @@ def grad(loss, params) -> dict:
     >>> print(sd.grad(sd.sum_squares(gx), [W])[W])   # a gradient penalty's gradient
     (2*((1 - tanh(x*W)**2)*W.T)).T*(1 - tanh(x*W)**2) + x.T*(-2*tanh(x*W)⊙((2*((1 - tanh(x*W)**2)*W.T))*W)⊙(1 - tanh(x*W)**2))
     """
-    params = list(params)
-    for p in params:
-        if not isinstance(p, (Param, Input)):
-            raise TypeError(f"grad is taken with respect to parameters (sd.param) or inputs (sd.input), got {p!r}")
-    adj = adjoints(loss, params)
-    out = {p: adj.get(p, make_map(sp.Integer(0), [p])) for p in params}
-    fused = fuse_maps(list(out.values()), protect=set(topological([loss])))
-    return dict(zip(params, fused))
+    return Derivation(loss, params).gradients

@@ -5,6 +5,7 @@
   swapped indices (four variants, ``gemm_nn/tn/nt/tt``), never copied.
 * ``Reduction``: shared-memory tree reductions, deterministic, no atomics; column
   sums give each block a strip of columns, row reductions one block per row.
+* Image kernels and ``Reshape``: one thread per output row (``image_code``).
 * Parameters, optimizer state and workspace stay on the device (two arenas); a
   step copies its batch in and only the loss back. ``train.params`` gives host
   copies that write back to the device when assigned.
@@ -22,9 +23,12 @@ from functools import singledispatch
 import numpy as np
 
 from . import cache
-from ..ir.kernels import Elementwise, Gemm, Program, Reduction, ReduceKind, Update
+from ..ir.kernels import (
+    Elementwise, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,
+)
 from .base import Runner as RunnerBase, buf, concrete_shape, indent
-from .scalar_code import dims as _dims, loop_body, uniform_hash_source, uses_uniform_hash
+from .image_code import loop_rows as image_loop_rows, row_body as image_row_body
+from .scalar_code import dims as _dims, helper_source, loop_body
 
 
 class CudaUnavailable(RuntimeError):
@@ -73,6 +77,8 @@ def _scalar_params(program):
 
 @singledispatch
 def emit(kernel, program: Program, index: int) -> tuple:
+    """``(kernel definition lines, launch lines)`` of program kernel ``index``: one handler per
+    kernel class (``ir.KERNELS``)."""
     raise NotImplementedError(f"cuda backend: no printer for {type(kernel).__name__}")
 
 
@@ -99,7 +105,7 @@ def _emit_thread_per_entry(k, program, index):
 
 
 @emit.register
-def _(k: Gemm, program, index):
+def _gemm(k: Gemm, program, index):
     variant = f"gemm_{'t' if k.trans_a else 'n'}{'t' if k.trans_b else 'n'}"
     rows, cols = _dims(program.shape_of(k.out))
     inner = _dims(program.shape_of(k.a))[0 if k.trans_a else 1]
@@ -108,44 +114,79 @@ def _(k: Gemm, program, index):
     return [], launch
 
 
-@emit.register
-def _(k: Reduction, program, index):
-    name = f"k{index}_reduce_{k.over}"
-    args = _signature([buf(k.out)], k.operands, program)
+def _reduction_parts(k, program, index) -> tuple:
+    """``(name, args, reads, value, rows, cols, out)``: what a reduction kernel is printed from."""
+    name = f"k{index}_{k.label}"
     reads, result = loop_body(k, "scalar")
-    out = buf(k.out)
     rows, cols = _dims(k.shape)
-    ind = indent
+    return name, _signature([buf(k.out)], k.operands, program), reads, result, rows, cols, buf(k.out)
 
-    if k.over == ReduceKind.ROWS:  # block = (RX columns, RY row groups): each column summed by RY threads, then a tree
-        body = ["sm = cuda.shared.array((RY, RX), ACC)", "tx = cuda.threadIdx.x", "ty = cuda.threadIdx.y",
-                "j = cuda.blockIdx.x * RX + tx", "acc = 0.0", "if j < C:", "    for i in range(ty, R, RY):",
-                *ind(reads, 2), f"        acc += {result}", "sm[ty, tx] = acc", "cuda.syncthreads()",
-                "s = RY // 2", "while s > 0:", "    if ty < s:", "        sm[ty, tx] += sm[ty + s, tx]",
-                "    cuda.syncthreads()", "    s //= 2", "if ty == 0 and j < C:", f"    {out}[0, j] = sm[0, tx]"]
-        launch = [f"{name}[((({cols}) + RX - 1) // RX,), (RX, RY)]({', '.join(_call_args(args, rows, cols))})"]
-        return _kernel(name, args, body), launch
-    if k.over == ReduceKind.ALL:  # one block strides over every entry, then a tree
-        body = ["sm = cuda.shared.array(TR, ACC)", "tid = cuda.threadIdx.x", "acc = 0.0",
-                "for idx in range(tid, R * C, TR):", "    i = idx // C", "    j = idx - i * C", *ind(reads, 1),
-                f"    acc += {result}", "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"),
-                "if tid == 0:", f"    {out}[0, 0] = sm[0]"]
-        launch = [f"{name}[1, TR]({', '.join(_call_args(args, rows, cols))})"]
-        return _kernel(name, args, body), launch
-    # one block per row: row sums, or the row max then the sum of exp(x - max)
+
+@emit.register
+def _reduce_rows(k: ReduceRows, program, index):
+    """Block = (RX columns, RY row groups): each column summed by RY threads, then a tree."""
+    name, args, reads, result, rows, cols, out = _reduction_parts(k, program, index)
+    body = ["sm = cuda.shared.array((RY, RX), ACC)", "tx = cuda.threadIdx.x", "ty = cuda.threadIdx.y",
+            "j = cuda.blockIdx.x * RX + tx", "acc = 0.0", "if j < C:", "    for i in range(ty, R, RY):",
+            *indent(reads, 2), f"        acc += {result}", "sm[ty, tx] = acc", "cuda.syncthreads()",
+            "s = RY // 2", "while s > 0:", "    if ty < s:", "        sm[ty, tx] += sm[ty + s, tx]",
+            "    cuda.syncthreads()", "    s //= 2", "if ty == 0 and j < C:", f"    {out}[0, j] = sm[0, tx]"]
+    launch = [f"{name}[((({cols}) + RX - 1) // RX,), (RX, RY)]({', '.join(_call_args(args, rows, cols))})"]
+    return _kernel(name, args, body), launch
+
+
+@emit.register
+def _reduce_all(k: ReduceAll, program, index):
+    """One block strides over every entry, then a tree."""
+    name, args, reads, result, rows, cols, out = _reduction_parts(k, program, index)
+    body = ["sm = cuda.shared.array(TR, ACC)", "tid = cuda.threadIdx.x", "acc = 0.0",
+            "for idx in range(tid, R * C, TR):", "    i = idx // C", "    j = idx - i * C", *indent(reads, 1),
+            f"    acc += {result}", "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"),
+            "if tid == 0:", f"    {out}[0, 0] = sm[0]"]
+    launch = [f"{name}[1, TR]({', '.join(_call_args(args, rows, cols))})"]
+    return _kernel(name, args, body), launch
+
+
+def _by_row(name, args, rows, cols, body) -> tuple:
+    """A reduction run one block per row (``i``), its threads striding over the columns."""
     head = ["sm = cuda.shared.array(TR, ACC)", "tid = cuda.threadIdx.x", "i = cuda.blockIdx.x"]
-    if k.over == ReduceKind.COLS:
-        body = head + ["acc = 0.0", "for j in range(tid, C, TR):", *ind(reads, 1), f"    acc += {result}",
-                       "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"),
-                       "if tid == 0:", f"    {out}[i, 0] = sm[0]"]
-    else:
-        body = head + ["mx = -math.inf", "for j in range(tid, C, TR):", *ind(reads, 1),
-                       f"    mx = max(mx, {result})", "sm[tid] = mx", "cuda.syncthreads()",
-                       *_tree("sm[tid] = max(sm[tid], sm[tid + s])"), "mx = sm[0]", "cuda.syncthreads()", "acc = 0.0",
-                       "for j in range(tid, C, TR):", *ind(reads, 1), f"    acc += math.exp({result} - mx)",
-                       "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"), "if tid == 0:",
-                       f"    {out}[i, 0] = mx + math.log(sm[0])"]
     launch = [f"{name}[{rows}, TR]({', '.join(_call_args(args, rows, cols))})"]
+    return _kernel(name, args, head + body), launch
+
+
+@emit.register
+def _reduce_cols(k: ReduceCols, program, index):
+    name, args, reads, result, rows, cols, out = _reduction_parts(k, program, index)
+    return _by_row(name, args, rows, cols, [
+        "acc = 0.0", "for j in range(tid, C, TR):", *indent(reads, 1), f"    acc += {result}",
+        "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"),
+        "if tid == 0:", f"    {out}[i, 0] = sm[0]"])
+
+
+@emit.register
+def _reduce_log_sum_exp(k: ReduceLogSumExp, program, index):
+    """The row's max (a tree), then the sum of ``exp(x - max)`` (another)."""
+    name, args, reads, result, rows, cols, out = _reduction_parts(k, program, index)
+    return _by_row(name, args, rows, cols, [
+        "mx = -math.inf", "for j in range(tid, C, TR):", *indent(reads, 1),
+        f"    mx = max(mx, {result})", "sm[tid] = mx", "cuda.syncthreads()",
+        *_tree("sm[tid] = max(sm[tid], sm[tid + s])"), "mx = sm[0]", "cuda.syncthreads()", "acc = 0.0",
+        "for j in range(tid, C, TR):", *indent(reads, 1), f"    acc += math.exp({result} - mx)",
+        "sm[tid] = acc", "cuda.syncthreads()", *_tree("sm[tid] += sm[tid + s]"), "if tid == 0:",
+        f"    {out}[i, 0] = mx + math.log(sm[0])"])
+
+
+@emit.register(ImageKernel)
+@emit.register(Reshape)
+def _image(k, program, index):
+    """One thread per output row (a pixel, all its channels), or per window of a pooling
+    gradient, so no two threads write one entry (``image_code``)."""
+    name = f"k{index}_{k.kind}"
+    cols = _dims(program.shape_of(k.out))[1]
+    rows = _dims(program.shape_of(image_loop_rows(k)))[0]
+    args = list(dict.fromkeys([buf(k.out)] + [buf(o.buffer) for o in k.operands])) + ["R"]
+    body = ["i = cuda.grid(1)", "if i < R:"] + indent(image_row_body(k, cols))
+    launch = [f"{name}[((({rows}) + TPB - 1) // TPB,), TPB]({', '.join(args[:-1])}, ({rows}))"]
     return _kernel(name, args, body), launch
 
 
@@ -257,7 +298,7 @@ def generate(program: Program, dtype) -> str:
         "# generated by symdl (cuda backend)\nimport math\n\nfrom numba import config, cuda, float32, float64\n"
         + CONSTANTS.format(dt=dt, acc="float64" if dt == "float64" else "float32")
         + _gemms() + "\n"
-        + (uniform_hash_source("@cuda.jit(device=True, inline=True)") if uses_uniform_hash(program) else "")
+        + helper_source(program, "scalar", "@cuda.jit(device=True, inline=True)")
         + "\n" + "\n".join(kernels) + "\n\n" + "\n".join(step) + "\n"
     )
 
@@ -347,23 +388,3 @@ class Runner(RunnerBase):
 
 def compile_program(program: Program, dtype) -> Runner:
     return Runner(program, dtype)
-
-
-# --------------------------------------------------------------------------- image kernels (issue 10)
-# Convolution and pooling (``ir.ImageOp``): one thread per output row (a pixel, all its
-# channels), or per window of a pooling gradient, so no two threads write one entry (see
-# ``image_code``).
-
-from ..ir.kernels import ImageOp  # noqa: E402 - kept with the printer that uses it
-from .image_code import loop_rows as _image_loop_rows, row_body as _image_row_body  # noqa: E402
-
-
-@emit.register
-def _emit_image(k: ImageOp, program, index):
-    name = f"k{index}_{k.kind}"
-    cols = _dims(program.shape_of(k.out))[1]
-    rows = _dims(program.shape_of(_image_loop_rows(k)))[0]
-    args = list(dict.fromkeys([buf(k.out)] + [buf(o.buffer) for o in k.operands])) + ["R"]
-    body = ["i = cuda.grid(1)", "if i < R:"] + indent(_image_row_body(k, cols))
-    launch = [f"{name}[((({rows}) + TPB - 1) // TPB,), TPB]({', '.join(args[:-1])}, ({rows}))"]
-    return _kernel(name, args, body), launch

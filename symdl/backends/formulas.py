@@ -21,7 +21,7 @@ the formula (``cpu_gemm``).
 >>> from symdl.ir.lowering import lower
 >>> x = sd.input("x", 2); W1 = sd.param("W1", (2, 3)); W2 = sd.param("W2", (3, 4))
 >>> prog = lower({"h": sd.tanh(sd.tanh(x @ W1) @ W2)})
->>> f1, f2 = (formula(k, prog) for k in prog.kernels if k.kind == "elementwise")
+>>> f1, f2 = (formula(k, prog) for k in prog.kernels if isinstance(k, Elementwise))
 >>> f1.program.kernels == f2.program.kernels, f1.slots, f2.slots
 (True, ['t1', 't0'], ['h', 't2'])
 >>> print(f1.program)
@@ -104,7 +104,7 @@ def _is_size(value) -> bool:
         isinstance(d, sp.Basic) and not (d.free_symbols - {N}) for d in value)
 
 
-def uniform(kernel) -> bool:
+def runs_flat(kernel) -> bool:
     """A loop whose every operand has the output's shape (``Pattern.SAME``) and whose bodies
     do not read ``i, j``: its sizes are only a length (a 1 means nothing special), and a
     backend may run it as one flat loop over buffers viewed as vectors."""
@@ -133,7 +133,7 @@ def formula(kernel, program: Program) -> Formula:
         return _gemm_formula(kernel)
     buffers = _slot_buffers(kernel)
     mapping = {b: slot(i) for i, b in enumerate(buffers)}
-    keep_ones = not uniform(kernel)
+    keep_ones = not runs_flat(kernel)
     shapes = {}
     for i, b in enumerate(buffers):
         r, c = (sp.sympify(d) for d in program.shape_of(b))

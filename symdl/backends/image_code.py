@@ -1,6 +1,7 @@
-"""Scalar code for the image kernels (``ir.ImageOp``) that the CPU and CUDA backends share.
+"""Scalar code for the image kernels (``ir.ImageKernel``, ``ir.Reshape``) that the CPU and CUDA
+backends share: ``row_body`` has one handler per kernel class.
 
-Every image op is written so that no two iterations write one entry: ``row_body(k)`` prints
+Every image kernel is written so that no two iterations write one entry: ``row_body(k)`` prints
 what iteration ``i`` does, and the CPU runs the iterations under ``prange`` and CUDA gives each a
 thread, with no write races. Iteration ``i`` is row ``i`` of the output (``loop_rows(k)`` names
 the buffer whose rows are counted), a *gather*: one pixel, all its channels, reading whatever it
@@ -19,7 +20,9 @@ Images are NHWC batches held as ``(n·H·W, C)`` matrices (``ir.Geometry``).
 """
 from __future__ import annotations
 
-from ..ir.kernels import ImageOp
+from functools import singledispatch
+
+from ..ir.kernels import AvgPool, AvgPoolGrad, Col2Im, Im2Col, MaxPool, MaxPoolGrad, Reshape
 from .base import buf, indent
 
 
@@ -39,13 +42,15 @@ def _disjoint(g) -> bool:
     return g.sh >= g.kh and g.sw >= g.kw
 
 
-def _by_window(k: ImageOp) -> bool:
+def _by_window(k) -> bool:
     """Whether ``k`` runs one iteration per window, each writing its cell (see the module notes)."""
+    if not isinstance(k, (MaxPoolGrad, AvgPoolGrad)):
+        return False
     g = k.geometry
-    return k.op in ("maxpool_grad", "avgpool_grad") and _disjoint(g) and g.pt == 0 and g.pl == 0
+    return _disjoint(g) and g.pt == 0 and g.pl == 0
 
 
-def loop_rows(k: ImageOp) -> str:
+def loop_rows(k) -> str:
     """The buffer whose rows ``row_body``'s iterations count: the output's, or the windows' (``G``)."""
     return k.operands[-1].buffer if _by_window(k) else k.out
 
@@ -66,9 +71,27 @@ def _zero(out, first, count, pad="", row="i") -> list:
     return [f"{pad}for _q in range({count}):", f"{pad}    {out}[{row}, {column}] = 0.0"]
 
 
-def _im2col(g, out, x) -> list:
+@singledispatch
+def row_body(k, out_cols: str) -> list:
+    """Lines computing row ``i`` of ``k.out`` (``out_cols`` columns) from ``k``'s operands, or, for
+    a pooling gradient run by window (``loop_rows``), window ``i``'s cell of it."""
+    raise NotImplementedError(f"no scalar code for the kernel {type(k).__name__}")
+
+
+@row_body.register
+def _reshape(k: Reshape, out_cols):
+    """The same row-major memory: walk the source entry by entry, no division per entry."""
+    out, s = buf(k.out), buf(k.operands[0].buffer)
+    return [f"_q = i * ({out_cols})", f"_s = _q // {s}.shape[1]", f"_t = _q - _s * {s}.shape[1]",
+            f"for j in range({out_cols}):", f"    {out}[i, j] = {s}[_s, _t]", "    _t += 1",
+            f"    if _t == {s}.shape[1]:", "        _t = 0", "        _s += 1"]
+
+
+@row_body.register
+def _im2col(k: Im2Col, out_cols):
     """Row ``(b, oy, ox)`` of the patch matrix: window row ``dy`` is ``kw·C`` entries, contiguous
     in the image too (pixels ``ix..ix+kw-1`` of one image row, ``C`` channels each)."""
+    g, out, x = k.geometry, buf(k.out), buf(k.operands[0].buffer)
     rows_in, cols_in = _inside(g)
     C, span = g.C, g.kw * g.C
     pixel = [f"for _c in range({C}):", f"    {out}[i, _col + _dx * {C} + _c] = {x}[_src + _dx, _c]"]
@@ -87,71 +110,77 @@ def _im2col(g, out, x) -> list:
         _zero(out, "_col", span, "        ")
 
 
-def _pool(k, g, out, x) -> list:
-    """Row ``(b, oy, ox)`` of a pooled image (pooling windows lie inside the image)."""
-    head = _split("i", g.OH, g.OW, ("_b", "_oy", "_ox")) + [
+def _pooled_pixel(g) -> list:
+    """The head of row ``(b, oy, ox)`` of a pooled image (pooling windows lie inside the image):
+    ``_row0``, the window's first pixel, and a loop over channels ``_c``."""
+    return _split("i", g.OH, g.OW, ("_b", "_oy", "_ox")) + [
         f"_row0 = (_b * {g.H} + _oy * {g.sh}) * {g.W} + _ox * {g.sw}", f"for _c in range({g.C}):"]
-    if k.op == "avgpool":
-        return head + ["    _acc = 0.0", f"    for _dy in range({g.kh}):", f"        for _dx in range({g.kw}):",
-                       f"            _acc += {x}[_row0 + _dy * {g.W} + _dx, _c]",
-                       f"    {out}[i, _c] = _acc / {g.kh * g.kw}"]
-    return head + _argmax(g, x, "    ", arg=False) + [f"    {out}[i, _c] = _best"]
 
 
-def _gradient(k, g, out, src) -> list:
-    """Row ``i`` (input pixel ``(b, y, x)``) of a gradient: the sum over the windows containing it."""
-    C = g.C
-    if k.op == "col2im":
-        body = [f"_col = ((_y + {g.pt} - _oy * {g.sh}) * {g.kw} + _x + {g.pl} - _ox * {g.sw}) * {C}",
-                f"for _c in range({C}):", f"    {out}[i, _c] += {src[0]}[_src, _col + _c]"]
-    elif k.op == "avgpool_grad":
-        body = [f"for _c in range({C}):", f"    {out}[i, _c] += {src[0]}[_src, _c] / {g.kh * g.kw}"]
-    else:  # the window's gradient goes to its first arg-max (PyTorch's rule)
-        body = [f"_row0 = (_b * {g.H} + _oy * {g.sh}) * {g.W} + _ox * {g.sw}", f"for _c in range({C}):",
-                *_argmax(g, src[0], "    "), "    if _arg == i:", f"        {out}[i, _c] += {src[1]}[_src, _c]"]
-    return _split("i", g.H, g.W) + _covering(g) + _zero(out, 0, C) + [
+@row_body.register
+def _max_pool(k: MaxPool, out_cols):
+    g, out, x = k.geometry, buf(k.out), buf(k.operands[0].buffer)
+    return _pooled_pixel(g) + _argmax(g, x, "    ", arg=False) + [f"    {out}[i, _c] = _best"]
+
+
+@row_body.register
+def _avg_pool(k: AvgPool, out_cols):
+    g, out, x = k.geometry, buf(k.out), buf(k.operands[0].buffer)
+    return _pooled_pixel(g) + ["    _acc = 0.0", f"    for _dy in range({g.kh}):", f"        for _dx in range({g.kw}):",
+                               f"            _acc += {x}[_row0 + _dy * {g.W} + _dx, _c]",
+                               f"    {out}[i, _c] = _acc / {g.kh * g.kw}"]
+
+
+def _gradient(g, out, term) -> list:
+    """Row ``i`` (input pixel ``(b, y, x)``) of a gradient: the sum over the windows containing it,
+    ``term`` adding window ``_src``'s share (its first column ``_col`` for a patch matrix)."""
+    return _split("i", g.H, g.W) + _covering(g) + _zero(out, 0, g.C) + [
         "for _oy in range(_oy0, _oy1 + 1):", "    for _ox in range(_ox0, _ox1 + 1):",
-        f"        _src = (_b * {g.OH} + _oy) * {g.OW} + _ox"] + indent(body, 2)
+        f"        _src = (_b * {g.OH} + _oy) * {g.OW} + _ox"] + indent(term, 2)
 
 
-def _window_cell(k, g, out, src) -> list:
+def _window_cell(g, out, write) -> list:
     """Window ``i`` ``(b, oy, ox)`` of a pooling gradient whose windows do not overlap: zero its
     cell (rows ``oy·sh`` up to the next window's, or to the image's end after the last window;
-    columns alike), then write its gradient: to each channel's first arg-max, or shared evenly.
+    columns alike), then ``write`` its gradient (from the window's first pixel ``_row0``).
     The cells tile the image, so every entry of the output is written by exactly one window."""
-    C, G = g.C, src[-1]
-    lines = _split("i", g.OH, g.OW, ("_b", "_oy", "_ox")) + [
+    return _split("i", g.OH, g.OW, ("_b", "_oy", "_ox")) + [
         f"_y0 = _oy * {g.sh}", f"_y1 = {g.H} if _oy == {g.OH - 1} else _y0 + {g.sh}",
         f"_x0 = _ox * {g.sw}", f"_x1 = {g.W} if _ox == {g.OW - 1} else _x0 + {g.sw}",
         "for _y in range(_y0, _y1):", f"    _p = (_b * {g.H} + _y) * {g.W}",
-        "    for _x in range(_x0, _x1):", *_zero(out, 0, C, "        ", "_p + _x")]
-    lines.append(f"_row0 = (_b * {g.H} + _y0) * {g.W} + _x0")
-    if k.op == "avgpool_grad":
-        return lines + [f"for _dy in range({g.kh}):", f"    for _dx in range({g.kw}):",
-                        f"        _q = _row0 + _dy * {g.W} + _dx", f"        for _c in range({C}):",
-                        f"            {out}[_q, _c] = {G}[i, _c] / {g.kh * g.kw}"]
-    return lines + [f"for _c in range({C}):", *_argmax(g, src[0], "    "), f"    {out}[_arg, _c] = {G}[i, _c]"]
+        "    for _x in range(_x0, _x1):", *_zero(out, 0, g.C, "        ", "_p + _x"),
+        f"_row0 = (_b * {g.H} + _y0) * {g.W} + _x0"] + write
 
 
-def row_body(k: ImageOp, out_cols: str) -> list:
-    """Lines computing row ``i`` of ``k.out`` (``out_cols`` columns) from ``k``'s operands."""
-    g = k.geometry
-    out = buf(k.out)
-    src = [buf(o.buffer) for o in k.operands]
-    if k.op == "reshape":  # the same row-major memory: walk the source entry by entry, no division per entry
-        s = src[0]
-        return [f"_q = i * ({out_cols})", f"_s = _q // {s}.shape[1]", f"_t = _q - _s * {s}.shape[1]",
-                f"for j in range({out_cols}):", f"    {out}[i, j] = {s}[_s, _t]", "    _t += 1",
-                f"    if _t == {s}.shape[1]:", "        _t = 0", "        _s += 1"]
-    if k.op == "im2col":
-        return _im2col(g, out, src[0])
-    if k.op in ("maxpool", "avgpool"):
-        return _pool(k, g, out, src[0])
+@row_body.register
+def _col2im(k: Col2Im, out_cols):
+    g, out, cols = k.geometry, buf(k.out), buf(k.operands[0].buffer)
+    return _gradient(g, out, [
+        f"_col = ((_y + {g.pt} - _oy * {g.sh}) * {g.kw} + _x + {g.pl} - _ox * {g.sw}) * {g.C}",
+        f"for _c in range({g.C}):", f"    {out}[i, _c] += {cols}[_src, _col + _c]"])
+
+
+@row_body.register
+def _max_pool_grad(k: MaxPoolGrad, out_cols):
+    """The window's gradient goes to its first arg-max (PyTorch's rule)."""
+    g, out = k.geometry, buf(k.out)
+    x, G = (buf(o.buffer) for o in k.operands)
     if _by_window(k):
-        return _window_cell(k, g, out, src)
-    if k.op in ("col2im", "avgpool_grad", "maxpool_grad"):
-        return _gradient(k, g, out, src)
-    raise NotImplementedError(f"no scalar code for the image op {k.op!r}")
+        return _window_cell(g, out, [f"for _c in range({g.C}):", *_argmax(g, x, "    "),
+                                     f"    {out}[_arg, _c] = {G}[i, _c]"])
+    return _gradient(g, out, [f"_row0 = (_b * {g.H} + _oy * {g.sh}) * {g.W} + _ox * {g.sw}", f"for _c in range({g.C}):",
+                              *_argmax(g, x, "    "), "    if _arg == i:", f"        {out}[i, _c] += {G}[_src, _c]"])
+
+
+@row_body.register
+def _avg_pool_grad(k: AvgPoolGrad, out_cols):
+    """The window's gradient shared evenly by its pixels."""
+    g, out, G = k.geometry, buf(k.out), buf(k.operands[0].buffer)
+    if _by_window(k):
+        return _window_cell(g, out, [f"for _dy in range({g.kh}):", f"    for _dx in range({g.kw}):",
+                                     f"        _q = _row0 + _dy * {g.W} + _dx", f"        for _c in range({g.C}):",
+                                     f"            {out}[_q, _c] = {G}[i, _c] / {g.kh * g.kw}"])
+    return _gradient(g, out, [f"for _c in range({g.C}):", f"    {out}[i, _c] += {G}[_src, _c] / {g.kh * g.kw}"])
 
 
 def _argmax(g, x, pad, arg=True) -> list:

@@ -9,9 +9,12 @@ from functools import singledispatch
 
 import numpy as np
 
-from ..ir.kernels import Elementwise, Gemm, Pattern, Program, Reduction, ReduceKind, Update
+from ..ir.kernels import (
+    AvgPool, AvgPoolGrad, Col2Im, Elementwise, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
+    ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,
+)
 from .base import Runner as RunnerBase, buf, indent
-from .scalar_code import UNIFORM_HASH_ARRAY, body_code, dims, lets_code, uses_indices, uses_uniform_hash
+from .scalar_code import body_code, dims, helper_source, lets_code, uses_indices
 
 
 def _views(operands) -> list:
@@ -29,11 +32,12 @@ def _indices(bodies, shape) -> list:
 
 @singledispatch
 def emit(kernel, program: Program) -> list:
+    """The NumPy lines of one kernel: one handler per kernel class (``ir.KERNELS``)."""
     raise NotImplementedError(f"numpy backend: no printer for {type(kernel).__name__}")
 
 
 @emit.register
-def _(k: Gemm, program):
+def _gemm(k: Gemm, program):
     a = buf(k.a) + (".T" if k.trans_a else "")
     b = buf(k.b) + (".T" if k.trans_b else "")
     lines = [f"numpy.dot({a}, {b}, out={buf(k.out)})"]
@@ -43,31 +47,134 @@ def _(k: Gemm, program):
 
 
 @emit.register
-def _(k: Elementwise, program):
+def _elementwise(k: Elementwise, program):
     lines, result = body_code(k.body, _views(k.operands), "array")
     return _indices(k.bodies(), program.shape_of(k.out)) + lines + [f"{buf(k.out)}[...] = {result}"]
 
 
 @emit.register
-def _(k: Update, program):
-    return _indices(k.bodies(), program.shape_of(k.out)) + lets_code(k.lets, _views(k.operands), "array") + [f"{buf(b)}[...] = {sym}" for b, sym in k.writes]
+def _update(k: Update, program):
+    return (_indices(k.bodies(), program.shape_of(k.out)) + lets_code(k.lets, _views(k.operands), "array")
+            + [f"{buf(b)}[...] = {sym}" for b, sym in k.writes])
+
+
+def _reduced(k) -> list:
+    """Lines binding ``_z``: a reduction's body at every entry of its input shape."""
+    lines, result = body_code(k.body, _views(k.operands), "array")
+    rows, cols = (str(d) for d in k.shape)
+    return _indices(k.bodies(), k.shape) + lines + [f"_z = numpy.broadcast_to({result}, ({rows}, {cols}))"]
 
 
 @emit.register
-def _(k: Reduction, program):
-    lines, result = body_code(k.body, _views(k.operands), "array")
-    lines = _indices(k.bodies(), k.shape) + lines
-    rows, cols = (str(d) for d in k.shape)
-    lines.append(f"_z = numpy.broadcast_to({result}, ({rows}, {cols}))")
-    out = buf(k.out)
-    lines += {
-        ReduceKind.ROWS: [f"{out}[...] = numpy.sum(_z, axis=0, keepdims=True)"],
-        ReduceKind.COLS: [f"{out}[...] = numpy.sum(_z, axis=1, keepdims=True)"],
-        ReduceKind.ALL: [f"{out}[0, 0] = numpy.sum(_z)"],
-        ReduceKind.LOGSUMEXP: ["_m = numpy.max(_z, axis=1, keepdims=True)",
-                               f"{out}[...] = _m + numpy.log(numpy.sum(numpy.exp(_z - _m), axis=1, keepdims=True))"],
-    }[k.over]
-    return lines
+def _reduce_rows(k: ReduceRows, program):
+    return _reduced(k) + [f"{buf(k.out)}[...] = numpy.sum(_z, axis=0, keepdims=True)"]
+
+
+@emit.register
+def _reduce_cols(k: ReduceCols, program):
+    return _reduced(k) + [f"{buf(k.out)}[...] = numpy.sum(_z, axis=1, keepdims=True)"]
+
+
+@emit.register
+def _reduce_all(k: ReduceAll, program):
+    return _reduced(k) + [f"{buf(k.out)}[0, 0] = numpy.sum(_z)"]
+
+
+@emit.register
+def _reduce_log_sum_exp(k: ReduceLogSumExp, program):
+    return _reduced(k) + ["_m = numpy.max(_z, axis=1, keepdims=True)",
+                          f"{buf(k.out)}[...] = _m + numpy.log(numpy.sum(numpy.exp(_z - _m), axis=1, keepdims=True))"]
+
+
+# --------------------------------------------------------------------------- image kernels
+# Convolution and pooling over NHWC batches held as (n·H·W, C) matrices: the windows are
+# strided slices of a zero-padded (n, H', W', C) view, one slice per window offset (dy, dx).
+
+
+class _Padded:
+    """The NumPy text an image kernel is written in: a zero-padded ``(n, H', W', C)`` scratch
+    ``_pad`` large enough that every window lies inside it, its strided window slices and its
+    unpadded interior."""
+
+    def __init__(self, k):
+        g = self.g = k.geometry
+        self.out, self.src = buf(k.out), [buf(o.buffer) for o in k.operands]
+        hp = max(g.H + g.pt, (g.OH - 1) * g.sh + g.kh)  # padded height: every window inside
+        wp = max(g.W + g.pl, (g.OW - 1) * g.sw + g.kw)
+        self.zeros = [f"_pad = numpy.zeros((n, {hp}, {wp}, {g.C}), {self.out}.dtype)"]
+        # the entries at offset (dy, dx) of every window, one per output pixel
+        self.window = f"_pad[:, dy:dy + {(g.OH - 1) * g.sh + 1}:{g.sh}, dx:dx + {(g.OW - 1) * g.sw + 1}:{g.sw}, :]"
+        self.inner = f"_pad[:, {g.pt}:{g.pt + g.H}, {g.pl}:{g.pl + g.W}, :]"
+        self.offsets = [f"for dy in range({g.kh}):", f"    for dx in range({g.kw}):"]
+        self.images = f"(n, {g.OH}, {g.OW}, {g.C})"
+
+    def load(self) -> str:
+        """Copy the first operand (an image batch) into the interior."""
+        g = self.g
+        return f"{self.inner}[...] = {self.src[0]}.reshape(n, {g.H}, {g.W}, {g.C})"
+
+    def stack(self) -> list:
+        """``_w``: every window's entries along a new axis 3."""
+        window = self.window.replace("dy", "_dy").replace("dx", "_dx")
+        return [f"_w = numpy.stack([{window} for _dy in range({self.g.kh}) for _dx in range({self.g.kw})], axis=3)"]
+
+    def patches(self, matrix) -> str:
+        """``matrix`` (a patch matrix) viewed as ``(n, OH, OW, kh, kw, C)``."""
+        g = self.g
+        return f"{matrix}.reshape(n, {g.OH}, {g.OW}, {g.kh}, {g.kw}, {g.C})"
+
+    def store(self) -> str:
+        """The interior, written to the output."""
+        return f"{self.out}[...] = {self.inner}.reshape({self.out}.shape)"
+
+
+@emit.register
+def _im2col(k: Im2Col, program):
+    p = _Padded(k)
+    return p.zeros + [p.load(), f"_cols = {p.patches(p.out)}", *p.offsets,
+                      f"        _cols[:, :, :, dy, dx, :] = {p.window}"]
+
+
+@emit.register
+def _col2im(k: Col2Im, program):
+    p = _Padded(k)
+    return p.zeros + [f"_cols = {p.patches(p.src[0])}", *p.offsets, f"        {p.window} += _cols[:, :, :, dy, dx, :]",
+                      p.store()]
+
+
+@emit.register
+def _max_pool(k: MaxPool, program):
+    p = _Padded(k)
+    return p.zeros + ["_pad[...] = -numpy.inf", p.load()] + p.stack() + \
+        [f"{p.out}[...] = _w.max(axis=3).reshape({p.out}.shape)"]
+
+
+@emit.register
+def _avg_pool(k: AvgPool, program):
+    p = _Padded(k)
+    return p.zeros + [p.load()] + p.stack() + [f"{p.out}[...] = _w.mean(axis=3).reshape({p.out}.shape)"]
+
+
+@emit.register
+def _max_pool_grad(k: MaxPoolGrad, program):
+    """The first arg-max of each window takes the window's gradient (NumPy's argmax)."""
+    p = _Padded(k)
+    return p.zeros + ["_pad[...] = -numpy.inf", p.load()] + p.stack() + [
+        "_arg = _w.argmax(axis=3)", "_pad[...] = 0.0", *p.offsets,
+        f"        {p.window} += numpy.where(_arg == dy * {p.g.kw} + dx, {p.src[1]}.reshape({p.images}), 0.0)",
+        p.store()]
+
+
+@emit.register
+def _avg_pool_grad(k: AvgPoolGrad, program):
+    p = _Padded(k)
+    return p.zeros + [*p.offsets, f"        {p.window} += {p.src[0]}.reshape({p.images}) / {p.g.kh * p.g.kw}",
+                      p.store()]
+
+
+@emit.register
+def _reshape(k: Reshape, program):
+    return [f"{buf(k.out)}.reshape(-1)[...] = {buf(k.operands[0].buffer)}.reshape(-1)"]
 
 
 def generate(program: Program) -> str:
@@ -81,7 +188,7 @@ def generate(program: Program) -> str:
     return (
         "# generated by symdl (numpy reference backend)\n"
         "import math\nimport numpy\nimport scipy.special\n\n"
-        + (UNIFORM_HASH_ARRAY if uses_uniform_hash(program) else "") + "\n"
+        + helper_source(program, "array") + "\n"
         "def run(bufs, n, scalars):\n" + "\n".join(indent(body)) + "\n"
     )
 
@@ -106,53 +213,3 @@ class Runner(RunnerBase):
 
 def compile_program(program: Program, dtype) -> Runner:
     return Runner(program, dtype)
-
-
-# --------------------------------------------------------------------------- image kernels (issue 10)
-# Convolution and pooling over NHWC batches held as (n·H·W, C) matrices: the windows are
-# strided slices of a zero-padded (n, H', W', C) view, one slice per window offset (dy, dx).
-
-from ..ir.kernels import ImageOp  # noqa: E402 - kept with the printers that use it
-
-
-def _image_lines(k: ImageOp, program) -> list:
-    g = k.geometry
-    out = buf(k.out)
-    src = [buf(o.buffer) for o in k.operands]
-    if k.op == "reshape":
-        return [f"{out}.reshape(-1)[...] = {src[0]}.reshape(-1)"]
-    hp = max(g.H + g.pt, (g.OH - 1) * g.sh + g.kh)  # padded height: every window inside
-    wp = max(g.W + g.pl, (g.OW - 1) * g.sw + g.kw)
-    win = (f"_pad[:, dy:dy + {(g.OH - 1) * g.sh + 1}:{g.sh}, dx:dx + {(g.OW - 1) * g.sw + 1}:{g.sw}, :]")
-    inner = f"_pad[:, {g.pt}:{g.pt + g.H}, {g.pl}:{g.pl + g.W}, :]"
-    pad = [f"_pad = numpy.zeros((n, {hp}, {wp}, {g.C}), {out}.dtype)"]
-    offsets = [f"for dy in range({g.kh}):", f"    for dx in range({g.kw}):"]
-    images = f"(n, {g.OH}, {g.OW}, {g.C})"
-    if k.op == "im2col":
-        return pad + [f"{inner}[...] = {src[0]}.reshape(n, {g.H}, {g.W}, {g.C})",
-                      f"_cols = {out}.reshape(n, {g.OH}, {g.OW}, {g.kh}, {g.kw}, {g.C})", *offsets,
-                      f"        _cols[:, :, :, dy, dx, :] = {win}"]
-    if k.op == "col2im":
-        return pad + [f"_cols = {src[0]}.reshape(n, {g.OH}, {g.OW}, {g.kh}, {g.kw}, {g.C})", *offsets,
-                      f"        {win} += _cols[:, :, :, dy, dx, :]",
-                      f"{out}[...] = {inner}.reshape({out}.shape)"]
-    stack = ["_w = numpy.stack([" + win.replace("dy", "_dy").replace("dx", "_dx")
-             + f" for _dy in range({g.kh}) for _dx in range({g.kw})], axis=3)"]
-    if k.op in ("maxpool", "maxpool_grad"):
-        stack = ["_pad[...] = -numpy.inf", f"{inner}[...] = {src[0]}.reshape(n, {g.H}, {g.W}, {g.C})"] + stack
-    if k.op == "maxpool":
-        return pad + stack + [f"{out}[...] = _w.max(axis=3).reshape({out}.shape)"]
-    if k.op == "avgpool":
-        return pad + [f"{inner}[...] = {src[0]}.reshape(n, {g.H}, {g.W}, {g.C})"] + stack + \
-            [f"{out}[...] = _w.mean(axis=3).reshape({out}.shape)"]
-    grad = src[-1]
-    if k.op == "maxpool_grad":  # the first arg-max of each window takes the window's gradient (NumPy's argmax)
-        lines = pad + stack + ["_arg = _w.argmax(axis=3)", "_pad[...] = 0.0", *offsets,
-                               f"        {win} += numpy.where(_arg == dy * {g.kw} + dx, "
-                               f"{grad}.reshape({images}), 0.0)"]
-    else:  # avgpool_grad
-        lines = pad + [*offsets, f"        {win} += {grad}.reshape({images}) / {g.kh * g.kw}"]
-    return lines + [f"{out}[...] = {inner}.reshape({out}.shape)"]
-
-
-emit.register(ImageOp)(_image_lines)

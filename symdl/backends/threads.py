@@ -1,9 +1,10 @@
 """Who parallelises what: BLAS threads for GEMMs, Numba threads for large loops.
 
 On a small machine two thread pools that both spin (OpenBLAS after a GEMM, OpenMP
-after a ``prange`` loop) starve each other: DESIGN.md measured a 784-256-10 step at
-45 ms with both active and 1 ms without. symdl's generated step therefore uses
-``prange`` only for loops with a lot of work (``cpu_backend.PARALLEL_MIN_WORK``), and
+after a ``prange`` loop) starve each other: a step with both active ran tens of times
+slower than with one (DESIGN.md and docs/performance.md have the measurements). symdl's
+generated step therefore uses ``prange`` only for loops with a lot of work
+(``cpu.backend.PARALLEL_MIN_WORK``), and
 ``set_num_threads`` sets both pools together. No environment variable is needed.
 
 >>> import symdl as sd

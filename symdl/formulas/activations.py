@@ -24,6 +24,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from ..graph.nodes import MatrixExpr, RowLogSumExp, elementwise
 from ..registry import Registry
+from .scalars import DECOMPOSED, SCALARS, printable
 
 _t = sp.Symbol("t", real=True)
 
@@ -54,22 +55,16 @@ class Activation(sp.Function):
         return r"%s\left(%s\right)" % (name, printer._print(self.args[0]))
 
 
-# Functions every backend can print (NumPy, Numba CPU and numba.cuda all have them).
-PRINTABLE = (
-    sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan, sp.asinh,
-    sp.erf, sp.Abs, sp.Max, sp.Min, sp.Heaviside, sp.sign, sp.Piecewise, log1p, expm1,
-)
-
-
 def check_printable(expr, what: str) -> None:
-    """Raise if ``expr`` uses a function no backend can evaluate; the message names it."""
+    """Raise if ``expr`` uses a function no backend can evaluate (one outside ``scalars.SCALARS``
+    and ``scalars.DECOMPOSED``); the message names it."""
     for f in expr.atoms(sp.Function, sp.Derivative):
         if isinstance(f, sp.Derivative):
             raise ValueError(f"{what}: its derivative is not explicit ({f}); use functions SymPy can differentiate")
-        if isinstance(f, Activation) or isinstance(f, PRINTABLE):
+        if isinstance(f, Activation) or printable(type(f)):
             continue
         name = getattr(f.func, "__name__", str(f.func))
-        allowed = ", ".join(sorted(getattr(p, "__name__", str(p)) for p in PRINTABLE))
+        allowed = ", ".join(sorted(fn.__name__ for fn in [*SCALARS, *DECOMPOSED] if issubclass(fn, sp.Function)))
         raise ValueError(f"{what} uses the function {name!r}, which no symdl backend can evaluate (allowed: {allowed})")
 
 

@@ -5,7 +5,7 @@ A dropout mask is not an array that Python draws each step: it is part of the fo
 (murmur3's 32-bit finaliser, chained over the arguments) of the run's seed, the step count
 ``t``, a per-layer ``key`` and the entry's loop indices ``(i, j)``. The forward and the
 backward pass evaluate the same formula at the same entry, so they see the same mask;
-every backend computes the same 32 bits (``backends.scalar_code`` prints it), so NumPy,
+every backend computes the same 32 bits (``formulas.scalars`` declares its code), so NumPy,
 CPU and CUDA draw identical masks; and a resumed run (same seed, same ``t``) draws the
 masks the uninterrupted run drew. ``seed`` and ``t`` are runtime scalars: nothing
 recompiles between steps.
@@ -37,7 +37,8 @@ class UniformHash(sp.Function):
     """``U(seed, t, key, i, j)``: a uniform in ``[0, 1)``, a pure function of its arguments.
 
     Its value is ``fmix32`` chained over the five arguments (each taken modulo 2³²), times
-    2⁻³²; ``backends.scalar_code.UNIFORM_HASH`` is the one definition the backends print.
+    2⁻³²; ``formulas.scalars.UNIFORM_HASH`` (and its NumPy twin) is the one definition the
+    backends print.
     """
 
     nargs = 5

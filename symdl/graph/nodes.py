@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import itertools
 import numbers
+from collections import Counter
+from typing import NamedTuple
 
 import sympy as sp
 from sympy.core.symbol import Str
@@ -609,9 +611,23 @@ def children(e) -> tuple:
     return tuple(a for a in e.args if isinstance(a, MatrixExpr))
 
 
-def topological(roots) -> list:
-    """Every node reachable from ``roots``, each once, operands before their users."""
-    order, seen = [], set()
+class Walk(NamedTuple):
+    """One walk of a graph: what every later pass over it reads instead of walking again."""
+
+    order: list  #: every node reachable from the roots, each once, operands before their users
+    uses: Counter  #: how many times each node is an operand (each root counts once more)
+
+
+def walk(roots) -> Walk:
+    """Visit the graph under ``roots`` once (depth first, operands in order): its ``Walk``.
+
+    >>> import symdl as sd
+    >>> x = sd.input("x", 2); h = sd.tanh(x)
+    >>> w = walk([h.T @ h])
+    >>> [str(e) for e in w.order], w.uses[h]
+    (['x', 'tanh(x)', 'tanh(x).T', 'tanh(x).T*tanh(x)'], 2)
+    """
+    order, seen, uses = [], set(), Counter(roots)
     for root in roots:
         stack = [(root, False)]
         while stack:
@@ -623,15 +639,22 @@ def topological(roots) -> list:
                 continue
             seen.add(node)
             stack.append((node, True))
-            for c in reversed(children(node)):
+            operands = children(node)
+            uses.update(operands)
+            for c in reversed(operands):
                 if c not in seen:
                     stack.append((c, False))
-    return order
+    return Walk(order, uses)
+
+
+def topological(roots) -> list:
+    """Every node reachable from ``roots``, each once, operands before their users."""
+    return walk(roots).order
 
 
 __all__ = [
     "n", "STEP", "VARS", "ROW_INDEX", "COL_INDEX", "INDEX_SYMBOLS", "input", "param", "Input", "Param", "VectorParam", "State", "ImageInput", "KernelParam", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
     "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean", "sum_squares",
     "matmul", "broadcast_to", "leaves", "check_leaf_names", "children", "topological", "ShapeMismatch", "MatMul",
-    "MatAdd", "Transpose",
+    "walk", "Walk", "MatAdd", "Transpose",
 ]

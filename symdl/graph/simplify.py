@@ -14,18 +14,7 @@ CSE itself is structural: SymPy's hashing makes equal subtrees one dict key.
 """
 from __future__ import annotations
 
-from collections import Counter
-
-from .nodes import VARS, Map, children, make_map, topological
-
-
-def use_counts(roots) -> Counter:
-    """How many times each node is an operand (roots count once more each)."""
-    uses = Counter(roots)
-    for node in topological(roots):
-        for c in children(node):
-            uses[c] += 1
-    return uses
+from .nodes import VARS, Map, children, make_map, walk
 
 
 def inline(node: Map, operands, fuse) -> "MatrixExpr":
@@ -45,14 +34,14 @@ def _same(new, old) -> bool:
     return all(a is b for a, b in zip(new, old))
 
 
-def fuse_maps(roots, protect=frozenset(), rebuilt=None):
+def fuse_maps(roots, protect=frozenset(), rebuilt=None) -> list:
     """Rebuild ``roots`` with every single-use, unprotected ``Map`` inlined into its user.
 
     ``rebuilt``, a dict, receives ``{old node: its rebuilt node}`` for every node under ``roots``.
     """
-    uses = use_counts(roots)
+    order, uses = walk(roots)
     new = {} if rebuilt is None else rebuilt
-    for node in topological(roots):  # operands first: each is fully fused before its user
+    for node in order:  # operands first: each is fully fused before its user
         if not children(node):
             new[node] = node
         elif isinstance(node, Map):
@@ -63,3 +52,17 @@ def fuse_maps(roots, protect=frozenset(), rebuilt=None):
             args = [new.get(a, a) for a in node.args]
             new[node] = node if _same(args, node.args) else node.func(*args)
     return [new[r] for r in roots]
+
+
+def fuse_and_walk(roots, rebuilt=None) -> tuple:
+    """``fuse_maps(roots)`` and the ``walk`` of the fused graph: what lowering visits, in order,
+    with the use counts its fusion decisions read (one walk before fusing, one after).
+
+    >>> import symdl as sd
+    >>> x = sd.input("x", 2)
+    >>> (root,), fused = fuse_and_walk([2 * sd.tanh(x)])
+    >>> [str(e) for e in fused.order], fused.uses[root]
+    (['x', '2*tanh(x)'], 1)
+    """
+    roots = fuse_maps(roots, rebuilt=rebuilt)
+    return roots, walk(roots)

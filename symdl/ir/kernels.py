@@ -1,14 +1,17 @@
 """The kernel IR: what lowering produces and every backend prints.
 
-A ``Program`` is a flat list of kernels over named buffers. Four kernel kinds, one
-class each:
+A ``Program`` is a flat list of kernels over named buffers, one class per kernel (``KERNELS``
+lists them; a backend has one handler per class):
 
 * ``Gemm``         ``out = alpha * op(a) @ op(b)``, ``op`` the identity or a transpose *view*;
 * ``Elementwise``  one fused loop: ``out[i, j] = body(operands at (i, j))``;
-* ``Reduction``    a fused loop reducing ``body`` over rows, columns, everything, or
-                   row-wise log-sum-exp (``ReduceKind``);
+* ``Reduction``    a fused loop reducing ``body``: ``ReduceRows``, ``ReduceCols``, ``ReduceAll``
+                   (sums) and ``ReduceLogSumExp`` (row-wise, the row max subtracted);
 * ``Update``       one fused loop with several outputs written in place: ``lets`` in
-                   order, then ``writes`` (an optimizer step: new state, new parameter).
+                   order, then ``writes`` (an optimizer step: new state, new parameter);
+* ``ImageKernel``  a gather over NHWC image batches (``Geometry``): ``Im2Col``, ``Col2Im``,
+                   ``MaxPool``, ``MaxPoolGrad``, ``AvgPool``, ``AvgPoolGrad``;
+* ``Reshape``      the same row-major memory read as another ``(rows, cols)``.
 
 An ``Operand`` reads a buffer at ``(i, j)`` through a ``Pattern``. Shapes are SymPy
 expressions in the batch symbol ``n``. ``check(program)`` validates a program: every
@@ -71,16 +74,6 @@ class Pattern(enum.Enum):
         return self.value
 
 
-class ReduceKind(enum.Enum):
-    ROWS = "rows"  # (r, m) -> (1, m): sum over the rows (a bias gradient)
-    COLS = "cols"  # (r, m) -> (r, 1)
-    ALL = "all"  # (r, m) -> (1, 1)
-    LOGSUMEXP = "logsumexp"  # (r, m) -> (r, 1), the row max subtracted
-
-    def __str__(self):
-        return self.value
-
-
 @dataclass(frozen=True)
 class Operand:
     buffer: str
@@ -130,12 +123,15 @@ class Elementwise:
 
 @dataclass
 class Reduction:
+    """A fused loop reducing ``body`` over the entries of its input (of shape ``shape``); the
+    subclasses say how (a ``Reduction`` itself is no kernel: ``check`` refuses it)."""
+
     out: str
-    over: ReduceKind
     body: sp.Expr
     operands: tuple
     shape: Shape  # of the reduced (input) array
     kind = "reduction"  # how generated code, train.kernels and CUDA kernel names spell it
+    label = ""  # how printed programs and CUDA kernel names spell the subclass
 
     def reads(self) -> list:
         return list(self.operands)
@@ -144,7 +140,31 @@ class Reduction:
         return [self.body]
 
     def __str__(self):
-        return f"reduce_{self.over}[{self.body}]({', '.join(map(str, self.operands))})"
+        return f"{self.label}[{self.body}]({', '.join(map(str, self.operands))})"
+
+
+class ReduceRows(Reduction):
+    """``(r, m) -> (1, m)``: the sum over the rows (a bias gradient)."""
+
+    label = "reduce_rows"
+
+
+class ReduceCols(Reduction):
+    """``(r, m) -> (r, 1)``: the sum along each row."""
+
+    label = "reduce_cols"
+
+
+class ReduceAll(Reduction):
+    """``(r, m) -> (1, 1)``: the sum of every entry."""
+
+    label = "reduce_all"
+
+
+class ReduceLogSumExp(Reduction):
+    """``(r, m) -> (r, 1)``: each row's log-sum-exp, its maximum subtracted before ``exp``."""
+
+    label = "reduce_logsumexp"
 
 
 @dataclass
@@ -199,35 +219,22 @@ class Geometry(tuple):
         return (tuple(self),)
 
 
-#: What each ``ImageOp`` reads and writes, as (operand shapes, output shape) in units of
-#: ``in``: ``(n·H·W, C)``, ``out``: ``(n·OH·OW, C)``, ``cols``: ``(n·OH·OW, kh·kw·C)``.
-IMAGE_OPS = {
-    "im2col": (("in",), "cols"),  # patch extraction: out[(b, oy, ox), (dy, dx, c)] = x[(b, iy, ix), c]
-    "col2im": (("cols",), "in"),  # its adjoint, a scatter-add written as a gather over input pixels
-    "maxpool": (("in",), "out"),
-    "maxpool_grad": (("in", "out"), "in"),  # (x, G): G routed to each window's first arg-max
-    "avgpool": (("in",), "out"),
-    "avgpool_grad": (("out",), "in"),  # G spread evenly over each window
-    "reshape": (("any",), "any"),  # the same row-major memory read as another (rows, cols)
-}
-
-
 @dataclass
-class ImageOp:
+class ImageKernel:
     """An image kernel over NHWC batches held as ``(n·H·W, C)`` matrices (see ``Geometry``).
 
-    ``op`` is one of ``IMAGE_OPS``; every op is written as a gather (each output entry
-    computed by one iteration), so loops parallelise over the output without write races.
+    Every image kernel is written as a gather (each output entry computed by one iteration),
+    so loops parallelise over the output without write races. A subclass names the shapes it
+    reads and writes in units of ``in``: ``(n·H·W, C)``, ``out``: ``(n·OH·OW, C)`` and
+    ``cols``: ``(n·OH·OW, kh·kw·C)``.
     """
 
     out: str
-    op: str
     operands: tuple  # Operands (always Pattern.SAME)
     geometry: Geometry
-
-    @property
-    def kind(self) -> str:  # how generated code, train.kernels and CUDA kernel names spell it
-        return self.op
+    kind = ""  # how generated code, train.kernels and CUDA kernel names spell it
+    operand_units = ()  # the operands' shapes, in the units above
+    output_unit = ""
 
     def reads(self) -> list:
         return list(self.operands)
@@ -236,25 +243,78 @@ class ImageOp:
         return []
 
     def window(self) -> int:
-        g = self.geometry
-        return 1 if self.op == "reshape" else g.kh * g.kw
+        return self.geometry.kh * self.geometry.kw
 
     def shapes(self) -> tuple:
-        """``(operand shapes, output shape)`` the geometry implies (None: any, for ``reshape``)."""
+        """``(operand shapes, output shape)`` the geometry implies."""
         g = self.geometry
         units = {"in": (N * g.H * g.W, sp.Integer(g.C)), "out": (N * g.OH * g.OW, sp.Integer(g.C)),
-                 "cols": (N * g.OH * g.OW, sp.Integer(g.kh * g.kw * g.C)), "any": None}
-        ins, out = IMAGE_OPS[self.op]
-        return [units[u] for u in ins], units[out]
+                 "cols": (N * g.OH * g.OW, sp.Integer(g.kh * g.kw * g.C))}
+        return [units[u] for u in self.operand_units], units[self.output_unit]
 
     def __str__(self):
         g = self.geometry
-        geo = "" if self.op == "reshape" else (f"[{g.H}x{g.W}x{g.C} window {g.kh}x{g.kw} stride {g.sh},{g.sw} "
-                                               f"pad {g.pt},{g.pl} -> {g.OH}x{g.OW}]")
-        return f"{self.op}{geo}({', '.join(map(str, self.operands))})"
+        return (f"{self.kind}[{g.H}x{g.W}x{g.C} window {g.kh}x{g.kw} stride {g.sh},{g.sw} pad {g.pt},{g.pl} "
+                f"-> {g.OH}x{g.OW}]({', '.join(map(str, self.operands))})")
 
 
-KERNELS = (Gemm, Elementwise, Reduction, Update, ImageOp)
+class Im2Col(ImageKernel):
+    """Patch extraction: ``out[(b, oy, ox), (dy, dx, c)] = x[(b, iy, ix), c]``."""
+
+    kind, operand_units, output_unit = "im2col", ("in",), "cols"
+
+
+class Col2Im(ImageKernel):
+    """``Im2Col``'s adjoint, a scatter-add written as a gather over input pixels."""
+
+    kind, operand_units, output_unit = "col2im", ("cols",), "in"
+
+
+class MaxPool(ImageKernel):
+    """Each window's maximum (a NaN wins)."""
+
+    kind, operand_units, output_unit = "maxpool", ("in",), "out"
+
+
+class MaxPoolGrad(ImageKernel):
+    """``(x, G)``: each window's ``G`` routed to the window's first arg-max in ``x``."""
+
+    kind, operand_units, output_unit = "maxpool_grad", ("in", "out"), "in"
+
+
+class AvgPool(ImageKernel):
+    """Each window's mean."""
+
+    kind, operand_units, output_unit = "avgpool", ("in",), "out"
+
+
+class AvgPoolGrad(ImageKernel):
+    """``(G,)``: each window's ``G`` spread evenly over the window."""
+
+    kind, operand_units, output_unit = "avgpool_grad", ("out",), "in"
+
+
+@dataclass
+class Reshape:
+    """The same row-major memory read as another ``(rows, cols)`` (flatten, unflatten)."""
+
+    out: str
+    operands: tuple  # one Operand (Pattern.SAME)
+    kind = "reshape"  # how generated code, train.kernels and CUDA kernel names spell it
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        return []
+
+    def __str__(self):
+        return f"reshape({', '.join(map(str, self.operands))})"
+
+
+#: Every kernel class a program may hold (``check`` refuses anything else).
+KERNELS = (Gemm, Elementwise, ReduceRows, ReduceCols, ReduceAll, ReduceLogSumExp, Update,
+           Im2Col, Col2Im, MaxPool, MaxPoolGrad, AvgPool, AvgPoolGrad, Reshape)
 
 
 @dataclass
@@ -307,7 +367,7 @@ class Program:
             inner = self.shape_of(kernel.a)[0 if kernel.trans_a else 1]
             return sp.sympify(r * c * inner)
         r, c = self.loop_shape(kernel)
-        if isinstance(kernel, ImageOp):  # each output entry reads one window
+        if isinstance(kernel, ImageKernel):  # each output entry reads one window
             return sp.sympify(r * c * kernel.window())
         return sp.sympify(r * c) * operation_count(tuple(kernel.bodies()))
 
@@ -357,7 +417,7 @@ def check(program: Program) -> None:
                 raise ProgramError(f"{where} writes {k.out!r}: not a work buffer, or written twice")
             seen_out.add(k.out)
             available.add(k.out)
-        _check_shapes(program, k, where)
+        _check_shapes(k, program, where)
         allowed = set(VARS[: len(k.reads())]) | scalars
         lets = k.lets if isinstance(k, Update) else [(None, b) for b in k.bodies()]
         for sym, body in lets:  # an Update's let may read the lets before it
@@ -370,18 +430,18 @@ def check(program: Program) -> None:
             raise ProgramError(f"output {name!r} names buffer {buf!r}, which the program does not hold")
 
 
-def _check_shapes(program, k, where):
-    if isinstance(k, Gemm):
-        a, b = program.shape_of(k.a), program.shape_of(k.b)
-        ar, ac = (a[1], a[0]) if k.trans_a else (a[0], a[1])
-        br, bc = (b[1], b[0]) if k.trans_b else (b[0], b[1])
-        if sp.expand(ac - br) != 0 or tuple(program.shape_of(k.out)) != (ar, bc):
-            raise ProgramError(f"{where}: {a}{'ᵀ' if k.trans_a else ''} @ {b}{'ᵀ' if k.trans_b else ''} "
-                               f"does not give {program.shape_of(k.out)}")
-        return
-    if isinstance(k, ImageOp):
-        _check_image_shapes(program, k, where)
-        return
+@functools.singledispatch
+def _check_shapes(k, program, where):
+    """Raise ``ProgramError`` when ``k``'s buffers do not have the shapes it needs: one handler per
+    kernel class."""
+    raise ProgramError(f"{where}: no shape check for {type(k).__name__}")
+
+
+@_check_shapes.register(Elementwise)
+@_check_shapes.register(Update)
+@_check_shapes.register(Reduction)
+def _loop_shapes(k, program, where):
+    """Each operand has the shape its pattern reads at every ``(i, j)`` of the loop."""
     r, c = program.loop_shape(k)
     for op in k.reads():
         shape = tuple(program.shape_of(op.buffer))
@@ -391,19 +451,36 @@ def _check_shapes(program, k, where):
             raise ProgramError(f"{where}: operand {op} has shape {shape}, its pattern needs {want}")
 
 
-def _check_image_shapes(program, k, where):
-    if k.op not in IMAGE_OPS:
-        raise ProgramError(f"{where}: unknown image op {k.op!r}")
+@_check_shapes.register
+def _gemm_shapes(k: Gemm, program, where):
+    a, b = program.shape_of(k.a), program.shape_of(k.b)
+    ar, ac = (a[1], a[0]) if k.trans_a else (a[0], a[1])
+    br, bc = (b[1], b[0]) if k.trans_b else (b[0], b[1])
+    if sp.expand(ac - br) != 0 or tuple(program.shape_of(k.out)) != (ar, bc):
+        raise ProgramError(f"{where}: {a}{'ᵀ' if k.trans_a else ''} @ {b}{'ᵀ' if k.trans_b else ''} "
+                           f"does not give {program.shape_of(k.out)}")
+
+
+def _whole_buffers(k, program, count, where) -> list:
+    """The shapes of ``k``'s operands, which must be ``count`` buffers read whole."""
+    if len(k.operands) != count or any(o.pattern != Pattern.SAME for o in k.operands):
+        raise ProgramError(f"{where}: {k.kind} reads {count} whole buffers, got {list(map(str, k.operands))}")
+    return [tuple(program.shape_of(o.buffer)) for o in k.operands]
+
+
+@_check_shapes.register
+def _image_shapes(k: ImageKernel, program, where):
     ins, out = k.shapes()
-    actual = [tuple(program.shape_of(o.buffer)) for o in k.operands]
-    if len(actual) != len(ins) or any(o.pattern != Pattern.SAME for o in k.operands):
-        raise ProgramError(f"{where}: {k.op} reads {len(ins)} whole buffers, got {list(map(str, k.operands))}")
-    got_out = tuple(program.shape_of(k.out))
-    if k.op == "reshape":
-        size = lambda s: sp.expand(s[0] * s[1])  # noqa: E731
-        if sp.expand(size(actual[0]) - size(got_out)) != 0:
-            raise ProgramError(f"{where}: reshape of {actual[0]} to {got_out} changes the size")
-        return
-    for shape, want in list(zip(actual, ins)) + [(got_out, out)]:
+    actual = _whole_buffers(k, program, len(ins), where)
+    for shape, want in list(zip(actual, ins)) + [(tuple(program.shape_of(k.out)), out)]:
         if any(sp.expand(sp.sympify(a) - b) != 0 for a, b in zip(shape, want)):
             raise ProgramError(f"{where}: a buffer has shape {shape}, the geometry needs {want}")
+
+
+@_check_shapes.register
+def _reshape_shapes(k: Reshape, program, where):
+    (source,) = _whole_buffers(k, program, 1, where)
+    got_out = tuple(program.shape_of(k.out))
+    size = lambda s: sp.expand(s[0] * s[1])  # noqa: E731
+    if sp.expand(size(source) - size(got_out)) != 0:
+        raise ProgramError(f"{where}: reshape of {source} to {got_out} changes the size")

@@ -26,14 +26,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sympy as sp
-from sympy.matrices.expressions import MatMul, MatrixExpr, Transpose
+from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr, Transpose
 
 from ..graph.nodes import (
-    INDEX_SYMBOLS, VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names, children, n as N, topological,
+    INDEX_SYMBOLS, VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names, children, n as N,
 )
-from .kernels import Elementwise, Gemm, Operand, Pattern, Program, Reduction, ReduceKind, Update, check
+from .kernels import (
+    Elementwise, Gemm, Operand, Pattern, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Update,
+    check,
+)
 from ..registry import RuleTable
-from ..graph.simplify import fuse_maps, use_counts
+from ..graph.simplify import fuse_and_walk
 
 #: Lowering rules, one per node type: ``LOWER.lookup(node)(lowerer, node)``.
 LOWER = RuleTable("lowering")
@@ -51,9 +54,9 @@ def lower(outputs: dict, writes: dict | None = None, notes: dict | None = None) 
     names = list(outputs)
     targets = list(writes or {})
     rebuilt = {}
-    roots = fuse_maps([outputs[k] for k in names] + [writes[t] for t in targets], rebuilt=rebuilt)
+    roots, walked = fuse_and_walk([outputs[k] for k in names] + [writes[t] for t in targets], rebuilt=rebuilt)
     out_roots, write_roots = roots[: len(names)], roots[len(names) :]
-    lw = Lowerer(roots)
+    lw = Lowerer(walked)
     check_leaf_names(lw.order + targets)
     for name, root in zip(names, out_roots):
         lw.preferred.setdefault(root, name)  # an output's buffer carries the output's name
@@ -87,9 +90,8 @@ def lower(outputs: dict, writes: dict | None = None, notes: dict | None = None) 
 class Lowerer:
     """The state of one lowering: emitted kernels, buffer names and shapes."""
 
-    def __init__(self, roots):
-        self.uses = use_counts(roots)
-        self.order = topological(roots)
+    def __init__(self, walked):
+        self.order, self.uses = walked  # fusion's walk of the fused graph: lowering walks no more
         self.kernels, self.shapes, self.names = [], {}, {}
         self.in_loop = set()  # Maps computed inside a consumer's loop (a reduction or an update)
         self.count = 0
@@ -163,6 +165,12 @@ def _lower_map(lw, node):
     lw.emit(Elementwise(lw.name(node), body, ops), node.shape)
 
 
+@LOWER.rule(MatAdd)
+def _lower_matadd(lw, node):  # SymPy's own ``A + B`` (symdl's ``+`` builds a Map): one elementwise sum
+    ops = tuple(lw.operand(a) for a in node.args)
+    lw.emit(Elementwise(lw.name(node), sum(VARS[: len(ops)]), ops), node.shape)
+
+
 @LOWER.rule(MatMul)
 def _lower_matmul(lw, node):
     coeff, mats = node.as_coeff_matrices()
@@ -182,15 +190,15 @@ def _gemm_operand(lw, m):
     return lw.buffer_of(m), False
 
 
-REDUCE_KINDS = {SumRows: ReduceKind.ROWS, SumCols: ReduceKind.COLS, SumAll: ReduceKind.ALL,
-                RowLogSumExp: ReduceKind.LOGSUMEXP}
+#: The reduction kernel each reduction node lowers to.
+REDUCTIONS = {SumRows: ReduceRows, SumCols: ReduceCols, SumAll: ReduceAll, RowLogSumExp: ReduceLogSumExp}
 
 
-@LOWER.rule(*REDUCE_KINDS)
+@LOWER.rule(*REDUCTIONS)
 def _lower_reduction(lw, node):
     x = node.args[0]
     body, ops = lw.body_of(x)
-    lw.emit(Reduction(lw.name(node), REDUCE_KINDS[type(node)], body, ops, tuple(x.shape)), node.shape)
+    lw.emit(REDUCTIONS[type(node)](lw.name(node), body, ops, tuple(x.shape)), node.shape)
 
 
 # --------------------------------------------------------------------------- writes

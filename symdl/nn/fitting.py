@@ -1,7 +1,12 @@
-"""The fit loop: ``fit`` runs epochs of compiled steps, with callbacks and a ``History``.
+"""The fit loop: ``fit`` runs epochs with callbacks and a ``History``; a trainer runs the steps.
 
-The data is checked once, batches come from a seeded order (so a resumed run sees the
-same batches), and each batch is one call into the model's compiled step.
+One loop serves every way of training. Here are the setup (argument checks, the data checked
+once, the validation split, the seed, callbacks, ``terminate_on_nan``), each epoch's progress
+and the end of each epoch (validation, history, callbacks, early stop). A *trainer* supplies
+only how an epoch's batches are trained: ``LocalTrainer`` runs the model's compiled step in
+this process; ``symdl.distributed`` registers one that runs the steps on a Dask cluster.
+
+Batches come from a seeded order, so a resumed run sees the same batches:
 
 >>> print(" | ".join(" ".join(map(str, b)) for b in batches(5, 2, seed=0, epoch=0, shuffle=False)))
 0 1 | 2 3 | 4
@@ -19,7 +24,8 @@ import numpy as np
 from ..registry import Registry
 
 #: Trainers for ``fit(cluster=...)``: ``symdl.distributed`` registers ``"dask"`` when imported
-#: (a later stage than this one, so this module never imports it).
+#: (a later stage than this one, so this module never imports it). A factory
+#: ``(model, X, Y, *, cluster, sync, every, timeout) -> Trainer``.
 DISTRIBUTED = Registry("distributed trainer")
 
 
@@ -77,6 +83,58 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+class Trainer:
+    """How an epoch's batches are trained; ``fit`` does everything else.
+
+    ``n`` is the number of training rows (``fit`` draws the batches of ``range(n)``).
+    """
+
+    n = 0
+
+    def will_compile(self, batch_size: int) -> bool:
+        """Whether the first step compiles code (``fit`` says so before a long wait)."""
+        return False
+
+    def steps(self, groups, epoch: int):
+        """Train on one epoch's batches ``groups`` (row index arrays), starting from the model's
+        parameters. Yields, per synchronisation, ``(steps, rows, loss_sum, correct)``: the steps
+        taken, the rows they used, the sum of their loss times their rows, and the rows predicted
+        right (``correct_predictions``)."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Write the parameters of the last completed step into the model (after an error too)."""
+
+    def finish(self) -> None:
+        """After the last epoch, when training went through."""
+
+    def close(self) -> None:
+        """Release what the trainer holds (after an error too)."""
+
+
+class LocalTrainer(Trainer):
+    """The model's compiled step, batch after batch, in this process (it updates the model itself)."""
+
+    def __init__(self, model, X, Y):
+        self.model, self.X, self.Y, self.n = model, X, Y, len(X)
+
+    def will_compile(self, batch_size: int) -> bool:
+        return self.model.train_step.runner.will_compile(batch_size)
+
+    def steps(self, groups, epoch: int):
+        step = self.model.train_step
+        for idx in groups:
+            xb, yb = self.X[idx], self.Y[idx]
+            loss = step.step(x=xb, y=yb, check_finite=False)  # the whole set was checked once
+            yield 1, len(idx), loss * len(idx), correct_predictions(self.model, step.output("out"), yb)
+
+
+def correct_predictions(model, out, Y) -> float:
+    """The rows of a batch ``model`` predicts right from its outputs ``out``: its accuracy times the
+    rows (0 for a regression). Every trainer counts with this, so the logs agree."""
+    return model.metrics(out, Y).get("accuracy", 0.0) * len(Y)
+
+
 class _NonFiniteLoss(Exception):
     def __init__(self, step: int, steps: int, loss: float):
         super().__init__(step, steps, loss)
@@ -85,29 +143,50 @@ class _NonFiniteLoss(Exception):
 
 def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None, validation_split: float = 0.0,
         shuffle: bool = True, callbacks=None, verbose: int = 1, seed: int | None = None,
-        terminate_on_nan: bool = True, cluster=None, sync: str = "grads", every: int = 1) -> History:
-    """Train ``model`` for ``epochs`` more epochs (``Model.fit`` documents the arguments)."""
+        terminate_on_nan: bool = True, cluster=None, sync: str = "grads", every: int = 1,
+        timeout: float | None = None) -> History:
+    """Train ``model`` for ``epochs`` more epochs (``Model.fit`` documents the arguments; ``cluster``,
+    ``sync``, ``every`` and ``timeout`` go to the distributed trainer, see ``symdl.distributed``)."""
     if not (isinstance(epochs, numbers.Integral) and not isinstance(epochs, bool) and epochs >= 0):
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
     if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if cluster is not None:
-        return DISTRIBUTED.get("dask")(model, X, y, cluster=cluster, sync=sync, every=every, epochs=epochs,
-                                       batch_size=batch_size, validation_data=validation_data,
-                                       validation_split=validation_split, shuffle=shuffle, callbacks=callbacks,
-                                       verbose=verbose, seed=seed)
     model.require_compiled()
-    X, Y = model.prepare(X, y, "training data")
+    # a Dask array given to a cluster stays there: its workers check their chunks
+    lazy = cluster is not None and hasattr(X, "to_delayed") and hasattr(X, "chunks")
+    X, Y, Xv, Yv = _split_validation(model, X, y, validation_data, validation_split, lazy)
+    if cluster is None:
+        trainer = LocalTrainer(model, X, Y)
+    else:
+        trainer = DISTRIBUTED.get("dask")(model, X, Y, cluster=cluster, sync=sync, every=every, timeout=timeout)
+    try:
+        _run_epochs(model, trainer, epochs, batch_size, Xv, Yv, shuffle, callbacks, verbose,
+                    model.seed if seed is None else seed, terminate_on_nan)
+        trainer.finish()
+    finally:
+        trainer.close()
+    return model.history
+
+
+def _split_validation(model, X, y, validation_data, validation_split, lazy):
+    """``(X, Y, Xv, Yv)``, checked: the training rows (left as they are when ``lazy``) and the
+    validation rows (the last ``validation_split`` of them, or ``validation_data``; None when
+    neither is given)."""
+    if not lazy:
+        X, y = model.prepare(X, y, "training data")
     if validation_data is None and validation_split:
         if not 0 < validation_split < 1:
             raise ValueError(f"validation_split must be between 0 and 1, got {validation_split}")
         k = int(len(X) * (1 - validation_split))
-        X, Y, Xv, Yv = X[:k], Y[:k], X[k:], Y[k:]
-    elif validation_data is not None:
-        Xv, Yv = model.prepare(*validation_data, "validation data")
-    else:
-        Xv = Yv = None
-    seed = model.seed if seed is None else seed
+        X, y, validation_data = X[:k], y[:k], (X[k:], y[k:])
+        if not lazy:
+            return X, y, *validation_data
+    if validation_data is None:
+        return X, y, None, None
+    return X, y, *model.prepare(*validation_data, "validation data")
+
+
+def _run_epochs(model, trainer, epochs, batch_size, Xv, Yv, shuffle, callbacks, verbose, seed, terminate_on_nan):
     callbacks = list(callbacks or [])
     for cb in callbacks:
         cb.model = model
@@ -121,27 +200,57 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
             cb.on_epoch_begin(epoch)
         # One copy of the weights per epoch (never per step): what a non-finite loss rolls back to.
         snapshot = model.train_step.state_dict() if terminate_on_nan else None
+        groups = batches(trainer.n, batch_size, seed, epoch, shuffle)
         try:
-            logs = _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last, terminate_on_nan)
+            logs = _train_epoch(model, trainer, groups, epoch, last, verbose, terminate_on_nan)
         except _NonFiniteLoss as bad:
             _stop_on_non_finite(model, bad, epoch, snapshot, previous)
             break
         previous = snapshot
-        if end_epoch(model, epoch, logs, Xv, Yv, callbacks, verbose, prepared=True):
+        if _end_epoch(model, epoch, logs, Xv, Yv, callbacks, verbose):
             break
     for cb in callbacks:
         cb.on_train_end()
-    return model.history
 
 
-def end_epoch(model, epoch, logs, Xv, Yv, callbacks, verbose, prepared=False) -> bool:
+def _train_epoch(model, trainer, groups, epoch, last, verbose, terminate_on_nan):
+    """One epoch's steps (by ``trainer``), with a progress bar; returns the training logs."""
+    from tqdm.auto import tqdm
+
+    # A bar only on a terminal: redirected to a file or a pipe, fit prints one line per epoch instead.
+    bar = tqdm(total=len(groups), desc=f"epoch {epoch + 1}/{last}", disable=not verbose or not _interactive(),
+               leave=False, unit="batch", mininterval=0.2)
+    if verbose and groups and trainer.will_compile(len(groups[0])):
+        print("compiling the training step… (once per formula: later models and runs load it from the cache)",
+              file=sys.stderr if _interactive() else sys.stdout, flush=True)
+    classes = model.kind != "regression"
+    total, correct, seen, done = 0.0, 0.0, 0, 0
+    started = time.perf_counter()
+    try:
+        for steps, rows, loss, right in trainer.steps(groups, epoch):
+            if terminate_on_nan and not math.isfinite(loss):
+                raise _NonFiniteLoss(done, len(groups), loss / rows)
+            total, correct, seen, done = total + loss, correct + right, seen + rows, done + steps
+            bar.update(steps)
+            if verbose:
+                bar.set_postfix(loss=f"{total / seen:.4f}", **({"acc": f"{correct / seen:.3f}"} if classes else {}))
+    finally:
+        bar.close()
+        trainer.commit()  # a non-finite loss is then rolled back by fit; any other error keeps these
+    model.last_epoch_seconds = time.perf_counter() - started
+    logs = {"loss": total / seen}
+    if classes:
+        logs["accuracy"] = correct / seen
+    return logs
+
+
+def _end_epoch(model, epoch, logs, Xv, Yv, callbacks, verbose) -> bool:
     """An epoch's bookkeeping after its steps: validation, history, callbacks, the epoch line.
 
-    Returns whether a callback asked training to stop. The single-process and the
-    distributed fit loops both end their epochs here.
+    Returns whether a callback asked training to stop.
     """
     if Xv is not None:
-        logs.update({f"val_{k}": v for k, v in model.evaluate(Xv, Yv, _prepared=prepared).items()})
+        logs.update({f"val_{k}": v for k, v in model.evaluate(Xv, Yv, _prepared=True).items()})
     logs["lr"] = model.optimizer.lr
     model.epoch = epoch + 1
     model.history.append(epoch, logs)
@@ -182,36 +291,4 @@ def _stop_on_non_finite(model, bad, epoch, snapshot, previous):
     warnings.warn(
         f"fit stopped: the training loss is {bad.loss} at epoch {epoch + 1}, step {bad.step + 1} of {bad.steps} "
         f"(training diverged: try a smaller learning rate). The weights are restored to {when}.",
-        RuntimeWarning, stacklevel=4)
-
-
-def _train_epoch(model, X, Y, batch_size, seed, epoch, shuffle, verbose, last, terminate_on_nan=True):
-    from tqdm.auto import tqdm
-
-    step = model.train_step
-    total, correct, seen = 0.0, 0.0, 0
-    groups = batches(len(X), batch_size, seed, epoch, shuffle)
-    # A bar only on a terminal: redirected to a file or a pipe, fit prints one line per epoch instead.
-    bar = tqdm(groups, desc=f"epoch {epoch + 1}/{last}", disable=not verbose or not _interactive(), leave=False,
-               unit="batch", mininterval=0.2)
-    if verbose and groups and step.runner.will_compile(len(groups[0])):
-        print("compiling the training step… (once per formula: later models and runs load it from the cache)",
-              file=sys.stderr if _interactive() else sys.stdout, flush=True)
-    started = time.perf_counter()
-    for k, idx in enumerate(bar):
-        xb, yb = X[idx], Y[idx]
-        loss = step.step(x=xb, y=yb, check_finite=False)  # the whole set was checked once
-        if terminate_on_nan and not math.isfinite(loss):
-            bar.close()
-            raise _NonFiniteLoss(k, len(groups), loss)
-        total += loss * len(idx)
-        seen += len(idx)
-        m = model.metrics(step.output("out"), yb)
-        correct += m.get("accuracy", 0.0) * len(idx)
-        if verbose:
-            bar.set_postfix(loss=f"{total / seen:.4f}", **({"acc": f"{correct / seen:.3f}"} if m else {}))
-    logs = {"loss": total / seen}
-    if model.kind != "regression":
-        logs["accuracy"] = correct / seen
-    model.last_epoch_seconds = time.perf_counter() - started
-    return logs
+        RuntimeWarning, stacklevel=5)  # the caller of Model.fit (or of distributed.fit)

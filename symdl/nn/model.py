@@ -177,7 +177,8 @@ class Sequential:
         non-finite training loss stops training with a ``RuntimeWarning`` naming the epoch
         and step, and the weights and optimizer state go back to the start of that epoch
         (the last state known to give a finite loss; one copy per epoch, none per step).
-        ``cluster=`` (a Dask ``Client``) trains data-parallel: see ``symdl.distributed``
+        ``cluster=`` (a Dask ``Client``) trains data-parallel in the same loop (validation,
+        callbacks and ``terminate_on_nan`` as above): see ``symdl.distributed``
         (``sync="grads"``: exact; ``sync="params", every=k``: local SGD).
         """
         return fitting.fit(self, X, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
@@ -283,7 +284,7 @@ def load(path, backend: str | None = None) -> Sequential:
         layers = []
         for cfg in arch["layers"]:
             cfg = dict(cfg)
-            cls = LAYERS.get(cfg.pop("class", "Dense"))  # version-1 files before issue 11 hold Dense layers only
+            cls = LAYERS.get(cfg.pop("class", "Dense"))  # the first version-1 files hold Dense layers only
             act = cfg.get("activation")
             if act is not None and act not in functions.REGISTRY:
                 raise checkpoint.CheckpointError(

@@ -12,12 +12,16 @@ per pixel, one column per channel, the same memory as the NHWC array. Then
   the input gradient ``col2im(δ·Kᵀ)`` is the "full" correlation of δ with the flipped kernel.
 * ``max_pool2d``/``avg_pool2d``: gathers ``(n·H·W, C) -> (n·OH·OW, C)``; their gradients are
   nodes too: ``maxpool_grad(x, G)`` routes each window's ``G`` to its first arg-max (ties as
-  PyTorch), ``avgpool_grad(G)`` spreads it evenly.
+  PyTorch), ``avgpool_grad(G)`` spreads it evenly. Every linear node's tangent (forward mode,
+  ``explain_hvp``) is the node applied to the operand's tangent; maxpool's tangent and
+  ``route_max``'s gradient are ``pick_max(x, V)``: each window's ``V`` at its first arg-max,
+  built from the other nodes (``PickMax.expansion``), so it needs no kernel of its own.
 * ``flatten``: ``(n·H·W, C) -> (n, H·W·C)``, row-major over ``(h, w, c)`` as Keras: the same
   memory read with another shape (``Reshape``).
 
 Every node records its geometry (``ir.Geometry``), so shapes are checked when the node is
-built. Each node lowers to one ``ir.ImageOp`` kernel.
+built. Each node lowers to one kernel of its own class (``ir.Im2Col``, ``ir.MaxPool``, ...),
+except ``pick_max``.
 
 >>> import symdl as sd
 >>> x = sd.input("x", (8, 8, 1)); K = sd.param("K", (3, 3, 1, 4)); c = sd.param("c", 4)
@@ -37,11 +41,14 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr
 
+from ..autodiff.jvp import JVP
 from ..autodiff.vjp import VJP
 from ..graph.nodes import (
-    PRINT_RULES, Broadcast, ImageInput, Map, Ops, Printable, ShapeMismatch, name_of, shape_text,
+    PRINT_RULES, VARS, Broadcast, ImageInput, Map, Ops, Printable, ShapeMismatch, hadamard, make_map, name_of,
+    shape_text, walk,
 )
-from ..ir.kernels import Geometry, ImageOp, Operand
+from ..ir import kernels as ir
+from ..ir.kernels import Geometry, Operand
 from ..ir.lowering import LOWER
 
 
@@ -148,7 +155,7 @@ def _entry_of(node, i, j, **kw):
 class ImageNode(Printable, Ops, MatrixExpr):
     """Base of the image nodes: matrix operands, then the geometry as a SymPy tuple."""
 
-    op = ""  # the ir.ImageOp this node lowers to
+    kernel = None  # the ir.ImageKernel class this node lowers to
     label = ""  # how it prints
     precedence = PRECEDENCE["Atom"]  # reads as a function call: no parentheses around it
 
@@ -226,7 +233,7 @@ class ImageNode(Printable, Ops, MatrixExpr):
 class Patches(ImageNode):
     """``patches(x)`` (im2col): row ``(b, oy, ox)`` holds the window ``(dy, dx, c)`` it sees."""
 
-    op, label = "im2col", "patches"
+    kernel, label = ir.Im2Col, "patches"
     notation = ("patches(A) (im2col): row (b, oy, ox) holds the window A[b, oy·s+dy, ox·s+dx, c]; "
                 "patches(A)*K is the convolution A ⋆ K (⋆: correlation), and patches(A).T*δ = A ⋆ δ is ∂L/∂K")
 
@@ -253,7 +260,7 @@ class Patches(ImageNode):
 class PatchesAdjoint(ImageNode):
     """``col2im(G)``, the adjoint of ``patches``: each input pixel sums what its windows hold for it."""
 
-    op, label = "col2im", "col2im"
+    kernel, label = ir.Col2Im, "col2im"
     notation = ("col2im(G), the adjoint of patches: each pixel sums what the windows containing it hold; "
                 "col2im(δ*K.T) = δ ⋆ rot180(K), the full correlation of δ with the flipped kernel")
     reads_image = False
@@ -269,7 +276,7 @@ class PatchesAdjoint(ImageNode):
 class MaxPool(ImageNode):
     """The maximum of each window, per channel."""
 
-    op, label = "maxpool", "maxpool"
+    kernel, label = ir.MaxPool, "maxpool"
     notation = "maxpool(A): the maximum of each window, per channel"
 
     def _int_entry(self, i, j, **kw):
@@ -281,7 +288,7 @@ class MaxPool(ImageNode):
 class MaxPoolGrad(ImageNode):
     """``route_max(x, G)``: each window's ``G`` sent to the window's first arg-max of ``x``."""
 
-    op, label = "maxpool_grad", "route_max"
+    kernel, label = ir.MaxPoolGrad, "route_max"
     notation = "route_max(A, G): each window's G goes to the window's first arg-max of A (ties: the first, as PyTorch)"
     writes_image = True
 
@@ -289,7 +296,7 @@ class MaxPoolGrad(ImageNode):
 class AvgPool(ImageNode):
     """The mean of each window, per channel."""
 
-    op, label = "avgpool", "avgpool"
+    kernel, label = ir.AvgPool, "avgpool"
     notation = "avgpool(A): the mean of each window, per channel"
 
     def _int_entry(self, i, j, **kw):
@@ -301,7 +308,7 @@ class AvgPool(ImageNode):
 class AvgPoolGrad(ImageNode):
     """``spread(G)``: each window's ``G`` shared evenly by its ``kh·kw`` pixels (avg-pool's gradient)."""
 
-    op, label = "avgpool_grad", "spread"
+    kernel, label = ir.AvgPoolGrad, "spread"
     notation = "spread(G): each window's G shared evenly by its pixels (avg-pool's gradient)"
     reads_image = False
     writes_image = True
@@ -428,19 +435,124 @@ def _vjp_reshape(node, G):
     return [(x, Reshape(G, *x.shape, image_shape(x) or ()))]
 
 
+class PickMax(Printable, Ops, MatrixExpr):
+    """``pick_max(A, V)``: each window's entry of ``V`` at the window's first arg-max of ``A``, per
+    channel (the arg-max ``maxpool`` takes, ties as PyTorch): maxpool's directional derivative
+    along ``V``, and the adjoint of ``route_max(A, ·)``. ``like`` is the pooled batch, whose shape
+    the result has.
+
+    It needs no kernel of its own: it lowers as its ``expansion`` into the other nodes. A patch
+    matrix, whose rows ``(b, oy, ox)`` hold windows row-major over ``(dy, dx, c)``, is the same
+    memory as an image ``(OH·OW·kh, kw, C)`` per batch entry whose ``kh x kw`` windows do not
+    overlap, one per patch row; there ``route_max(·, 1)`` marks each window's first arg-max, and
+    summing each window of ``mark ⊙ patches(V)`` picks ``V`` there.
+
+    >>> import symdl as sd
+    >>> x = sd.input("x", (4, 4, 1)); v = sd.input("v", (4, 4, 1))
+    >>> pooled = sd.max_pool2d(x, 2)
+    >>> pick = PickMax(x, v, pooled, pooled.geometry)
+    >>> print(pick); print(pick.expansion)
+    pick_max(x, v)
+    4*(avgpool((route_max(unflatten(patches(x)), 1))⊙(unflatten(patches(v)))))
+    """
+
+    precedence = PRECEDENCE["Atom"]
+    notation = ("pick_max(A, V): each window's V at the window's first arg-max of A (maxpool's derivative "
+                "along V; the adjoint of route_max)")
+
+    def __new__(cls, x, v, like, geometry):
+        return MatrixExpr.__new__(cls, x, v, like, sp.Tuple(*Geometry(geometry)))
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.args[-1])
+
+    @property
+    def shape(self):
+        return self.args[2].shape
+
+    @property
+    def expansion(self):
+        """The same value from ``patches``, ``unflatten``, ``route_max`` and ``avgpool`` (class doc)."""
+        x, v, like, g = *self.args[:3], self.geometry
+        tall = g.OH * g.OW * g.kh  # the patch rows stacked: one kh x kw window each, no overlap
+        windows = Geometry((tall, g.kw, g.C, g.kh, g.kw, g.kh, g.kw, 0, 0, g.OH * g.OW, 1))
+
+        def as_windows(m):
+            return Reshape(Patches(m, g), like.shape[0] * g.kh * g.kw, g.C, (tall, g.kw, g.C))
+
+        marks = MaxPoolGrad(as_windows(x), make_map(sp.Integer(1), [like]), windows)
+        return make_map(g.kh * g.kw * VARS[0], [AvgPool(hadamard(marks, as_windows(v)), windows)])
+
+
+@VJP.rule(MaxPoolGrad)
+def _vjp_route_max(node, G):
+    x, H = node.operands  # the routing is piecewise constant in x: only H gets a gradient (a.e.)
+    return [(H, PickMax(x, G, H, node.geometry))]
+
+
+@VJP.rule(PickMax)
+def _vjp_pick_max(node, G):
+    x, v, _ = node.args[:3]  # piecewise constant in x, and like gives only the shape
+    return [(v, MaxPoolGrad(x, G, node.geometry))]
+
+
+@LOWER.rule(PickMax)
+def _lower_pick_max(lw, node):
+    """The nodes of its ``expansion``, lowered in its place (those the graph has already are reused)."""
+    inner = node.expansion
+    for part in walk([inner]).order:
+        if part not in lw.names:
+            LOWER.lookup(part)(lw, part)
+    lw.names[node] = lw.buffer_of(inner)
+
+
+@PRINT_RULES.rule(PickMax)
+def _print_pick_max(node, printer, latex=False):
+    inner = ", ".join(printer._print(a) for a in node.args[:2])
+    return r"\operatorname{pick\_max}\left(%s\right)" % inner if latex else f"pick_max({inner})"
+
+
+# --------------------------------------------------------------------------- tangents (autodiff.JVP)
+
+
+@JVP.rule(Patches, PatchesAdjoint, AvgPool, AvgPoolGrad, Reshape)
+def _jvp_linear(node, tan):
+    """A linear node's tangent is the node applied to its operand's tangent."""
+    x = node.args[0]
+    return None if tan(x) is None else node.func(tan(x), *node.args[1:])
+
+
+@JVP.rule(MaxPool)
+def _jvp_maxpool(node, tan):
+    x = node.operands[0]
+    return None if tan(x) is None else PickMax(x, tan(x), node, node.geometry)
+
+
+@JVP.rule(MaxPoolGrad)
+def _jvp_route_max(node, tan):
+    x, H = node.operands  # piecewise constant in x: only H's tangent moves it (a.e.)
+    return None if tan(H) is None else MaxPoolGrad(x, tan(H), node.geometry)
+
+
+@JVP.rule(PickMax)
+def _jvp_pick_max(node, tan):
+    x, v, like = node.args[:3]  # linear in v, piecewise constant in x
+    return None if tan(v) is None else PickMax(x, tan(v), like, node.geometry)
+
+
 # --------------------------------------------------------------------------- lowering (lowering.LOWER)
 
 
 @LOWER.rule(ImageNode)
 def _lower_image(lw, node):
     ops = tuple(Operand(lw.buffer_of(a)) for a in node.operands)
-    lw.emit(ImageOp(lw.name(node), node.op, ops, node.geometry), node.shape)
+    lw.emit(node.kernel(lw.name(node), ops, node.geometry), node.shape)
 
 
 @LOWER.rule(Reshape)
 def _lower_reshape(lw, node):
-    lw.emit(ImageOp(lw.name(node), "reshape", (Operand(lw.buffer_of(node.args[0])),), Geometry((0,) * 11)),
-            node.shape)
+    lw.emit(ir.Reshape(lw.name(node), (Operand(lw.buffer_of(node.args[0])),)), node.shape)
 
 
 # --------------------------------------------------------------------------- printing (graph.PRINT_RULES)
@@ -462,4 +574,5 @@ def _print_reshape(node, printer, latex=False):
 
 
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "flatten", "image_shape", "conv_geometry", "Patches",
-           "PatchesAdjoint", "MaxPool", "MaxPoolGrad", "AvgPool", "AvgPoolGrad", "Reshape", "ImageNode"]
+           "PatchesAdjoint", "MaxPool", "MaxPoolGrad", "AvgPool", "AvgPoolGrad", "Reshape", "ImageNode",
+           "PickMax"]

@@ -29,12 +29,11 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
-from .. import backends
 from ..autodiff.vjp import grad
 from ..backends.base import as_dtype
 from ..graph.nodes import Input, MatrixExpr, Param, SumAll, VectorParam, hadamard, leaves, n as N
-from ..ir.lowering import lower
 from ..autodiff.jvp import check_directions
+from .pipeline import compile_outputs
 from .validate import check_arrays
 
 
@@ -94,8 +93,8 @@ class _Dense:
     def __init__(self, known, outputs, unit, wrt, backend, dtype):
         self.wrt, self.unit, self.backend = wrt, unit, backend
         self.dtype = as_dtype(dtype)
-        self.program = lower(outputs)
-        self.runner = backends.get(backend).compile_program(self.program, self.dtype)
+        self.runner = compile_outputs(outputs, backend, self.dtype)  # the one road: graph -> program -> runner
+        self.program = self.runner.program
         unit_leaves = set(unit)
         self.inputs = [l for l in known if isinstance(l, Input) and l not in unit_leaves]
         self.params = [l for l in known if isinstance(l, Param) and l not in unit_leaves]

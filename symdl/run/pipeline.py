@@ -27,10 +27,10 @@ import numpy as np
 import sympy as sp
 
 from .. import backends
-from ..autodiff.vjp import grad
+from ..autodiff.vjp import Derivation, grad
 from ..backends.base import as_dtype
 from ..autodiff.explain import explain
-from ..graph.nodes import VectorParam
+from ..graph.nodes import State, VectorParam, leaves
 from ..ir.lowering import lower
 from ..formulas.optimizers import SGD, STEP, Optimizer, state_name
 from ..formulas.dropout import SEED
@@ -40,12 +40,48 @@ from .validate import ArrayError, check_arrays, fast_inputs
 def training_program(loss, params, optimizer: Optimizer, outputs=None, writes=None):
     """The training step as a program: ``loss`` and ``outputs``, every parameter's update, and
     the extra graph ``writes`` ``{State: expression}`` (batch norm's running statistics)."""
-    gradients = grad(loss, params)
-    all_writes = dict(writes or {})
+    derivation = Derivation(loss, params)  # the explanation (comments) reuses it: derived once
+    gradients = derivation.gradients
+    all_writes = {**dict(writes or {}), **optimizer_writes(optimizer, params, gradients)}
+    return lower({"loss": loss, **dict(outputs or {})}, all_writes,
+                 notes=lambda: explain(loss, params, derivation).notes())
+
+
+def optimizer_writes(optimizer: Optimizer, params, gradients) -> dict:
+    """Every parameter's update for ``gradients`` ``{param: expression}``, as graph writes."""
     bodies = optimizer.bodies()  # the same for every parameter: derived once
+    writes = {}
     for p in params:
-        all_writes.update(optimizer.writes(p, gradients[p], bodies))
-    return lower({"loss": loss, **dict(outputs or {})}, all_writes, notes=lambda: explain(loss, params).notes())
+        writes.update(optimizer.writes(p, gradients[p], bodies))
+    return writes
+
+
+def update_program(params, optimizer: Optimizer, penalty=None):
+    """The optimizer's update alone, for data gradients computed elsewhere (a cluster's workers).
+
+    Each parameter ``p`` steps with the gradient ``grad_<p> + ∂penalty/∂p``: ``grad_<p>`` is a
+    leaf of ``p``'s (graph) shape passed in at every call, and ``penalty`` (a regulariser: a sum,
+    not a mean over rows, so it belongs here once and not in each worker's gradient) is
+    differentiated like any loss and is the ``"loss"`` output, read before the update.
+    Returns ``(program, {param: its gradient leaf})``.
+
+    >>> import numpy as np, symdl as sd
+    >>> W = sd.param("W", (1, 2))
+    >>> program, fed = update_program([W], sd.optim.SGD(0.5), penalty=sd.l2(W))
+    >>> runner = sd.backends.get("numpy").compile_program(program, "float64")
+    >>> w = runner.persistent_arrays({"W": ("W", (1, 2))})["W"]; w[...] = [[1.0, 2.0]]
+    >>> runner.run({"grad_W": np.array([[1.0, 0.0]])}, {"lr": 0.5}, 1)["loss"].item()   # Σw² before
+    5.0
+    >>> w.tolist()   # w − 0.5·(g + 2w)
+    [[-0.5, 0.0]]
+    """
+    fed = {p: State(f"grad_{p.name}", *p.shape) for p in params}
+    gradients = dict(fed)
+    if penalty is not None:
+        penalised = [p for p in params if p in set(leaves(penalty))]
+        gradients.update({p: fed[p] + g for p, g in grad(penalty, penalised).items()})
+    outputs = {} if penalty is None else {"loss": penalty}
+    return lower(outputs, optimizer_writes(optimizer, params, gradients)), fed
 
 
 def step_scalars(program, seed, t) -> dict:
@@ -68,9 +104,10 @@ def compile_outputs(outputs: dict, backend: str = "numpy", dtype="float64"):
 
 def gradient_program(loss, params):
     """``loss`` and ``grad_<name>`` for every parameter, as a program (no writes)."""
-    gradients = grad(loss, params)
+    derivation = Derivation(loss, params)
+    gradients = derivation.gradients
     outputs = {"loss": loss, **{f"grad_{p.name}": gradients[p] for p in params}}
-    return lower(outputs, notes=lambda: explain(loss, params).notes()), gradients
+    return lower(outputs, notes=lambda: explain(loss, params, derivation).notes()), gradients
 
 
 class ValueAndGrad:
@@ -89,8 +126,10 @@ class ValueAndGrad:
         """The generated module (readable Python)."""
         return self.runner.source
 
-    def __call__(self, **arrays):
-        arrays, n = check_arrays(arrays, self.program.inputs, self.program.params, self.dtype)
+    def __call__(self, *, check_finite: bool = True, **arrays):
+        """``check_finite=False`` skips the NaN/Inf scan (data already checked; diverged weights allowed)."""
+        arrays, n = check_arrays(arrays, self.program.inputs, self.program.params, self.dtype,
+                                 check_finite=check_finite)
         outs = self.runner.run(arrays, step_scalars(self.program, self.seed, 0), n)
         value = float(np.asarray(outs["loss"]).reshape(-1)[0])
         grads = {str(p.name): np.array(outs[f"grad_{p.name}"]).reshape(_outer_shape(p)) for p in self.params}

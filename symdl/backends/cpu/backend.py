@@ -31,11 +31,15 @@ import sympy as sp
 from .. import cache, threads
 from . import runtime as cpu_runtime, llvm_code
 from ...graph.nodes import n as N
-from ...ir.kernels import Elementwise, Gemm, Program, Reduction, ReduceKind, Update, at_batch
+from ...ir.kernels import (
+    Elementwise, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,
+    at_batch,
+)
 from ..base import Runner as RunnerBase, Workspace, buf, indent
-from ..formulas import Formula, formula, slot, uniform
+from ..formulas import Formula, formula, runs_flat, slot
+from ..image_code import loop_rows as image_loop_rows, row_body as image_row_body
 from .llvm_code import SLOT_FIELDS
-from ..scalar_code import TANH32, dims as _dims, loop_body, uniform_hash_source, uses_uniform_hash
+from ..scalar_code import dims as _dims, helper_source, loop_body
 
 #: Loops whose estimated work (elements x operations) is at least this use ``prange``.
 PARALLEL_MIN_WORK = 1 << 17
@@ -61,7 +65,9 @@ def _parallel_branches(program, kernel, make) -> tuple:
 
 @singledispatch
 def emit(kernel, program: Program, flavor: str) -> tuple:
-    """``(serial lines, parallel lines)`` of a kernel's loops (its body printed once for both)."""
+    """``(serial lines, parallel lines)`` of a kernel's loops (its body printed once for both): one
+    handler per kernel class (``ir.KERNELS``) but ``Gemm``, which every product's prebuilt
+    ``cpu_gemm`` kernel computes (``kernel_source``)."""
     raise NotImplementedError(f"cpu backend: no printer for {type(kernel).__name__}")
 
 
@@ -86,7 +92,7 @@ def _flat_loop(size: str, parallel: bool) -> list:
 @emit.register(Update)
 def _emit_loop(k, program, flavor):
     rows, cols = _dims(program.shape_of(k.out))
-    if uniform(k):  # one loop over buffers viewed as vectors: long, so LLVM vectorises it (a conv
+    if runs_flat(k):  # one loop over buffers viewed as vectors: long, so LLVM vectorises it (a conv
         lines, _ = loop_body(k, flavor, flat=True)  # layer's 6 channels would be a 6-long inner loop)
         def make(par):
             header = _flat_loop(f"{rows} * {cols}", par)
@@ -98,33 +104,62 @@ def _emit_loop(k, program, flavor):
                               + indent(lines, 2))
 
 
-@emit.register
-def _emit_reduction(k: Reduction, program, flavor):
+def _reduction_parts(k, flavor) -> tuple:
+    """``(body lines, value, rows, cols, out)``: what a reduction's loops are printed from."""
     body, result = loop_body(k, flavor)
     rows, cols = _dims(k.shape)
-    out = buf(k.out)
+    return body, result, rows, cols, buf(k.out)
+
+
+@emit.register
+def _reduce_all(k: ReduceAll, program, flavor):
+    body, result, rows, cols, out = _reduction_parts(k, flavor)
+    # numba turns ``acc +=`` inside prange into a race-free reduction
+    return _parallel_branches(program, k, lambda par: [
+        "_acc = 0.0", _loop(rows, "i", par), f"    for j in range({cols}):", *indent(body, 2),
+        f"        _acc += {result}", f"{out}[0, 0] = _acc"])
+
+
+@emit.register
+def _reduce_cols(k: ReduceCols, program, flavor):
+    body, result, rows, cols, out = _reduction_parts(k, flavor)
+    return _parallel_branches(program, k, lambda par: [
+        _loop(rows, "i", par), "    _acc = 0.0", f"    for j in range({cols}):", *indent(body, 2),
+        f"        _acc += {result}", f"    {out}[i, 0] = _acc"])
+
+
+@emit.register
+def _reduce_log_sum_exp(k: ReduceLogSumExp, program, flavor):
+    body, result, rows, cols, out = _reduction_parts(k, flavor)
+    return _parallel_branches(program, k, lambda par: [
+        _loop(rows, "i", par), "    _mx = -np.inf", f"    for j in range({cols}):", *indent(body, 2),
+        f"        _mx = max(_mx, {result})", "    _acc = 0.0", f"    for j in range({cols}):", *indent(body, 2),
+        f"        _acc += math.exp({result} - _mx)", f"    {out}[i, 0] = _mx + math.log(_acc)"])
+
+
+@emit.register
+def _reduce_rows(k: ReduceRows, program, flavor):
+    body, result, rows, cols, out = _reduction_parts(k, flavor)
 
     def make(par):
-        if k.over == ReduceKind.ALL:
-            # numba turns ``acc +=`` inside prange into a race-free reduction
-            return ["_acc = 0.0", _loop(rows, "i", par), f"    for j in range({cols}):",
-                    *indent(body, 2), f"        _acc += {result}", f"{out}[0, 0] = _acc"]
-        if k.over == ReduceKind.COLS:
-            return [_loop(rows, "i", par), "    _acc = 0.0", f"    for j in range({cols}):",
-                    *indent(body, 2), f"        _acc += {result}", f"    {out}[i, 0] = _acc"]
-        if k.over == ReduceKind.LOGSUMEXP:
-            return [_loop(rows, "i", par), "    _mx = -np.inf", f"    for j in range({cols}):",
-                    *indent(body, 2), f"        _mx = max(_mx, {result})", "    _acc = 0.0",
-                    f"    for j in range({cols}):", *indent(body, 2), f"        _acc += math.exp({result} - _mx)",
-                    f"    {out}[i, 0] = _mx + math.log(_acc)"]
-        # over rows: each thread owns whole output columns (no two threads write one element)
-        if par:
+        if par:  # each thread owns whole output columns (no two threads write one element)
             return [_loop(cols, "j", True), "    _acc = 0.0", f"    for i in range({rows}):",
                     *indent(body, 2), f"        _acc += {result}", f"    {out}[0, j] = _acc"]
         return [f"for j in range({cols}):", f"    {out}[0, j] = 0.0", f"for i in range({rows}):",
                 f"    for j in range({cols}):", *indent(body, 2), f"        {out}[0, j] += {result}"]
 
     return _parallel_branches(program, k, make)
+
+
+@emit.register(ImageKernel)
+@emit.register(Reshape)
+def _image(k, program, flavor):
+    """One loop over the output rows (pixels), or over the windows of a pooling gradient, ``prange``
+    when the work is large; no two iterations write one entry (``image_code``)."""
+    cols = _dims(program.shape_of(k.out))[1]
+    rows = _dims(program.shape_of(image_loop_rows(k)))[0]
+    body = image_row_body(k, cols)
+    return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par)] + indent(body))
 
 
 #: Inputs at least this large are read where they lie; smaller ones are copied into the work
@@ -141,7 +176,7 @@ def _prologue(f: Formula, dtype: str) -> list:
     """
     width = SLOT_FIELDS * len(f.slots) + len(f.size_symbols) + len(f.scalars)
     lines = [f"f = carray(frame, ({max(width, 1)},))"]
-    flat = uniform(f.kernel)  # buffers viewed as vectors (``_emit_loop``)
+    flat = runs_flat(f.kernel)  # buffers viewed as vectors (``_emit_loop``)
     for i in range(len(f.slots)):
         at = SLOT_FIELDS * i
         r, c = f"_rows{i}", f"_cols{i}"  # the names formulas.formula gives slot i's sizes
@@ -182,7 +217,7 @@ def kernel_source(f: Formula, flavor: str, dtype: str) -> str:
         f"# {f.program}\n"
         "import math\n\nimport numba\nimport numpy as np\n\n"
         "from symdl.backends.cpu.runtime import as_ptr, carray, kernel, load_f64\n"
-        + (TANH32 + "\n" if flavor == "scalar32" else "\n") + _helpers(f.program) + "\n" + functions
+        + "\n" + _helpers(f.program, flavor) + "\n" + functions
     )
 
 
@@ -204,8 +239,8 @@ def loops_dominate(program: Program, n_value: int) -> bool:
     """Whether a step at ``n_value`` should thread its loops (and keep BLAS to one thread).
 
     Two spinning thread pools on a small machine starve each other, so a step uses
-    one: BLAS threads when matrix products dominate (every MLP measured here:
-    mnist 1.08 ms serial loops vs 10.9 ms with both pools), Numba threads only when
+    one: BLAS threads when matrix products dominate (every MLP measured: serial loops
+    about ten times faster than both pools, docs/performance.md), Numba threads only when
     elementwise loops both dominate the work and are large.
     """
     loops = gemms = 0
@@ -376,26 +411,7 @@ def compile_program(program: Program, dtype) -> Runner:
     return Runner(program, dtype)
 
 
-def _helpers(program: Program) -> str:
-    """Scalar helpers a formula's body calls, defined in its module: ``_uniform_hash``
-    (dropout's counter-based uniform) when a body draws from it."""
-    if not uses_uniform_hash(program):
-        return ""
-    return uniform_hash_source('@numba.njit(inline="always", error_model="numpy", cache=True)') + "\n\n"
-
-
-# --------------------------------------------------------------------------- image kernels (issue 10)
-# Convolution and pooling (``ir.ImageOp``): one loop over the output rows (pixels), or over the
-# windows of a pooling gradient, ``prange`` when the work is large; no two iterations write one
-# entry (see ``image_code``).
-
-from ...ir.kernels import ImageOp  # noqa: E402 - kept with the printer that uses it
-from ..image_code import loop_rows as _image_loop_rows, row_body as _image_row_body  # noqa: E402
-
-
-@emit.register
-def _emit_image(k: ImageOp, program, flavor):
-    cols = _dims(program.shape_of(k.out))[1]
-    rows = _dims(program.shape_of(_image_loop_rows(k)))[0]
-    body = _image_row_body(k, cols)
-    return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par)] + indent(body))
+def _helpers(program: Program, flavor: str) -> str:
+    """The scalar helpers a formula's bodies call (dropout's uniform, float32 ``tanh``: see
+    ``formulas.scalars``), defined in its module."""
+    return helper_source(program, flavor, '@numba.njit(inline="always", error_model="numpy", cache=True)')

@@ -15,7 +15,7 @@ The frame (``GEMM_FRAME`` int64 values) is the usual three slots, then the flags
 Products of at least ``SMALL_GEMM`` multiply-adds call BLAS ``xgemm``; smaller ones run as
 loops, where BLAS's call overhead would dominate. The BLAS is NumPy's own (``numpy_blas``):
 the library ``a @ b`` calls, so a process has one BLAS thread pool, not two that starve each
-other, and no SciPy import (0.17 s) at the first product. Where NumPy's build does not export
+other, and no SciPy import at the first product. Where NumPy's build does not export
 it, the product calls the BLAS Numba's ``np.dot`` calls (SciPy's, through ``numba_xxgemm``).
 Row-major ``out = op(a) op(b)`` is column-major ``outᵀ = op(b)ᵀ op(a)ᵀ``: BLAS gets ``b`` first.
 
@@ -189,7 +189,7 @@ def _gemm(frame, dtype):
 
 
 # --------------------------------------------------------------------------- the same kernel as LLVM IR
-# What runs: LLVM compiles it in about 50 ms, Numba ``_gemm`` above in about 1 s. The Python
+# What runs: LLVM compiles it about twenty times faster than Numba compiles ``_gemm``. The Python
 # above is the reference it follows line by line (and what runs under NUMBA_DISABLE_JIT).
 
 

@@ -1,21 +1,23 @@
 """Print a formula's serial CPU loop straight as LLVM IR, for llvmlite to compile.
 
-Numba compiles a loop formula in 0.25-0.4 s, most of it in its own typing and lowering
-passes (measured on this project's 2-core machine: ``native_lowering`` about 60%, type
-inference 23%, LLVM itself 15-20%); LLVM alone compiles the same loop in 20-40 ms. A
+Numba spends most of a loop formula's compile time in its own typing and lowering passes
+(LLVM itself is a fifth of it: docs/performance.md has the profile); LLVM alone compiles the
+same loop about ten times faster. A
 loop formula (``Elementwise``, ``Update``, ``Reduction``) is a fixed loop nest around a
 SymPy expression, so this module prints the IR directly: the loops read the same frame
 as the Numba kernel (``cpu_backend._prologue``), and the expression is printed node by
 node, each distinct subexpression once (SSA values are their own common-subexpression
-elimination). ``kernel_ir`` returns None for what it does not print (bodies that read the
-loop indices or draw random numbers, functions outside ``FUNCTIONS``); those formulas, the
-threaded variants and the image kernels stay Numba's.
+elimination), each function by its LLVM builder in ``formulas.scalars.SCALARS``. ``kernel_ir``
+returns None for what it does not print (bodies that read the loop indices or draw random
+numbers, functions without a builder); those formulas, the threaded variants and the image
+kernels stay Numba's.
 
 Arithmetic follows NumPy's float32 rules: a value that depends on an array entry is
 computed in the kernel's dtype, one that depends only on scalars (``beta1**t``) in
 float64; sums over a reduction accumulate in float64 (in the output's dtype for a column
-sum, as the Numba kernel does). NaN propagates as in NumPy (``scalar_code.ScalarPrinter``
-documents each rule; this printer keeps them). Numba's float32 loops (the threaded twins)
+sum, as the Numba kernel does). NaN propagates as in NumPy: ``Max``, ``sign``, ``Piecewise``...
+are printed as their decomposition into ``formulas.scalars``' primitives, where each rule is
+written once. Numba's float32 loops (the threaded twins)
 promote Python's float64 constants instead, so in float32 the two variants of one formula may
 differ in the last digits (both are tested against NumPy; this one is the closer).
 
@@ -31,15 +33,18 @@ differ in the last digits (both are tested against NumPy; this one is the closer
 from __future__ import annotations
 
 import hashlib
+from functools import singledispatch
 
 import sympy as sp
 from llvmlite import ir
 
-from ...formulas.activations import expand_activations
+from ...formulas.scalars import SCALARS, decompose
 from ...graph.nodes import INDEX_SYMBOLS, VARS
-from ...ir.kernels import Elementwise, Pattern, Reduction, ReduceKind, Update
-from ..formulas import Formula, uniform
-from ..scalar_code import TANH32_CLAMP, TANH32_P, TANH32_Q, TANH32_TINY
+from ...ir.kernels import (
+    Elementwise, Pattern, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reduction, Update,
+)
+from ..formulas import Formula, runs_flat
+from ..scalar_code import prepared as _prepared
 
 I1, I64 = ir.IntType(1), ir.IntType(64)
 F32, F64 = ir.FloatType(), ir.DoubleType()
@@ -47,14 +52,6 @@ TYPES = {"float32": F32, "float64": F64}
 
 #: A slot's fields in a kernel's frame: its address, rows and columns (``cpu_backend._prologue``).
 SLOT_FIELDS = 3
-
-#: Functions printed as a call to the C library (``<name>f`` in float32), as Numba's
-#: ``math`` module does; ``Numba`` registers them with LLVM under these names.
-LIBM = {"tanh": "tanh", "log1p": "log1p", "expm1": "expm1", "erf": "erf", "erfc": "erfc", "sinh": "sinh",
-        "cosh": "cosh", "atan": "atan", "asinh": "asinh", "atanh": "atanh", "tan": "tan"}
-
-#: Functions printed as LLVM intrinsics (``llvm.<name>.f32``/``.f64``).
-INTRINSICS = {"exp": "exp", "log": "log", "sin": "sin", "cos": "cos", "Abs": "fabs"}
 
 
 class Unsupported(Exception):
@@ -68,12 +65,16 @@ def _const(t, value) -> ir.Constant:
 class Body:
     """Prints SymPy expressions as IR at the builder's position; ``env`` binds symbols to
     values. A value depending on an array entry has the dtype ``work``; one depending only
-    on scalars and numbers is float64, truncated where it meets a ``work`` value."""
+    on scalars and numbers is float64, truncated where it meets a ``work`` value.
+
+    Arithmetic is printed here; every function and primitive by its LLVM builder in
+    ``formulas.scalars.SCALARS``, called with this printer and its arguments' values (the
+    builders use ``b``, ``const``, ``select``, ``compare``, ``intrinsic`` and ``libm``)."""
 
     def __init__(self, builder: ir.IRBuilder, work: ir.Type, env: dict):
         self.b, self.work, self.env, self.memo = builder, work, dict(env), {}
 
-    # ---------------------------------------------------------------- helpers
+    # ---------------------------------------------------------------- what builders use
     def cast(self, v, t):
         if v.type == t:
             return v
@@ -82,6 +83,13 @@ class Body:
     def unify(self, values):
         t = self.work if any(v.type == self.work for v in values) else F64
         return [self.cast(v, t) for v in values], t
+
+    def const(self, value, t):
+        return _const(t, value)
+
+    @staticmethod
+    def is_float32(v) -> bool:
+        return v.type == F32
 
     def intrinsic(self, name, args):
         return intrinsic(self.b, name, args)
@@ -92,6 +100,11 @@ class Body:
     def select(self, cond, a, b):
         (a, b), _ = self.unify([a, b])
         return self.b.select(cond, a, b)
+
+    def compare(self, op, a, b):
+        """Ordered (false with a NaN), as Python compares, except ``!=`` (true with a NaN)."""
+        (a, b), _ = self.unify([a, b])
+        return self.b.fcmp_unordered(op, a, b) if op == "!=" else self.b.fcmp_ordered(op, a, b)
 
     # ---------------------------------------------------------------- dispatch
     def value(self, e):
@@ -107,13 +120,22 @@ class Body:
             v = _const(F64, e)
         elif e is sp.true or e is sp.false:
             v = ir.Constant(I1, int(bool(e)))
+        elif type(e) in ARITHMETIC:
+            v = ARITHMETIC[type(e)](self, e)
         else:
-            method = getattr(self, "_" + type(e).__name__, None)
-            if method is None:
-                raise Unsupported(type(e).__name__)
-            v = method(e)
+            v = self.function(e)
         self.memo[e] = v
         return v
+
+    def function(self, e):
+        """A function's value: its decomposition's, or its builder's in ``SCALARS``."""
+        primitives = decompose(e)
+        if primitives is not None:
+            return self.value(primitives)
+        entry = SCALARS.get(type(e))
+        if entry is None or entry.llvm is None:
+            raise Unsupported(type(e).__name__)
+        return entry.llvm(self, *(self.value(a) for a in e.args))
 
     def _fold(self, op, args):
         values, _ = self.unify([self.value(a) for a in args])
@@ -123,10 +145,10 @@ class Body:
         return out
 
     # ---------------------------------------------------------------- arithmetic
-    def _Add(self, e):
+    def add(self, e):
         return self._fold(self.b.fadd, e.as_ordered_terms())  # the order Python's printer adds in
 
-    def _Mul(self, e):
+    def mul(self, e):
         """``a*b/(c*d)`` as Python prints it: the numerator's product over the denominator's."""
         num, den = [], []
         for a in e.args:
@@ -144,7 +166,7 @@ class Body:
         (n, d), _ = self.unify([num_value, self._fold(self.b.fmul, den)])
         return self.b.fdiv(n, d)
 
-    def _Pow(self, e):
+    def pow(self, e):
         base, exp = e.args
         if exp.is_Integer:
             k = int(exp)
@@ -167,104 +189,9 @@ class Body:
         values, _ = self.unify([self.value(base), self.value(exp)])
         return self.intrinsic("pow", values)
 
-    # ---------------------------------------------------------------- functions
-    def _unary(self, e):
-        name = type(e).__name__
-        x = self.value(e.args[0])
-        if name in INTRINSICS:
-            return self.intrinsic(INTRINSICS[name], [x])
-        return self.libm(LIBM[name], x)
 
-    _exp = _log = _sin = _cos = _Abs = _unary
-    _log1p = _expm1 = _erf = _erfc = _sinh = _cosh = _atan = _asinh = _atanh = _tan = _unary
-
-    def _tanh(self, e):
-        x = self.value(e.args[0])
-        return self.tanh32(x) if x.type == F32 else self.libm("tanh", x)
-
-    def _Max(self, e):
-        return self._nan_fold("ogt", e.args)
-
-    def _Min(self, e):
-        return self._nan_fold("olt", e.args)
-
-    def _nan_fold(self, cmp, args):
-        """``a if a > b or a != a else b``: NaN wins; on ties the second operand (NumPy's rule)."""
-        out = self.value(args[0])
-        for arg in args[1:]:
-            (a, b), _ = self.unify([out, self.value(arg)])
-            take = self.b.or_(self.b.fcmp_ordered(cmp, a, b), self.b.fcmp_unordered("uno", a, a))
-            out = self.b.select(take, a, b)
-        return out
-
-    def _sign(self, e):
-        x = self.value(e.args[0])
-        zero = _const(x.type, 0)
-        rest = self.b.select(self.b.fcmp_ordered("<", x, zero), _const(x.type, -1), self.b.fsub(x, x))
-        return self.b.select(self.b.fcmp_ordered(">", x, zero), _const(x.type, 1), rest)
-
-    def _Heaviside(self, e):
-        x = self.value(e.args[0])
-        at0 = _const(x.type, e.args[1] if len(e.args) > 1 else sp.Rational(1, 2))
-        zero, t = _const(x.type, 0), x.type
-        rest = self.b.select(self.b.fcmp_ordered("<", x, zero), _const(t, 0), x)  # NaN stays NaN
-        rest = self.b.select(self.b.fcmp_ordered("==", x, zero), at0, rest)
-        return self.b.select(self.b.fcmp_ordered(">", x, zero), _const(t, 1), rest)
-
-    def _Piecewise(self, e):
-        *pieces, (last, cond) = e.args
-        if cond is not sp.true:
-            raise Unsupported("a Piecewise without a final True branch")
-        out = self.value(last)
-        for expr, c in reversed(pieces):
-            out = self.select(self.value(c), self.value(expr), out)
-        return out
-
-    # ---------------------------------------------------------------- conditions
-    def _relation(self, e):
-        """A comparison: ordered (False with a NaN), as Python compares, except ``!=`` (True)."""
-        op = RELATIONS[type(e)]
-        (a, b), _ = self.unify([self.value(e.lhs), self.value(e.rhs)])
-        return self.b.fcmp_unordered(op, a, b) if op == "!=" else self.b.fcmp_ordered(op, a, b)
-
-    _StrictGreaterThan = _StrictLessThan = _GreaterThan = _LessThan = _Equality = _Unequality = _relation
-
-    def _And(self, e):
-        return self._fold_bool(self.b.and_, e.args)
-
-    def _Or(self, e):
-        return self._fold_bool(self.b.or_, e.args)
-
-    def _fold_bool(self, op, args):
-        out = self.value(args[0])
-        for a in args[1:]:
-            out = op(out, self.value(a))
-        return out
-
-    def _Not(self, e):
-        return self.b.not_(self.value(e.args[0]))
-
-    def tanh32(self, x):
-        """Eigen's float32 ``tanh`` (``scalar_code.TANH32``: no libm call, so LLVM vectorises it), NaN kept."""
-        b, c = self.b, _const(F32, TANH32_CLAMP)
-        neg = _const(F32, -TANH32_CLAMP)
-        y = b.select(b.fcmp_ordered("<", x, neg), neg, x)  # NaN compares false: kept
-        y = b.select(b.fcmp_ordered(">", y, c), c, y)
-        y2 = b.fmul(y, y)
-
-        def horner(coefficients):
-            out = _const(F32, coefficients[0])
-            for coefficient in coefficients[1:]:
-                out = b.fadd(b.fmul(y2, out), _const(F32, coefficient))
-            return out
-
-        small = b.fcmp_ordered("<", self.intrinsic("fabs", [y]), _const(F32, TANH32_TINY))
-        return b.select(small, y, b.fdiv(b.fmul(y, horner(TANH32_P)), horner(TANH32_Q)))
-
-
-#: SymPy's comparisons and LLVM's names for them.
-RELATIONS = {sp.StrictGreaterThan: ">", sp.StrictLessThan: "<", sp.GreaterThan: ">=", sp.LessThan: "<=",
-             sp.Equality: "==", sp.Unequality: "!="}
+#: The arithmetic ``Body`` prints itself (functions come from ``SCALARS``).
+ARITHMETIC = {sp.Add: Body.add, sp.Mul: Body.mul, sp.Pow: Body.pow}
 
 
 def call(b: ir.IRBuilder, name: str, args, t):
@@ -357,10 +284,6 @@ def _body(frame: Frame, env: dict) -> Body:
     return Body(frame.b, frame.dtype, {**frame.scalars, **env})
 
 
-def _prepared(body):
-    return expand_activations(sp.sympify(body), use_impl=True)
-
-
 def _store(frame: Frame, body: Body, value, address):
     frame.b.store(body.cast(value, frame.dtype), address)
 
@@ -389,74 +312,105 @@ def _emit_loop(frame: Frame, k, flat: bool):
         for_range(b, rows, lambda i: for_range(b, cols, lambda j: iteration(i, j), "j"))
 
 
+class _Sums:
+    """What a reduction's loops share: its sizes, a float64 accumulator ``acc``, the body's value
+    at ``(i, j)`` and the store of a result into the output."""
+
+    def __init__(self, frame: Frame, k: Reduction):
+        self.frame, self.b, self.operands = frame, frame.b, k.operands
+        self.rows, self.cols = (frame.size(sp.sympify(d)) for d in k.shape)
+        self.expr = _prepared(k.body)
+        self.out = frame.slots[0][0]
+        self.acc = self.b.alloca(F64, name="acc")
+        self.zero = _const(F64, 0)
+
+    def term(self, i, j) -> tuple:
+        """``(body, value)``: the body printed at ``(i, j)``."""
+        body = _body(self.frame, _operand_env(self.frame, self.operands, i, j, False))
+        return body, body.value(self.expr)
+
+    def add_term(self, i, j):
+        body, v = self.term(i, j)
+        self.b.store(self.b.fadd(self.b.load(self.acc), body.cast(v, F64)), self.acc)
+
+    def put(self, index, value):
+        dtype = self.frame.dtype
+        self.b.store(value if value.type == dtype else self.b.fptrunc(value, dtype), self.b.gep(self.out, [index]))
+
+
 def _emit_reduction(frame: Frame, k: Reduction):
-    b = frame.b
-    rows, cols = (frame.size(sp.sympify(d)) for d in k.shape)
-    expr = _prepared(k.body)
-    out = frame.slots[0][0]
-    acc = b.alloca(F64, name="acc")
-    zero = _const(F64, 0)
+    _reduce(k, _Sums(frame, k))
 
-    def term(i, j):
-        body = _body(frame, _operand_env(frame, k.operands, i, j, False))
-        return body, body.value(expr)
 
-    def add_term(i, j):
-        body, v = term(i, j)
-        b.store(b.fadd(b.load(acc), body.cast(v, F64)), acc)
+@singledispatch
+def _reduce(k, s: _Sums):
+    """Print reduction ``k``'s loops: one handler per reduction class."""
+    raise Unsupported(f"no LLVM printer for {type(k).__name__}")
 
-    def put(index, value):
-        b.store(value if value.type == frame.dtype else b.fptrunc(value, frame.dtype), b.gep(out, [index]))
 
-    if k.over == ReduceKind.ALL:
-        b.store(zero, acc)
-        for_range(b, rows, lambda i: for_range(b, cols, lambda j: add_term(i, j), "j"))
-        put(ir.Constant(I64, 0), b.load(acc))
-    elif k.over == ReduceKind.COLS:
-        def row(i):
-            b.store(zero, acc)
-            for_range(b, cols, lambda j: add_term(i, j), "j")
-            put(i, b.load(acc))
+@_reduce.register
+def _reduce_all(k: ReduceAll, s: _Sums):
+    b = s.b
+    b.store(s.zero, s.acc)
+    for_range(b, s.rows, lambda i: for_range(b, s.cols, lambda j: s.add_term(i, j), "j"))
+    s.put(ir.Constant(I64, 0), b.load(s.acc))
 
-        for_range(b, rows, row)
-    elif k.over == ReduceKind.LOGSUMEXP:
-        largest = b.alloca(F64, name="largest")
 
-        def row(i):
-            b.store(_const(F64, float("-inf")), largest)
+@_reduce.register
+def _reduce_cols(k: ReduceCols, s: _Sums):
+    b = s.b
 
-            def bigger(j):
-                body, v = term(i, j)
-                v, m = body.cast(v, F64), b.load(largest)
-                b.store(b.select(b.fcmp_ordered(">", v, m), v, m), largest)  # max(m, v): NaN reaches the sum
+    def row(i):
+        b.store(s.zero, s.acc)
+        for_range(b, s.cols, lambda j: s.add_term(i, j), "j")
+        s.put(i, b.load(s.acc))
 
-            for_range(b, cols, bigger, "j")
-            b.store(zero, acc)
+    for_range(b, s.rows, row)
 
-            def add_exp(j):
-                body, v = term(i, j)
-                shifted = b.fsub(body.cast(v, F64), b.load(largest))
-                b.store(b.fadd(b.load(acc), intrinsic(b, "exp", [shifted])), acc)
 
-            for_range(b, cols, add_exp, "j")
-            m = b.load(largest)
-            put(i, b.fadd(m, intrinsic(b, "log", [b.load(acc)])))
+@_reduce.register
+def _reduce_log_sum_exp(k: ReduceLogSumExp, s: _Sums):
+    b = s.b
+    largest = b.alloca(F64, name="largest")
 
-        for_range(b, rows, row)
-    elif k.over == ReduceKind.ROWS:  # column sums in the output's dtype, row by row (vectorises along j)
-        for_range(b, cols, lambda j: b.store(_const(frame.dtype, 0), b.gep(out, [j])), "j0")
+    def row(i):
+        b.store(_const(F64, float("-inf")), largest)
 
-        def add_row(i):
-            def add(j):
-                body, v = term(i, j)
-                address = b.gep(out, [j])
-                b.store(b.fadd(b.load(address), body.cast(v, frame.dtype)), address)
+        def bigger(j):
+            body, v = s.term(i, j)
+            v, m = body.cast(v, F64), b.load(largest)
+            b.store(b.select(b.fcmp_ordered(">", v, m), v, m), largest)  # max(m, v): NaN reaches the sum
 
-            for_range(b, cols, add, "j")
+        for_range(b, s.cols, bigger, "j")
+        b.store(s.zero, s.acc)
 
-        for_range(b, rows, add_row)
-    else:
-        raise Unsupported(f"reduction over {k.over}")
+        def add_exp(j):
+            body, v = s.term(i, j)
+            shifted = b.fsub(body.cast(v, F64), b.load(largest))
+            b.store(b.fadd(b.load(s.acc), intrinsic(b, "exp", [shifted])), s.acc)
+
+        for_range(b, s.cols, add_exp, "j")
+        m = b.load(largest)
+        s.put(i, b.fadd(m, intrinsic(b, "log", [b.load(s.acc)])))
+
+    for_range(b, s.rows, row)
+
+
+@_reduce.register
+def _reduce_rows(k: ReduceRows, s: _Sums):
+    """Column sums in the output's dtype, row by row (vectorises along j)."""
+    b, out, dtype = s.b, s.out, s.frame.dtype
+    for_range(b, s.cols, lambda j: b.store(_const(dtype, 0), b.gep(out, [j])), "j0")
+
+    def add_row(i):
+        def add(j):
+            body, v = s.term(i, j)
+            address = b.gep(out, [j])
+            b.store(b.fadd(b.load(address), body.cast(v, dtype)), address)
+
+        for_range(b, s.cols, add, "j")
+
+    for_range(b, s.rows, add_row)
 
 
 def printable(f: Formula) -> bool:
@@ -480,7 +434,7 @@ def kernel_ir(f: Formula, dtype: str) -> str | None:
         if isinstance(f.kernel, Reduction):
             _emit_reduction(frame, f.kernel)
         else:
-            _emit_loop(frame, f.kernel, uniform(f.kernel))
+            _emit_loop(frame, f.kernel, runs_flat(f.kernel))
     except (Unsupported, TypeError, KeyError, ValueError):  # what SymPy or the frame cannot give a value
         return None
     b.ret_void()

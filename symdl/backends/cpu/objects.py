@@ -1,8 +1,8 @@
 """Compiled kernels on disk: a kernel's machine code saved once, loaded back without Numba's compiler.
 
 Numba's own cache (``cache=True``) loads through its dispatcher, and the first load in a
-process initialises Numba's whole compiler first (``target_context.refresh()``: 0.5-0.6 s
-measured on this project's 2-core machine, more than loading every kernel of a step). A
+process initialises Numba's whole compiler first (``target_context.refresh()``, which costs
+more than loading every kernel of a step: docs/performance.md). A
 compiled kernel does not need the compiler. This module saves what Numba's cache saves for
 a C callback (its library as object code, ``serialize_using_object_code``) together with
 the name of its C entry point, and loads it straight into Numba's JIT engine
@@ -46,7 +46,7 @@ _LIBRARIES: list = []
 def _codegen():
     from numba.core.registry import cpu_target
 
-    return cpu_target.target_context.codegen()  # about 6 ms the first time; no compiler set-up
+    return cpu_target.target_context.codegen()  # no compiler set-up, only LLVM's
 
 
 @functools.cache
@@ -92,7 +92,7 @@ def _externals(module) -> list:
 
 def _runtime_symbols() -> None:
     """Numba's runtime (NRT) C functions, as ``rtsys.initialize`` registers them, without the
-    LLVM module it also compiles (about 70 ms) for code the compiler generates: loaded code
+    LLVM module it also compiles for code the compiler generates: loaded code
     only calls the C functions (a view's reference-count path names ``NRT_MemInfo_call_dtor``)."""
     import llvmlite.binding as ll
     from numba.core.runtime import _nrt_python as _nrt

@@ -44,7 +44,7 @@ class Kernel:
 
     ``llvm``: the kernel printed as LLVM IR (``llvm_code``), compiled by LLVM alone in tens of
     milliseconds; ``py_func`` is then the same kernel as Python, run under
-    ``NUMBA_DISABLE_JIT``. Without it, Numba compiles ``py_func`` (0.25-0.4 s a formula).
+    ``NUMBA_DISABLE_JIT``. Without it, Numba compiles ``py_func`` (about ten times slower).
     The machine code is saved beside the formula's module (``objects``) and loaded from
     there by later processes without starting a compiler. Kernels of symdl's own modules
     (the driver, the products) are saved under ``cache.prebuilt_dir``.

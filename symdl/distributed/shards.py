@@ -1,0 +1,139 @@
+"""The worker side: what each worker process keeps for a fit (its rows, its programs) and the tasks
+the driver sends it.
+
+A worker rebuilds the model from checkpoint bytes (architecture and compile options), so it
+runs the same formulas as the driver: ``sync="grads"`` the model's gradient program
+(``sd.value_and_grad`` of the data loss), ``sync="params"`` its fused training step.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from ..backends.threads import set_num_threads
+from ..nn import load
+from ..nn.datasets import check_dataset
+from ..nn.fitting import correct_predictions
+from ..run.pipeline import value_and_grad
+from .cluster import NO_SHARD
+
+_WORKER_STATE = {}  # fit key -> Shard, in each worker process
+
+
+def model_blob(model) -> bytes:
+    """The model as checkpoint bytes (architecture, compile options): rebuilt on each worker."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.symdl")
+        model.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _load_blob(blob: bytes, backend: str):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.symdl")
+        with open(path, "wb") as f:
+            f.write(blob)
+        return load(path, backend=backend)
+
+
+def _shard(key):
+    try:
+        return _WORKER_STATE[key]
+    except KeyError:
+        raise LookupError(f"worker (pid {os.getpid()}) {NO_SHARD} ({key}): it restarted") from None
+
+
+class Shard:
+    """What one worker keeps for one fit: its rows, the programs, counters."""
+
+    def __init__(self, blob, backend, sync, X, Y, rows, threads):
+        if threads:
+            set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        started = time.perf_counter()
+        # sync="grads" needs only the graph here (the gradient program is compiled below), so the
+        # worker's own copy of the model uses the NumPy backend: no Numba compile for an unused step
+        self.model = _load_blob(blob, backend if sync == "params" else "numpy")
+        self.X = np.ascontiguousarray(X, self.model.train_step.dtype)
+        self.Y = np.ascontiguousarray(Y, self.model.train_step.dtype)
+        self.rows = np.asarray(rows)
+        self.seen = np.zeros(len(self.X), np.int64)  # how often each row took part in a step
+        self.steps = 0
+        if sync == "grads":
+            self.grad = value_and_grad(self.model.data_loss, self.model.params, backend=backend,
+                                       dtype=self.model.dtype)
+        self.setup_seconds = time.perf_counter() - started
+
+    def warm_up(self, sync):
+        """Run (and so compile, or load from the cache) the program once on one row."""
+        xb, yb = self.X[:1], self.Y[:1]
+        if sync == "grads":
+            self.grad(x=xb, y=yb, **self.model.get_weights())
+        else:
+            saved = self.model.train_step.state_dict()
+            self.model.train_step.step(x=xb, y=yb)
+            self.model.train_step.load_state_dict(saved)
+
+
+def setup_task(key, blob, backend, sync, X, Y, rows, threads, check):
+    """Task: build this worker's shard state (X, Y are lists of chunks for a Dask array)."""
+    if isinstance(X, list):
+        X, Y = check_dataset(np.concatenate(X), np.concatenate(Y), what="training data (Dask array)", **check)
+    shard = Shard(blob, backend, sync, X, Y, rows, threads)
+    started = time.perf_counter()
+    shard.warm_up(sync)
+    _WORKER_STATE[key] = shard
+    return {"pid": os.getpid(), "shard_rows": len(shard.X), "setup_seconds": shard.setup_seconds,
+            "compile_seconds": time.perf_counter() - started}
+
+
+def grad_task(key, params, local):
+    """Task (sync="grads"): the data loss and its gradients on this worker's rows ``local``."""
+    s = _shard(key)
+    started = time.perf_counter()
+    xb, yb = s.X[local], s.Y[local]
+    loss, grads = s.grad(x=xb, y=yb, check_finite=False, **params)  # rows checked at setup; fit judges the loss
+    correct = 0.0
+    if s.model.kind != "regression":  # the gradient program has no logits: one forward pass for them
+        s.model.set_weights(params)
+        correct = correct_predictions(s.model, s.model.predict(xb, batch_size=len(xb)), yb)
+    s.seen[local] += 1
+    s.steps += 1
+    return {"loss": loss, "grads": grads, "rows": len(local), "correct": correct,
+            "seconds": time.perf_counter() - started}
+
+
+def params_task(key, state, lr_values, t0, steps):
+    """Task (sync="params"): fused local steps on this worker's rows, one index array per step."""
+    s = _shard(key)
+    started = time.perf_counter()
+    ts = s.model.train_step
+    ts.load_state_dict(state)
+    ts.optimizer.values.update(lr_values)
+    total = correct = 0.0
+    rows = 0
+    for j, local in enumerate(steps):
+        if len(local) == 0:
+            continue
+        xb, yb = s.X[local], s.Y[local]
+        ts.t = t0 + j  # step() adds one: Adam's bias correction counts global steps
+        loss = ts.step(x=xb, y=yb, check_finite=False)
+        total += loss * len(local)
+        correct += correct_predictions(s.model, ts.output("out"), yb)
+        rows += len(local)
+        s.seen[local] += 1
+        s.steps += 1
+    out = ts.state_dict()
+    out.pop("t")
+    return {"state": out, "loss": total, "rows": rows, "correct": correct, "seconds": time.perf_counter() - started}
+
+
+def report_task(key, release):
+    """Task: this worker's counters for the fit (and, with ``release``, forget its shard)."""
+    s = _shard(key)
+    if release:
+        del _WORKER_STATE[key]
+    return {"pid": os.getpid(), "rows": s.rows, "seen": s.seen, "steps": s.steps}
