@@ -9,6 +9,7 @@ median ms/step, each peer's ratio to symdl (>1: symdl is faster), and symdl's co
 
     python benchmarks/cnn_step.py                  # 2 threads, every installed peer
     python benchmarks/cnn_step.py --threads 1
+    python benchmarks/cnn_step.py --baseline ../old-checkout --rounds 3   # before/after, interleaved
 """
 from __future__ import annotations
 
@@ -139,34 +140,57 @@ def spawn(which, env):
     return None
 
 
+def symdl_rounds(variants, env, rounds):
+    """``{label: [(cold, warm), ...]}``: each symdl checkout cold (an empty cache) then warm (a
+    second process), the checkouts taking turns round after round, so drift in the machine's
+    load lands on all of them alike."""
+    out = {label: [] for label in variants}
+    for _ in range(rounds):
+        for label, root in variants.items():
+            child_env = dict(env, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            with tempfile.TemporaryDirectory() as cache:
+                child_env["SYMDL_CACHE_DIR"] = cache
+                cold = spawn("symdl", child_env)
+                warm = spawn("symdl", child_env)
+            if cold and warm:
+                out[label].append((cold, warm))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", help="another symdl checkout, measured as 'symdl-baseline' in the same run")
+    ap.add_argument("--rounds", type=int, default=1, help="symdl (and the baseline) measured this many times, "
+                                                         "taking turns; medians are printed")
     args = ap.parse_args()
     if args.child:
         return child(args.child)
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, BENCH_THREADS=str(args.threads), NUMBA_NUM_THREADS=str(args.threads),
-               PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with tempfile.TemporaryDirectory() as cache:
-        env["SYMDL_CACHE_DIR"] = cache
-        cold = spawn("symdl", env)
-        warm = spawn("symdl", env)
-    rows = [("symdl (cpu)", warm)]
+    env = dict(os.environ, BENCH_THREADS=str(args.threads), NUMBA_NUM_THREADS=str(args.threads))
+    variants = {"symdl (cpu)": os.path.dirname(here)}
+    if args.baseline:
+        variants["symdl-baseline"] = os.path.abspath(args.baseline)
+    measured = symdl_rounds(variants, env, args.rounds)
+    med = {label: {"ms": statistics.median(w["ms"] for _, w in runs),
+                   "cold": statistics.median(c["ready_s"] for c, _ in runs),
+                   "warm": statistics.median(w["ready_s"] for _, w in runs)} for label, runs in measured.items() if runs}
+    rows = [(label, m) for label, m in med.items()]
     import importlib.util
 
+    env["PYTHONPATH"] = variants["symdl (cpu)"] + os.pathsep + os.environ.get("PYTHONPATH", "")
     for name in ("torch", "jax"):
         if importlib.util.find_spec(name):
             rows.append((f"{name} ({'eager' if name == 'torch' else 'jit'})", spawn(name, env)))
-    base = warm["ms"] if warm else float("nan")
-    print(f"LeNet-style SGD step, batch {BATCH}, float32, {args.threads} threads")
-    print(f"{'framework':<14} {'ms/step':>9} {'vs symdl':>9}")
+    base = med["symdl (cpu)"]["ms"] if "symdl (cpu)" in med else float("nan")
+    print(f"LeNet-style SGD step, batch {BATCH}, float32, {args.threads} threads, {args.rounds} round(s)")
+    print(f"{'framework':<16} {'ms/step':>9} {'vs symdl':>9} {'cold s':>7} {'warm s':>7}")
     for name, r in rows:
         if r:
-            print(f"{name:<14} {r['ms']:>9.2f} {r['ms'] / base:>8.2f}x")
-    if cold and warm:
-        print(f"symdl compile: cold {cold['ready_s']:.1f} s (empty cache), warm {warm['ready_s']:.1f} s (from the cache)")
+            times = f" {r['cold']:>7.2f} {r['warm']:>7.2f}" if "cold" in r else ""
+            print(f"{name:<16} {r['ms']:>9.2f} {r['ms'] / base:>8.2f}x{times}")
+    print("cold: build + first step from an empty cache; warm: the same in a second process, from the cache")
 
 
 if __name__ == "__main__":

@@ -325,36 +325,46 @@ def main():
         peers = args.peers.split(",")
     if BASELINE:
         peers.insert(0, "symdl-baseline")
-    header = f"{'size':<7} {'symdl µs':>10} {'cold s':>7} {'warm s':>7}" + "".join(f" {p:>20}" for p in peers)
+    compiled = [ours] + (["symdl-baseline"] if BASELINE else [])  # measured cold, then warm
+    header = (f"{'size':<7} {'symdl µs':>10} {'cold s':>7} {'warm s':>7}"
+              + (f" {'base cold':>9} {'base warm':>9}" if BASELINE else "") + "".join(f" {p:>20}" for p in peers))
     print(header)
     print("-" * len(header))
     for size in sizes:
-        best, colds, warms = {}, [], []
+        best, colds, warms = {}, {c: [] for c in compiled}, {c: [] for c in compiled}
         for _ in range(args.repeat):  # interleave frameworks so a slow spell hits all of them
-            with tempfile.TemporaryDirectory() as cache:
-                cold = spawn(ours, size, cache)
-                warm = spawn(ours, size, cache)
-            for r in (cold, warm):
-                if "us" in r:
-                    best[ours] = min(best.get(ours, float("inf")), r["us"])
-            colds.append(cold.get("compile_s", float("nan")))
-            warms.append(warm.get("compile_s", float("nan")))
+            for name in compiled:
+                with tempfile.TemporaryDirectory() as cache:
+                    cold = spawn(name, size, cache)
+                    warm = spawn(name, size, cache)
+                for r in (cold, warm):
+                    if "us" in r:
+                        best[name] = min(best.get(name, float("inf")), r["us"])
+                colds[name].append(cold.get("compile_s", float("nan")))
+                warms[name].append(warm.get("compile_s", float("nan")))
+                if name == ours:
+                    failed = cold.get("error") or warm.get("error")
             for p in peers:
+                if p in compiled:
+                    continue
                 with tempfile.TemporaryDirectory() as cache:
                     r = spawn(p, size, cache)
                 best[p] = min(best.get(p, float("inf")), r["us"]) if "us" in r else best.get(p, r["error"])
         if ours not in best:
-            print(f"{size:<7} symdl failed: {cold.get('error') or warm.get('error')}")
+            print(f"{size:<7} symdl failed: {failed}")
             continue
         us = best[ours]
-        row = f"{size:<7} {us:>10.1f} {min(colds):>7.2f} {min(warms):>7.2f}"
+        row = f"{size:<7} {us:>10.1f} {min(colds[ours]):>7.2f} {min(warms[ours]):>7.2f}"
+        if BASELINE:
+            row += f" {min(colds['symdl-baseline']):>9.2f} {min(warms['symdl-baseline']):>9.2f}"
         for p in peers:
-            r = best[p]
+            r = best.get(p, "failed")
             cell = f"{r:.1f} ({r / us:.2f}x)" if isinstance(r, float) else str(r)[:20]
             row += f" {cell:>20}"
         print(row, flush=True)
     print(f"\nbest median of {args.repeat} interleaved runs; ratio = peer time / symdl time (above 1: symdl is "
-          "faster); cold = empty compile cache, warm = a second process reading it.")
+          "faster); cold = empty compile cache, warm = a second process reading it (base: the --baseline "
+          "checkout, measured the same way in turn).")
 
 
 if __name__ == "__main__":
