@@ -544,6 +544,19 @@ def test_threaded_and_serial_kernels_agree_on_every_buffer():
         np.testing.assert_allclose(results[1][name], value, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
+def _numba_compiles_the_python_loops(runner):
+    """Each formula's serial kernel replaced by Numba's compile of its Python loop (the text the
+    LLVM printer follows), so a second run computes what Numba's kernels compute."""
+    from symdl.backends.cpu.runtime import Kernel
+
+    for module in runner.kernel_modules:
+        kernel = module.kernel_serial
+        if kernel.llvm is not None and "gemm" not in kernel.py_func.__module__:
+            library, symbol = Kernel(kernel.py_func, False)._compile()
+            kernel._address, kernel._numba = library.get_pointer_to_function(symbol), library
+    runner._ready.clear()
+
+
 PRINTED_BODIES = {  # each through the LLVM printer (llvm_code) and through Numba, float64
     "division by a root": lambda a, b: a / sp.sqrt(b * b + 1),
     "powers": lambda a, b: a**3 / (b * b + 1) ** 2 - a ** sp.Rational(3, 2) + 2 ** a,
@@ -560,7 +573,6 @@ def test_printed_llvm_loops_agree_with_numbas_kernels_and_numpy(name):
     to the last bit or two (float64, special values included; sums may round in another order), and
     what NumPy does: a flat loop, a broadcast row, a sum and a row's log-sum-exp."""
     from symdl.backends import get
-    from symdl.backends.cpu.runtime import Kernel
     from symdl.ir.lowering import lower
 
     fn = PRINTED_BODIES[name]
@@ -578,13 +590,70 @@ def test_printed_llvm_loops_agree_with_numbas_kernels_and_numpy(name):
         want = {k: np.array(v) for k, v in get("numpy").compile_program(prog, "float64").run(arrays, {}, 7).items()}
     printed = {k: np.array(v) for k, v in runner.run(arrays, {}, 7).items()}
     assert all("LLVM_SERIAL" in s for s in runner.kernel_sources if "def kernel_serial(" in s)
-    for module in runner.kernel_modules:  # Numba compiles each formula's Python loop: its address replaces the IR's
-        kernel = module.kernel_serial
-        if kernel.llvm is not None and "gemm" not in kernel.py_func.__module__:
-            library, symbol = Kernel(kernel.py_func, False)._compile()
-            kernel._address, kernel._numba = library.get_pointer_to_function(symbol), library
-    runner._ready.clear()
+    _numba_compiles_the_python_loops(runner)
     numba_out = {k: np.array(v) for k, v in runner.run(arrays, {}, 7).items()}
     for k in want:
         np.testing.assert_allclose(printed[k], numba_out[k], rtol=1e-15, atol=1e-300, equal_nan=True, err_msg=k)
         np.testing.assert_allclose(printed[k], want[k], rtol=1e-12, atol=1e-300, equal_nan=True, err_msg=k)
+
+
+def _image_program():
+    """Every image kernel class and geometry branch: a padded and a strided valid convolution
+    (``Im2Col``, ``Col2Im``), disjoint and overlapping max and average pools (their gradients by
+    window and by pixel), ``flatten`` (``Reshape``), and a dropout (the hash reads ``i, j``)."""
+    from symdl.ir.lowering import lower
+
+    x = sd.input("x", (6, 6, 2)); K = sd.param("K", (3, 3, 2, 3)); K2 = sd.param("K2", (2, 2, 3, 2))
+    a = sd.conv2d(x, K, padding="same")
+    disjoint, overlapping = sd.max_pool2d(a, 2), sd.max_pool2d(a, 3, stride=1)
+    mean, overlapping_mean = sd.avg_pool2d(a, 2), sd.avg_pool2d(a, 3, stride=2)
+    c2 = sd.dropout(sd.flatten(sd.conv2d(overlapping, K2, stride=2)), 0.4, key=5)
+    loss = (sd.sum_squares(sd.flatten(disjoint)) + sd.total(c2) + sd.sum_squares(sd.flatten(mean))
+            + sd.total(sd.flatten(overlapping_mean)))
+    g = sd.grad(loss, [K, x, K2])
+    return lower({"loss": loss, "gK": g[K], "gx": g[x], "gK2": g[K2], "c2": c2})
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="compares compiled kernels")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_printed_llvm_image_kernels_agree_with_numbas_kernels_to_the_bit(dtype):
+    """Image kernels and dropout's hash printed as LLVM IR (``llvm_image``, ``UniformHash``'s builder)
+    write every buffer of a CNN's step exactly as Numba's compile of their Python loops does, NaN,
+    Inf and max-pool ties included, and match NumPy."""
+    from symdl.backends import get
+
+    prog = _image_program()
+    kinds = {k.kind for k in prog.kernels}
+    assert {"im2col", "col2im", "maxpool", "maxpool_grad", "avgpool", "avgpool_grad", "reshape"} <= kinds
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3 * 36, 2))
+    X[3, 0], X[10, 1], X[50, 0] = np.nan, np.inf, -np.inf
+    X[20:24, :] = 0.5  # a window of equal entries: the first is the arg-max
+    arrays = {"x": X.astype(dtype), "K": rng.normal(size=(18, 3)).astype(dtype),
+              "K2": rng.normal(size=(12, 2)).astype(dtype)}
+    scalars = {"seed": 7.0, "t": 2.0}
+    runner = get("cpu").compile_program(prog, dtype)
+    loops = [s for s in runner.kernel_sources if "def kernel_serial(" in s]
+    assert all("LLVM_SERIAL" in s for s in loops)
+    runner.run(arrays, scalars, 3)
+    printed = {k: np.array(v) for k, v in runner.buffers(3).items()}
+    _numba_compiles_the_python_loops(runner)
+    runner.run(arrays, scalars, 3)
+    numba_out = {k: np.array(v) for k, v in runner.buffers(3).items()}
+    checked = set()
+    for k in prog.kernels:  # each kernel whose inputs agree writes the same bits
+        if k.kind == "gemm" or not all(np.array_equal(printed[o.buffer], numba_out[o.buffer], equal_nan=True)
+                                       for o in k.reads()):
+            continue
+        if dtype == "float32" and k.kind == "elementwise":  # Numba's float32 loops promote float64 constants
+            np.testing.assert_allclose(printed[k.out], numba_out[k.out], rtol=1e-6, equal_nan=True, err_msg=k.out)
+        else:
+            np.testing.assert_array_equal(printed[k.out], numba_out[k.out], err_msg=f"{k.out}: {k}")
+        checked.add(k.kind)
+    assert kinds - {"gemm"} <= checked
+    assert any(np.isnan(v).any() for v in printed.values()) and any(np.isfinite(v).all() for v in printed.values())
+    with np.errstate(all="ignore"):
+        want = get("numpy").compile_program(prog, dtype).run(arrays, scalars, 3)
+    tol = TOL[dtype]
+    for name in ("gx", "c2"):
+        np.testing.assert_allclose(printed[name], want[name], rtol=tol, atol=tol, equal_nan=True, err_msg=name)

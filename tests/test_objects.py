@@ -144,3 +144,64 @@ def test_a_cold_mlp_compiles_without_numbas_compiler(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "COMPILER 0" in out.stdout, out.stdout
     assert any(p.suffix == ".o" for p in tmp_path.rglob("*"))  # and the code was saved
+
+
+COLD_CNN = textwrap.dedent(
+    """
+    import numpy as np
+    import numba.core.base
+    calls = []
+    original = numba.core.base.BaseContext.refresh
+    numba.core.base.BaseContext.refresh = lambda self: (calls.append(1), original(self))[1]
+    import symdl as sd
+    rng = np.random.default_rng(0)
+    x = sd.input("x", (10, 10, 2)); y = sd.input("y", 3)
+    shapes = {"K1": (3, 3, 2, 16), "c1": (16,), "K2": (2, 2, 16, 16), "c2": (16,), "W1": (64, 32), "b1": (32,),
+              "W2": (32, 3), "b2": (3,)}  # products dominate: the step runs its serial (LLVM) loops
+    P = {k: sd.param(k, s) for k, s in shapes.items()}
+    h = sd.max_pool2d(sd.relu(sd.conv2d(x, P["K1"], padding="same") + P["c1"]), 2)     # 5x5x16 (ReLU's zeros tie)
+    h = sd.avg_pool2d(sd.relu(sd.conv2d(h, P["K2"]) + P["c2"]), 2)                      # 2x2x16
+    h = sd.dropout(sd.relu(sd.flatten(h) @ P["W1"] + P["b1"]), 0.25)
+    loss = sd.losses.softmax_cross_entropy(h @ P["W2"] + P["b2"], y)
+    start = {k: rng.normal(size=s) * 0.5 for k, s in shapes.items()}
+    X, Y = rng.normal(size=(20, 10, 10, 2)), np.eye(3)[rng.integers(0, 3, 20)]
+    for dtype in ("float32", "float64"):
+        trained = {}
+        for backend in ("cpu", "numpy"):
+            train = sd.compile(loss, list(P.values()), optimizer=sd.optim.Adam(1e-2), backend=backend, dtype=dtype,
+                               seed=3)
+            for name, value in start.items():
+                train.params[name][...] = value.reshape(train.params[name].shape)
+            losses = [train.step(x=X[:16].astype(dtype), y=Y[:16].astype(dtype)) for _ in range(2)]
+            losses.append(train.step(x=X[16:].astype(dtype), y=Y[16:].astype(dtype)))  # the short last batch
+            trained[backend] = losses, {k: np.array(v) for k, v in train.params.items()}
+            if backend == "cpu":
+                print("LOSSES", dtype, repr(losses))
+                assert not train.runner.uses_parallel(16)
+                source = train.source
+                assert source.count("LLVM_SERIAL = ") == source.count("def kernel_serial(")
+                for kind in ("im2col", "col2im", "maxpool", "maxpool_grad", "avgpool", "avgpool_grad", "reshape",
+                             "u1"):
+                    assert kind in source, kind
+        tol = 1e-4 if dtype == "float32" else 1e-10
+        np.testing.assert_allclose(trained["cpu"][0], trained["numpy"][0], rtol=tol)
+        for k in start:
+            np.testing.assert_allclose(trained["cpu"][1][k], trained["numpy"][1][k], rtol=tol, atol=tol, err_msg=k)
+    print("COMPILER", len(calls))
+    """
+)
+
+
+def test_a_cold_cnn_compiles_without_numbas_compiler(tmp_path):
+    """Image kernels (``llvm_image``) and dropout's hash are printed as LLVM IR too: a LeNet-style
+    CNN (convolutions, max and average pooling, flatten, dense layers, dropout) trains in a cold
+    process like NumPy, both dtypes, without starting Numba's compiler."""
+    env = dict(os.environ, SYMDL_CACHE_DIR=str(tmp_path))
+    runs = []
+    for _ in ("cold", "warm"):  # the second process loads the saved machine code: the same numbers
+        out = subprocess.run([sys.executable, "-c", COLD_CNN], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "COMPILER 0" in out.stdout, out.stdout
+        assert any(p.suffix == ".o" for p in tmp_path.rglob("*"))
+        runs.append([line for line in out.stdout.splitlines() if line.startswith("LOSSES")])
+    assert len(runs[0]) == 2 and runs[0] == runs[1]

@@ -44,7 +44,8 @@ KERNEL_TABLES = {
     "ir.kernels._check_shapes": (lambda: ir._check_shapes, ir.KERNELS),  # check()'s shape rules
     "numpy_backend.emit": (lambda: numpy_backend.emit, ir.KERNELS),
     "cpu.backend.emit": (lambda: cpu_backend.emit, ir.KERNELS),
-    "cpu.llvm_code._reduce": (lambda: llvm_code._reduce, _of(ir.Reduction)),  # LLVM prints loops only
+    "cpu.llvm_code._reduce": (lambda: llvm_code._reduce, _of(ir.Reduction)),
+    "cpu.llvm_code.emit": (lambda: llvm_code.emit, ir.KERNELS),  # image kernels: cpu.llvm_image
     "scalar_code.loop_body": (lambda: scalar_code.loop_body, _of(ir.Elementwise, ir.Update, ir.Reduction)),
     "image_code.row_body": (lambda: image_code.row_body, _of(ir.ImageKernel, ir.Reshape)),
     "cuda_backend.emit": (_cuda_emit, ir.KERNELS),
@@ -53,6 +54,7 @@ KERNEL_TABLES = {
 #: ``(table, kernel class): why the table needs no handler for it``.
 NO_HANDLER_NEEDED = {
     ("cpu.backend.emit", ir.Gemm): "every product calls the prebuilt cpu_gemm kernel (cpu.backend.kernel_source)",
+    ("cpu.llvm_code.emit", ir.Gemm): "every product calls the prebuilt cpu_gemm kernel (cpu.backend.kernel_source)",
 }
 
 

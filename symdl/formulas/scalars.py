@@ -367,6 +367,24 @@ for _function, _numpy in ((sp.sinh, "numpy.sinh"), (sp.cosh, "numpy.cosh"), (sp.
     define(_function, array=_numpy, scalar=f"math.{_name}", llvm=libm(_name))
 define(sp.tanh, array="numpy.tanh", scalar="math.tanh", scalar32=TANH32, llvm=_tanh_llvm)
 
-#: Dropout's counter-based uniform: no LLVM builder (its bodies read the loop indices, and
-#: Numba compiles those loops).
-define(UniformHash, array=UNIFORM_HASH_ARRAY, scalar=UNIFORM_HASH)
+
+def _uniform_hash_llvm(p, *args):
+    """``UNIFORM_HASH`` as LLVM IR: the same operations on ``i64`` (``int()`` truncates toward zero;
+    a product wraps as Numba's int64 does, its low 32 bits exact), so the same bits."""
+    b, mask = p.b, p.integer(0xFFFFFFFF)
+    seed, *rest = (p.integer(a) for a in args)
+    h = b.xor(b.and_(seed, mask), p.integer(0x6A09E667))
+    for x in rest:
+        h = b.xor(h, b.and_(b.mul(b.and_(x, mask), p.integer(0x9E3779B9)), mask))
+        h = b.xor(h, b.lshr(h, p.integer(16)))
+        h = b.and_(b.mul(h, p.integer(0x85EBCA6B)), mask)
+        h = b.xor(h, b.lshr(h, p.integer(13)))
+        h = b.and_(b.mul(h, p.integer(0xC2B2AE35)), mask)
+        h = b.xor(h, b.lshr(h, p.integer(16)))
+    value = p.to_float(h)
+    return b.fmul(value, p.const(2.3283064365386963e-10, value.type))
+
+
+#: Dropout's counter-based uniform (its bodies read the loop indices ``i, j``, which the LLVM
+#: printer binds as float64 values).
+define(UniformHash, array=UNIFORM_HASH_ARRAY, scalar=UNIFORM_HASH, llvm=_uniform_hash_llvm)

@@ -29,7 +29,7 @@ import numpy as np
 import sympy as sp
 
 from .. import cache, threads
-from . import runtime as cpu_runtime, llvm_code
+from . import runtime as cpu_runtime, llvm_code, llvm_image  # noqa: F401 - llvm_image registers its printers
 from ...graph.nodes import n as N
 from ...ir.kernels import (
     Elementwise, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,

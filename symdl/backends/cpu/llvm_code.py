@@ -7,10 +7,11 @@ loop formula (``Elementwise``, ``Update``, ``Reduction``) is a fixed loop nest a
 SymPy expression, so this module prints the IR directly: the loops read the same frame
 as the Numba kernel (``cpu_backend._prologue``), and the expression is printed node by
 node, each distinct subexpression once (SSA values are their own common-subexpression
-elimination), each function by its LLVM builder in ``formulas.scalars.SCALARS``. ``kernel_ir``
-returns None for what it does not print (bodies that read the loop indices or draw random
-numbers, functions without a builder); those formulas, the threaded variants and the image
-kernels stay Numba's.
+elimination), each function by its LLVM builder in ``formulas.scalars.SCALARS`` (dropout's
+hash included: the loop indices ``i, j`` a body reads are bound as float64 values). ``emit``
+has one handler per kernel class: the loop formulas here, the image kernels in ``llvm_image``.
+``kernel_ir`` returns None for what it does not print (a function without a builder); those
+formulas and the threaded (``prange``) variants stay Numba's.
 
 Arithmetic follows NumPy's float32 rules: a value that depends on an array entry is
 computed in the kernel's dtype, one that depends only on scalars (``beta1**t``) in
@@ -39,7 +40,7 @@ import sympy as sp
 from llvmlite import ir
 
 from ...formulas.scalars import SCALARS, decompose
-from ...graph.nodes import INDEX_SYMBOLS, VARS
+from ...graph.nodes import COL_INDEX, ROW_INDEX, VARS
 from ...ir.kernels import (
     Elementwise, Pattern, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reduction, Update,
 )
@@ -69,7 +70,8 @@ class Body:
 
     Arithmetic is printed here; every function and primitive by its LLVM builder in
     ``formulas.scalars.SCALARS``, called with this printer and its arguments' values (the
-    builders use ``b``, ``const``, ``select``, ``compare``, ``intrinsic`` and ``libm``)."""
+    builders use ``b``, ``const``, ``select``, ``compare``, ``intrinsic``, ``libm``, and for integer
+    work ``integer`` and ``to_float``)."""
 
     def __init__(self, builder: ir.IRBuilder, work: ir.Type, env: dict):
         self.b, self.work, self.env, self.memo = builder, work, dict(env), {}
@@ -93,6 +95,15 @@ class Body:
 
     def intrinsic(self, name, args):
         return intrinsic(self.b, name, args)
+
+    def integer(self, x):
+        """A float value as an ``i64``, truncated toward zero (Python's and Numba's ``int(x)``);
+        a Python int as an ``i64`` constant."""
+        return ir.Constant(I64, x) if isinstance(x, int) else self.b.fptosi(x, I64)
+
+    def to_float(self, h):
+        """An ``i64`` as a float64 (as Python multiplies an int by a float)."""
+        return self.b.sitofp(h, F64)
 
     def libm(self, name, x):
         return call(self.b, name + ("f" if x.type == F32 else ""), [x], x.type)
@@ -211,21 +222,33 @@ def intrinsic(b: ir.IRBuilder, name: str, args):
 # --------------------------------------------------------------------------- loops
 
 
-def for_range(b: ir.IRBuilder, count, body, name: str = "i"):
-    """``for i in range(count): body(i)`` (``body`` may open loops of its own)."""
+def for_range(b: ir.IRBuilder, count, body, name: str = "i", first=None):
+    """``for i in range(count): body(i)``, or ``range(first, count)`` (``body`` may open loops of
+    its own); ``count`` and ``first`` are i64 values or Python ints."""
+    count = ir.Constant(I64, count) if isinstance(count, int) else count
+    first = ir.Constant(I64, first or 0) if first is None or isinstance(first, int) else first
     start = b.block
     loop = b.append_basic_block(name + ".loop")
     after = b.append_basic_block(name + ".after")
-    zero = ir.Constant(I64, 0)
-    b.cbranch(b.icmp_signed(">", count, zero), loop, after)
+    b.cbranch(b.icmp_signed(">", count, first), loop, after)
     b.position_at_end(loop)
     i = b.phi(I64, name=name)
-    i.add_incoming(zero, start)
+    i.add_incoming(first, start)
     body(i)
     following = b.add(i, ir.Constant(I64, 1))
     i.add_incoming(following, b.block)
     b.cbranch(b.icmp_signed("<", following, count), loop, after)
     b.position_at_end(after)
+
+
+def local(b: ir.IRBuilder, t: ir.Type, name: str):
+    """A variable of type ``t`` (an ``alloca`` at the top of the entry block, which LLVM turns
+    into registers), for a value a loop updates."""
+    here = b.block
+    b.position_at_start(b.function.entry_basic_block)
+    slot = b.alloca(t, name=name)
+    b.position_at_end(here)
+    return slot
 
 
 class Frame:
@@ -277,7 +300,12 @@ def _read(frame: Frame, operand, i, j, flat: bool):
 
 
 def _operand_env(frame, operands, i, j, flat) -> dict:
-    return {VARS[m]: _read(frame, op, i, j, flat) for m, op in enumerate(operands)}
+    """The operands' values at ``(i, j)``, and the loop indices themselves as float64 (a body may
+    read them: dropout's hash, ``formulas.scalars.UNIFORM_HASH``, takes them back as integers)."""
+    env = {VARS[m]: _read(frame, op, i, j, flat) for m, op in enumerate(operands)}
+    if not flat:
+        env[ROW_INDEX], env[COL_INDEX] = frame.b.sitofp(i, F64), frame.b.sitofp(j, F64)
+    return env
 
 
 def _body(frame: Frame, env: dict) -> Body:
@@ -413,12 +441,28 @@ def _reduce_rows(k: ReduceRows, s: _Sums):
     for_range(b, s.rows, add_row)
 
 
+@singledispatch
+def emit(k, frame: Frame) -> None:
+    """Print kernel ``k``'s serial loops at ``frame``'s builder: one handler per kernel class (the
+    loop formulas here, the image kernels in ``llvm_image``; a product calls ``cpu.gemm``)."""
+    raise Unsupported(f"no LLVM printer for {type(k).__name__}")
+
+
+@emit.register(Elementwise)
+@emit.register(Update)
+def _emit_elementwise(k, frame: Frame) -> None:
+    _emit_loop(frame, k, runs_flat(k))
+
+
+@emit.register
+def _emit_reduction_kernel(k: Reduction, frame: Frame) -> None:
+    _emit_reduction(frame, k)
+
+
 def printable(f: Formula) -> bool:
-    """Whether ``kernel_ir`` prints this formula: a loop whose bodies read no loop index."""
-    k = f.kernel
-    if not isinstance(k, (Elementwise, Update, Reduction)):
-        return False
-    return not any(sp.sympify(b).free_symbols & INDEX_SYMBOLS for b in k.bodies())
+    """Whether ``kernel_ir`` prints this formula's kernel class (its body may still hold a function
+    without an LLVM builder, which ``kernel_ir`` finds as it prints)."""
+    return emit.dispatch(type(f.kernel)) is not emit.dispatch(object)
 
 
 def kernel_ir(f: Formula, dtype: str) -> str | None:
@@ -431,10 +475,7 @@ def kernel_ir(f: Formula, dtype: str) -> str | None:
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     frame = Frame(b, fn.args[0], f, TYPES[dtype])
     try:
-        if isinstance(f.kernel, Reduction):
-            _emit_reduction(frame, f.kernel)
-        else:
-            _emit_loop(frame, f.kernel, runs_flat(f.kernel))
+        emit(f.kernel, frame)
     except (Unsupported, TypeError, KeyError, ValueError):  # what SymPy or the frame cannot give a value
         return None
     b.ret_void()
