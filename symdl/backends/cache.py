@@ -3,9 +3,17 @@
 Each generated module is written to ``$SYMDL_CACHE_DIR`` (default ``~/.cache/symdl``) under
 a hash of its source, the backend and the Numba version (the source already spells out the
 program and every shape); the CPU backend saves each kernel's machine code beside it
-(``objects``), and the code of symdl's own prebuilt kernels under ``prebuilt_dir``. A stale
-or corrupt module file is rewritten; corrupt machine code is ignored, compiled again and
-rewritten (``Runner`` also retries once after clearing a module's compiled code).
+(``objects``), and the code of symdl's own prebuilt kernels under ``prebuilt_dir``. A corrupt
+or truncated module file is rewritten, corrupt machine code is ignored, compiled again and
+rewritten, and each is reported once as a ``RuntimeWarning`` naming the file (``Runner``
+also retries once after clearing a module's compiled code).
+
+Several processes may share one cache and compile the same model at the same moment
+(docs/reliability.md): every file is written whole under a temporary name and renamed into
+place (``write_atomically``), so a reader sees no file or a whole one, and writers racing on
+one entry write the same bytes. A temporary file left by a killed process (its name carries
+the writer's process id and host) is removed by the next write into its folder and by
+``prune``.
 
 The cache does not grow without bound: each time a new module is written, entries unused
 for ``MAX_AGE_DAYS`` are removed, then the least recently used ones while the cache is over
@@ -30,10 +38,13 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numba
@@ -65,10 +76,12 @@ def module_path(source: str, backend: str) -> Path:
 
 def write_atomically(path: Path, content: str | bytes) -> None:
     """Write ``path`` so a reader sees the old file or the new one, never half of one (text as
-    UTF-8: kernel comments hold δ, ⊙, ∂); a failed write leaves no temporary file behind."""
+    UTF-8: kernel comments hold δ, ⊙, ∂); a failed write leaves no temporary file behind, and
+    one left by a killed writer is removed here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = content.encode("utf-8") if isinstance(content, str) else content
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    remove_leftovers(path.parent)
+    fd, tmp = temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -78,15 +91,97 @@ def write_atomically(path: Path, content: str | bytes) -> None:
         raise
 
 
+# --------------------------------------------------------------------------- temporary files
+
+#: Numba's cache writes ``<file>.tmp.<16 hex digits>`` (no owner in the name): removed once this old.
+FOREIGN_TMP_AGE_S = 3600
+#: A temporary file of ours from another host (whose processes cannot be asked) is removed once this old.
+REMOTE_TMP_AGE_S = 86400
+
+_OURS = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[^/]+)\.[^./]+\.tmp$")
+_NUMBA_TMP = re.compile(r"\.tmp\.[0-9a-f]{16}$")
+
+
+def temporary(path: Path) -> tuple:
+    """``(fd, name)`` of a new temporary file beside ``path``, opened for writing; its name
+    (``.<file>.<pid>@<host>.<random>.tmp``) tells ``remove_leftovers`` who writes it."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{socket.gethostname()}.",
+                            suffix=".tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def leftover(file: Path, now: float | None = None) -> bool:
+    """Whether ``file`` is a temporary file whose writer is gone: one of ours written by a process
+    of this host that no longer runs (or, from another host, a day old), or one of Numba's an hour old.
+
+    >>> import os
+    >>> leftover(Path(f".model.symdl.{os.getpid()}@{socket.gethostname()}.x1y2.tmp"))
+    False
+    >>> leftover(Path(f".model.symdl.999999999@{socket.gethostname()}.x1y2.tmp")), leftover(Path("model.symdl"))
+    (True, False)
+    """
+    mine = _OURS.match(file.name)
+    if mine is None and not _NUMBA_TMP.search(file.name):
+        return False
+    if mine is not None and mine["host"] == socket.gethostname():
+        return not _alive(int(mine["pid"]))
+    try:
+        age = (time.time() if now is None else now) - file.stat().st_mtime
+    except OSError:  # removed meanwhile
+        return False
+    return age > (REMOTE_TMP_AGE_S if mine is not None else FOREIGN_TMP_AGE_S)
+
+
+def remove_leftovers(folder: Path, of: str | None = None) -> int:
+    """Remove the temporary files killed writers left in ``folder`` (and in Numba's ``__pycache__``
+    below it); with ``of``, only symdl's own ones for the file named ``of`` (a user's folder:
+    nothing else in it is touched). Returns how many."""
+    removed = 0
+    for sub in (folder,) if of is not None else (folder, folder / "__pycache__"):
+        try:
+            names = list(sub.iterdir())
+        except OSError:
+            continue
+        for f in names:
+            if (of is None or (f.name.startswith(f".{of}.") and _OURS.match(f.name))) and leftover(f):
+                try:
+                    f.unlink()
+                    removed += 1
+                except OSError:  # removed by another process
+                    pass
+    return removed
+
+
+def corrupt(file: Path, what: str) -> None:
+    """Report a cache file found corrupt (it is rebuilt): a ``RuntimeWarning`` naming it."""
+    warnings.warn(f"symdl compile cache: {file} is {what}; it is rebuilt", RuntimeWarning, stacklevel=3)
+
+
 def load_module(source: str, backend: str):
     """Import ``source`` from its cache file, writing (or rewriting) the file first if needed."""
     path = module_path(source, backend)
     try:
-        current = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        current = path.read_bytes()
+    except FileNotFoundError:
         current = None
-    if current != source:  # missing, stale or corrupt: write it afresh, drop Numba's entries too
-        clear_compiled(path)
+    except OSError as exc:
+        current = None
+        corrupt(path, f"unreadable ({exc})")
+    if current is not None and current != source.encode("utf-8"):  # its name is its content's hash
+        corrupt(path, f"corrupt or truncated ({len(current)} bytes, not the {len(source.encode())} of its source)")
+        clear_compiled(path)  # what sat beside a damaged file is not trusted either
+    if current != source.encode("utf-8"):  # missing or corrupt: write it afresh
+        # (a missing module's compiled code stays: another process may be writing it right now,
+        # it is keyed by the same hash, and Numba's own index checks the file's time stamp)
         write_atomically(path, source)
         prune(keep=path.parent)
     else:
@@ -176,10 +271,13 @@ def max_bytes() -> int:
 
 def prune(max_age_days: float | None = None, max_size: int | None = None, keep: Path | None = None) -> int:
     """Remove entries unused for ``max_age_days``, then the least recently used ones while the
-    cache is larger than ``max_size`` bytes; ``keep`` (the entry just written) stays. Returns how many."""
+    cache is larger than ``max_size`` bytes; ``keep`` (the entry just written) stays; temporary
+    files left by killed writers go too. Returns how many entries were removed."""
     max_age_days = MAX_AGE_DAYS if max_age_days is None else max_age_days
     max_size = max_bytes() if max_size is None else max_size
     found = sorted(entries(), key=lambda e: e[2])  # least recently used first
+    for entry, _, _ in found:
+        remove_leftovers(entry)
     total = sum(size for _, size, _ in found)
     cutoff = time.time() - max_age_days * 86400
     removed = 0

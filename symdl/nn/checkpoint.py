@@ -2,7 +2,8 @@
 
 * Loading executes no code: ``np.load(..., allow_pickle=False)`` and ``json``.
 * Saving is atomic: a temporary file in the same directory, flushed and fsynced,
-  then ``os.replace``; if anything fails the previous file is untouched.
+  then ``os.replace``; if anything fails (even a SIGKILL) the previous file is untouched.
+  A temporary file a killed save left behind is removed by the next save to that path.
 * A truncated, corrupted or foreign file raises ``CheckpointError`` saying so.
 
 >>> import os, tempfile, numpy as np
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from ..backends import cache
 
 FORMAT = "symdl-checkpoint"
 VERSION = 1
@@ -39,7 +41,8 @@ def write(path, meta: dict, arrays: dict) -> None:
     payload = {_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     for k, v in arrays.items():
         payload[k] = np.asarray(v)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    cache.remove_leftovers(path.parent, of=path.name)  # of a save killed earlier
+    fd, tmp = cache.temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             _savez(f, payload)

@@ -145,12 +145,17 @@ def compile_llvm(text: str, symbol: str):
 def load(stem: Path) -> int | None:
     """The address of the C entry point saved for ``stem``, or None (no file, or one not
     whole, or written by another Numba or for another CPU)."""
+    path = object_path(stem)
     try:
-        data = object_path(stem).read_bytes()
-    except OSError:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        cache.corrupt(path, f"unreadable ({exc})")
         return None
     digest, payload = data[:32], data[32:]
-    if hashlib.sha256(payload).digest() != digest:
+    if hashlib.sha256(payload).digest() != digest:  # files are renamed into place whole: damaged on disk
+        cache.corrupt(path, f"corrupt or truncated ({len(data)} bytes, its digest does not match)")
         return None
     try:
         fmt, version, state, symbol, reload, externals = pickle.loads(payload)
