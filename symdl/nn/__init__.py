@@ -2,12 +2,16 @@
 
 * ``layers``      ``Dense``, ``Conv2D``, ``MaxPooling2D``, ``AveragePooling2D``, ``Flatten``, ``BatchNormalization``,
                   ``LayerNormalization``, ``Dropout``, ``Activation`` (build parameters and an expression; keeps no graph);
-* ``model``       ``Sequential``: compile, predict, evaluate, summary, formulas, save; ``load``;
+* ``functional``  ``Input``, symbolic tensors, layers called on them (Keras 3's functional API);
+* ``merging``     ``Add``, ``Subtract``, ``Multiply``, ``Average``, ``Maximum``, ``Minimum``, ``Concatenate``,
+                  ``GlobalAveragePooling2D``, ``GlobalMaxPooling2D``;
+* ``model``       ``Model`` (functional) and ``Sequential``: compile, predict, evaluate, summary, formulas, save;
+                  ``load``;
 * ``fitting``     the fit loop, ``History``, mini-batches;
 * ``callbacks``   ``EarlyStopping``, ``ModelCheckpoint``, ``LearningRateScheduler``, schedules;
 * ``checkpoint``  the checkpoint file format (npz + JSON, atomic, no pickle).
 """
-from . import callbacks, checkpoint, fitting, layers, model
+from . import callbacks, checkpoint, fitting, functional, layers, merging, model
 from .callbacks import (
     Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint, cosine_decay, exponential_decay, step_decay,
 )
@@ -15,9 +19,15 @@ from .fitting import History, batches
 from .layers import (
     INITIALIZERS, Activation, AveragePooling2D, BatchNormalization, Conv2D, Dense, Dropout, Flatten, LayerNormalization, MaxPooling2D,
 )
+from .functional import Input
+from .merging import (
+    Add, Average, Concatenate, GlobalAveragePooling2D, GlobalMaxPooling2D, Maximum, Minimum, Multiply, Subtract,
+)
 from .model import Model, Sequential, load
 
 __all__ = [
+    "Add", "Average", "Concatenate", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Input", "Maximum", "Minimum",
+    "Multiply", "Subtract", "functional", "merging",
     "Activation", "AveragePooling2D", "BatchNormalization", "Callback", "Conv2D", "Dense", "Dropout", "Flatten",
     "LayerNormalization", "MaxPooling2D", "EarlyStopping", "History", "INITIALIZERS", "LearningRateScheduler", "Model",
     "ModelCheckpoint", "Sequential", "batches", "callbacks", "checkpoint", "cosine_decay", "exponential_decay",

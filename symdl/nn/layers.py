@@ -1,7 +1,9 @@
 """Layers: a layer builds its parameters and its output expression, and keeps no graph itself.
 
 ``Dense.build(index, h)`` returns ``(params, output)``, so one layer object can serve
-several models (each model holds the parameters it built).
+several models (each model holds the parameters it built). Called on a symbolic tensor
+(``Dense(8)(x)``, Keras 3's functional API) a layer records the call for ``Model``
+(``symdl.nn.functional``); called twice within one model it shares its weights.
 
 >>> import symdl as sd
 >>> layer = sd.nn.Dense(3, activation="tanh")
@@ -24,6 +26,7 @@ from ..ops.conv import avg_pool2d, conv2d, flatten, image_shape, max_pool2d
 from ..graph.nodes import State, param
 from ..run.pipeline import glorot_uniform
 from ..registry import Registry
+from .functional import call_layer
 
 _HE = {"relu", "leaky_relu", "elu", "gelu", "silu"}
 
@@ -64,6 +67,12 @@ class Layer:
 
     kind = "layer"  # the default name's stem: ``batch_normalization_2``
     name = None
+    merges = False  # whether it is called on a list of tensors (``Add()([a, b])``)
+    shareable = True  # whether one object may be called twice, sharing its weights
+
+    def __call__(self, inputs):
+        """The functional API: ``Dense(8)(x)`` is a symbolic tensor (``symdl.nn.functional``)."""
+        return call_layer(self, inputs)
 
     def make_params(self, index: int, features: int) -> list:
         return []
@@ -109,6 +118,7 @@ class Dropout(Layer):
     step count, the layer's index and the entry); the identity in ``predict`` and ``evaluate``."""
 
     kind = "dropout"
+    shareable = False  # one mask per layer
 
     def __init__(self, rate: float, name=None):
         self.rate, self.name = stochastic.check_rate(rate, "Dropout"), name
@@ -163,6 +173,7 @@ class BatchNormalization(_Normalization):
     """
 
     kind = "batch_normalization"
+    shareable = False  # one set of running statistics per layer
 
     def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
         super().__init__(epsilon, name)
@@ -187,7 +198,7 @@ class BatchNormalization(_Normalization):
 
 
 @_layer
-class Dense:
+class Dense(Layer):
     """A fully connected layer ``activation(h @ W + b)``.
 
     (Every layer has ``build(index, h) -> (params, output)``, ``config(name)`` and a ``kind``

@@ -1,4 +1,5 @@
-"""``Sequential``: layers -> a graph -> a compiled training step, with Keras's names.
+"""``Model`` (Keras 3's functional API) and ``Sequential``: layers -> a graph -> a compiled training
+step, with Keras's names.
 
 A model is a symdl graph like any other: ``model.formulas()`` prints its derived
 gradients, ``fit`` (``fitting.fit``) runs the one-call compiled step, and ``predict``
@@ -24,44 +25,47 @@ from ..graph.nodes import VectorParam, input as sd_input
 from ..formulas.optimizers import Adam, Optimizer, from_config, get as get_optimizer
 from ..run.pipeline import TrainStep, compile_outputs
 from ..formulas.regularizers import Regularizer, l1, l2
-from . import checkpoint, fitting
+from . import checkpoint, fitting, functional
 from .layers import LAYERS, Dense
 
 
-class Sequential:
-    """A stack of layers applied in order. ``input_dim`` is the number of features, or
-    ``input_shape=(h, w, c)`` the NHWC images a convolutional model reads (Keras's name)."""
+class Model:
+    """Keras 3's functional ``Model(inputs, outputs)``: the layers between an ``sd.nn.Input`` and an
+    output tensor, built into one graph (``symdl.nn.functional``). ``Sequential`` is a ``Model``
+    whose layers are called in order.
 
-    def __init__(self, layers, input_dim: int | None = None, input_shape=None):
-        if not layers:
-            raise ValueError("Sequential needs at least one layer")
-        if input_shape is not None:
-            input_shape = tuple(input_shape)
-            if input_dim is not None:
-                raise ValueError("Sequential: give input_dim or input_shape, not both")
-            input_dim = input_shape[0] if len(input_shape) == 1 else input_shape
-        if not (isinstance(input_dim, int) and input_dim > 0 or isinstance(input_dim, tuple) and len(input_dim) == 3):
-            raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c), "
-                             f"got {input_dim!r}")
-        self.layers, self.input_dim = list(layers), input_dim
-        self.x = sd_input("x", input_dim)
-        h = h_infer = self.x
-        self.layer_params, self.layer_outputs, self.writes, self.initial = [], [], {}, {}
-        for i, layer in enumerate(self.layers, start=1):
-            built = layer.build_both(i, h, h_infer)
-            h, h_infer = built.train, built.infer
-            self.layer_params.append(built.params)
-            self.layer_outputs.append(h)
-            self.writes.update(built.writes)
-            self.initial.update(built.initial)
-        if image_shape(h) is not None:
-            raise ValueError(f"Sequential: the model ends in images {image_shape(h)}: put sd.nn.Flatten() and a "
-                             "Dense layer last")
+    Each layer's parameters are named by the layer's place in the model (``W1``, ``b1``, ``K2``,
+    ...: parents before children, depth first from the output); a layer called twice shares them.
+
+    >>> import symdl as sd
+    >>> x = sd.nn.Input(shape=(4,))
+    >>> h = sd.nn.Dense(4, activation="tanh")(x)
+    >>> model = sd.nn.Model(x, sd.nn.Dense(2)(h + x))
+    >>> print(*(str(p.name) for p in model.params))
+    W1 b1 W3 b3
+    """
+
+    def __init__(self, inputs, outputs, name=None):
+        inp, out = _single(inputs, "inputs"), _single(outputs, "outputs")
+        order = functional.walk([out])
+        reached = [t for t in order if t.layer is None]  # every path ends at an Input: ours, or another
+        for t in reached:
+            if t is not inp:
+                raise ValueError(f"Model: the output {out!r} depends on the Input {t.name!r} "
+                                 f"{functional.shape_text(t.shape)}, which is not the model's input "
+                                 f"{inp.name!r} {functional.shape_text(inp.shape)}")
+        self.name = name
+        self.inputs, self.outputs, self.calls = [inp], [out], order
+        self.input_dim, self.x = inp.features, inp.leaf
+        self.layers = list({id(t.layer): t.layer for t in order if t.layer is not None}.values())
         kinds = [layer.kind for layer in self.layers]
         self.layer_names = [layer.name or f"{kind}_{kinds[:i].count(kind)}"
                             for i, (layer, kind) in enumerate(zip(self.layers, kinds), start=1)]
-        self.output = h  # the training graph (dropout on, batch statistics)
-        self.inference_output = h_infer  # predict / evaluate: no dropout, running statistics
+        self._build()
+        h = self.output
+        if image_shape(h) is not None:
+            raise ValueError(f"{type(self).__name__}: the model ends in images {image_shape(h)}: put "
+                             "sd.nn.Flatten() and a Dense layer last")
         self.units = int(h.shape[1])
         self.y = sd_input("y", self.units)
         self.train_step = None
@@ -69,6 +73,36 @@ class Sequential:
         self.epoch = 0
         self.history = fitting.History()
         self._forward = {}  # "predict" / "evaluate" -> runner, compiled on first use
+
+    def _build(self):
+        """Each layer call in order: the first builds the layer's parameters, later ones share them."""
+        place = {id(layer): i for i, layer in enumerate(self.layers)}
+        names = {id(t): t.name for t in self.inputs}
+        values = {id(t): (t.leaf, t.leaf) for t in self.inputs}
+        count = len(self.layers)
+        self.layer_params, self.layer_outputs, self.layer_inbound = [None] * count, [None] * count, [None] * count
+        self.writes, self.initial, first_call = {}, {}, [None] * count
+        for t in self.calls:
+            if t.layer is None:
+                continue
+            k, layer = place[id(t.layer)], t.layer
+            parts = [values[id(p)] for p in t.inputs]
+            h = [a for a, _ in parts] if t.many else parts[0][0]
+            h_infer = [b for _, b in parts] if t.many else parts[0][1]
+            if self.layer_params[k] is None:
+                built = layer.build_both(k + 1, h, h_infer)
+                self.layer_params[k], self.layer_outputs[k] = built.params, built.train
+                self.layer_inbound[k] = [names[id(p)] for p in t.inputs]
+                first_call[k] = t
+                self.writes.update(built.writes)
+                self.initial.update(built.initial)
+                values[id(t)] = (built.train, built.infer)
+            else:  # a shared layer's later call: the same parameters on another input
+                functional.check_shared(layer, first_call[k].inputs, t.inputs)
+                params = self.layer_params[k]
+                values[id(t)] = (layer.apply(params, h), layer.apply(params, h_infer))
+            names[id(t)] = self.layer_names[k]
+        self.output, self.inference_output = values[id(self.outputs[0])]  # training graph; predict / evaluate
 
     # ------------------------------------------------------------------ building
 
@@ -214,21 +248,25 @@ class Sequential:
 
     def summary(self, print_fn=print) -> str:
         """A Keras-style table of layers, output shapes and parameter counts (trainable, and the
-        non-trainable running statistics of batch norms)."""
-        rows = [("layer", "output shape", "params", "activation")]
+        non-trainable running statistics of batch norms); a functional model's table also says which
+        layers (or input) feed each (``connected to``, the first call's for a shared layer)."""
+        chain = type(self) is Sequential
+        rows = [("layer", "output shape", "params", "activation") + (() if chain else ("connected to",))]
         total = frozen = 0
         stats = {str(s.name): int(np.prod(s.shape)) for s in self.writes}
-        for i, (layer, name, params, out) in enumerate(
-                zip(self.layers, self.layer_names, self.layer_params, self.layer_outputs), start=1):
+        for i, (layer, name, params, out, inbound) in enumerate(zip(
+                self.layers, self.layer_names, self.layer_params, self.layer_outputs, self.layer_inbound), start=1):
             count = sum(int(np.prod(p.value_shape)) for p in params)
             fixed = sum(stats.get(f"{k}{i}", 0) for k in ("moving_mean", "moving_var"))
             total, frozen = total + count, frozen + fixed
             shape = "(n, " + ", ".join(map(str, image_shape(out) or (out.shape[1],))) + ")"
-            rows.append((name, shape, f"{count + fixed:,}", layer.describe()))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            feeds = () if chain else (", ".join(inbound),)
+            rows.append((name, shape, f"{count + fixed:,}", layer.describe()) + feeds)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         what = f"input_shape={self.input_dim}" if isinstance(self.input_dim, tuple) else f"input_dim={self.input_dim}"
-        lines = [f"Sequential ({what})"]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        title = "Sequential" if chain else f"Model {self.name!r}" if self.name else "Model"
+        lines = [f"{title} ({what})"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(2, "  ".join("-" * w for w in widths))
         lines.append(f"total params: {total + frozen:,}")
         lines.append(f"trainable params: {total:,}")
@@ -254,15 +292,29 @@ class Sequential:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def architecture(self) -> dict:
+        """What a checkpoint stores to rebuild the model: the layers' configs, and for a functional
+        model its calls in order (``graph``: the input, then each layer call's place in
+        ``layers`` and the positions of the tensors it was called on) and the output's position."""
+        arch = {"input_dim": list(self.input_dim) if isinstance(self.input_dim, tuple) else self.input_dim,
+                "layers": [{"class": type(l).__name__, **l.config(name)}
+                           for l, name in zip(self.layers, self.layer_names)]}
+        if type(self) is Sequential:
+            return arch  # the 0.2 format
+        place = {id(layer): i for i, layer in enumerate(self.layers)}
+        position = {id(t): i for i, t in enumerate(self.calls)}
+        graph = [{"input": t.name, "shape": list(t.shape)} if t.layer is None else
+                 {"layer": place[id(t.layer)], "inputs": [position[id(p)] for p in t.inputs], "many": t.many}
+                 for t in self.calls]
+        return {**arch, "name": self.name, "graph": graph, "output": position[id(self.outputs[0])]}
+
     def save(self, path) -> None:
         """Architecture, weights, optimizer state, step and epoch counts: atomically, no pickle."""
         self.require_compiled()
         reg = self.regularizer
         meta = {
             "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
-            "architecture": {"input_dim": list(self.input_dim) if isinstance(self.input_dim, tuple) else self.input_dim,
-                             "layers": [{"class": type(l).__name__, **l.config(name)}
-                                        for l, name in zip(self.layers, self.layer_names)]},
+            "architecture": self.architecture(),
             "compile": {"loss": self.loss_name, "optimizer": self.optimizer.config(),
                         "regularizer": None if reg is None else {"kind": reg.kind, "coefficient": reg.coefficient},
                         "backend": self.backend, "dtype": str(np.dtype(self.dtype)), "seed": self.seed},
@@ -271,7 +323,44 @@ class Sequential:
         checkpoint.write(path, meta, self.train_step.state_dict())
 
 
-def load(path, backend: str | None = None) -> Sequential:
+
+def _single(tensors, what):
+    """The one symbolic tensor of ``inputs`` / ``outputs`` (a tensor or a list of one)."""
+    if isinstance(tensors, (list, tuple)):
+        if len(tensors) != 1:
+            raise ValueError(f"Model: {what} must be one symbolic tensor (several inputs or outputs are not "
+                             f"supported yet), got {len(tensors)}")
+        tensors = tensors[0]
+    if not isinstance(tensors, functional.SymbolicTensor):
+        raise TypeError(f"Model: {what} must be a symbolic tensor (sd.nn.Input(...) or a layer's output), "
+                        f"got {type(tensors).__name__}")
+    return tensors
+
+
+class Sequential(Model):
+    """A stack of layers applied in order: the ``Model`` of ``Input`` -> each layer called on the last
+    output. ``input_dim`` is the number of features, or ``input_shape=(h, w, c)`` the NHWC images a
+    convolutional model reads (Keras's name)."""
+
+    def __init__(self, layers, input_dim: int | None = None, input_shape=None, name=None):
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        if input_shape is not None:
+            input_shape = tuple(input_shape)
+            if input_dim is not None:
+                raise ValueError("Sequential: give input_dim or input_shape, not both")
+            input_dim = input_shape[0] if len(input_shape) == 1 else input_shape
+        if not (isinstance(input_dim, int) and input_dim > 0 or isinstance(input_dim, tuple) and len(input_dim) == 3):
+            raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c), "
+                             f"got {input_dim!r}")
+        x = functional.Input(shape=input_dim if isinstance(input_dim, tuple) else (input_dim,))
+        h = x
+        for layer in layers:
+            h = layer(h)
+        super().__init__(x, h, name=name)
+
+
+def load(path, backend: str | None = None) -> Model:
     """A model saved with ``Model.save``, ready to ``predict`` or continue ``fit``."""
     meta, arrays = checkpoint.read(path)
     if meta.get("format") != checkpoint.FORMAT:
@@ -292,7 +381,17 @@ def load(path, backend: str | None = None) -> Sequential:
                     f"sd.activation({act!r}, formula) before loading")
             layers.append(cls(**cfg))
         dim = arch["input_dim"]
-        model = Sequential(layers, input_dim=tuple(dim) if isinstance(dim, list) else dim)
+        if "graph" in arch:  # a functional model: replay its calls
+            tensors = []
+            for call in arch["graph"]:
+                if "input" in call:
+                    tensors.append(functional.Input(shape=tuple(call["shape"]), name=call["input"]))
+                else:
+                    ins = [tensors[i] for i in call["inputs"]]
+                    tensors.append(layers[call["layer"]](ins if call["many"] else ins[0]))
+            model = Model(tensors[0], tensors[arch["output"]], name=arch.get("name"))
+        else:
+            model = Sequential(layers, input_dim=tuple(dim) if isinstance(dim, list) else dim)
         reg = comp["regularizer"]
         regularizer = None if reg is None else {"l1": l1, "l2": l2}[reg["kind"]](reg["coefficient"])
         model.compile(loss=comp["loss"], optimizer=from_config(comp["optimizer"]), regularizer=regularizer,
@@ -306,5 +405,3 @@ def load(path, backend: str | None = None) -> Sequential:
         raise checkpoint.CheckpointError(f"{path} does not describe a model this symdl can build: {exc}") from exc
     return model
 
-
-Model = Sequential

@@ -1,6 +1,7 @@
 """Stage 5, node families: each module holds a family's nodes and fills every rule table for them
 (VJP, JVP, LOWER, printing), so adding a family is adding one module.
 
-* ``conv``  convolution, pooling, flatten (images are rows: ``(n·h·w, c)``).
+* ``conv``    convolution, pooling, flatten (images are rows: ``(n·h·w, c)``);
+* ``concat``  concatenation along the columns, its split and padding.
 """
-from . import conv  # noqa: F401 - registers the family's rules
+from . import concat, conv  # noqa: F401 - registers the families' rules

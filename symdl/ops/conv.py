@@ -63,7 +63,7 @@ def image_shape(e):
     """
     if isinstance(e, ImageInput):
         return tuple(e.image_shape)
-    if isinstance(e, (ImageNode, Reshape)):
+    if isinstance(e, (ImageNode, Reshape)) or hasattr(type(e), "out_image"):  # other families' nodes (concat)
         return e.out_image
     rows = e.shape[0]
     if isinstance(e, Map) or isinstance(e, MatAdd):

@@ -1,0 +1,187 @@
+"""Keras 3's functional API underneath ``Model``: ``Input``, symbolic tensors, and layers called on them.
+
+A symbolic tensor records *how* it was made (the layer, the tensors it was called on) and its
+shape without the batch axis; ``Model(inputs, outputs)`` walks that record and builds the
+SymPy graph once, naming each layer's parameters by the layer's place in the model
+(``W1``, ``K2``, ... as ``Sequential`` always has). A layer called twice shares its weights; a
+tensor used twice is a skip connection, and the chain rule sums its two adjoints.
+
+Calling a layer builds it once on placeholder leaves, so a wrong shape is an error at the
+call, naming the layer and the shapes, before any model exists:
+
+>>> import symdl as sd
+>>> x = sd.nn.Input(shape=(4,))
+>>> h = sd.nn.Dense(8, activation="relu")(x)
+>>> y = sd.nn.Dense(4)(h) + x
+>>> y
+<SymbolicTensor shape=(None, 4) from Add>
+>>> sd.nn.Dense(3)(sd.nn.Input(shape=(8, 8, 1)))
+Traceback (most recent call last):
+...
+ValueError: Dense layer 1 gets images (8, 8, 1): put sd.nn.Flatten() before it
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..graph.nodes import input as sd_input
+from ..ops.conv import image_shape
+
+_serial = itertools.count()
+
+
+class SymbolicTensor:
+    """A layer's output (or an ``Input``) in a functional model, before the model is built.
+
+    ``shape`` has no batch axis (``(features,)`` or ``(h, w, c)``), as Keras's ``KerasTensor``;
+    ``layer`` made it from ``inputs`` (a list when the layer was called on a list); an ``Input``
+    has no layer and holds its graph ``leaf``.
+    """
+
+    def __init__(self, shape, layer=None, inputs=(), many=False, leaf=None, name=None):
+        self.shape, self.layer, self.inputs, self.many = tuple(shape), layer, list(inputs), many
+        self.leaf, self.name, self.serial = leaf, name, next(_serial)
+
+    @property
+    def features(self):
+        """What ``sd.input`` takes: the width, or ``(h, w, c)``."""
+        return self.shape[0] if len(self.shape) == 1 else self.shape
+
+    def __repr__(self):
+        origin = f"input {self.name}" if self.layer is None else label(self.layer)
+        return f"<SymbolicTensor shape={shape_text(self.shape)} from {origin}>"
+
+    # arithmetic builds merge layers, as Keras's operators on KerasTensors build operations
+    def __add__(self, other):
+        return _merge("+", self, other)
+
+    def __sub__(self, other):
+        return _merge("-", self, other)
+
+    def __mul__(self, other):
+        return _merge("*", self, other)
+
+
+#: The merge layer class each operator builds (``symdl.nn.merging`` fills it: it imports this module).
+OPERATORS = {}
+
+
+def _merge(op, a, b):
+    return OPERATORS[op]()([a, _tensor(b, op)])
+
+
+def _tensor(other, op):
+    if not isinstance(other, SymbolicTensor):
+        raise TypeError(f"'{op}' on a symbolic tensor takes another symbolic tensor, got {type(other).__name__}")
+    return other
+
+
+def check_shared(layer, first, again) -> None:
+    """A layer's later call in one model (``first``, ``again``: the calls' input tensors) may share its weights."""
+    if not getattr(layer, "shareable", True):
+        raise ValueError(f"{label(layer)} is called a second time: a {type(layer).__name__} cannot be shared "
+                         "(create one layer per call)")
+    seen, shapes = [t.shape for t in first], [t.shape for t in again]
+    if seen != shapes:
+        raise ValueError(f"{label(layer)} is shared: its first call took {', '.join(map(shape_text, seen))}, "
+                         f"this one {', '.join(map(shape_text, shapes))}; a shared layer takes the same shapes")
+
+
+def shape_text(shape) -> str:
+    return "(None, " + ", ".join(map(str, shape)) + ")"
+
+
+def label(layer) -> str:
+    """How messages name a layer before a model names it: its name, else its class."""
+    return f"{type(layer).__name__} {layer.name!r}" if layer.name else type(layer).__name__
+
+
+def Input(shape, dtype=None, name=None) -> SymbolicTensor:  # noqa: N802 - Keras's name
+    """A model's input: ``shape`` without the batch axis, ``(features,)`` or images ``(h, w, c)``.
+
+    ``dtype``: ``None``, ``"float32"`` or ``"float64"`` (the model's ``compile`` dtype decides the
+    arithmetic); ``name`` names it in summaries (default ``"input_layer"``). The arrays passed to
+    ``fit``/``predict`` are this input.
+
+    >>> import symdl as sd
+    >>> sd.nn.Input(shape=(8, 8, 1))
+    <SymbolicTensor shape=(None, 8, 8, 1) from input input_layer>
+    """
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (int(shape),)
+    try:
+        shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"Input: shape must be a tuple like (features,) or (h, w, c), got {shape!r}") from None
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ValueError(f"Input: shape must be (features,) or (h, w, c) of positive ints, got {shape!r}")
+    if dtype is not None and np.dtype(dtype).kind != "f":
+        raise ValueError(f"Input: symdl models read floating-point data, got dtype {dtype!r}")
+    if name is not None and not (isinstance(name, str) and name):
+        raise ValueError(f"Input: name must be a non-empty string, got {name!r}")
+    leaf = sd_input("x", shape[0] if len(shape) == 1 else shape)  # fit / predict pass the data as x
+    return SymbolicTensor(shape, leaf=leaf, name=name or "input_layer")
+
+
+def call_layer(layer, inputs) -> SymbolicTensor:
+    """``layer(inputs)``: check, build on placeholders for the output shape, record the call.
+
+    A layer called twice in one model shares its weights; ``Model`` checks that the calls take
+    the same shapes (one layer object may also serve several models, each with its own weights).
+    """
+    many = isinstance(inputs, (list, tuple))
+    tensors = list(inputs) if many else [inputs]
+    for t in tensors:
+        if not isinstance(t, SymbolicTensor):
+            raise TypeError(f"{label(layer)}: call a layer on symbolic tensors (sd.nn.Input(...) or another "
+                            f"layer's output), got {type(t).__name__}")
+    if getattr(layer, "merges", False) != many:
+        raise TypeError(f"{label(layer)} takes a list of tensors" if not many else
+                        f"{label(layer)} takes one tensor, got a list of {len(tensors)}")
+    # placeholders for the inputs; the index only names throw-away parameters (and errors, as Sequential does)
+    probes = [sd_input(f"probe{i}", t.features) for i, t in enumerate(tensors)]
+    built = layer.build_both(len(upstream_layers(tensors)) + 1, probes if many else probes[0],
+                             probes if many else probes[0])
+    out = built.train
+    return SymbolicTensor(image_shape(out) or (int(out.shape[1]),), layer, tensors, many)
+
+
+def upstream_layers(tensors) -> list:
+    """The distinct layers the tensors were made by, directly or not."""
+    layers = {}
+    for t in walk(tensors):
+        if t.layer is not None:
+            layers.setdefault(id(t.layer), t.layer)
+    return list(layers.values())
+
+
+def walk(outputs) -> list:
+    """The tensors ``outputs`` come from, parents first (depth-first, post-order; a tensor once).
+
+    A cycle (only possible if a tensor's record was changed by hand) is an error naming a tensor
+    on it.
+    """
+    order, state = [], {}
+    for root in outputs:
+        if root in state:
+            continue
+        state[root] = "open"
+        stack = [(root, iter(root.inputs))]
+        while stack:
+            t, parents = stack[-1]
+            p = next(parents, None)
+            if p is None:
+                state[t] = "done"
+                order.append(t)
+                stack.pop()
+            elif state.get(p) == "open":
+                raise ValueError(f"the layer graph has a cycle through {p!r}")
+            elif p not in state:
+                state[p] = "open"
+                stack.append((p, iter(p.inputs)))
+    return order
+
+
+__all__ = ["Input", "SymbolicTensor", "call_layer", "walk"]
