@@ -79,10 +79,14 @@ def _jvp_broadcast(node, tan):
     return None if tan(x) is None else Broadcast(tan(x), *node.shape)
 
 
-@JVP.rule(SumRows, SumCols, SumAll)
-def _jvp_sum(node, tan):
+def linear_in_first_operand(node, tan):
+    """The tangent of a node linear in its first operand (the other arguments are constants: sizes,
+    a geometry): the node applied to that operand's tangent. Node families register it too."""
     x = node.args[0]
-    return None if tan(x) is None else type(node)(tan(x))
+    return None if tan(x) is None else node.func(tan(x), *node.args[1:])
+
+
+JVP.rule(SumRows, SumCols, SumAll)(linear_in_first_operand)
 
 
 @JVP.rule(RowLogSumExp)

@@ -30,6 +30,7 @@ from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr, Transpose
 
 from ..graph.nodes import (
     INDEX_SYMBOLS, VARS, VARSET, Broadcast, Input, Map, Param, RowLogSumExp, State, SumAll, SumCols, SumRows, check_leaf_names, children, n as N,
+    walk,
 )
 from .kernels import (
     Elementwise, Gemm, Operand, Pattern, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Update,
@@ -144,6 +145,17 @@ class Lowerer:
 
 
 # --------------------------------------------------------------------------- rules
+
+
+def lower_expansion(lw, node):
+    """The LOWER rule of a node that needs no kernel of its own: the nodes of its ``expansion`` (the
+    same value built from other nodes), lowered in its place; those the graph already holds are
+    reused. Node families register it (conv's ``PickMax``, concat's nodes)."""
+    inner = node.expansion
+    for part in walk([inner]).order:
+        if part not in lw.names:
+            LOWER.lookup(part)(lw, part)
+    lw.names[node] = lw.buffer_of(inner)
 
 
 @LOWER.rule(Input, Param, State)

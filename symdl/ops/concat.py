@@ -26,11 +26,11 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.matrices.expressions import MatrixExpr
 
-from ..autodiff.jvp import JVP
+from ..autodiff.jvp import JVP, linear_in_first_operand
 from ..autodiff.vjp import VJP
-from ..graph.nodes import PRINT_RULES, VARS, n as N, Ops, Printable, ShapeMismatch, make_map, name_of, shape_text, walk
+from ..graph.nodes import PRINT_RULES, VARS, n as N, Ops, Printable, ShapeMismatch, make_map, name_of, shape_text
 from ..ir.kernels import Geometry
-from ..ir.lowering import LOWER
+from ..ir.lowering import LOWER, lower_expansion
 from .conv import Patches, PatchesAdjoint, Reshape, _entry_of, image_shape
 
 
@@ -199,20 +199,10 @@ def _jvp_concat(node, tan):
     return Concat(*[a * 0 if tan(a) is None else tan(a) for a in node.args])
 
 
-@JVP.rule(Cols, Place)
-def _jvp_linear(node, tan):
-    x = node.args[0]
-    return None if tan(x) is None else node.func(tan(x), *node.args[1:])
+JVP.rule(Cols, Place)(linear_in_first_operand)
 
 
-@LOWER.rule(Concat, Cols, Place)
-def _lower_expansion(lw, node):
-    """The copy kernels of its ``expansion``, lowered in its place."""
-    inner = node.expansion
-    for part in walk([inner]).order:
-        if part not in lw.names:
-            LOWER.lookup(part)(lw, part)
-    lw.names[node] = lw.buffer_of(inner)
+LOWER.rule(Concat, Cols, Place)(lower_expansion)  # the copy kernels of each one's expansion
 
 
 @PRINT_RULES.rule(Concat, Cols, Place)

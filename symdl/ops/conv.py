@@ -41,15 +41,15 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr
 
-from ..autodiff.jvp import JVP
+from ..autodiff.jvp import JVP, linear_in_first_operand
 from ..autodiff.vjp import VJP
 from ..graph.nodes import (
     PRINT_RULES, VARS, Broadcast, ImageInput, Map, Ops, Printable, ShapeMismatch, hadamard, make_map, name_of,
-    shape_text, walk,
+    shape_text,
 )
 from ..ir import kernels as ir
 from ..ir.kernels import Geometry, Operand
-from ..ir.lowering import LOWER
+from ..ir.lowering import LOWER, lower_expansion
 
 
 # --------------------------------------------------------------------------- image geometry
@@ -497,14 +497,7 @@ def _vjp_pick_max(node, G):
     return [(v, MaxPoolGrad(x, G, node.geometry))]
 
 
-@LOWER.rule(PickMax)
-def _lower_pick_max(lw, node):
-    """The nodes of its ``expansion``, lowered in its place (those the graph has already are reused)."""
-    inner = node.expansion
-    for part in walk([inner]).order:
-        if part not in lw.names:
-            LOWER.lookup(part)(lw, part)
-    lw.names[node] = lw.buffer_of(inner)
+LOWER.rule(PickMax)(lower_expansion)
 
 
 @PRINT_RULES.rule(PickMax)
@@ -516,11 +509,7 @@ def _print_pick_max(node, printer, latex=False):
 # --------------------------------------------------------------------------- tangents (autodiff.JVP)
 
 
-@JVP.rule(Patches, PatchesAdjoint, AvgPool, AvgPoolGrad, Reshape)
-def _jvp_linear(node, tan):
-    """A linear node's tangent is the node applied to its operand's tangent."""
-    x = node.args[0]
-    return None if tan(x) is None else node.func(tan(x), *node.args[1:])
+JVP.rule(Patches, PatchesAdjoint, AvgPool, AvgPoolGrad, Reshape)(linear_in_first_operand)
 
 
 @JVP.rule(MaxPool)
