@@ -7,8 +7,13 @@ The same model (ReLU hidden layers, softmax cross-entropy, Adam 1e-3, float32) t
 * a plain PyTorch loop (``pip install torch==2.13.0``: the CPU build),
 * scikit-learn ``MLPClassifier.partial_fit`` (one call per epoch),
 
-on two tasks: the digits (1,797 x 64 -> 128 -> 10, batch 64) and a 20,000 x 784 synthetic
-10-class set (784 -> 256 -> 256 -> 10, batch 128). Every run is its own process, the
+on two MLP tasks: the digits (1,797 x 64 -> 128 -> 10, batch 64) and a 20,000 x 784 synthetic
+10-class set (784 -> 256 -> 256 -> 10, batch 128); and two CNN tasks (Adam 1e-3, batch 64): the
+digits as 8x8 images (conv 3x3x16 same, max-pool 2, conv 3x3x32 same, max-pool 2, dense 64,
+dense 10) and 12,000 generated 28x28 images of 10 classes (LeNet-style: conv 5x5x6 same, max-pool
+2, conv 5x5x16 valid, max-pool 2, dense 120, dense 84, dense 10). Keras and PyTorch train the
+same CNNs (PyTorch in NCHW); scikit-learn has none. Every framework runs on ``--threads`` threads
+(2 by default). Every run is its own process, the
 frameworks interleaved round by round; each cell is the best over rounds of the run's
 value. "first cold" starts from empty caches (symdl's and Numba's, a fresh temporary
 folder per run), "first warm" from the caches a previous run filled; the first epoch is
@@ -19,7 +24,8 @@ installed are skipped.
 A second table times symdl's cold compile against depth (32-unit tanh layers, Adam), and a
 new architecture built from formulas another model already compiled.
 
-    python benchmarks/fit.py                 # both tasks, every installed peer, 3 rounds
+    python benchmarks/fit.py                 # every task, every installed peer, 3 rounds
+    python benchmarks/fit.py --tasks digits_cnn,mnist_cnn --depths ""   # the CNN rows alone
     python benchmarks/fit.py --quick         # digits only, 1 round, short
     env -u OPENBLAS_CORETYPE python benchmarks/fit.py    # what a user's machine does
 """
@@ -34,7 +40,11 @@ import sys
 import tempfile
 import time
 
-TASKS = {"digits": ([64, 128, 10], 64, 8), "synthetic": ([784, 256, 256, 10], 128, 4)}
+TASKS = {"digits": ([64, 128, 10], 64, 8), "synthetic": ([784, 256, 256, 10], 128, 4),
+         "digits_cnn": ("cnn", 64, 6), "mnist_cnn": ("cnn", 64, 3)}
+#: conv layers as (filters, kernel, padding), then dense widths, for each CNN task.
+CNNS = {"digits_cnn": ([(16, 3, "same"), (32, 3, "same")], [64, 10], (8, 8, 1)),
+        "mnist_cnn": ([(6, 5, "same"), (16, 5, "valid")], [120, 84, 10], (28, 28, 1))}
 FRAMEWORKS = ["symdl", "keras", "torch", "sklearn"]
 LR = 1e-3
 
@@ -45,12 +55,25 @@ def task_data(task):
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    if task == "digits":
+    if task == "mnist_cnn":  # 10 classes of generated 28x28 images: a class's strokes, shifted, plus noise
+        rng = np.random.default_rng(0)
+        templates = rng.random((10, 28, 28)) < 0.12
+        y = rng.integers(0, 10, 12000)
+        shifts = rng.integers(-2, 3, (12000, 2))
+        X = np.stack([np.roll(templates[c], tuple(s), (0, 1)) for c, s in zip(y, shifts)]).astype(np.float32)
+        X += rng.normal(scale=0.5, size=X.shape).astype(np.float32)
+        X = X[..., None]
+        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0)
+        return Xtr, Xte, ytr.astype(np.int64), yte.astype(np.int64)
+    if task in ("digits", "digits_cnn"):
         X, y = load_digits(return_X_y=True)
     else:
         X, y = make_classification(n_samples=20000, n_features=784, n_informative=60, n_redundant=100, n_classes=10,
                                    n_clusters_per_class=2, class_sep=2.0, random_state=0)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0)
+    if task == "digits_cnn":  # pixels 0..16 as 8x8x1 images
+        return (Xtr.reshape(-1, 8, 8, 1).astype(np.float32) / 16, Xte.reshape(-1, 8, 8, 1).astype(np.float32) / 16,
+                ytr.astype(np.int64), yte.astype(np.int64))
     scaler = StandardScaler().fit(Xtr)
     return (scaler.transform(Xtr).astype(np.float32), scaler.transform(Xte).astype(np.float32),
             ytr.astype(np.int64), yte.astype(np.int64))
@@ -61,6 +84,11 @@ def worker(framework, task):
     import numpy as np
 
     widths, batch, epochs = TASKS[task]
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    if widths == "cnn":
+        if framework == "sklearn":
+            return {"error": "scikit-learn has no CNN"}
+        return cnn_worker(framework, task, batch, epochs, threads)
     Xtr, Xte, ytr, yte = task_data(task)
     times = []
     started = time.perf_counter()  # the import is timed on its own: "first" starts at building the model
@@ -131,6 +159,80 @@ def worker(framework, task):
     return {"first": times[0], "steady": statistics.median(times[1:]), "accuracy": accuracy, "import": imported}
 
 
+def cnn_worker(framework, task, batch, epochs, threads):
+    """A CNN task (``CNNS``), trained by the framework's own fit loop on ``threads`` threads."""
+    import numpy as np
+
+    convs, dense, shape = CNNS[task]
+    Xtr, Xte, ytr, yte = task_data(task)
+    times = []
+    started = time.perf_counter()
+    if framework == "symdl":
+        import symdl as sd
+
+        sd.set_num_threads(threads)
+    elif framework == "keras":
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import keras
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    imported = t0 - started
+    if framework in ("symdl", "keras"):
+        lib = sd.nn if framework == "symdl" else keras.layers
+        layers = []
+        for filters, size, padding in convs:
+            layers += [lib.Conv2D(filters, size, padding=padding, activation="relu"), lib.MaxPooling2D(2)]
+        layers += [lib.Flatten()] + [lib.Dense(w, activation="relu") for w in dense[:-1]] + [lib.Dense(dense[-1])]
+        if framework == "symdl":
+            model = sd.nn.Sequential(layers, input_shape=shape)
+            model.compile(loss="softmax_cross_entropy", optimizer=sd.optim.Adam(LR), backend="cpu", dtype="float32")
+        else:
+            model = keras.Sequential([keras.Input(shape)] + layers)
+            model.compile(optimizer=keras.optimizers.Adam(LR), metrics=["accuracy"],
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        for _ in range(epochs):
+            model.fit(Xtr, ytr, epochs=1, batch_size=batch, verbose=0)
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        if framework == "symdl":
+            accuracy = model.evaluate(Xte, yte)["accuracy"]
+        else:
+            accuracy = float(np.mean(np.argmax(model.predict(Xte, verbose=0), 1) == yte))
+    else:
+        nn = torch.nn
+        layers, channels, side = [], shape[2], shape[0]
+        for filters, size, padding in convs:
+            layers += [nn.Conv2d(channels, filters, size, padding=padding), nn.ReLU(), nn.MaxPool2d(2)]
+            side = (side if padding == "same" else side - size + 1) // 2
+            channels = filters
+        width = channels * side * side
+        layers.append(nn.Flatten())
+        for w in dense[:-1]:
+            layers += [nn.Linear(width, w), nn.ReLU()]
+            width = w
+        model = nn.Sequential(*layers, nn.Linear(width, dense[-1]))
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+        lossf = nn.CrossEntropyLoss()
+        X, Y = torch.from_numpy(Xtr.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ytr)
+        for epoch in range(epochs):
+            order = torch.randperm(len(X), generator=torch.Generator().manual_seed(epoch))
+            for i in range(0, len(X), batch):
+                idx = order[i : i + batch]
+                opt.zero_grad()
+                loss = lossf(model(X[idx]), Y[idx])
+                loss.backward()
+                opt.step()
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        with torch.no_grad():
+            test = torch.from_numpy(Xte.transpose(0, 3, 1, 2).copy())
+            accuracy = float((model(test).argmax(1).numpy() == yte).mean())
+    return {"first": times[0], "steady": statistics.median(times[1:]), "accuracy": accuracy, "import": imported}
+
+
 def depth_worker(hidden, width=32):
     """symdl alone: build + compile + first step of a ``hidden``-layer tanh net."""
     import numpy as np
@@ -188,8 +290,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="digits only, one round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", default="digits,synthetic")
-    parser.add_argument("--depths", default="2,8,16,32")
+    parser.add_argument("--depths", default="2,8,16,32", help='"" skips the depth table')
+    parser.add_argument("--threads", type=int, default=2, help="threads of the CNN tasks' frameworks")
     args = parser.parse_args(argv)
+    os.environ["BENCH_THREADS"] = str(args.threads)  # the benchmark's children read it
     rounds = 1 if args.quick else args.rounds
     tasks = ["digits"] if args.quick else args.tasks.split(",")
     frameworks = [f for f in FRAMEWORKS if installed(f)]
@@ -198,19 +302,22 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         warm = cold_env(os.path.join(scratch, "warm"))
         results = {}
+        def peers(task):
+            return [f for f in frameworks if not (TASKS[task][0] == "cnn" and f == "sklearn")]
+
         for task in tasks:  # fill the warm caches once
-            for fw in frameworks:
+            for fw in peers(task):
                 spawn([fw, task], warm)
         for r in range(rounds):
             for task in tasks:
-                for fw in frameworks:
+                for fw in peers(task):
                     cold = spawn([fw, task], cold_env(os.path.join(scratch, f"cold{r}{task}{fw}")))
                     again = spawn([fw, task], warm)
                     results.setdefault((task, fw), []).append((cold, again))
         rows = [("task", "framework", "import", "first cold", "first warm", "steady", "vs best peer", "accuracy")]
         for task in tasks:
             best = {}
-            for fw in frameworks:
+            for fw in peers(task):
                 runs = [x for pair in results[(task, fw)] for x in pair if "error" not in x]
                 if not runs:
                     best[fw] = None
@@ -221,7 +328,7 @@ def main(argv=None):
                             "accuracy": max(x["accuracy"] for x in runs),
                             "import": min(x["import"] for x in runs)}
             peers = [v["steady"] for fw, v in best.items() if fw != "symdl" and v]
-            for fw in frameworks:
+            for fw in peers(task):
                 v = best[fw]
                 if v is None:
                     errors = {x["error"] for pair in results[(task, fw)] for x in pair if "error" in x}
@@ -231,7 +338,7 @@ def main(argv=None):
                 rows.append((task, fw, f"{v['import']:.2f}", f"{v['cold']:.3f}", f"{v['warm']:.3f}", f"{v['steady'] * 1000:.2f} ms", ratio,
                              f"{v['accuracy']:.4f}"))
         print(table(rows))
-        if installed("symdl"):
+        if installed("symdl") and args.depths:
             print("\n# symdl cold compile against depth (32-unit tanh, Adam, batch 64): build + derive + compile + step, after the import")
             rows = [("hidden layers", "kernels", "formulas", "derive s", "numba s", "total s", "vs 2 hidden")]
             first = None

@@ -38,3 +38,15 @@ def assert_close(actual, expected, rtol, atol=0.0, what=""):
     scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
     err = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
     assert err <= rtol * scale + atol, f"{what}: max abs error {err:.3e} (scale {scale:.3e}, rtol {rtol})"
+
+
+def run_threaded(runner, count: int, monkeypatch) -> None:
+    """Make a CPU ``runner``'s steps run on ``count`` threads (``cpu.runtime.Pool``), every kernel
+    with more than one unit split across them whatever its work; ``count`` 1: one thread, serial."""
+    from symdl.backends import threads
+    from symdl.backends.cpu import backend
+
+    monkeypatch.setattr(backend, "SPLIT_MIN_WORK", 0)
+    monkeypatch.setattr(threads, "get_num_threads", lambda: count)
+    runner.uses_parallel = lambda n: count > 1
+    runner._ready.clear()

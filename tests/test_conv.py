@@ -160,16 +160,20 @@ def test_cpu_disjoint_pooling_matches_numpy(kind, pool):
             assert_close(got[name], ref[name], tol, what=f"{name} {dtype}")
 
 
-def test_cpu_parallel_step_matches_numpy():
-    """A batch large enough for the ``prange`` branch of every image loop."""
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_threaded_step_matches_numpy(threads, monkeypatch):
+    """Every image loop and product split across the step's threads."""
+    from helpers import run_threaded
+
     H, W, C, kh, kw, F = 12, 12, 3, 3, 3, 8
     loss, x, K, c = _conv_net(H, W, C, kh, kw, F, 1, "same", ((2, 2), None), "max")
     arrays = _arrays(H, W, C, kh, kw, F, n=64)
     ref_v, ref = sd.value_and_grad(loss, [K, c, x], backend="numpy")(**arrays)
     f = sd.value_and_grad(loss, [K, c, x], backend="cpu")
-    assert "prange" in f.source
-    f.runner._use_parallel[64] = True  # force the parallel step whatever the thread policy says
+    assert "prange" not in f.source and "for i in range(_begin, _end):" in f.source
+    run_threaded(f.runner, threads, monkeypatch)
     v, got = f(**arrays)
+    assert f.runner._ready[64][0][:, 2].sum() > 10  # most kernels were split
     assert v == pytest.approx(ref_v, rel=1e-12)
     for name in ref:
         assert_close(got[name], ref[name], 1e-12, what=name)

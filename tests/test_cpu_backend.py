@@ -62,8 +62,9 @@ def test_random_mlps_cpu_matches_numpy(case):
     compare_backends(loss, params, mlp_arrays(loss_name, widths, params, n, seed), "float64")
 
 
-def test_large_batch_takes_the_parallel_step_and_agrees():
-    """A batch big enough for prange loops (and BLAS GEMMs) gives the serial answer."""
+def test_a_large_step_runs_on_its_threads_and_agrees():
+    """A product-heavy step large enough for threads: they split its products by rows (BLAS on
+    one thread) and its loops, and the answer is NumPy's; the same model at batch 4 runs on one."""
     from symdl.backends.cpu import backend as cpu_backend
 
     x = sd.input("x", 64); y = sd.input("y", 10)
@@ -73,13 +74,12 @@ def test_large_batch_takes_the_parallel_step_and_agrees():
     arrays = {"x": rng.normal(size=(1100, 64)), "y": np.eye(10)[rng.integers(0, 10, 1100)],
               "W1": rng.normal(size=(64, 128)) * 0.1, "b1": rng.normal(size=128), "W2": rng.normal(size=(128, 10)) * 0.1}
     f = sd.value_and_grad(loss, [W1, b1, W2], backend="cpu")
-    assert cpu_backend.max_work(f.program, 1100) >= cpu_backend.PARALLEL_MIN_WORK
-    assert not f.runner.uses_parallel(1100)  # GEMMs dominate: BLAS gets the threads
+    assert cpu_backend.threaded(f.program, 1100) and not cpu_backend.threaded(f.program, 4)
     compare_backends(loss, [W1, b1, W2], arrays, "float64")
 
 
 def test_loop_dominated_step_threads_its_loops_and_agrees():
-    """Elementwise-heavy work takes the prange step (BLAS held to one thread) and agrees."""
+    """Elementwise-heavy work runs on the step's threads (BLAS held to one thread) and agrees."""
     from symdl.backends.cpu import backend as cpu_backend
 
     x = sd.input("x", 64); y = sd.input("y", 2); W = sd.param("W", (64, 2))
@@ -90,7 +90,7 @@ def test_loop_dominated_step_threads_its_loops_and_agrees():
     rng = np.random.default_rng(2)
     arrays = {"x": rng.normal(size=(3000, 64)), "y": rng.normal(size=(3000, 2)), "W": rng.normal(size=(64, 2)) * 0.1}
     f = sd.value_and_grad(loss, [W], backend="cpu")
-    assert cpu_backend.loops_dominate(f.program, 3000)
+    assert cpu_backend.threaded(f.program, 3000)
     assert f.runner.uses_parallel(3000)
     compare_backends(loss, [W], arrays, "float64")
 
@@ -257,7 +257,7 @@ def test_step_rejects_bad_batches_clearly():
 def test_source_kernels_and_inspect():
     loss, params = small_regression()
     train = sd.compile(loss, params, optimizer=sd.optim.Adam(1e-3), backend="cpu", dtype="float32")
-    assert "def kernel_serial(" in train.source and ("np.dot(" in train.source or "_acc +=" in train.source)
+    assert "def formula_kernel(" in train.source and ("np.dot(" in train.source or "_acc +=" in train.source)
     with pytest.raises(RuntimeError, match="call step"):
         train.inspect("llvm")
     train.step(x=np.ones((4, 3), np.float32), y=np.ones((4, 2), np.float32))
@@ -290,10 +290,10 @@ CACHE_SCRIPT = textwrap.dedent(
     train = sd.compile(sd.losses.mse(sd.tanh(x @ W + b), y), [W, b], optimizer=sd.optim.Adam(1e-2), backend="cpu")
     train.step(x=np.ones((4, 3), np.float32), y=np.zeros((4, 2), np.float32))
     # this model's formulas (the prebuilt products, like the driver, are compiled once per machine)
-    kernels = [k for k in train.runner.kernels(parallel=False) if k.py_func.__module__.startswith("symdl_cpu_")]
+    kernels = [k for k in train.runner.kernels() if k.py_func.__module__.startswith("symdl_cpu_")]
     print("STATS", sum(not k.compiled for k in kernels), sum(k.compiled for k in kernels))
     runner = train.runner  # a formula's module (the products' module only names the prebuilt kernel)
-    print("PATH", next(m.__file__ for m, s in zip(runner.kernel_modules, runner.kernel_sources) if "def kernel_serial(" in s))
+    print("PATH", next(m.__file__ for m, s in zip(runner.kernel_modules, runner.kernel_sources) if "def formula_kernel(" in s))
     """
 )
 
@@ -331,7 +331,7 @@ def test_corrupt_cache_entries_are_rebuilt(tmp_path):
     path.write_text("this is not python (")  # a corrupt generated module
     (hits, misses), _ = run_script(tmp_path)
     assert misses >= 1  # rewritten and compiled afresh
-    assert "def kernel_serial(" in path.read_text()
+    assert "def formula_kernel(" in path.read_text()
 
 
 def test_correctness_suite_under_numba_disable_jit():
@@ -438,20 +438,19 @@ def test_deep_net_trains_on_cpu_like_numpy():
 
 
 def test_short_last_batch_uses_the_compiled_step_of_the_full_batch():
-    """digits with batch 64 leaves a short last batch: it must not compile another step."""
+    """digits with batch 64 leaves a short last batch: it keeps the full batch's threading and
+    compiles nothing."""
     x = sd.input("x", 64); y = sd.input("y", 2); W = sd.param("W", (64, 2))
     h = x
-    for act in ACTIVATIONS * 2:  # loop-heavy, so the usual batch takes the threaded kernels
+    for act in ACTIVATIONS * 2:  # loop-heavy, so the usual batch runs threaded
         h = sd.functions.get(act)(h + 0.1)
     train = sd.compile(sd.losses.mse(h @ W, y) + sd.mean(h), [W], backend="cpu")
     rng = np.random.default_rng(0)
     train.step(x=rng.normal(size=(3000, 64)), y=rng.normal(size=(3000, 2)))
-    train.step(x=rng.normal(size=(3, 64)), y=rng.normal(size=(3, 2)))
     runner = train.runner
+    assert not runner.will_compile(3)
+    train.step(x=rng.normal(size=(3, 64)), y=rng.normal(size=(3, 2)))
     assert runner.uses_parallel(3000) and runner.uses_parallel(3)
-    used, other = runner.kernels(parallel=True), runner.kernels(parallel=False)
-    assert all(k._address is not None for k in used)
-    assert all(k._address is None for k in other if k not in used), "the short batch compiled the other variant"
 
 
 FORMULA_SCRIPT = textwrap.dedent(
@@ -468,7 +467,7 @@ FORMULA_SCRIPT = textwrap.dedent(
                        optimizer=sd.optim.Adam(1e-2), backend="cpu")
     rng = np.random.default_rng(0)
     train.step(x=rng.normal(size=(9, widths[0])), y=np.eye(widths[-1])[rng.integers(0, widths[-1], 9)])
-    kernels = [k for k in train.runner.kernels(parallel=False) if k.py_func.__module__.startswith("symdl_cpu_")]
+    kernels = [k for k in train.runner.kernels() if k.py_func.__module__.startswith("symdl_cpu_")]
     print("KERNELS", sum(not k.compiled for k in kernels), sum(k.compiled for k in kernels))
     """
 )
@@ -515,9 +514,10 @@ def test_inputs_are_read_in_place_or_copied_when_not_contiguous():
         assert train.step(x=Xn, y=Yn) == pytest.approx(ref.step(x=Xn, y=Yn), rel=1e-12)
 
 
-def test_threaded_and_serial_kernels_agree_on_every_buffer():
-    """Both variants of every formula (flat loops included: elementwise, Adam's update on a
-    matrix large enough to take its ``prange`` branch) write the same buffers."""
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_and_serial_steps_agree_on_every_buffer(threads):
+    """The step on one thread and on several (flat loops, Adam's update, column sums, products
+    split by rows) writes the same buffers: each thread runs the serial loop on its units."""
     from symdl.backends.cpu import runtime as cpu_runtime
 
     x = sd.input("x", 600); y = sd.input("y", 300); W = sd.param("W", (600, 300)); b = sd.param("b", 300)
@@ -525,11 +525,11 @@ def test_threaded_and_serial_kernels_agree_on_every_buffer():
     train = sd.compile(loss, [W, b], optimizer=sd.optim.Adam(1e-2), backend="cpu", dtype="float64")
     rng = np.random.default_rng(5)
     X, Y = rng.normal(size=(700, 600)), rng.normal(size=(700, 300))
-    train.step(x=X, y=Y)  # compiles the usual variant and fills the buffers
+    train.step(x=X, y=Y)  # compiles and fills the buffers
     runner = train.runner
     start = {k: v.copy() for k, v in runner.persist.views.items()}
     results = []
-    for parallel in (False, True):
+    for count in (1, threads):
         for k, v in start.items():
             runner.persist.views[k][...] = v
         runner.workspace.get(700).views["x"][...] = X
@@ -537,9 +537,12 @@ def test_threaded_and_serial_kernels_agree_on_every_buffer():
         runner._scal[:-1] = [1.0 if str(s) == "t" else train.optimizer.values.get(str(s), 0.0)
                              for s in runner.program.scalars]
         runner._scal[-1] = 700
-        cpu_runtime.run(runner.frames(700, parallel))
+        frames = runner.frames(700, count > 1)
+        assert frames[:, 2].sum() >= (5 if count > 1 else 0)
+        from symdl.backends import threads as symdl_threads
+        with symdl_threads.blas_single_threaded():
+            cpu_runtime.run(frames, count)
         results.append({k: v.copy() for k, v in runner.buffers(700).items()})
-    assert all(k._address is not None for k in runner.kernels(True))
     for name, value in results[0].items():
         np.testing.assert_allclose(results[1][name], value, rtol=1e-12, atol=1e-12, err_msg=name)
 
@@ -550,9 +553,9 @@ def _numba_compiles_the_python_loops(runner):
     from symdl.backends.cpu.runtime import Kernel
 
     for module in runner.kernel_modules:
-        kernel = module.kernel_serial
+        kernel = module.formula_kernel
         if kernel.llvm is not None and "gemm" not in kernel.py_func.__module__:
-            library, symbol = Kernel(kernel.py_func, False)._compile()
+            library, symbol = Kernel(kernel.py_func)._compile()
             kernel._address, kernel._numba = library.get_pointer_to_function(symbol), library
     runner._ready.clear()
 
@@ -589,7 +592,7 @@ def test_printed_llvm_loops_agree_with_numbas_kernels_and_numpy(name):
     with np.errstate(all="ignore"):
         want = {k: np.array(v) for k, v in get("numpy").compile_program(prog, "float64").run(arrays, {}, 7).items()}
     printed = {k: np.array(v) for k, v in runner.run(arrays, {}, 7).items()}
-    assert all("LLVM_SERIAL" in s for s in runner.kernel_sources if "def kernel_serial(" in s)
+    assert all("LLVM_IR" in s for s in runner.kernel_sources if "def formula_kernel(" in s)
     _numba_compiles_the_python_loops(runner)
     numba_out = {k: np.array(v) for k, v in runner.run(arrays, {}, 7).items()}
     for k in want:
@@ -614,6 +617,66 @@ def _image_program():
     return lower({"loss": loss, "gK": g[K], "gx": g[x], "gK2": g[K2], "c2": c2})
 
 
+def _every_kind_programs():
+    """``[(program, n, persistent arrays)]`` holding every kernel class between them
+    (``ir.KERNELS``): a CNN's step (``_image_program``), a dense net's loss and gradients (products,
+    row-broadcast elementwise loops, the four reductions) and Adam's update of its weights with an
+    L2 penalty (flat loops, ``Update``)."""
+    from symdl.run.pipeline import gradient_program, update_program
+
+    x = sd.input("x", 5); y = sd.input("y", 4); W = sd.param("W", (5, 4)); b = sd.param("b", 4)
+    loss = sd.losses.softmax_cross_entropy(sd.tanh(x @ W + b), y) + 1e-3 * sd.l2(W)
+    dense, _ = gradient_program(loss, [W, b])
+    update, _ = update_program([W, b], sd.optim.Adam(1e-2), penalty=sd.l2(W))
+    return [(_image_program(), 3, {}), (dense, 9, {}), (update, 1, {"W": ("W", (5, 4)), "b": ("b", (1, 4))})]
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="threads need the compiled driver")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_every_kernel_kind_split_across_threads_matches_one_thread_and_numpy(dtype, threads, monkeypatch):
+    """Every kernel class split across the step's threads (each thread its share of the units)
+    writes every buffer exactly as one thread does, NaN and Inf included, and as NumPy does."""
+    from symdl.backends import get
+    from symdl.backends import threads as symdl_threads
+    from symdl.ir.kernels import KERNELS, at_batch
+
+    from helpers import run_threaded
+
+    seen = set()
+    rng = np.random.default_rng(3)
+    for prog, n, persistent in _every_kind_programs():
+        arrays = {name: rng.normal(size=tuple(at_batch(d, n) for d in prog.shape_of(name))).astype(dtype)
+                  for name in prog.externals}
+        first = arrays[prog.externals[0]]
+        first.flat[1], first.flat[4] = np.nan, np.inf
+        start = {name: rng.normal(size=shape).astype(dtype) for name, (_, shape) in persistent.items()}
+        scalars = {str(s): 2.0 for s in prog.scalars}
+        outs = []
+        for count in (1, threads):
+            runner = get("cpu").compile_program(prog, dtype)
+            for name, array in runner.persistent_arrays(persistent).items():
+                array[...] = start[name]
+            run_threaded(runner, count, monkeypatch)
+            with symdl_threads.blas_single_threaded():
+                runner.run(arrays, scalars, n)
+            outs.append({k: np.array(v) for k, v in runner.buffers(n).items()})
+            if count > 1:
+                assert runner._ready[n][0][:, 2].sum() >= len(prog.kernels) // 2  # most kernels split
+        for k in prog.kernels:
+            np.testing.assert_array_equal(outs[1][k.out], outs[0][k.out], err_msg=f"{k.out}: {k.kind}")
+            seen.add(type(k))
+        reference = get("numpy").compile_program(prog, dtype)
+        for name, array in reference.persistent_arrays(persistent).items():
+            array[...] = start[name]
+        with np.errstate(all="ignore"):
+            want = reference.run(arrays, scalars, n)
+        for name, value in want.items():
+            np.testing.assert_allclose(outs[1][prog.outputs[name]], value, rtol=TOL[dtype], atol=TOL[dtype],
+                                       equal_nan=True, err_msg=name)
+    assert seen == set(KERNELS)
+
+
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="compares compiled kernels")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_printed_llvm_image_kernels_agree_with_numbas_kernels_to_the_bit(dtype):
@@ -633,8 +696,8 @@ def test_printed_llvm_image_kernels_agree_with_numbas_kernels_to_the_bit(dtype):
               "K2": rng.normal(size=(12, 2)).astype(dtype)}
     scalars = {"seed": 7.0, "t": 2.0}
     runner = get("cpu").compile_program(prog, dtype)
-    loops = [s for s in runner.kernel_sources if "def kernel_serial(" in s]
-    assert all("LLVM_SERIAL" in s for s in loops)
+    loops = [s for s in runner.kernel_sources if "def formula_kernel(" in s]
+    assert all("LLVM_IR" in s for s in loops)
     runner.run(arrays, scalars, 3)
     printed = {k: np.array(v) for k, v in runner.buffers(3).items()}
     _numba_compiles_the_python_loops(runner)

@@ -62,7 +62,7 @@ def test_summary_and_formulas(xor_data):
     f = model.formulas()
     assert "δ1 = (δ2*W2.T)⊙(1 - A1**2)" in f
     assert r"\delta_{1}" in model.formulas(latex=True)
-    assert "def run(" in model.source() and "def kernel_serial(" in model.source("cpu")
+    assert "def run(" in model.source() and "def formula_kernel(" in model.source("cpu")
 
 
 def test_fit_learns_xor_and_history(xor_data):

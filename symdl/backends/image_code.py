@@ -2,8 +2,8 @@
 backends share: ``row_body`` has one handler per kernel class.
 
 Every image kernel is written so that no two iterations write one entry: ``row_body(k)`` prints
-what iteration ``i`` does, and the CPU runs the iterations under ``prange`` and CUDA gives each a
-thread, with no write races. Iteration ``i`` is row ``i`` of the output (``loop_rows(k)`` names
+what iteration ``i`` does, and the CPU's step threads share the iterations (``cpu.runtime``) and
+CUDA gives each a thread, with no write races. Iteration ``i`` is row ``i`` of the output (``loop_rows(k)`` names
 the buffer whose rows are counted), a *gather*: one pixel, all its channels, reading whatever it
 needs; the scatter-adds of backprop (``col2im``, the pooling gradients) visit, for each input
 pixel, the windows that contain it. The exception is a pooling gradient whose windows do not
@@ -186,7 +186,7 @@ def _avg_pool_grad(k: AvgPoolGrad, out_cols):
 def _argmax(g, x, pad, arg=True) -> list:
     """``_best``/``_arg``: the window's maximum and its first position (a NaN wins, as in PyTorch).
 
-    Conditional expressions, not an ``if`` block: under ``prange`` the ``if`` form of a 2x2
+    Conditional expressions, not an ``if`` block: under Numba's ``prange`` the ``if`` form of a 2x2
     max-pool over ReLU outputs ran 5-9x slower than serially; this form runs alike in both."""
     lines = [f"_best = {x}[_row0, _c]"] + (["_arg = _row0"] if arg else []) + [
         f"for _dy in range({g.kh}):", f"    for _dx in range({g.kw}):",

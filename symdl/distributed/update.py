@@ -2,10 +2,10 @@
 the averaged data gradient, lowered and compiled like any program (``pipeline.update_program``)."""
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from .. import backends
+from ..backends import threads
 from ..backends.base import as_dtype
 from ..formulas.optimizers import STEP, state_name
 from ..run.pipeline import update_program
@@ -61,9 +61,5 @@ class UpdateProgram:
         values = self.optimizer.values
         scalars = [float(self.t) if s == STEP else values[s.name] for s in self.program.scalars]
         fed = {leaf: np.ascontiguousarray(grads[name], self.dtype).reshape(shape) for leaf, name, shape in self.fed}
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
+        with threads.using(1):
             return self.runner.call([fed[name] for name in self.program.externals], scalars, 1)
-        finally:
-            numba.set_num_threads(threads)

@@ -5,14 +5,18 @@
   hidden layer's activation, every parameter's update, every bias gradient's column
   sum is one compiled function, whatever the model's depth or widths.
 * A step is a table of frames, one row per kernel: the address of its formula's compiled
-  kernel and the addresses and sizes of its buffers at this batch size. One fixed driver
+  kernel, its units (the iterations of its outer loop), whether threads split it, and the
+  addresses and sizes of its buffers at this batch size. One fixed driver
   (``cpu_runtime.run_table``, compiled once per machine) calls them in order, so a second model
   of another depth or width built from the same formulas compiles nothing.
 * Every GEMM of every model calls one prebuilt kernel per dtype (``cpu_gemm``: BLAS
   with the orientation and ``alpha`` from its frame, loops when tiny); no copies.
   Elementwise kernels are explicit ``i, j`` loops; reductions accumulate in float64.
-* Loops over large arrays use ``prange`` (see ``PARALLEL_MIN_WORK``); a column-sum
-  parallelises over the output column, never with two threads writing one element.
+* Threads come from the driver: in a step with enough work (``threaded``), every
+  thread runs the table and takes its share of each large kernel's units (rows, entries, a
+  column sum's columns, a product's rows: ``units``), BLAS held to one thread; otherwise
+  one thread runs the step and BLAS threads its products. One kernel per formula, never a
+  serial and a threaded twin; no two threads write one entry.
 * The whole step (forward, backward, update) is one call into compiled code; its
   buffers are views into the arenas (``base.Arena``).
 
@@ -41,67 +45,52 @@ from ..image_code import loop_rows as image_loop_rows, row_body as image_row_bod
 from .llvm_code import SLOT_FIELDS
 from ..scalar_code import dims as _dims, helper_source, loop_body
 
-#: Loops whose estimated work (elements x operations) is at least this use ``prange``.
-PARALLEL_MIN_WORK = 1 << 17
+#: A step runs on its threads when its work (multiply-adds and elements x operations, all kernels)
+#: is at least this at its usual batch size: below it, waking the threads costs more than they save
+#: (``benchmarks/threads.py`` measures both ways; docs/performance.md has the table).
+THREAD_MIN_WORK = 1 << 22
 
+#: In a threaded step, a kernel with at least this work is split across the threads; a smaller one
+#: runs on thread 0 alone (the barrier around a split kernel costs about a microsecond).
+SPLIT_MIN_WORK = 1 << 14
 
-def _loop(rows, var, parallel: bool) -> str:
-    return f"for {var} in {'numba.prange' if parallel else 'range'}({rows}):"
-
-
-def _branch(condition: sp.Expr, threshold: int, below, above) -> list:
-    """``below`` or ``above`` when ``condition`` is a number; otherwise an ``if`` on it."""
-    if not condition.free_symbols:
-        return above if int(condition) >= threshold else below
-    return [f"if {sp.pycode(condition)} >= {threshold}:"] + indent(above) + ["else:"] + indent(below)
-
-
-def _parallel_branches(program, kernel, make) -> tuple:
-    """``(serial, parallel)``: the serial code, and for the threaded step the same code
-    beside a ``prange`` copy taken when the work is large."""
-    serial = make(False)
-    return serial, _branch(program.work_expr(kernel), PARALLEL_MIN_WORK, serial, make(True))
+#: The outer loop over a kernel's units: the range the driver gives this call.
+OUTER = "for i in range(_begin, _end):"
 
 
 @singledispatch
-def emit(kernel, program: Program, flavor: str) -> tuple:
-    """``(serial lines, parallel lines)`` of a kernel's loops (its body printed once for both): one
+def emit(kernel, program: Program, flavor: str) -> list:
+    """A kernel's loops as Python lines (the readable view, and what runs under
+    ``NUMBA_DISABLE_JIT``), its outer loop over ``range(_begin, _end)`` of its ``units``: one
     handler per kernel class (``ir.KERNELS``) but ``Gemm``, which every product's prebuilt
-    ``cpu_gemm`` kernel computes (``kernel_source``)."""
+    ``cpu_gemm`` kernel computes (``kernel_source``). The LLVM printers (``llvm_code``) print the
+    same loops."""
     raise NotImplementedError(f"cpu backend: no printer for {type(kernel).__name__}")
 
 
-#: Entries per ``prange`` iteration of a flat loop.
-FLAT_CHUNK = 4096
-
-
-def _flat_loop(size: str, parallel: bool) -> list:
-    """``for i`` over ``size`` entries: ``prange`` over chunks of ``FLAT_CHUNK`` when parallel.
-
-    Chunks, not ``prange(size)`` itself: with Numba 0.68 a ``prange`` that indexes a 1-D
-    ``carray`` directly with its own variable wrote nothing in a cfunc (measured; a test runs
-    both variants of every flat formula against NumPy).
-    """
-    if not parallel:
-        return [f"for i in range({size}):"]
-    return [f"for _chunk in numba.prange(({size} + {FLAT_CHUNK - 1}) // {FLAT_CHUNK}):",
-            f"    for i in range(_chunk * {FLAT_CHUNK}, min({size}, _chunk * {FLAT_CHUNK} + {FLAT_CHUNK})):"]
+@singledispatch
+def units(kernel, program: Program) -> sp.Expr:
+    """The iterations of a kernel's outer loop, which the step's threads share: one handler per
+    kernel class, as ``emit`` and the LLVM printers loop."""
+    raise NotImplementedError(f"cpu backend: no units for {type(kernel).__name__}")
 
 
 @emit.register(Elementwise)
 @emit.register(Update)
 def _emit_loop(k, program, flavor):
-    rows, cols = _dims(program.shape_of(k.out))
     if runs_flat(k):  # one loop over buffers viewed as vectors: long, so LLVM vectorises it (a conv
         lines, _ = loop_body(k, flavor, flat=True)  # layer's 6 channels would be a 6-long inner loop)
-        def make(par):
-            header = _flat_loop(f"{rows} * {cols}", par)
-            return header + indent(lines, len(header))
-
-        return _parallel_branches(program, k, make)
+        return [OUTER] + indent(lines)
+    cols = _dims(program.shape_of(k.out))[1]
     lines, _ = loop_body(k, flavor)
-    return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par), f"    for j in range({cols}):"]
-                              + indent(lines, 2))
+    return [OUTER, f"    for j in range({cols}):"] + indent(lines, 2)
+
+
+@units.register(Elementwise)
+@units.register(Update)
+def _loop_units(k, program):
+    rows, cols = program.shape_of(k.out)
+    return sp.sympify(rows * cols if runs_flat(k) else rows)
 
 
 def _reduction_parts(k, flavor) -> tuple:
@@ -114,52 +103,67 @@ def _reduction_parts(k, flavor) -> tuple:
 @emit.register
 def _reduce_all(k: ReduceAll, program, flavor):
     body, result, rows, cols, out = _reduction_parts(k, flavor)
-    # numba turns ``acc +=`` inside prange into a race-free reduction
-    return _parallel_branches(program, k, lambda par: [
-        "_acc = 0.0", _loop(rows, "i", par), f"    for j in range({cols}):", *indent(body, 2),
-        f"        _acc += {result}", f"{out}[0, 0] = _acc"])
+    return ["_acc = 0.0", f"for i in range({rows}):", f"    for j in range({cols}):", *indent(body, 2),
+            f"        _acc += {result}", f"{out}[0, 0] = _acc"]
+
+
+@units.register
+def _reduce_all_units(k: ReduceAll, program):
+    return sp.Integer(1)  # one thread sums, in one order: the loss is reproducible
 
 
 @emit.register
 def _reduce_cols(k: ReduceCols, program, flavor):
     body, result, rows, cols, out = _reduction_parts(k, flavor)
-    return _parallel_branches(program, k, lambda par: [
-        _loop(rows, "i", par), "    _acc = 0.0", f"    for j in range({cols}):", *indent(body, 2),
-        f"        _acc += {result}", f"    {out}[i, 0] = _acc"])
+    return [OUTER, "    _acc = 0.0", f"    for j in range({cols}):", *indent(body, 2),
+            f"        _acc += {result}", f"    {out}[i, 0] = _acc"]
 
 
 @emit.register
 def _reduce_log_sum_exp(k: ReduceLogSumExp, program, flavor):
     body, result, rows, cols, out = _reduction_parts(k, flavor)
-    return _parallel_branches(program, k, lambda par: [
-        _loop(rows, "i", par), "    _mx = -np.inf", f"    for j in range({cols}):", *indent(body, 2),
-        f"        _mx = max(_mx, {result})", "    _acc = 0.0", f"    for j in range({cols}):", *indent(body, 2),
-        f"        _acc += math.exp({result} - _mx)", f"    {out}[i, 0] = _mx + math.log(_acc)"])
+    return [OUTER, "    _mx = -np.inf", f"    for j in range({cols}):", *indent(body, 2),
+            f"        _mx = max(_mx, {result})", "    _acc = 0.0", f"    for j in range({cols}):", *indent(body, 2),
+            f"        _acc += math.exp({result} - _mx)", f"    {out}[i, 0] = _mx + math.log(_acc)"]
+
+
+@units.register(ReduceCols)
+@units.register(ReduceLogSumExp)
+def _row_units(k, program):
+    return sp.sympify(k.shape[0])
 
 
 @emit.register
 def _reduce_rows(k: ReduceRows, program, flavor):
+    """Units: the output's columns; a thread adds every row into its own columns, in order."""
     body, result, rows, cols, out = _reduction_parts(k, flavor)
+    return ["for j in range(_begin, _end):", f"    {out}[0, j] = 0.0", f"for i in range({rows}):",
+            "    for j in range(_begin, _end):", *indent(body, 2), f"        {out}[0, j] += {result}"]
 
-    def make(par):
-        if par:  # each thread owns whole output columns (no two threads write one element)
-            return [_loop(cols, "j", True), "    _acc = 0.0", f"    for i in range({rows}):",
-                    *indent(body, 2), f"        _acc += {result}", f"    {out}[0, j] = _acc"]
-        return [f"for j in range({cols}):", f"    {out}[0, j] = 0.0", f"for i in range({rows}):",
-                f"    for j in range({cols}):", *indent(body, 2), f"        {out}[0, j] += {result}"]
 
-    return _parallel_branches(program, k, make)
+@units.register
+def _reduce_rows_units(k: ReduceRows, program):
+    return sp.sympify(k.shape[1])
 
 
 @emit.register(ImageKernel)
 @emit.register(Reshape)
 def _image(k, program, flavor):
-    """One loop over the output rows (pixels), or over the windows of a pooling gradient, ``prange``
-    when the work is large; no two iterations write one entry (``image_code``)."""
+    """One iteration per output row (pixel), or per window of a pooling gradient; no two
+    iterations write one entry (``image_code``)."""
     cols = _dims(program.shape_of(k.out))[1]
-    rows = _dims(program.shape_of(image_loop_rows(k)))[0]
-    body = image_row_body(k, cols)
-    return _parallel_branches(program, k, lambda par: [_loop(rows, "i", par)] + indent(body))
+    return [OUTER] + indent(image_row_body(k, cols))
+
+
+@units.register(ImageKernel)
+@units.register(Reshape)
+def _image_units(k, program):
+    return sp.sympify(program.shape_of(image_loop_rows(k))[0])
+
+
+@units.register
+def _gemm_units(k: Gemm, program):
+    return sp.sympify(program.shape_of(k.out)[0])  # rows of the product
 
 
 #: Inputs at least this large are read where they lie; smaller ones are copied into the work
@@ -191,33 +195,27 @@ def _prologue(f: Formula, dtype: str) -> list:
 
 
 def kernel_source(f: Formula, flavor: str, dtype: str) -> str:
-    """The module of one formula: ``kernel_serial`` and ``kernel_parallel`` (``prange`` on
-    large loops), each ``void(int64 *frame)``. Sizes are runtime values, so every use of the
-    formula (any layer, any width, any model) calls the same compiled code. A matrix
-    product's module names the prebuilt ``cpu_gemm`` kernel of its dtype."""
+    """The module of one formula: ``formula_kernel``, ``void(int64 *frame, int64 begin, int64 end)``,
+    printed as LLVM IR (``LLVM_IR``, what runs) and as the same loops in Python (what you read,
+    and what runs under ``NUMBA_DISABLE_JIT`` or when a function has no LLVM builder). Sizes are
+    runtime values, so every use of the formula (any layer, any width, any model) calls the same
+    compiled code. A matrix product's module names the prebuilt ``cpu_gemm`` kernel of its dtype."""
     if isinstance(f.kernel, Gemm):
         return (f"# generated by symdl (cpu backend, {dtype}): every matrix product, one prebuilt kernel\n"
-                "# s0 = alpha*op(s1) @ op(s2), op and alpha from the frame (cpu_gemm)\n"
-                f"from symdl.backends.cpu.gemm import gemm_{dtype} as kernel_serial\n\n"
-                "kernel_parallel = kernel_serial  # BLAS threads itself\n")
-    serial, parallel = emit(f.kernel, f.program, flavor)
-    prologue = _prologue(f, dtype)
-    llvm = llvm_code.kernel_ir(f, dtype)  # what runs serially; the Python below is the same loop, read
-    header = "@kernel(parallel=False)\n"
+                "# s0[begin:end] = alpha*op(s1)[begin:end] @ op(s2), op and alpha from the frame (cpu_gemm)\n"
+                f"from symdl.backends.cpu.gemm import gemm_{dtype} as formula_kernel\n")
+    lines = _prologue(f, dtype) + emit(f.kernel, f.program, flavor)
+    llvm = llvm_code.kernel_ir(f, dtype)
+    header = "@kernel()\n"
     if llvm is not None:
-        header = 'LLVM_SERIAL = """' + llvm + '"""\n\n\n@kernel(parallel=False, llvm=LLVM_SERIAL)\n'
-    functions = header + "def kernel_serial(frame):\n" + "\n".join(indent(prologue + serial)) + "\n"
-    if parallel == serial:  # nothing to thread (a GEMM: BLAS threads itself)
-        functions += "\n\nkernel_parallel = kernel_serial\n"
-    else:
-        functions += ("\n\n@kernel(parallel=True)\ndef kernel_parallel(frame):\n"
-                      + "\n".join(indent(prologue + parallel)) + "\n")
+        header = 'LLVM_IR = """' + llvm + '"""\n\n\n@kernel(llvm=LLVM_IR)\n'
     return (
         f"# generated by symdl (cpu backend, {dtype}): one formula, compiled once for every use\n"
         f"# {f.program}\n"
         "import math\n\nimport numba\nimport numpy as np\n\n"
         "from symdl.backends.cpu.runtime import as_ptr, carray, kernel, load_f64\n"
-        + "\n" + _helpers(f.program, flavor) + "\n" + functions
+        + "\n" + _helpers(f.program, flavor) + "\n" + header
+        + "def formula_kernel(frame, _begin, _end):\n" + "\n".join(indent(lines)) + "\n"
     )
 
 
@@ -230,30 +228,19 @@ def listing(program: Program, uses: list, ops: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def max_work(program: Program, n_value: int) -> int:
-    """The largest loop's work (elements x operations) at batch size ``n_value``."""
-    return max((program.work(k, n_value) for k in program.kernels if not isinstance(k, Gemm)), default=0)
+def threaded(program: Program, n_value: int) -> bool:
+    """Whether a step at ``n_value`` runs on the step's threads (BLAS held to one thread) rather
+    than on one thread (BLAS threading its products).
 
-
-def loops_dominate(program: Program, n_value: int) -> bool:
-    """Whether a step at ``n_value`` should thread its loops (and keep BLAS to one thread).
-
-    Two spinning thread pools on a small machine starve each other, so a step uses
-    one: BLAS threads when matrix products dominate (every MLP measured: serial loops
-    about ten times faster than both pools, docs/performance.md), Numba threads only when
-    elementwise loops both dominate the work and are large.
+    Two spinning thread pools on a small machine starve each other (docs/performance.md), so
+    a step uses one: its own threads when its work is large (``THREAD_MIN_WORK``), each taking
+    a share of every large kernel, products split by rows; one thread otherwise.
     """
-    loops = gemms = 0
-    for k in program.kernels:
-        if isinstance(k, Gemm):
-            gemms += program.work(k, n_value)
-        else:
-            loops += program.work(k, n_value)
-    return loops > gemms and max_work(program, n_value) >= PARALLEL_MIN_WORK
+    return sum(program.work(k, n_value) for k in program.kernels) >= THREAD_MIN_WORK
 
 
 class Runner(RunnerBase):
-    """Runs the step as a table of frames; BLAS and Numba threads are coordinated.
+    """Runs the step as a table of frames; BLAS's threads and the step's are never both busy.
 
     The frames of a batch size are computed once: every buffer lives at a fixed address
     for the runner's lifetime. Externals (inputs, parameters passed per call) are copied
@@ -294,19 +281,23 @@ class Runner(RunnerBase):
     def _load(self):
         self.kernel_modules = [cache.load_module(s, backend="cpu") for s in self.kernel_sources]
 
-    def kernels(self, parallel: bool) -> list:
-        """The compiled kernels (``cpu_runtime.Kernel``) a step variant calls, one per formula."""
-        return [m.kernel_parallel if parallel else m.kernel_serial for m in self.kernel_modules]
+    def kernels(self) -> list:
+        """The compiled kernels (``cpu_runtime.Kernel``) the step calls, one per formula."""
+        return [m.formula_kernel for m in self.kernel_modules]
 
     def frames(self, n: int, parallel: bool) -> np.ndarray:
-        """The step at batch size ``n``: one row per kernel, ``[kernel address, frame...]``
-        (see ``_prologue``). Getting an address compiles the kernel or loads it from the cache."""
+        """The step at batch size ``n``: one row per kernel, ``[kernel address, units, split,
+        frame...]`` (``cpu_runtime``; the frame as ``_prologue`` reads it). ``split``: whether the
+        threads of a ``parallel`` step share the kernel (its work is at least ``SPLIT_MIN_WORK``).
+        Getting an address compiles the kernel or loads it from the cache."""
         work = self.workspace.get(n)
-        kernels = self.kernels(parallel)
+        kernels = self.kernels()
         scalar_address = self._scal.ctypes.data
         rows = []
-        for op, f in zip(self.ops, self.uses):
-            row = [kernels[op].address]
+        for op, f, k in zip(self.ops, self.uses, self.program.kernels):
+            count = at_batch(units(k, self.program), n)
+            split = parallel and count > 1 and self.program.work(k, n) >= SPLIT_MIN_WORK
+            row = [kernels[op].address, count, int(split)]
             for b in f.slots:
                 arena = self.persist if b in self.persist.offsets else work
                 r, c = arena.shapes[b]
@@ -329,28 +320,28 @@ class Runner(RunnerBase):
             if view.nbytes < IN_PLACE_MIN_BYTES:
                 spots.append(None)
                 continue
-            where = [i * frames.shape[1] + 1 + SLOT_FIELDS * j for i, f in enumerate(self.uses)  # 1: the kernel
+            where = [i * frames.shape[1] + cpu_runtime.HEADER + SLOT_FIELDS * j for i, f in enumerate(self.uses)
                      for j, b in enumerate(f.slots) if b == name]
             spots.append((np.array(where, dtype=np.intp), view.__array_interface__["data"][0]))
         return spots
 
     def uses_parallel(self, n: int) -> bool:
-        """Whether a call at batch size ``n`` runs the threaded kernels.
+        """Whether a call at batch size ``n`` runs on the step's threads (``threaded``).
 
-        The first batch size seen is the model's usual one and picks the variant; a
-        smaller batch (the short last one) keeps it, so it never compiles the other.
+        The first batch size seen is the model's usual one and decides; a smaller batch (the
+        short last one) keeps its choice.
         """
         if n not in self._use_parallel:
             if self._usual is None:
                 self._usual = n
-            self._use_parallel[n] = loops_dominate(self.program, max(n, self._usual))
+            self._use_parallel[n] = threaded(self.program, max(n, self._usual))
         return self._use_parallel[n]
 
     def will_compile(self, n: int) -> bool:
         """Whether the first call at batch size ``n`` compiles (a kernel neither in memory nor on disk)."""
         if n in self._ready or numba.config.DISABLE_JIT:
             return False
-        return any(k.will_compile() for k in self.kernels(self.uses_parallel(n)))
+        return any(k.will_compile() for k in self.kernels())
 
     def call(self, external: list, scalars: list, n: int) -> float:
         """The hot path: externals and scalars in the program's order."""
@@ -369,11 +360,12 @@ class Runner(RunnerBase):
         scal = self._scal
         scal[:-1] = scalars
         scal[-1] = n
-        if parallel:
+        count = threads.get_num_threads() if parallel else 1
+        if count > 1:  # the step's threads split its loops and products: BLAS keeps to one
             with threads.blas_single_threaded():
-                self._driver(*table)
+                cpu_runtime.pool().run(*table, count)
         else:
-            self._driver(*table)
+            self._driver(*table, 0, 1, 0)
         return float(loss[0, 0]) if loss is not None else 0.0
 
     def _first_call(self, external, scalars, n):
@@ -404,7 +396,7 @@ class Runner(RunnerBase):
         """LLVM IR or assembly of the kernels the step ran at batch size ``n``, one per formula."""
         if numba.config.DISABLE_JIT:
             raise RuntimeError("inspect needs the JIT (NUMBA_DISABLE_JIT is set)")
-        return "\n".join(k.inspect(what) for k in self.kernels(self.uses_parallel(n)))
+        return "\n".join(k.inspect(what) for k in self.kernels())
 
 
 def compile_program(program: Program, dtype) -> Runner:

@@ -12,6 +12,8 @@ The frame (``GEMM_FRAME`` int64 values) is the usual three slots, then the flags
     [out address, m, n,  a address, a rows, a cols,  b address, b rows, b cols,
      trans_a, trans_b, alpha as the bits of a float64 (formulas.float_bits)]
 
+A call computes the output's rows ``begin:end`` (its *units*, ``cpu_runtime``): the step's
+threads split a large product by rows, each calling a single-threaded BLAS on its block.
 Products of at least ``SMALL_GEMM`` multiply-adds call BLAS ``xgemm``; smaller ones run as
 loops, where BLAS's call overhead would dominate. The BLAS is NumPy's own (``numpy_blas``):
 the library ``a @ b`` calls, so a process has one BLAS thread pool, not two that starve each
@@ -145,18 +147,23 @@ else:
 
 
 @numba.njit(inline="always", error_model="numpy", cache=True)
-def _gemm(frame, dtype):
+def _gemm(frame, begin, end, dtype, size):
+    """Rows ``begin:end`` of the product (its units: ``cpu_runtime``), ``size`` bytes per entry:
+    ``out[begin:end] = alpha * op(a)[begin:end] @ op(b)``."""
     f = carray(frame, (GEMM_FRAME,))
-    m, n = f[1], f[2]
+    n = f[2]
+    m = end - begin
     a_rows, a_cols, b_cols = f[4], f[5], f[8]
     trans_a, trans_b = f[9], f[10]
     k = a_rows if trans_a else a_cols
     alpha = f64_from_bits(f[11])
+    a_skip = begin if trans_a else begin * a_cols  # where op(a)'s row ``begin`` starts
+    out_address, a_address = f[0] + begin * n * size, f[3] + a_skip * size
     if m * n * k >= SMALL_GEMM:
-        blas_gemm(dtype, trans_b, trans_a, n, m, k, alpha, f[6], b_cols, f[3], a_cols, f[0], n)
+        blas_gemm(dtype, trans_b, trans_a, n, m, k, alpha, f[6], b_cols, a_address, a_cols, out_address, n)
         return
-    out = carray(as_ptr(f[0], dtype), (m * n,))
-    a = carray(as_ptr(f[3], dtype), (a_rows * a_cols,))
+    out = carray(as_ptr(out_address, dtype), (m * n,))
+    a = carray(as_ptr(a_address, dtype), (a_rows * a_cols - a_skip,))
     b = carray(as_ptr(f[6], dtype), (f[7] * b_cols,))
     # op(a)[i, q] = a[i * a_i + q * a_q], op(b)[q, j] = b[q * b_q + j * b_j]. The inner loop runs
     # along contiguous memory of b: along its rows (q) when it is transposed, else along j;
@@ -194,11 +201,12 @@ def _gemm(frame, dtype):
 
 
 def gemm_ir(dtype: str) -> str:
-    """``_gemm`` for ``dtype`` as an LLVM module defining ``void symdl_gemm_<dtype>(i64 *frame)``."""
+    """``_gemm`` for ``dtype`` as an LLVM module defining ``void symdl_gemm_<dtype>(i64 *frame,
+    i64 begin, i64 end)``."""
     I64, F64, CHAR = llvm_code.I64, llvm_code.F64, ir.IntType(8)
     value = llvm_code.TYPES[dtype]
     module = ir.Module(name=f"symdl_gemm_{dtype}")
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer()]), f"symdl_gemm_{dtype}")
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer(), I64, I64]), f"symdl_gemm_{dtype}")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
 
     def field(k):
@@ -210,10 +218,14 @@ def gemm_ir(dtype: str) -> str:
     def const(x):
         return ir.Constant(I64, x)
 
-    out, a, bb = pointer(0), pointer(3), pointer(6)
-    m, n, a_rows, a_cols, b_cols = field(1), field(2), field(4), field(5), field(8)
+    begin, end = fn.args[1], fn.args[2]
+    n, a_rows, a_cols, b_cols = field(2), field(4), field(5), field(8)
+    m = b.sub(end, begin)
     trans_a = b.icmp_signed("!=", field(9), const(0))
     trans_b = b.icmp_signed("!=", field(10), const(0))
+    out = b.gep(pointer(0), [b.mul(begin, n)])  # rows begin:end of out and of op(a)
+    a = b.gep(pointer(3), [b.select(trans_a, begin, b.mul(begin, a_cols))])
+    bb = pointer(6)
     k = b.select(trans_a, a_rows, a_cols)
     alpha = b.bitcast(field(11), F64)
     blas, loops = fn.append_basic_block("blas"), fn.append_basic_block("loops")
@@ -311,11 +323,11 @@ def gemm_ir(dtype: str) -> str:
     return str(module)
 
 
-@kernel(parallel=False, llvm=gemm_ir("float32"))
-def gemm_float32(frame):
-    _gemm(frame, numba.float32)
+@kernel(llvm=gemm_ir("float32"))
+def gemm_float32(frame, begin, end):
+    _gemm(frame, begin, end, numba.float32, 4)
 
 
-@kernel(parallel=False, llvm=gemm_ir("float64"))
-def gemm_float64(frame):
-    _gemm(frame, numba.float64)
+@kernel(llvm=gemm_ir("float64"))
+def gemm_float64(frame, begin, end):
+    _gemm(frame, begin, end, numba.float64, 8)

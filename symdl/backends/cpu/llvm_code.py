@@ -10,17 +10,17 @@ node, each distinct subexpression once (SSA values are their own common-subexpre
 elimination), each function by its LLVM builder in ``formulas.scalars.SCALARS`` (dropout's
 hash included: the loop indices ``i, j`` a body reads are bound as float64 values). ``emit``
 has one handler per kernel class: the loop formulas here, the image kernels in ``llvm_image``.
-``kernel_ir`` returns None for what it does not print (a function without a builder); those
-formulas and the threaded (``prange``) variants stay Numba's.
+``kernel_ir`` returns None for what it does not print (a function without a builder); Numba
+compiles those formulas' Python loop. Every kernel runs the iterations ``begin:end`` of its outer
+loop (``Frame.each``): the step's threads share them (``cpu.runtime``).
 
 Arithmetic follows NumPy's float32 rules: a value that depends on an array entry is
 computed in the kernel's dtype, one that depends only on scalars (``beta1**t``) in
 float64; sums over a reduction accumulate in float64 (in the output's dtype for a column
 sum, as the Numba kernel does). NaN propagates as in NumPy: ``Max``, ``sign``, ``Piecewise``...
 are printed as their decomposition into ``formulas.scalars``' primitives, where each rule is
-written once. Numba's float32 loops (the threaded twins)
-promote Python's float64 constants instead, so in float32 the two variants of one formula may
-differ in the last digits (both are tested against NumPy; this one is the closer).
+written once. Numba's float32 loops (the fallback) promote Python's float64 constants instead, so
+in float32 a formula Numba compiles may differ in the last digits (tested against NumPy).
 
 >>> import symdl as sd
 >>> from symdl.ir.lowering import lower
@@ -252,10 +252,11 @@ def local(b: ir.IRBuilder, t: ir.Type, name: str):
 
 
 class Frame:
-    """A formula's frame (``cpu_backend._prologue``) read in the kernel's entry block."""
+    """A formula's frame (``cpu_backend._prologue``) read in the kernel's entry block, and the
+    range ``begin, end`` of its outer loop's iterations that this call runs (``cpu_runtime``)."""
 
-    def __init__(self, b: ir.IRBuilder, pointer, f: Formula, dtype: ir.Type):
-        self.b, self.pointer, self.dtype = b, pointer, dtype
+    def __init__(self, b: ir.IRBuilder, pointer, f: Formula, dtype: ir.Type, begin=None, end=None):
+        self.b, self.pointer, self.dtype, self.begin, self.end = b, pointer, dtype, begin, end
         n_slots = len(f.slots)
         self.slots = [(self.pointer_at(SLOT_FIELDS * k), self.field(SLOT_FIELDS * k + 1),
                        self.field(SLOT_FIELDS * k + 2)) for k in range(n_slots)]
@@ -266,6 +267,11 @@ class Frame:
         for k, sym in enumerate(f.scalars):
             address = b.inttoptr(self.field(at + k), F64.as_pointer())
             self.scalars[sym] = b.load(address, name=str(sym))
+
+    def each(self, body, name: str = "i"):
+        """The kernel's outer loop: ``for i in range(begin, end): body(i)`` (its units,
+        ``cpu_backend.units``)."""
+        for_range(self.b, self.end, body, name, first=self.begin)
 
     def field(self, k: int):
         return self.b.load(self.b.gep(self.pointer, [ir.Constant(I64, k)]))
@@ -334,10 +340,10 @@ def _emit_loop(frame: Frame, k, flat: bool):
         for w, v in values:
             _store(frame, body, v, address(_slot(w)))
 
-    if flat:
-        for_range(b, b.mul(rows, cols), lambda i: iteration(i, None))
-    else:
-        for_range(b, rows, lambda i: for_range(b, cols, lambda j: iteration(i, j), "j"))
+    if flat:  # units: entries
+        frame.each(lambda i: iteration(i, None))
+    else:  # units: rows
+        frame.each(lambda i: for_range(b, cols, lambda j: iteration(i, j), "j"))
 
 
 class _Sums:
@@ -378,6 +384,7 @@ def _reduce(k, s: _Sums):
 
 @_reduce.register
 def _reduce_all(k: ReduceAll, s: _Sums):
+    """One unit: a total is summed by one thread, in one order (the loss is reproducible)."""
     b = s.b
     b.store(s.zero, s.acc)
     for_range(b, s.rows, lambda i: for_range(b, s.cols, lambda j: s.add_term(i, j), "j"))
@@ -393,7 +400,7 @@ def _reduce_cols(k: ReduceCols, s: _Sums):
         for_range(b, s.cols, lambda j: s.add_term(i, j), "j")
         s.put(i, b.load(s.acc))
 
-    for_range(b, s.rows, row)
+    s.frame.each(row)
 
 
 @_reduce.register
@@ -421,14 +428,16 @@ def _reduce_log_sum_exp(k: ReduceLogSumExp, s: _Sums):
         m = b.load(largest)
         s.put(i, b.fadd(m, intrinsic(b, "log", [b.load(s.acc)])))
 
-    for_range(b, s.rows, row)
+    s.frame.each(row)
 
 
 @_reduce.register
 def _reduce_rows(k: ReduceRows, s: _Sums):
-    """Column sums in the output's dtype, row by row (vectorises along j)."""
+    """Column sums in the output's dtype, row by row (vectorises along j); units: the columns
+    (a thread owns whole output entries and adds its rows in the serial order)."""
     b, out, dtype = s.b, s.out, s.frame.dtype
-    for_range(b, s.cols, lambda j: b.store(_const(dtype, 0), b.gep(out, [j])), "j0")
+    begin, end = s.frame.begin, s.frame.end
+    for_range(b, end, lambda j: b.store(_const(dtype, 0), b.gep(out, [j])), "j0", first=begin)
 
     def add_row(i):
         def add(j):
@@ -436,7 +445,7 @@ def _reduce_rows(k: ReduceRows, s: _Sums):
             address = b.gep(out, [j])
             b.store(b.fadd(b.load(address), body.cast(v, dtype)), address)
 
-        for_range(b, s.cols, add, "j")
+        for_range(b, end, add, "j", first=begin)
 
     for_range(b, s.rows, add_row)
 
@@ -466,14 +475,14 @@ def printable(f: Formula) -> bool:
 
 
 def kernel_ir(f: Formula, dtype: str) -> str | None:
-    """The serial kernel of ``f`` as an LLVM module defining ``void <symbol>(i64 *frame)``, its
-    symbol ``symdl_`` and a hash of the code; None when this printer does not print it."""
+    """The kernel of ``f`` as an LLVM module defining ``void <symbol>(i64 *frame, i64 begin, i64
+    end)``, its symbol ``symdl_`` and a hash of the code; None when this printer does not print it."""
     if not printable(f):
         return None
     module = ir.Module(name="symdl_formula")
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer()]), "KERNEL")
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer(), I64, I64]), "KERNEL")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    frame = Frame(b, fn.args[0], f, TYPES[dtype])
+    frame = Frame(b, fn.args[0], f, TYPES[dtype], fn.args[1], fn.args[2])
     try:
         emit(f.kernel, frame)
     except (Unsupported, TypeError, KeyError, ValueError):  # what SymPy or the frame cannot give a value

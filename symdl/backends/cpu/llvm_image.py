@@ -1,7 +1,7 @@
 """The image kernels' serial loops (``ir.ImageKernel``, ``ir.Reshape``) printed as LLVM IR.
 
 Each handler follows its Python loop in ``backends.image_code`` line by line: the same
-iterations (``loop_rows``: one per output row, or per window of a pooling gradient whose
+iterations (``image_code.loop_rows``: one per output row, or per window of a pooling gradient whose
 windows do not overlap), the same integer arithmetic on ``i64`` (every division there is of
 a non-negative number, so ``sdiv`` is Python's ``//``), the same tests decided when the code
 is printed (``_inside``, ``_by_window``), and the same floating-point operations in the same
@@ -26,7 +26,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ...ir.kernels import AvgPool, AvgPoolGrad, Col2Im, Im2Col, MaxPool, MaxPoolGrad, Reshape
-from ..image_code import _by_window, _inside, loop_rows
+from ..image_code import _by_window, _inside
 from . import llvm_code
 from .llvm_code import F64, I64, Frame, for_range, local
 
@@ -167,11 +167,6 @@ class Image:
         write(self.add(self.mul(self.add(self.mul(batch, g.H), y0), g.W), x0))
 
 
-def _rows(frame: Frame, k):
-    """The iteration count: the rows of ``image_code.loop_rows(k)``'s buffer."""
-    return frame.slots[_slot(loop_rows(k))][1]
-
-
 @llvm_code.emit.register
 def _reshape(k: Reshape, frame: Frame) -> None:
     """``image_code._reshape`` walks the source entry by entry: the same row-major memory, so entry
@@ -185,7 +180,7 @@ def _reshape(k: Reshape, frame: Frame) -> None:
         for_range(b, cols, lambda j: b.store(b.load(frame.element(source, b.add(start, j))),
                                               frame.element(0, b.add(start, j))), "j")
 
-    for_range(b, frame.slots[0][1], row)
+    frame.each(row)
 
 
 @llvm_code.emit.register
@@ -228,7 +223,7 @@ def _im2col(k: Im2Col, frame: Frame) -> None:
 
         for_range(b, g.kh, window_row, "dy")
 
-    for_range(b, _rows(frame, k), iteration)
+    frame.each(iteration)
 
 
 @llvm_code.emit.register
@@ -246,7 +241,7 @@ def _max_pool(k: MaxPool, frame: Frame) -> None:
 
         for_range(b, g.C, channel, "c")
 
-    for_range(b, _rows(frame, k), iteration)
+    frame.each(iteration)
 
 
 @llvm_code.emit.register
@@ -270,7 +265,7 @@ def _avg_pool(k: AvgPool, frame: Frame) -> None:
 
         for_range(b, g.C, channel, "c")
 
-    for_range(b, _rows(frame, k), iteration)
+    frame.each(iteration)
 
 
 @llvm_code.emit.register
@@ -292,7 +287,7 @@ def _col2im(k: Col2Im, frame: Frame) -> None:
 
         m.gradient(i, term)
 
-    for_range(b, _rows(frame, k), iteration)
+    frame.each(iteration)
 
 
 @llvm_code.emit.register
@@ -331,7 +326,7 @@ def _max_pool_grad(k: MaxPoolGrad, frame: Frame) -> None:
 
             m.gradient(i, term)
 
-    for_range(b, _rows(frame, k), iteration)
+    frame.each(iteration)
 
 
 @llvm_code.emit.register
@@ -364,4 +359,4 @@ def _avg_pool_grad(k: AvgPoolGrad, frame: Frame) -> None:
 
             m.gradient(i, term)
 
-    for_range(b, _rows(frame, k), iteration)
+    frame.each(iteration)
