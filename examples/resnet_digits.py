@@ -4,7 +4,8 @@ global average pooling -> dense 10.
 
 Each skip connection is a tensor used twice, so its δ is a sum, one term per branch: in the
 printed backward pass the δ of a block's input adds the δ through the block's convolutions
-(col2im(δ*K.T)) to the δ that skipped them.
+(col2im(δ*K.T)) to the δ that skipped them, and the "Fan-out" section names the first block's input
+and prints that sum one term per branch.
 """
 import os
 import tempfile

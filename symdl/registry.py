@@ -63,3 +63,15 @@ class RuleTable(dict):
 
     def has(self, node) -> bool:
         return any(cls in self for cls in type(node).__mro__)
+
+
+#: ``{class: bundle(obj, include, exclude)}``: how a result shows itself in a notebook. The classes
+#: (explanations, proofs, models, histories) live in stages before ``symdl.show``, which fills this
+#: table when ``symdl`` is imported; their ``_repr_mimebundle_`` calls ``rich_display``.
+DISPLAYS = RuleTable("rich display")
+
+
+def rich_display(obj, include=None, exclude=None):
+    """``obj``'s mimebundle (text/plain, text/latex, text/html) from ``DISPLAYS``, or None (IPython
+    then shows its ``repr``)."""
+    return DISPLAYS.lookup(obj)(obj, include, exclude) if DISPLAYS.has(obj) else None

@@ -28,6 +28,7 @@ STAGES = [
     {"backends"},
     {"run"},
     {"nn"},
+    {"export", "show"},  # models leaving symdl (ONNX) and seen (SVG, HTML, LaTeX)
     {"distributed"},
     {"cli", "__main__", "__init__", "sklearn"},  # front ends: users of the package
 ]

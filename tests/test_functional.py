@@ -327,8 +327,11 @@ def test_model_graph_errors():
     with pytest.raises(ValueError, match="ends in images"):
         y = Input(shape=(4, 4, 1))
         Model(y, sd.nn.Conv2D(2, 3)(y))
-    with pytest.raises(ValueError, match="several inputs or outputs are not supported yet"):
+    with pytest.raises(ValueError, match=r"the input 'b' \(None, 4\) is not used by any output"):
         Model([x, other], sd.nn.Dense(2)(x))
+    g = sd.nn.Dense(4)(x)
+    with pytest.raises(ValueError, match="inputs must be sd.nn.Input tensors"):
+        Model(g, sd.nn.Dense(2)(g))
 
 
 # --------------------------------------------------------------------------- the CUDA backend (simulator)
@@ -366,4 +369,6 @@ def test_resnet_digits_example_runs_and_prints_the_summed_residual_delta(tmp_pat
     assert "add_1" in out.stdout and "conv2d_1, batch_normalization_2" in out.stdout  # the skip, in the summary
     first = next(line for line in out.stdout.splitlines() if line.strip().startswith("δ1 = "))
     assert first.count("col2im(") >= 2  # δ at the first block's input: through its convs + the skipped path
+    fan_out = out.stdout.split("Fan-out (a value read by several nodes")[1]
+    assert "uses of A1: patches(A1); " in fan_out  # the first block's input: its conv and the skip
     assert float(out.stdout.split("held-out accuracy: ")[1].split()[0]) > 0.3

@@ -101,6 +101,43 @@ def test_running_statistics_equal_torch_batchnorm1d():
     assert_close(train.statistics["moving_var1"], bn.running_var.numpy(), 1e-12, what="running var")
 
 
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_image_running_statistics_equal_torch_batchnorm2d(backend):
+    """On images (n·h·w, c) the statistics are per channel over n·h·w values, and the running variance
+    is unbiased over those (1024/1023 for 16 images of 8x8, not 16/15): BatchNorm2d's running_var."""
+    torch = pytest.importorskip("torch")
+    momentum, eps = 0.8, 1e-3
+    x = sd.nn.Input(shape=(8, 8, 3))
+    bn_layer = sd.nn.BatchNormalization(momentum=momentum, epsilon=eps)
+    model = sd.nn.Model(x, sd.nn.Dense(2)(sd.nn.GlobalAveragePooling2D()(bn_layer(sd.nn.Conv2D(4, 3)(x)))))
+    model.compile(loss="mse", optimizer=sd.optim.SGD(0.05), backend=backend, dtype="float64", seed=0)
+    w = model.get_weights()
+    conv = torch.nn.Conv2d(3, 4, 3, dtype=torch.float64)
+    bn = torch.nn.BatchNorm2d(4, eps=eps, momentum=1 - momentum, dtype=torch.float64)
+    dense = torch.nn.Linear(4, 2, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(w["K1"]).permute(3, 2, 0, 1)); conv.bias.copy_(torch.tensor(w["b1"]))
+        dense.weight.copy_(torch.tensor(w["W4"]).T); dense.bias.copy_(torch.tensor(w["b4"]))
+    opt = torch.optim.SGD([*conv.parameters(), *bn.parameters(), *dense.parameters()], lr=0.05)
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        X, Y = rng.normal(loc=k, scale=1 + k, size=(16, 8, 8, 3)), rng.normal(size=(16, 2))
+        model.train_step.step(x=X, y=Y)
+        opt.zero_grad()
+        out = dense(bn(conv(torch.tensor(X).permute(0, 3, 1, 2))).mean(dim=(2, 3)))
+        ((out - torch.tensor(Y)) ** 2).mean().backward()
+        opt.step()
+    stats = model.train_step.statistics
+    assert_close(stats["moving_mean2"], bn.running_mean.numpy(), 1e-10, what="running mean")
+    assert_close(stats["moving_var2"], bn.running_var.numpy(), 1e-10, what="running var")
+    assert_close(model.get_weights()["gamma2"], bn.weight.detach().numpy(), 1e-10, what="γ after 4 steps")
+    bn.eval()
+    X = rng.normal(size=(5, 8, 8, 3))
+    with torch.no_grad():
+        expected = dense(bn(conv(torch.tensor(X).permute(0, 3, 1, 2))).mean(dim=(2, 3))).numpy()
+    assert_close(model.predict(X), expected, 1e-10, what="predict with the running statistics")
+
 def _bn_model(rate=0.0, bn=True):
     layers = [sd.nn.Dense(8, use_bias=False)] + ([sd.nn.BatchNormalization(momentum=0.9)] if bn else [])
     layers += [sd.nn.Activation("relu")] + ([sd.nn.Dropout(rate)] if rate else []) + [sd.nn.Dense(2)]

@@ -40,15 +40,24 @@ def _of(*bases) -> tuple:
 
 
 #: ``name: (the dispatcher, got lazily; the kernel classes it must handle)``.
+def _onnx_emit():
+    pytest.importorskip("onnx", reason="the ONNX printer needs the onnx package (symdl[onnx])")
+    from symdl.backends.onnx import kernels
+
+    return kernels.emit
+
+
 KERNEL_TABLES = {
     "ir.kernels._check_shapes": (lambda: ir._check_shapes, ir.KERNELS),  # check()'s shape rules
     "numpy_backend.emit": (lambda: numpy_backend.emit, ir.KERNELS),
     "cpu.backend.emit": (lambda: cpu_backend.emit, ir.KERNELS),
+    "cpu.backend.units": (lambda: cpu_backend.units, ir.KERNELS),  # what the step's threads share
     "cpu.llvm_code._reduce": (lambda: llvm_code._reduce, _of(ir.Reduction)),
     "cpu.llvm_code.emit": (lambda: llvm_code.emit, ir.KERNELS),  # image kernels: cpu.llvm_image
     "scalar_code.loop_body": (lambda: scalar_code.loop_body, _of(ir.Elementwise, ir.Update, ir.Reduction)),
     "image_code.row_body": (lambda: image_code.row_body, _of(ir.ImageKernel, ir.Reshape)),
     "cuda_backend.emit": (_cuda_emit, ir.KERNELS),
+    "onnx.kernels.emit": (_onnx_emit, ir.KERNELS),
 }
 
 #: ``(table, kernel class): why the table needs no handler for it``.

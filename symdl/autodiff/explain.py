@@ -25,12 +25,13 @@ import unicodedata
 import sympy as sp
 from sympy.matrices.expressions import MatMul, MatrixSymbol
 
-from ..graph.nodes import Broadcast, Input, Map, Param, topological
-from .vjp import Derivation
+from ..graph.nodes import Broadcast, Input, Map, Param, SumAll, SumCols, SumRows, children, topological
+from .vjp import VJP, Derivation
 from ..formulas.activations import NamedDerivative
 from ..formulas.normalization import ROLES
 from ..graph.printing import body_latex, body_text
 from ..graph.simplify import fuse_maps
+from ..registry import rich_display
 from .jvp import check_directions, tangents
 
 #: How a normalisation's named intermediates read in LaTeX (text uses ``ROLES``' own names).
@@ -64,6 +65,9 @@ class Explanation:
     ``derivation`` (``vjp.Derivation`` of the same loss and params) is one already done: its
     adjoints are read, not derived again.
     """
+
+    def _repr_mimebundle_(self, include=None, exclude=None):  # a notebook's display (symdl.show)
+        return rich_display(self, include, exclude)
 
     def __init__(self, loss, params, derivation: Derivation | None = None):
         params = list(params)
@@ -132,7 +136,52 @@ class Explanation:
         for p in self.params:
             if p not in done and p in self.adj:
                 out.append(("backward", ("∂L/∂", p), self._named(self.adj[p].xreplace(names))))
+        out += self._fan_out(fwd, names)
         return out + _where(out)
+
+    def fan_outs(self) -> list:
+        """``[(node, [(consumer, its term of the node's adjoint), ...])]`` for every named value (or
+        parameter) that two or more nodes on the way to a named value read (a skip connection, a
+        branch, a shared layer's weights): its adjoint is the sum of one term per use. Reductions
+        (a normalisation's statistics) and the loss's own formula read a value without making a
+        branch, so they do not count, but their terms do."""
+        users = {}
+        for node in self.order:
+            if node in self.adj:
+                for child in dict.fromkeys(children(node)):
+                    users.setdefault(child, []).append(node)
+        feeds_named = set()  # nodes with a named value downstream: a use inside the loss formula is no branch
+        for node in reversed(self.order):
+            if any(u in self.names or u in feeds_named for u in users.get(node, [])):
+                feeds_named.add(node)
+        out = []
+        for node in self.order:
+            if node not in self.names and node not in self.params:
+                continue
+            uses = [u for u in users.get(node, []) if u in self.adj]
+            branches = [u for u in uses if not isinstance(u, (SumRows, SumCols, SumAll))
+                        and (u in self.names or u in feeds_named)]
+            if len(branches) < 2:
+                continue
+            terms = []
+            for u in uses:
+                parts = [c for child, c in VJP.lookup(u)(u, self.adj[u]) if child == node]
+                if parts:
+                    terms.append((u, parts[0] if len(parts) == 1 else sp.MatAdd(*parts)))
+            if len(terms) >= 2:
+                out.append((node, terms))
+        return out
+
+    def _fan_out(self, fwd, names) -> list:
+        """The ``fanout`` lines: each fan-out's uses, then its adjoint as one term per use."""
+        out = []
+        for node, terms in self.fan_outs():
+            label = fwd.get(node, node)
+            uses = tuple(self._named(u.xreplace(_without(fwd, u))) for u, _ in terms)
+            out.append(("fanout", ("uses of ", label), uses))
+            parts = [self._named(t.xreplace(names)) for _, t in terms]
+            out.append(("fanout", ("∂L/∂", label), sp.MatAdd(*parts, evaluate=False)))
+        return out
 
     def _layer_param(self, p, z) -> bool:
         """Whether ``p`` is the weight or bias read directly by pre-activation ``z``."""
@@ -148,6 +197,7 @@ class Explanation:
 
     #: Section headings of the text form, in order.
     HEADINGS = {"forward": "Forward pass", "backward": "Backward pass (δk = ∂L/∂Zk)",
+                "fanout": "Fan-out (a value read by several nodes: its δ is the sum of one term per branch)",
                 "where": "where"}
 
     def notation(self) -> list:
@@ -160,7 +210,10 @@ class Explanation:
             if sec != section:
                 text += ([""] if text else []) + [self.HEADINGS[sec]]
                 section = sec
-            text.append(f"  {_left_text(lhs)} = {_text(rhs)}")
+            if isinstance(rhs, tuple):  # a fan-out's uses
+                text.append(f"  {_left_text(lhs)}: " + "; ".join(map(_text, rhs)))
+            else:
+                text.append(f"  {_left_text(lhs)} = {_text(rhs)}")
         notes = self.notation()
         if notes:
             text += ["", "Notation"] + [f"  {note}" for note in notes]
@@ -170,7 +223,8 @@ class Explanation:
 
     @property
     def latex(self) -> str:
-        rows = [f"{_left_latex(lhs)} &= {_latex(rhs)}" for _, lhs, rhs in self.lines(latex=True)]
+        rows = [f"{_left_latex(lhs)} &: " + r",\; ".join(map(_latex, rhs)) if isinstance(rhs, tuple) else
+                f"{_left_latex(lhs)} &= {_latex(rhs)}" for _, lhs, rhs in self.lines(latex=True)]
         return "\\begin{aligned}\n" + " \\\\\n".join(rows) + "\n\\end{aligned}"
 
     def _repr_latex_(self):
@@ -186,7 +240,7 @@ class Explanation:
         fwd, deltas = self._symbols(False), self._deltas(False)
         lines = {}
         for sec, lhs, rhs in self.lines():
-            if sec != "where":
+            if sec not in ("where", "fanout"):
                 lines[_left_text(lhs)] = f"{_left_text(lhs)} = {_text(rhs)}"
         out = {}
         for node, sym in list(fwd.items()) + list(deltas.items()):
@@ -219,14 +273,20 @@ def _without(table: dict, key) -> dict:
 
 def _left_text(lhs) -> str:
     if isinstance(lhs, tuple):
-        return f"{lhs[0]}{lhs[1].name}"
+        return f"{lhs[0]}{_name(lhs[1])}"
     return _text(lhs)
+
+
+def _name(e) -> str:
+    return str(e.name) if isinstance(e, MatrixSymbol) else _text(e)
 
 
 def _left_latex(lhs) -> str:
     if isinstance(lhs, tuple):
         if lhs[0] == "∂L/∂":
             return r"\frac{\partial L}{\partial %s}" % sp.latex(lhs[1])
+        if lhs[0] == "uses of ":
+            return r"\text{uses of } %s" % sp.latex(lhs[1])
         return r"(H v)_{%s}" % sp.latex(lhs[1])
     return _latex(lhs)
 

@@ -32,13 +32,16 @@ from ..graph.nodes import (
 
 
 class Normalized(NamedTuple):
-    """A normalisation's output and its named intermediates (μ, the biased variance, σ, x̂)."""
+    """A normalisation's output and its named intermediates (μ, the biased variance, σ, x̂), and
+    ``count``: how many values each statistic is over (``n`` rows of features; ``n·h·w`` pixels of an
+    image batch, whose channels are its columns)."""
 
     out: object
     mean: object
     var: object
     sigma: object
     xhat: object
+    count: object = N
 
 
 #: Names ``sd.explain`` gives the intermediates of each normalisation: ``{node: name}``.
@@ -77,11 +80,18 @@ def _normalize(z, gamma, beta, eps, axis) -> Normalized:
     xhat = elementwise(lambda c, s: c / s, centred, sigma)
     out = elementwise(lambda x, g, b: g * x + b, xhat, gamma, beta, op="normalisation")
     ROLES.update({mean: "μ", sigma: "σ", xhat: "x̂"})
-    return Normalized(out, mean, var, sigma, xhat)
+    return Normalized(out, mean, var, sigma, xhat, count)
 
 
 def batch_norm_parts(z, gamma, beta, eps=1e-5) -> Normalized:
-    """Batch normalisation in training mode with its intermediates (statistics over the batch)."""
+    """Batch normalisation in training mode with its intermediates (statistics over the batch: its
+    ``n`` rows, or for images ``(n·h·w, c)`` each channel's ``n·h·w`` values, as ``BatchNorm2d``).
+
+    >>> import symdl as sd
+    >>> parts = batch_norm_parts(sd.input("x", (4, 4, 3)), sd.param("g", 3), sd.param("b", 3))
+    >>> parts.count, parts.mean.shape
+    (16*n, (1, 3))
+    """
     _check("batch_norm", z, gamma, beta, eps)
     return _normalize(z, gamma, beta, eps, axis=0)
 
@@ -141,13 +151,21 @@ def running_writes(parts: Normalized, mean_state, var_state, momentum=0.99) -> d
     """Graph writes updating running statistics from a training-mode batch norm's ``parts``.
 
     ``new = momentum * running + (1 - momentum) * batch``, with the *unbiased* batch variance
-    (``n/(n-1)`` times the biased one), as Keras (``momentum``) and PyTorch's
-    ``BatchNorm1d`` (its ``momentum`` is ``1 - momentum``) do.
+    (``N/(N-1)`` times the biased one, ``N`` the values each statistic is over: ``n`` rows, or
+    ``n·h·w`` pixels of images), as Keras (``momentum``) and PyTorch's ``BatchNorm1d`` and
+    ``BatchNorm2d`` (their ``momentum`` is ``1 - momentum``) do.
+
+    >>> import symdl as sd
+    >>> parts = batch_norm_parts(sd.input("x", (4, 4, 3)), sd.param("g", 3), sd.param("b", 3))
+    >>> mean, var = State("m", 1, 3), State("v", 1, 3)
+    >>> print(running_writes(parts, mean, var, 0.9)[var])  # 0.1 · 16n/(16n - 1) · the biased variance
+    1.6*n*(sum_rows((x - (sum_rows(x)/(16*n)))**2)/(16*n))/(16*n - 1) + 0.9*v
     """
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
         raise ValueError(f"batch norm: momentum must be a number in [0, 1), got {momentum!r}")
     m = sp.Float(momentum)
-    unbiased = N / sp.Max(N - 1, 1)  # a batch of one has no spread: keep the biased 0, not 0/0
+    count = parts.count
+    unbiased = count / sp.Max(count - 1, 1)  # one value has no spread: keep the biased 0, not 0/0
     return {
         mean_state: make_map(m * VARS[0] + (1 - m) * VARS[1], [mean_state, parts.mean]),
         var_state: make_map(m * VARS[0] + (1 - m) * unbiased * VARS[1], [var_state, parts.var]),

@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from ..registry import Registry
+from ..registry import Registry, rich_display
 
 #: Trainers for ``fit(cluster=...)``: ``symdl.distributed`` registers ``"dask"`` when imported
 #: (a later stage than this one, so this module never imports it). A factory
@@ -47,30 +47,15 @@ class History:
     def __repr__(self):
         return f"History({ {k: [round(x, 4) for x in v[-3:]] for k, v in self.history.items()} })"
 
-    def plot(self, path=None):
-        """Loss (and accuracy) curves with matplotlib (optional: ``pip install symdl[plot]``)."""
-        try:
-            import matplotlib
+    def plot(self, path=None, **kwargs):
+        """Loss and metric curves against the epoch, train and validation (matplotlib, the ``plot``
+        extra): ``nn.curves.plot_history``. Returns the figure; ``path`` saves it too."""
+        from . import curves
 
-            if path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("History.plot needs matplotlib: pip install 'symdl[plot]'") from exc
-        keys = [k for k in self.history if k != "lr"]
-        metrics = sorted({k.removeprefix("val_") for k in keys})
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
-        for ax, m in zip(axes[0], metrics):
-            for k in (m, f"val_{m}"):
-                if k in self.history:
-                    ax.plot(range(1, len(self.history[k]) + 1), self.history[k], label=k)
-            ax.set_xlabel("epoch")
-            ax.set_title(m)
-            ax.legend()
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path)
-        return fig
+        return curves.plot_history(self, path=path, **kwargs)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):  # a notebook's display (symdl.show)
+        return rich_display(self, include, exclude)
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
@@ -81,6 +66,26 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
     """
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+class Columns:
+    """The arrays of a model with several inputs or outputs, by leaf name, taken rows together:
+    ``columns[idx]`` indexes every array's rows, ``len`` is their number of rows.
+
+    >>> import numpy as np
+    >>> c = Columns({"x1": np.arange(6).reshape(3, 2), "x2": np.arange(3)})
+    >>> len(c), c[1:].arrays["x2"].tolist()
+    (3, [1, 2])
+    """
+
+    def __init__(self, arrays: dict):
+        self.arrays = dict(arrays)
+
+    def __len__(self):
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, rows):
+        return Columns({k: v[rows] for k, v in self.arrays.items()})
 
 
 class Trainer:
@@ -102,6 +107,11 @@ class Trainer:
         right (``correct_predictions``)."""
         raise NotImplementedError
 
+    def epoch_logs(self) -> dict:
+        """Logs of the epoch just trained besides ``loss`` and ``accuracy`` (a model with several
+        outputs: each one's loss and accuracy); none by default."""
+        return {}
+
     def commit(self) -> None:
         """Write the parameters of the last completed step into the model (after an error too)."""
 
@@ -117,16 +127,28 @@ class LocalTrainer(Trainer):
 
     def __init__(self, model, X, Y):
         self.model, self.X, self.Y, self.n = model, X, Y, len(X)
+        self.sums, self.rows = {}, 0  # an epoch's per-output logs (a model with several outputs)
 
     def will_compile(self, batch_size: int) -> bool:
         return self.model.train_step.runner.will_compile(batch_size)
 
     def steps(self, groups, epoch: int):
-        step = self.model.train_step
+        model, step = self.model, self.model.train_step
+        several = len(model.outputs) > 1
+        self.sums, self.rows = {}, 0
         for idx in groups:
             xb, yb = self.X[idx], self.Y[idx]
-            loss = step.step(x=xb, y=yb, check_finite=False)  # the whole set was checked once
-            yield 1, len(idx), loss * len(idx), correct_predictions(self.model, step.output("out"), yb)
+            loss = step.step(check_finite=False, **model.feed(xb, yb))  # the whole set was checked once
+            out = model.step_outputs()
+            if several:  # each output's loss and accuracy, as Keras logs them
+                rows = len(idx)
+                self.rows += rows
+                for k, v in {**model.step_losses(), **model.metrics(out, yb)}.items():
+                    self.sums[k] = self.sums.get(k, 0.0) + v * rows
+            yield 1, len(idx), loss * len(idx), correct_predictions(model, out, yb)
+
+    def epoch_logs(self) -> dict:
+        return {k: v / self.rows for k, v in self.sums.items()} if self.rows else {}
 
 
 def correct_predictions(model, out, Y) -> float:
@@ -152,6 +174,9 @@ def fit(model, X, y, epochs: int = 1, batch_size: int = 32, validation_data=None
     if not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     model.require_compiled()
+    if cluster is not None and (len(model.inputs) > 1 or len(model.outputs) > 1):
+        raise ValueError(f"fit(cluster=...) trains models with one input and one output; this one has "
+                         f"{len(model.inputs)} inputs and {len(model.outputs)} outputs")
     # a Dask array given to a cluster stays there: its workers check their chunks
     lazy = cluster is not None and hasattr(X, "to_delayed") and hasattr(X, "chunks")
     X, Y, Xv, Yv = _split_validation(model, X, y, validation_data, validation_split, lazy)
@@ -223,7 +248,7 @@ def _train_epoch(model, trainer, groups, epoch, last, verbose, terminate_on_nan)
     if verbose and groups and trainer.will_compile(len(groups[0])):
         print("compiling the training step… (once per formula: later models and runs load it from the cache)",
               file=sys.stderr if _interactive() else sys.stdout, flush=True)
-    classes = model.kind != "regression"
+    classes = model.kind in ("classes", "binary")  # several outputs: the loss only (evaluate has each's)
     total, correct, seen, done = 0.0, 0.0, 0, 0
     started = time.perf_counter()
     try:
@@ -241,6 +266,7 @@ def _train_epoch(model, trainer, groups, epoch, last, verbose, terminate_on_nan)
     logs = {"loss": total / seen}
     if classes:
         logs["accuracy"] = correct / seen
+    logs.update(trainer.epoch_logs())
     return logs
 
 

@@ -184,4 +184,114 @@ def walk(outputs) -> list:
     return order
 
 
-__all__ = ["Input", "SymbolicTensor", "call_layer", "walk"]
+def structure(tensors, what):
+    """``(keys, tensors)`` of a model's ``inputs`` / ``outputs``: one symbolic tensor, a list of them
+    or a dict ``{name: tensor}`` (``keys`` its names; None otherwise)."""
+    keys = None
+    if isinstance(tensors, dict):
+        keys = list(tensors)
+        for k in keys:
+            if not (isinstance(k, str) and k):
+                raise TypeError(f"Model: the names of a dict of {what} must be non-empty strings, got {k!r}")
+        tensors = list(tensors.values())
+    elif isinstance(tensors, (list, tuple)):
+        tensors = list(tensors)
+    else:
+        tensors = [tensors]
+    if not tensors:
+        raise ValueError(f"Model: {what} is empty: give at least one symbolic tensor")
+    for t in tensors:
+        if not isinstance(t, SymbolicTensor):
+            raise TypeError(f"Model: {what} must be symbolic tensors (sd.nn.Input(...) or a layer's output), "
+                            f"got {type(t).__name__}")
+    if what == "inputs":
+        for t in tensors:
+            if t.layer is not None:
+                raise ValueError(f"Model: inputs must be sd.nn.Input tensors, got {t!r}")
+        if len({id(t) for t in tensors}) != len(tensors):
+            raise ValueError("Model: an Input is given twice in inputs")
+    return keys, tensors
+
+
+def unique_names(names) -> list:
+    """Keras's way with repeated names: the second ``input_layer`` is ``input_layer_1``.
+
+    >>> unique_names(["input_layer", "input_layer", "a"])
+    ['input_layer', 'input_layer_1', 'a']
+    """
+    out, seen = [], set()
+    for name in names:
+        candidate, k = name, 0
+        while candidate in seen:
+            k += 1
+            candidate = f"{name}_{k}"
+        seen.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def check_graph(inputs, outputs, order) -> None:
+    """Every path from an output ends at one of ``inputs``, and every input feeds some output."""
+    given = {id(t) for t in inputs}
+    for t in order:
+        if t.layer is None and id(t) not in given:
+            out = next(o for o in outputs if t in walk([o]))
+            names = ", ".join(repr(i.name) for i in inputs)
+            which = f"the model's input {names}" if len(inputs) == 1 else f"one of the model's inputs {names}"
+            raise ValueError(f"Model: the output {out!r} depends on the Input {t.name!r} {shape_text(t.shape)}, "
+                             f"which is not {which}")
+    used = {id(t) for t in order}
+    for t in inputs:
+        if id(t) not in used:
+            raise ValueError(f"Model: the input {t.name!r} {shape_text(t.shape)} is not used by any output")
+
+
+class Replayed:
+    """What ``replay`` built: per layer its parameters, first output, inbound names and running
+    statistics; all graph writes and starting values; ``values[id(tensor)] = (train, infer)``."""
+
+    def __init__(self, count):
+        self.params, self.outputs = [None] * count, [None] * count
+        self.inbound, self.layer_writes = [None] * count, [[] for _ in range(count)]
+        self.writes, self.initial, self.values = {}, {}, {}
+
+
+def replay(calls, layers, values, index_of, names=None, layer_names=None, given=None) -> Replayed:
+    """Build the graph of ``calls`` (``walk``'s order) from ``values`` (``{id(input): (train, infer)}``).
+
+    Each layer's first call builds its parameters (``index_of(place)`` names them: ``W{index}``),
+    later calls share them; with ``given`` (parameters per layer) every call applies those.
+    ``names`` (``{id(input): name}``) and ``layer_names`` give each layer's inbound names.
+    """
+    place = {id(layer): i for i, layer in enumerate(layers)}
+    out = Replayed(len(layers))
+    out.values.update(values)
+    names = dict(names or {})
+    first = [None] * len(layers)
+    for t in calls:
+        if t.layer is None:
+            continue
+        k, layer = place[id(t.layer)], t.layer
+        parts = [out.values[id(p)] for p in t.inputs]
+        h = [a for a, _ in parts] if t.many else parts[0][0]
+        h_infer = [b for _, b in parts] if t.many else parts[0][1]
+        if given is not None:
+            out.values[id(t)] = (layer.apply(given[k], h), layer.apply(given[k], h_infer))
+        elif out.params[k] is None:
+            built = layer.build_both(index_of(k), h, h_infer)
+            out.params[k], out.outputs[k] = built.params, built.train
+            out.inbound[k] = [names.get(id(p), "?") for p in t.inputs]
+            out.layer_writes[k] = list(built.writes)
+            first[k] = t
+            out.writes.update(built.writes)
+            out.initial.update(built.initial)
+            out.values[id(t)] = (built.train, built.infer)
+        else:  # a shared layer's later call: the same parameters on another input
+            check_shared(layer, first[k].inputs, t.inputs)
+            out.values[id(t)] = (layer.apply(out.params[k], h), layer.apply(out.params[k], h_infer))
+        if layer_names is not None:
+            names[id(t)] = layer_names[k]
+    return out
+
+
+__all__ = ["Input", "SymbolicTensor", "call_layer", "check_graph", "replay", "structure", "unique_names", "walk"]

@@ -22,7 +22,8 @@ import numpy as np
 from typing import NamedTuple
 
 from ..formulas import activations as functions, normalization, dropout as stochastic
-from ..ops.conv import avg_pool2d, conv2d, flatten, image_shape, max_pool2d
+from ..ops.conv import Reshape as Rows, avg_pool2d, conv2d, flatten, image_shape, max_pool2d
+from ..ops.padding import zero_pad2d
 from ..graph.nodes import State, param
 from ..run.pipeline import glorot_uniform
 from ..registry import Registry
@@ -124,13 +125,24 @@ class Dropout(Layer):
         self.rate, self.name = stochastic.check_rate(rate, "Dropout"), name
 
     def build_both(self, index, h, h_infer) -> Built:
-        return Built([], stochastic.dropout(h, self.rate, key=index), h_infer)
+        return Built([], stochastic.dropout(h, self.rate, key=_mask_key(index)), h_infer)
 
     def describe(self) -> str:
         return f"rate {self.rate:g}"
 
     def config(self, name=None) -> dict:
         return {"rate": self.rate, "name": name or self.name}
+
+
+def _mask_key(index) -> int:
+    """A dropout's mask key from its layer index: ``3``, or ``"3_2"`` (layer 2 of a model that is
+    layer 3) -> 3 + 2·2^16, distinct for models up to 65,535 layers wide."""
+    if isinstance(index, int):
+        return index
+    key = 0
+    for depth, part in enumerate(str(index).split("_")):
+        key += int(part) << (16 * depth)
+    return key
 
 
 class _Normalization(Layer):
@@ -345,3 +357,88 @@ class Flatten(Layer):
 
     def config(self, name=None) -> dict:
         return {"name": name or self.name}
+
+
+@_layer
+class Reshape(Layer):
+    """Each sample's values in another shape, row-major as Keras's ``Reshape(target_shape)``:
+    ``(features,)`` or images ``(h, w, c)``; one entry may be ``-1`` (inferred). Images are rows
+    ``(n·h·w, c)`` and features ``(n, f)``, so a reshape reads the same memory with other rows.
+
+    >>> import symdl as sd
+    >>> x = sd.nn.Input(shape=(12,))
+    >>> sd.nn.Reshape((2, -1, 3))(x)
+    <SymbolicTensor shape=(None, 2, 2, 3) from Reshape>
+    """
+
+    kind = "reshape"
+
+    def __init__(self, target_shape, name=None):
+        try:
+            shape = tuple(int(d) for d in target_shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"Reshape: target_shape must be a tuple of ints, got {target_shape!r}") from None
+        if len(shape) not in (1, 3) or any(d == 0 or d < -1 for d in shape) or shape.count(-1) > 1:
+            raise ValueError(f"Reshape: target_shape must be (features,) or (h, w, c) of positive ints (one may be "
+                             f"-1), got {target_shape!r}")
+        self.target_shape, self.name = shape, name
+
+    def apply(self, params, h):
+        image = image_shape(h)
+        source = image or (int(h.shape[1]),)
+        size = math.prod(source)
+        known = math.prod(d for d in self.target_shape if d != -1)
+        target = tuple(size // known if d == -1 else d for d in self.target_shape)
+        if math.prod(target) != size:
+            raise ValueError(f"{type(self).__name__} layer: cannot reshape (None, {', '.join(map(str, source))}) into "
+                             f"(None, {', '.join(map(str, self.target_shape))}): {size} values per sample")
+        if target == source:
+            return h
+        samples = h.shape[0] / (image[0] * image[1]) if image else h.shape[0]
+        if len(target) == 1:
+            return flatten(h) if len(source) == 3 else h
+        return Rows(h, samples * target[0] * target[1], target[2], target)
+
+    def config(self, name=None) -> dict:
+        return {"target_shape": list(self.target_shape), "name": name or self.name}
+
+
+@_layer
+class ZeroPadding2D(Layer):
+    """Keras's ``ZeroPadding2D(padding)``: zeros around images ``(n, h, w, c)``. ``padding``: an int
+    (all sides), ``(rows, cols)`` (top and bottom, left and right) or ``((top, bottom), (left, right))``.
+
+    >>> import symdl as sd
+    >>> sd.nn.ZeroPadding2D(((1, 0), (2, 1)))(sd.nn.Input(shape=(4, 4, 3)))
+    <SymbolicTensor shape=(None, 5, 7, 3) from ZeroPadding2D>
+    """
+
+    kind = "zero_padding2d"
+
+    def __init__(self, padding=(1, 1), name=None):
+        self.padding, self.name = _pads(padding), name
+
+    def apply(self, params, h):
+        if image_shape(h) is None:
+            raise ValueError(f"{type(self).__name__} layer: needs images (None, h, w, c), got (None, {h.shape[1]})")
+        (top, bottom), (left, right) = self.padding
+        return zero_pad2d(h, (top, bottom, left, right))
+
+    def config(self, name=None) -> dict:
+        return {"padding": [list(p) for p in self.padding], "name": name or self.name}
+
+
+def _pads(padding):
+    """Keras's padding forms as ``((top, bottom), (left, right))``."""
+    def ok(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if ok(padding):
+        return ((padding, padding), (padding, padding))
+    if isinstance(padding, (tuple, list)) and len(padding) == 2:
+        if all(ok(v) for v in padding):
+            return ((padding[0], padding[0]), (padding[1], padding[1]))
+        if all(isinstance(v, (tuple, list)) and len(v) == 2 and all(ok(u) for u in v) for v in padding):
+            return tuple(tuple(v) for v in padding)
+    raise ValueError(f"ZeroPadding2D: padding must be an int >= 0, (rows, cols) or ((top, bottom), (left, right)), "
+                     f"got {padding!r}")

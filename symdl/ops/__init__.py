@@ -2,6 +2,7 @@
 (VJP, JVP, LOWER, printing), so adding a family is adding one module.
 
 * ``conv``    convolution, pooling, flatten (images are rows: ``(n·h·w, c)``);
-* ``concat``  concatenation along the columns, its split and padding.
+* ``concat``  concatenation along the columns, its split and padding;
+* ``padding`` zero-padding of image batches (``ZeroPadding2D``) and its crop.
 """
-from . import concat, conv  # noqa: F401 - registers the families' rules
+from . import concat, conv, padding  # noqa: F401 - registers the families' rules

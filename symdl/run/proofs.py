@@ -31,6 +31,7 @@ import sympy as sp
 from ..autodiff.vjp import grad, scalar_derivative
 from ..formulas.activations import expand_activations, heaviside_at_zero
 from ..graph.nodes import VARS, Input, Map, Param, leaves, n as N, topological
+from ..registry import rich_display
 from .pipeline import value_and_grad
 
 #: Above this many operations an entry's difference goes to random points, not ``simplify``.
@@ -81,6 +82,9 @@ class Proof:
     ``symbolic`` entries had a difference that simplified to 0; ``by_points`` entries (where
     simplification stalled) were equal at exact random rational points, to 50 digits.
     """
+
+    def _repr_mimebundle_(self, include=None, exclude=None):  # a notebook's display (symdl.show)
+        return rich_display(self, include, exclude)
 
     def __init__(self, params, n_value, symbolic, by_points, points, differences):
         self.params, self.n_value = params, n_value
@@ -213,6 +217,9 @@ def _scale(expr, symbols, rng) -> float:
 
 class GradCheck(dict):
     """``{param name: max relative error}`` from ``check_grad``; ``passed`` against its tolerance."""
+
+    def _repr_mimebundle_(self, include=None, exclude=None):  # a notebook's display (symdl.show)
+        return rich_display(self, include, exclude)
 
     def __init__(self, errors, tol):
         super().__init__(errors)

@@ -62,7 +62,7 @@ def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True) -> t
             elif rows != batch:
                 raise ArrayError(f"batch sizes differ: {batch_from!r} has {batch} rows, {name!r} has {rows}")
         else:
-            want = leaf.value_shape
+            want = _value_shape(leaf)
             if isinstance(leaf, VectorParam) and a.shape == (1, want[0]):
                 a = a.reshape(want)
             if a.shape != want:
@@ -104,4 +104,13 @@ def _expected_shape(leaf):
 
     if isinstance(leaf, Input):
         return ("n", *getattr(leaf, "image_shape", (int(leaf.shape[1]),)))
-    return leaf.value_shape
+    return _value_shape(leaf)
+
+
+def _value_shape(leaf) -> tuple:
+    """A parameter's array shape outside the graph; a state leaf's (batch norm's running
+    statistics, which have no ``value_shape``): a (1, k) row is a (k,) vector."""
+    if hasattr(leaf, "value_shape"):
+        return leaf.value_shape
+    r, c = (int(d) for d in leaf.shape)
+    return (c,) if r == 1 else (r, c)

@@ -1,0 +1,226 @@
+"""Each kernel class of the IR as ONNX nodes: ``emit`` has one handler per class (``ir.KERNELS``).
+
+A program prints kernel by kernel into one ``Graph``; ``values`` maps every buffer name to the
+ONNX value holding it (the caller fills in the program's externals and scalars first).
+
+>>> import numpy as np, symdl as sd
+>>> from symdl.ir.lowering import lower
+>>> from symdl.backends.onnx.graph import Graph
+>>> x = sd.input("x", 2); W = sd.param("W", (2, 3)); b = sd.param("b", 3)
+>>> program = lower({"h": sd.tanh(x @ W + b)})
+>>> g = Graph(np.float32, opset=17); g.n = "n"
+>>> values = emit_program(g, program, {"x": "x", "W": "W", "b": "b"})
+>>> [node.op_type for node in g.nodes]
+['Gemm', 'Add', 'Tanh']
+"""
+from __future__ import annotations
+
+from functools import singledispatch
+
+import numpy as np
+import sympy as sp
+
+from ...formulas.activations import expand_activations
+from ...graph.nodes import VARS
+from ...ir.kernels import (
+    AvgPool, AvgPoolGrad, Col2Im, Elementwise, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
+    ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,
+)
+from . import images
+from .bodies import Body
+from .graph import Graph
+
+
+class Context:
+    """What a kernel's printer reads: the graph, the program, and each buffer's ONNX value."""
+
+    def __init__(self, graph: Graph, program: Program, values: dict):
+        self.g, self.program, self.values = graph, program, values
+
+    def value(self, buffer: str) -> str:
+        if buffer not in self.values:
+            raise KeyError(f"ONNX export: buffer {buffer!r} has no value (an external the export was not given)")
+        v = self.values[buffer]
+        if isinstance(v, Patches):  # something other than a convolution's product reads the patch matrix
+            v = self.values[buffer] = v.build(self)
+        return v
+
+    def view(self, operand) -> str:
+        """An operand as ONNX reads it: broadcasting does what ROW, COL and SCALAR say; a
+        TRANSPOSE is a ``Transpose`` node."""
+        v = self.value(operand.buffer)
+        return self.g.node("Transpose", [v], perm=[1, 0]) if operand.pattern == Pattern.TRANSPOSE else v
+
+    def scalars(self) -> dict:
+        return {s: self.value(str(s)) for s in self.program.scalars}
+
+    def loop(self, body, operands, shape) -> str:
+        """``body`` over ``operands`` at every entry of ``shape`` (expanded there when the operands
+        it reads broadcast to less)."""
+        body = expand_activations(sp.sympify(body), use_impl=True)  # each activation's stable form
+        used = [i for i, v in enumerate(VARS[: len(operands)]) if v in body.free_symbols]
+        symbols = {**self.scalars(), **{VARS[i]: self.view(operands[i]) for i in used}}
+        out = Body(self.g, symbols).value(body)
+        read = {operands[i].pattern for i in used}
+        if not (read & {Pattern.SAME, Pattern.TRANSPOSE} or {Pattern.ROW, Pattern.COL} <= read):
+            out = self.g.node("Expand", [out, self.g.shape(shape)])
+        return out
+
+
+class Patches:
+    """An ``Im2Col`` not printed yet: a product of it with a kernel becomes one ONNX ``Conv``
+    (``graph.native_images``); any other reader builds the patch matrix (a gather)."""
+
+    def __init__(self, kernel: Im2Col):
+        self.kernel = kernel
+
+    def build(self, ctx) -> str:
+        g = self.kernel.geometry
+        table = images.window_index(g, ("oy", "ox", "dy", "dx", "c"))
+        cols = images.gather(ctx.g, ctx.value(self.kernel.operands[0].buffer), _entries(g)[0], table)
+        return images.pixel_rows(ctx.g, cols, g.kh * g.kw * g.C)
+
+
+def emit_program(graph: Graph, program: Program, values: dict) -> dict:
+    """Print every kernel of ``program``; returns ``values`` with every buffer added."""
+    values = dict(values)
+    ctx = Context(graph, program, values)
+    for k in program.kernels:
+        values[k.out] = emit(k, ctx)
+    for buffer in program.outputs.values():
+        ctx.value(buffer)  # an output is built even where a convolution would have read it
+    return values
+
+
+@singledispatch
+def emit(kernel, ctx: Context) -> str:
+    """The ONNX value of one kernel's output: one handler per kernel class (``ir.KERNELS``)."""
+    raise NotImplementedError(f"onnx backend: no printer for {type(kernel).__name__}")
+
+
+@emit.register
+def _gemm(k: Gemm, ctx):
+    patches = ctx.values.get(k.a)
+    if isinstance(patches, Patches) and not k.trans_a and not k.trans_b and k.alpha == 1:
+        out = images.native_conv(ctx.g, patches.kernel.geometry, ctx.value(patches.kernel.operands[0].buffer),
+                                 ctx.value(k.b), int(ctx.program.shape_of(k.b)[1]))
+        if out is not None:
+            return out
+    return ctx.g.node("Gemm", [ctx.value(k.a), ctx.value(k.b)], transA=int(k.trans_a), transB=int(k.trans_b),
+                      alpha=float(k.alpha))
+
+
+@emit.register
+def _elementwise(k: Elementwise, ctx):
+    return ctx.loop(k.body, k.operands, ctx.program.shape_of(k.out))
+
+
+@emit.register
+def _update(k: Update, ctx):
+    raise NotImplementedError(f"ONNX export prints forward and gradient programs; the in-place update of "
+                              f"{[b for b, _ in k.writes]} (a training step's writes) has no ONNX form here")
+
+
+@emit.register
+def _reduce_rows(k: ReduceRows, ctx):
+    return ctx.g.reduce("ReduceSum", ctx.loop(k.body, k.operands, k.shape), [0])
+
+
+@emit.register
+def _reduce_cols(k: ReduceCols, ctx):
+    return ctx.g.reduce("ReduceSum", ctx.loop(k.body, k.operands, k.shape), [1])
+
+
+@emit.register
+def _reduce_all(k: ReduceAll, ctx):
+    return ctx.g.reduce("ReduceSum", ctx.loop(k.body, k.operands, k.shape), [0, 1])
+
+
+@emit.register
+def _reduce_log_sum_exp(k: ReduceLogSumExp, ctx):
+    """Each row's maximum subtracted before ``exp``, as every backend does."""
+    g = ctx.g
+    z = ctx.loop(k.body, k.operands, k.shape)
+    m = g.reduce("ReduceMax", z, [1])
+    total = g.reduce("ReduceSum", g.node("Exp", [g.node("Sub", [z, m])]), [1])
+    return g.node("Add", [m, g.node("Log", [total])])
+
+
+@emit.register
+def _reshape(k: Reshape, ctx):
+    return ctx.g.reshape(ctx.value(k.operands[0].buffer), ctx.program.shape_of(k.out))
+
+
+# --------------------------------------------------------------------------- image kernels
+
+
+def _entries(g) -> tuple:
+    """Entries per image of the input ``H·W·C`` and of the pooled output ``OH·OW·C``."""
+    return g.H * g.W * g.C, g.OH * g.OW * g.C
+
+
+@emit.register
+def _im2col(k: Im2Col, ctx):
+    patches = Patches(k)
+    return patches if ctx.g.native_images else patches.build(ctx)
+
+
+@emit.register
+def _col2im(k: Col2Im, ctx):
+    g = k.geometry
+    dest = images.window_index(g, ("oy", "ox", "dy", "dx", "c"))
+    summed = images.scatter_sum(ctx.g, ctx.value(k.operands[0].buffer), dest, _entries(g)[0])
+    return images.pixel_rows(ctx.g, summed, g.C)
+
+
+def _windows(ctx, k, fill) -> str:
+    """``(n, OH·OW·C, kh·kw)``: every window of the first operand, one row per output entry."""
+    g = k.geometry
+    table = images.window_index(g, ("oy", "ox", "c", "dy", "dx")).reshape(-1, g.kh * g.kw)
+    return images.gather(ctx.g, ctx.value(k.operands[0].buffer), _entries(g)[0], table, fill)
+
+
+@emit.register
+def _max_pool(k: MaxPool, ctx):
+    native = images.native_pool(ctx.g, "MaxPool", k.geometry, ctx.value(k.operands[0].buffer))
+    if native is not None:
+        return native
+    pooled = ctx.g.reduce("ReduceMax", _windows(ctx, k, -np.inf), [2], keepdims=0)
+    return images.pixel_rows(ctx.g, pooled, k.geometry.C)
+
+
+@emit.register
+def _avg_pool(k: AvgPool, ctx):
+    native = images.native_pool(ctx.g, "AveragePool", k.geometry, ctx.value(k.operands[0].buffer))
+    if native is not None:
+        return native
+    g = k.geometry
+    total = ctx.g.reduce("ReduceSum", _windows(ctx, k, 0.0), [2], keepdims=0)
+    return images.pixel_rows(ctx.g, ctx.g.node("Div", [total, ctx.g.const(float(g.kh * g.kw))]), g.C)
+
+
+@emit.register
+def _max_pool_grad(k: MaxPoolGrad, ctx):
+    """Each window's ``G`` to its first arg-max (``ArgMax`` keeps the first), routed back by the
+    transposed gather."""
+    G, g = ctx.g, k.geometry
+    windows = _windows(ctx, k, -np.inf)
+    arg = G.node("ArgMax", [windows], axis=2, keepdims=1, select_last_index=0)
+    chosen = G.node("Equal", [arg, G.const(np.arange(g.kh * g.kw), np.int64)])
+    grad = G.node("Reshape", [ctx.value(k.operands[1].buffer), G.const([-1, _entries(g)[1], 1], np.int64)])
+    share = G.node("Where", [chosen, grad, G.const(0.0)])
+    dest = images.window_index(g, ("oy", "ox", "c", "dy", "dx"))
+    return images.pixel_rows(G, images.scatter_sum(G, share, dest, _entries(g)[0]), g.C)
+
+
+@emit.register
+def _avg_pool_grad(k: AvgPoolGrad, ctx):
+    """Each window's ``G`` shared evenly by its pixels: the transposed gather of the window table."""
+    G, g = ctx.g, k.geometry
+    dest = images.window_index(g, ("oy", "ox", "c", "dy", "dx"))
+    grad = G.node("Div", [ctx.value(k.operands[0].buffer), G.const(float(g.kh * g.kw))])
+    # every window entry reads G at its (oy, ox, c): the table of G's entries, window by window
+    spread = G.node("Expand", [G.node("Reshape", [grad, G.const([-1, _entries(g)[1], 1], np.int64)]),
+                               G.const([1, 1, g.kh * g.kw], np.int64)])
+    return images.pixel_rows(G, images.scatter_sum(G, spread, dest, _entries(g)[0]), g.C)
+

@@ -1,0 +1,260 @@
+"""PyTorch weights in and out: a state dict (or a safetensors file of one) mapped onto a symdl
+model of the same architecture, and back.
+
+Layouts and conventions (PyTorch -> symdl, which holds Keras 3's layouts):
+
+* ``nn.Linear``: ``weight (out, in)`` is the Dense kernel transposed; ``bias`` is the bias. A
+  Linear right after a flatten of images reads PyTorch's NCHW order ``(c, h, w)``; symdl (and
+  Keras) flatten NHWC ``(h, w, c)``: its columns are reordered (``torch_flatten=True``).
+* ``nn.Conv2d``: ``weight (out, in, kh, kw)`` (OIHW) -> ``(kh, kw, in, out)`` (HWIO).
+* ``nn.BatchNorm1d/2d``: ``weight, bias, running_mean, running_var`` -> ``gamma, beta,
+  moving_mean, moving_variance``; ``num_batches_tracked`` has no counterpart. Both store the
+  *unbiased* batch variance in the running variance and normalise a batch with the biased one.
+  PyTorch's ``eps`` defaults to 1e-5, Keras's ``epsilon`` to 1e-3: build
+  ``BatchNormalization(epsilon=1e-5)`` to match a PyTorch model. Momentum conventions are
+  inverse: PyTorch ``momentum=m`` is Keras ``momentum=1 - m`` (0.1 <-> 0.9).
+* ``nn.LayerNorm``: ``weight, bias`` -> ``gamma, beta`` (eps as above).
+
+By default the PyTorch modules with weights (the key prefixes before ``.weight``..., in state
+dict order) are matched in order with symdl's layers that have weights; ``mapping`` ``{torch
+module: symdl layer name}`` matches them by name instead. Any mismatch raises one error listing
+every unmatched or mis-shaped name with its shape, and nothing is loaded.
+
+>>> import numpy as np, symdl as sd
+>>> model = sd.nn.Sequential([sd.nn.Dense(3)], input_dim=2)
+>>> model.compile(backend="numpy")
+>>> load_torch_weights(model, {"fc.weight": np.arange(6.0).reshape(3, 2), "fc.bias": np.ones(3)})
+>>> model.get_weights()["W1"].tolist()
+[[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
+>>> sorted(to_torch_state_dict(model))
+['dense_1.bias', 'dense_1.weight']
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .layers import BatchNormalization, Conv2D, Dense, Flatten, LayerNormalization
+from .weights import WeightsError, assign, model_arrays, read_safetensors, weight_names
+
+#: symdl role -> PyTorch parameter name, per layer class.
+ROLES = {
+    Dense: {"kernel": "weight", "bias": "bias"},
+    Conv2D: {"kernel": "weight", "bias": "bias"},
+    BatchNormalization: {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+                         "moving_variance": "running_var"},
+    LayerNormalization: {"gamma": "weight", "beta": "bias"},
+}
+IGNORED = ("num_batches_tracked",)  # PyTorch's batch counter: symdl keeps its own step count
+
+
+def _as_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def read_state_dict(source) -> dict:
+    """``{key: ndarray}`` from a state dict (tensors or arrays), a module (``.state_dict()``), or
+    the path of a safetensors file."""
+    if isinstance(source, (str, os.PathLike)):
+        return read_safetensors(source, "load_torch_weights")
+    if hasattr(source, "state_dict") and callable(source.state_dict):
+        source = source.state_dict()
+    if not hasattr(source, "items"):
+        raise TypeError(f"load_torch_weights: give a state dict, a torch module or a safetensors path, "
+                        f"got {type(source).__name__}")
+    return {str(k): _as_numpy(v) for k, v in source.items()}
+
+
+def _modules(state: dict) -> dict:
+    """``{module prefix: {parameter name: array}}`` in state dict order (ignored entries dropped)."""
+    modules = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf not in IGNORED:
+            modules.setdefault(prefix, {})[leaf] = value
+    return modules
+
+
+def _leaf_layers(model):
+    """``(path, layer)`` of every layer that is not itself a model, in order (a nested model's
+    layers at ``its name/their name``)."""
+    for layer, name in zip(model.layers, model.layer_names):
+        if hasattr(layer, "layer_params"):
+            yield from ((f"{name}/{path}", inner) for path, inner in _leaf_layers(layer))
+        else:
+            yield name, layer
+
+
+def _layers(model) -> list:
+    """``[(layer path, layer, {role: Keras-style weight name})]`` for the layers with weights, in order."""
+    by_layer = {}
+    for keras in weight_names(model).values():
+        path, _, role = keras.rpartition("/")
+        by_layer.setdefault(path, {})[role] = keras
+    return [(path, layer, by_layer[path]) for path, layer in _leaf_layers(model) if path in by_layer]
+
+
+def _flattened_image(model, layer):
+    """``(H, W, C)`` when ``layer``'s input is a ``Flatten`` of images, else None (nested models searched)."""
+    for t in model.calls:
+        if t.layer is layer:
+            source = t.inputs[0] if t.inputs else None
+            if source is not None and isinstance(source.layer, Flatten):
+                return tuple(source.inputs[0].shape)
+            return None
+    for inner in model.layers:
+        if hasattr(inner, "calls") and inner is not model:
+            found = _flattened_image(inner, layer)
+            if found is not None:
+                return found
+    return None
+
+
+def _nchw_to_nhwc_columns(kernel_in_out: np.ndarray, image) -> np.ndarray:
+    """A Dense kernel ``(H·W·C, out)`` whose rows are in PyTorch's ``(c, h, w)`` order, reordered
+    to symdl's ``(h, w, c)``."""
+    H, W, C = image
+    out = kernel_in_out.shape[1]
+    return kernel_in_out.reshape(C, H, W, out).transpose(1, 2, 0, 3).reshape(H * W * C, out)
+
+
+def _nhwc_to_nchw_columns(kernel_in_out: np.ndarray, image) -> np.ndarray:
+    H, W, C = image
+    out = kernel_in_out.shape[1]
+    return kernel_in_out.reshape(H, W, C, out).transpose(2, 0, 1, 3).reshape(C * H * W, out)
+
+
+def from_torch(layer, role: str, value: np.ndarray, image=None) -> np.ndarray:
+    """One PyTorch array in the symdl layout of ``layer``'s weight ``role``."""
+    if role == "kernel" and isinstance(layer, Conv2D):
+        return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+    if role == "kernel" and value.ndim == 2:
+        kernel = value.T
+        return _nchw_to_nhwc_columns(kernel, image) if image is not None else kernel
+    return value
+
+
+def to_torch(layer, role: str, value: np.ndarray, image=None) -> np.ndarray:
+    """``from_torch``'s inverse."""
+    if role == "kernel" and isinstance(layer, Conv2D):
+        return value.transpose(3, 2, 0, 1)
+    if role == "kernel":
+        return (_nhwc_to_nchw_columns(value, image) if image is not None else value).T
+    return value
+
+
+def _pairs(model, modules: dict, mapping) -> tuple:
+    """``([(layer name, layer, roles, torch prefix)], problems)``: symdl layers with their modules."""
+    layers, problems = _layers(model), []
+    if mapping is None:
+        prefixes = list(modules)
+        if len(prefixes) != len(layers):
+            problems.append(f"the state dict has {len(prefixes)} modules with weights "
+                            f"({', '.join(f'{p} {_shapes(modules[p])}' for p in prefixes)}), the model "
+                            f"{len(layers)} layers with weights ({', '.join(name for name, _, _ in layers)})")
+        return [(*l, p) for l, p in zip(layers, prefixes)], problems
+    by_name = {name: (name, layer, roles) for name, layer, roles in layers}
+    unknown = [f"{layer_name} (for {prefix})" for prefix, layer_name in mapping.items() if layer_name not in by_name]
+    missing_modules = [prefix for prefix in mapping if prefix not in modules]
+    unmapped = [f"{p} {_shapes(modules[p])}" for p in modules if p not in mapping]
+    unfilled = [name for name in by_name if name not in mapping.values()]
+    for what, items in (("mapping names layers the model does not have", unknown),
+                        ("mapping names modules the state dict does not have", missing_modules),
+                        ("state dict modules not mapped", unmapped), ("model layers not mapped", unfilled)):
+        if items:
+            problems.append(f"{what}: {', '.join(items)}")
+    pairs = [(*by_name[layer_name], prefix) for prefix, layer_name in mapping.items()
+             if layer_name in by_name and prefix in modules]
+    return pairs, problems
+
+
+def _shapes(params: dict) -> str:
+    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in params.items()) + "}"
+
+
+def load_torch_weights(model, state_dict_or_safetensors_path, mapping=None, torch_flatten: bool = True) -> None:
+    """Load PyTorch weights into ``model`` (compiled, same architecture); see the module notes for
+    layouts. ``mapping``: ``{torch module prefix: symdl layer name}`` (default: by order).
+    ``torch_flatten``: a Dense after a ``Flatten`` reads PyTorch's NCHW flatten order."""
+    if getattr(model, "train_step", None) is None:
+        raise RuntimeError("load_torch_weights: the model has no weights yet; call model.compile(...) first")
+    modules = _modules(read_state_dict(state_dict_or_safetensors_path))
+    pairs, problems = _pairs(model, modules, mapping)
+    live = model_arrays(model)
+    arrays = {}
+    for layer_name, layer, roles, prefix in pairs:
+        names = ROLES.get(type(layer))
+        if names is None:
+            problems.append(f"{layer_name}: no PyTorch layout known for {type(layer).__name__}")
+            continue
+        params = modules[prefix]
+        wanted = {names[role]: keras for role, keras in roles.items()}
+        extra = [f"{prefix}.{k} {tuple(v.shape)}" for k, v in params.items() if k not in wanted]
+        lacking = [f"{prefix}.{k} (for {keras} {live[keras].shape})" for k, keras in wanted.items() if k not in params]
+        if extra:
+            problems.append(f"{layer_name} ({type(layer).__name__}) has no place for " + ", ".join(extra))
+        if lacking:
+            problems.append("missing " + ", ".join(lacking))
+        image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
+        for torch_name, keras in wanted.items():
+            if torch_name not in params:
+                continue
+            role = keras.split("/")[1]
+            value = params[torch_name]
+            expected = tuple(live[keras].shape)
+            if role == "kernel" and value.ndim == len(expected) and expected == from_torch_shape(layer, value.shape):
+                arrays[keras] = from_torch(layer, role, value, image)
+            elif role != "kernel" and tuple(value.shape) == expected:
+                arrays[keras] = value
+            else:
+                as_torch = to_torch_shape(layer, expected) if role == "kernel" else expected
+                problems.append(f"{prefix}.{torch_name} has shape {tuple(value.shape)}; {keras} needs "
+                                f"{expected} (PyTorch {as_torch})")
+    if problems:
+        raise WeightsError("load_torch_weights: the state dict does not fit the model: " + "; ".join(problems))
+    assign(model, arrays, "load_torch_weights")
+
+
+def from_torch_shape(layer, shape) -> tuple:
+    """The symdl shape of a PyTorch kernel of ``shape``."""
+    return (shape[2], shape[3], shape[1], shape[0]) if isinstance(layer, Conv2D) else tuple(shape[::-1])
+
+
+def to_torch_shape(layer, shape) -> tuple:
+    return (shape[3], shape[2], shape[0], shape[1]) if isinstance(layer, Conv2D) else tuple(shape[::-1])
+
+
+def to_torch_state_dict(model, prefixes=None, torch_flatten: bool = True, tensors: bool = False) -> dict:
+    """``model``'s weights as a PyTorch state dict (``load_torch_weights``'s inverse): keys
+    ``<prefix>.weight``... with the prefixes given (one per layer with weights, in order; default:
+    the layer names), NumPy arrays, or torch tensors with ``tensors=True``; a batch norm also gets
+    ``num_batches_tracked`` (the steps trained)."""
+    if getattr(model, "train_step", None) is None:
+        raise RuntimeError("to_torch_state_dict: the model has no weights yet; call model.compile(...) first")
+    layers = _layers(model)
+    prefixes = [name for name, _, _ in layers] if prefixes is None else list(prefixes)
+    if len(prefixes) != len(layers):
+        raise ValueError(f"to_torch_state_dict: {len(prefixes)} prefixes for {len(layers)} layers with weights "
+                         f"({', '.join(name for name, _, _ in layers)})")
+    live = model_arrays(model)
+    out = {}
+    for (layer_name, layer, roles), prefix in zip(layers, prefixes):
+        names = ROLES.get(type(layer))
+        if names is None:
+            raise ValueError(f"to_torch_state_dict: no PyTorch layout known for {type(layer).__name__} {layer_name}")
+        image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
+        for role, keras in roles.items():
+            out[f"{prefix}.{names[role]}"] = np.ascontiguousarray(to_torch(layer, role, live[keras].copy(), image))
+        if isinstance(layer, BatchNormalization):
+            out[f"{prefix}.num_batches_tracked"] = np.array(model.train_step.t, np.int64)
+    if tensors:
+        import torch
+
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+    return out
+
+
+__all__ = ["load_torch_weights", "to_torch_state_dict", "read_state_dict"]
