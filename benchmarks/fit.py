@@ -302,22 +302,22 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         warm = cold_env(os.path.join(scratch, "warm"))
         results = {}
-        def peers(task):
+        def task_frameworks(task):
             return [f for f in frameworks if not (TASKS[task][0] == "cnn" and f == "sklearn")]
 
         for task in tasks:  # fill the warm caches once
-            for fw in peers(task):
+            for fw in task_frameworks(task):
                 spawn([fw, task], warm)
         for r in range(rounds):
             for task in tasks:
-                for fw in peers(task):
+                for fw in task_frameworks(task):
                     cold = spawn([fw, task], cold_env(os.path.join(scratch, f"cold{r}{task}{fw}")))
                     again = spawn([fw, task], warm)
                     results.setdefault((task, fw), []).append((cold, again))
         rows = [("task", "framework", "import", "first cold", "first warm", "steady", "vs best peer", "accuracy")]
         for task in tasks:
             best = {}
-            for fw in peers(task):
+            for fw in task_frameworks(task):
                 runs = [x for pair in results[(task, fw)] for x in pair if "error" not in x]
                 if not runs:
                     best[fw] = None
@@ -328,7 +328,7 @@ def main(argv=None):
                             "accuracy": max(x["accuracy"] for x in runs),
                             "import": min(x["import"] for x in runs)}
             peers = [v["steady"] for fw, v in best.items() if fw != "symdl" and v]
-            for fw in peers(task):
+            for fw in task_frameworks(task):
                 v = best[fw]
                 if v is None:
                     errors = {x["error"] for pair in results[(task, fw)] for x in pair if "error" in x}

@@ -27,8 +27,9 @@ from .autodiff.vjp import adjoints, grad
 from .backends.threads import get_num_threads, set_num_threads
 from .autodiff.explain import explain, explain_hvp
 from .formulas.activations import activation, elu, gelu, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, tanh
-from .graph.nodes import Input, Param, hadamard, input, mean, n, param, sum_squares, total
+from .graph.nodes import Input, Param, hadamard, input, mean, n, param, sequence_input, sum_squares, total
 from .ops.conv import avg_pool2d, conv2d, flatten, max_pool2d
+from .ops.embedding import embedding
 from .run.higher import hessian, hvp, jacobian
 from .formulas.normalization import batch_norm, layer_norm
 from .run.pipeline import compile, value_and_grad
@@ -50,9 +51,9 @@ def export_onnx(outputs, path, **kwargs):
 
 __all__ = [
     "activation", "adjoints", "avg_pool2d", "batch_norm", "check_grad", "compile", "conv2d", "datasets", "draw", "dropout",
-    "elu", "explain", "explain_hvp", "export", "export_onnx", "flatten", "functions", "gelu", "get_num_threads", "grad", "hadamard", "hessian", "higher",
+    "elu", "embedding", "explain", "explain_hvp", "export", "export_onnx", "flatten", "functions", "gelu", "get_num_threads", "grad", "hadamard", "hessian", "higher",
     "hvp", "input", "Input", "jacobian", "l1", "l2", "latex", "layer_norm", "leaky_relu", "log_softmax", "losses",
-    "max_pool2d", "mean", "n", "nn", "normalization", "optim", "param", "Param", "plot_model", "proofs", "prove", "relu",
+    "max_pool2d", "mean", "n", "nn", "normalization", "optim", "param", "Param", "plot_model", "proofs", "prove", "relu", "sequence_input",
     "set_num_threads", "sigmoid", "silu", "softmax", "softplus", "stochastic", "sum_squares", "sweep", "tanh", "text",
     "total", "value_and_grad",
 ]

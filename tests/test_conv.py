@@ -279,3 +279,11 @@ def test_explain_names_the_conv_layer_and_defines_its_symbols():
     assert "δ1 = (spread(unflatten(δ2*W.T)))⊙1[Z1 > 0]" in text
     assert "∂L/∂K = patches(x).T*δ1" in text and "∂L/∂c = sum_rows(δ1)" in text
     assert "⋆" in text and "spread(G)" in text
+
+
+def test_prove_sees_through_max_pooling():
+    """``sd.prove`` checks a gradient through ``route_max`` (max-pool's adjoint has a scalar view:
+    each pixel collects the windows whose first arg-max it is)."""
+    x = sd.input("x", (2, 2, 1)); y = sd.input("y", 1); K = sd.param("K", (1, 1, 1, 1)); W = sd.param("W", (1, 1))
+    loss = sd.losses.mse(sd.flatten(sd.max_pool2d(sd.conv2d(x, K), 2)) @ W, y)
+    assert sd.prove(loss, [K, W])

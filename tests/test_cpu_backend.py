@@ -62,10 +62,12 @@ def test_random_mlps_cpu_matches_numpy(case):
     compare_backends(loss, params, mlp_arrays(loss_name, widths, params, n, seed), "float64")
 
 
-def test_a_large_step_runs_on_its_threads_and_agrees():
-    """A product-heavy step large enough for threads: they split its products by rows (BLAS on
-    one thread) and its loops, and the answer is NumPy's; the same model at batch 4 runs on one."""
+def test_a_large_product_heavy_step_leaves_threads_to_blas_and_both_ways_agree(monkeypatch):
+    """A product-heavy step (an MLP) runs on one thread, BLAS threading its products; forced onto
+    the step's threads (products split by rows, BLAS on one) it gives NumPy's answer too."""
     from symdl.backends.cpu import backend as cpu_backend
+
+    from helpers import run_threaded
 
     x = sd.input("x", 64); y = sd.input("y", 10)
     W1 = sd.param("W1", (64, 128)); b1 = sd.param("b1", 128); W2 = sd.param("W2", (128, 10))
@@ -74,8 +76,15 @@ def test_a_large_step_runs_on_its_threads_and_agrees():
     arrays = {"x": rng.normal(size=(1100, 64)), "y": np.eye(10)[rng.integers(0, 10, 1100)],
               "W1": rng.normal(size=(64, 128)) * 0.1, "b1": rng.normal(size=128), "W2": rng.normal(size=(128, 10)) * 0.1}
     f = sd.value_and_grad(loss, [W1, b1, W2], backend="cpu")
-    assert cpu_backend.threaded(f.program, 1100) and not cpu_backend.threaded(f.program, 4)
+    assert not cpu_backend.threaded(f.program, 1100)  # products are 98% of the work
     compare_backends(loss, [W1, b1, W2], arrays, "float64")
+    ref_v, ref_g = sd.value_and_grad(loss, [W1, b1, W2], backend="numpy")(**arrays)
+    run_threaded(f.runner, 2, monkeypatch)
+    v, g = f(**arrays)
+    assert v == pytest.approx(ref_v, rel=1e-10)
+    for k in ref_g:
+        assert_close(g[k], ref_g[k], 1e-10, atol=1e-12, what=k)
+    assert f.runner._ready[1100][0][:, 2].sum() >= 3  # its products were split
 
 
 def test_loop_dominated_step_threads_its_loops_and_agrees():
@@ -622,13 +631,17 @@ def _every_kind_programs():
     (``ir.KERNELS``): a CNN's step (``_image_program``), a dense net's loss and gradients (products,
     row-broadcast elementwise loops, the four reductions) and Adam's update of its weights with an
     L2 penalty (flat loops, ``Update``)."""
+    from symdl.ops.embedding import embedding
     from symdl.run.pipeline import gradient_program, update_program
 
     x = sd.input("x", 5); y = sd.input("y", 4); W = sd.param("W", (5, 4)); b = sd.param("b", 4)
     loss = sd.losses.softmax_cross_entropy(sd.tanh(x @ W + b), y) + 1e-3 * sd.l2(W)
     dense, _ = gradient_program(loss, [W, b])
     update, _ = update_program([W, b], sd.optim.Adam(1e-2), penalty=sd.l2(W))
-    return [(_image_program(), 3, {}), (dense, 9, {}), (update, 1, {"W": ("W", (5, 4)), "b": ("b", (1, 4))})]
+    ids = sd.input("ids", (3,), dtype="int32"); E = sd.param("E", (6, 5))  # gather and scatter-add
+    tokens, _ = gradient_program(sd.total(sd.tanh(embedding(E, ids) @ W)), [E])
+    return [(_image_program(), 3, {}), (dense, 9, {}), (update, 1, {"W": ("W", (5, 4)), "b": ("b", (1, 4))}),
+            (tokens, 9, {})]
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="threads need the compiled driver")
@@ -639,6 +652,7 @@ def test_every_kernel_kind_split_across_threads_matches_one_thread_and_numpy(dty
     writes every buffer exactly as one thread does, NaN and Inf included, and as NumPy does."""
     from symdl.backends import get
     from symdl.backends import threads as symdl_threads
+    from symdl.graph.nodes import TokenInput
     from symdl.ir.kernels import KERNELS, at_batch
 
     from helpers import run_threaded
@@ -650,6 +664,9 @@ def test_every_kernel_kind_split_across_threads_matches_one_thread_and_numpy(dty
                   for name in prog.externals}
         first = arrays[prog.externals[0]]
         first.flat[1], first.flat[4] = np.nan, np.inf
+        for leaf in prog.inputs:  # token ids are row numbers (ops.embedding): integers inside the table
+            if isinstance(leaf, TokenInput):
+                arrays[str(leaf.name)] = rng.integers(0, 6, size=arrays[str(leaf.name)].shape).astype(dtype)
         start = {name: rng.normal(size=shape).astype(dtype) for name, (_, shape) in persistent.items()}
         scalars = {str(s): 2.0 for s in prog.scalars}
         outs = []

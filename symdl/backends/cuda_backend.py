@@ -24,7 +24,8 @@ import numpy as np
 
 from . import cache
 from ..ir.kernels import (
-    Elementwise, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,
+    Elementwise, Gather, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape,
+    ScatterAdd, Update,
 )
 from .base import Runner as RunnerBase, buf, concrete_shape, indent
 from .image_code import loop_rows as image_loop_rows, row_body as image_row_body
@@ -187,6 +188,34 @@ def _image(k, program, index):
     args = list(dict.fromkeys([buf(k.out)] + [buf(o.buffer) for o in k.operands])) + ["R"]
     body = ["i = cuda.grid(1)", "if i < R:"] + indent(image_row_body(k, cols))
     launch = [f"{name}[((({rows}) + TPB - 1) // TPB,), TPB]({', '.join(args[:-1])}, ({rows}))"]
+    return _kernel(name, args, body), launch
+
+
+@emit.register
+def _gather(k: Gather, program, index):
+    """One thread per output entry ``(i, j)``: entry ``j`` of table row ``ids[i]``."""
+    name = f"k{index}_{k.kind}"
+    rows, cols = _dims(program.shape_of(k.out))
+    table, ids = (buf(o.buffer) for o in k.operands)
+    args = list(dict.fromkeys([buf(k.out), table, ids])) + ["R", "C"]
+    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C",
+            f"    {buf(k.out)}[i, j] = {table}[int({ids}[i, 0]), j]"]
+    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
+
+
+@emit.register
+def _scatter_add(k: ScatterAdd, program, index):
+    """One thread per output column: it zeroes the column, then adds the rows of ``G`` in order
+    (deterministic, no atomics; a repeated id accumulates)."""
+    name = f"k{index}_{k.kind}"
+    vocab, cols = _dims(program.shape_of(k.out))
+    rows = _dims(program.shape_of(k.operands[1].buffer))[0]
+    ids, G = (buf(o.buffer) for o in k.operands)
+    out = buf(k.out)
+    args = list(dict.fromkeys([out, ids, G])) + ["V", "R", "C"]
+    body = ["j = cuda.grid(1)", "if j < C:", "    for v in range(V):", f"        {out}[v, j] = 0.0",
+            "    for i in range(R):", f"        {out}[int({ids}[i, 0]), j] += {G}[i, j]"]
+    launch = [f"{name}[((({cols}) + TPB - 1) // TPB,), TPB]({', '.join(args[:-3])}, ({vocab}), ({rows}), ({cols}))"]
     return _kernel(name, args, body), launch
 
 

@@ -10,8 +10,8 @@ from functools import singledispatch
 import numpy as np
 
 from ..ir.kernels import (
-    AvgPool, AvgPoolGrad, Col2Im, Elementwise, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
-    ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,
+    AvgPool, AvgPoolGrad, Col2Im, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
+    ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, ScatterAdd, Update,
 )
 from .base import Runner as RunnerBase, buf, indent
 from .scalar_code import body_code, dims, helper_source, lets_code, uses_indices
@@ -175,6 +175,23 @@ def _avg_pool_grad(k: AvgPoolGrad, program):
 @emit.register
 def _reshape(k: Reshape, program):
     return [f"{buf(k.out)}.reshape(-1)[...] = {buf(k.operands[0].buffer)}.reshape(-1)"]
+
+
+# --------------------------------------------------------------------------- embeddings
+# The ids are exact integers held in the float dtype (``ir.Gather``): a row lookup and its adjoint.
+
+
+@emit.register
+def _gather(k: Gather, program):
+    table, ids = (buf(o.buffer) for o in k.operands)
+    return [f"{buf(k.out)}[...] = {table}[{ids}[:, 0].astype(numpy.int64)]"]
+
+
+@emit.register
+def _scatter_add(k: ScatterAdd, program):
+    """``numpy.add.at``: a repeated id adds every one of its rows (plain indexing would keep one)."""
+    ids, G = (buf(o.buffer) for o in k.operands)
+    return [f"{buf(k.out)}[...] = 0.0", f"numpy.add.at({buf(k.out)}, {ids}[:, 0].astype(numpy.int64), {G})"]
 
 
 def generate(program: Program) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..nn.fitting import Trainer
 from .cluster import Workers, as_client
-from .shards import grad_task, model_blob, params_task, report_task, setup_task
+from .shards import grad_task, import_task, model_blob, params_task, report_task, setup_task
 from .update import UpdateProgram
 
 
@@ -59,7 +59,8 @@ class DataParallel(Trainer):
         self.key = f"symdl-fit-{uuid.uuid4().hex}"
         self._futures = []
         try:
-            self.cluster = Workers(self.client, timeout)
+            self.cluster = Workers(self.client, timeout, key=self.key)
+            self.cluster.import_symdl(import_task)  # before any step's timeout runs
             self.workers = self.cluster.addresses
             self.cluster.completed = int(model.train_step.t)  # global steps taken so far
             # per sync round: wall time waiting for the workers, the slowest worker's compute inside

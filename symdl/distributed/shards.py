@@ -7,6 +7,7 @@ runs the same formulas as the driver: ``sync="grads"`` the model's gradient prog
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -18,7 +19,7 @@ from ..nn import load
 from ..nn.datasets import check_dataset
 from ..nn.fitting import correct_predictions
 from ..run.pipeline import value_and_grad
-from .cluster import NO_SHARD
+from .cluster import NO_SHARD, compiling
 
 _WORKER_STATE = {}  # fit key -> Shard, in each worker process
 
@@ -67,6 +68,14 @@ class Shard:
                                        dtype=self.model.dtype)
         self.setup_seconds = time.perf_counter() - started
 
+    def runner(self, sync):
+        """The compiled program this shard's steps run (the gradient program or the training step)."""
+        return (self.grad if sync == "grads" else self.model.train_step).runner
+
+    def compiling(self, key, sync, rows: int):
+        """``cluster.compiling(key)`` if a step on ``rows`` rows compiles code first, else nothing."""
+        return compiling(key) if self.runner(sync).will_compile(rows) else contextlib.nullcontext()
+
     def warm_up(self, sync):
         """Run (and so compile, or load from the cache) the program once on one row."""
         xb, yb = self.X[:1], self.Y[:1]
@@ -78,13 +87,19 @@ class Shard:
             self.model.train_step.load_state_dict(saved)
 
 
+def import_task() -> int:
+    """Task: nothing but what running it takes, importing this module (and so symdl) in the worker."""
+    return os.getpid()
+
+
 def setup_task(key, blob, backend, sync, X, Y, rows, threads, check):
     """Task: build this worker's shard state (X, Y are lists of chunks for a Dask array)."""
     if isinstance(X, list):
         X, Y = check_dataset(np.concatenate(X), np.concatenate(Y), what="training data (Dask array)", **check)
-    shard = Shard(blob, backend, sync, X, Y, rows, threads)
-    started = time.perf_counter()
-    shard.warm_up(sync)
+    with compiling(key):  # building the programs (a cold compile cache: a minute or more on a busy host)
+        shard = Shard(blob, backend, sync, X, Y, rows, threads)
+        started = time.perf_counter()
+        shard.warm_up(sync)
     _WORKER_STATE[key] = shard
     return {"pid": os.getpid(), "shard_rows": len(shard.X), "setup_seconds": shard.setup_seconds,
             "compile_seconds": time.perf_counter() - started}
@@ -95,7 +110,8 @@ def grad_task(key, params, local):
     s = _shard(key)
     started = time.perf_counter()
     xb, yb = s.X[local], s.Y[local]
-    loss, grads = s.grad(x=xb, y=yb, check_finite=False, **params)  # rows checked at setup; fit judges the loss
+    with s.compiling(key, "grads", len(local)):
+        loss, grads = s.grad(x=xb, y=yb, check_finite=False, **params)  # rows checked at setup; fit judges the loss
     correct = 0.0
     if s.model.kind != "regression":  # the gradient program has no logits: one forward pass for them
         s.model.set_weights(params)
@@ -120,7 +136,8 @@ def params_task(key, state, lr_values, t0, steps):
             continue
         xb, yb = s.X[local], s.Y[local]
         ts.t = t0 + j  # step() adds one: Adam's bias correction counts global steps
-        loss = ts.step(x=xb, y=yb, check_finite=False)
+        with s.compiling(key, "params", len(local)):
+            loss = ts.step(x=xb, y=yb, check_finite=False)
         total += loss * len(local)
         correct += correct_predictions(s.model, ts.output("out"), yb)
         rows += len(local)

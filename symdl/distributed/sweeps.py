@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ..backends.threads import set_num_threads
-from .cluster import as_client, dask_distributed
+from .cluster import as_client, dask_distributed, wait_for_workers
 
 
 def grid_points(grid) -> list:
@@ -74,6 +74,7 @@ def sweep(build_fn, grid, X, y, *, cluster, validation_data=None, timeout=600.0,
     client, owned = as_client(cluster)
     points = grid_points(grid)
     try:
+        wait_for_workers(client)  # a cluster still starting its workers: broadcast to all of them
         data = client.scatter([np.asarray(X), np.asarray(y)], broadcast=True, hash=False)
         val = None
         if validation_data is not None:

@@ -240,6 +240,33 @@ class ImageInput(Input):
         return self.args[0].dims
 
 
+class TokenInput(Input):
+    """A batch of ``n`` sequences of ``T`` token ids ``(n, T)``, held as the column ``(n·T, 1)``: one
+    row per token (row ``b·T + t``), the way images are pixel rows. The ids are exact integers in
+    the program's float dtype; the arrays passed are integers (``run.validate`` checks them)."""
+
+    @property
+    def sequence_length(self) -> int:
+        return self.args[0].dims[0]
+
+    @property
+    def token_shape(self) -> tuple:
+        return self.args[0].dims
+
+
+class SequenceInput(Input):
+    """A batch of ``n`` sequences of ``T`` vectors ``(n, T, d)``, held as ``(n·T, d)``: one row per token
+    (per-token targets, or features already embedded)."""
+
+    @property
+    def sequence_length(self) -> int:
+        return self.args[0].dims[0]
+
+    @property
+    def sequence_shape(self) -> tuple:
+        return self.args[0].dims
+
+
 class KernelParam(Param):
     """A convolution kernel ``(kh, kw, c_in, c_out)``, held as the matrix ``(kh·kw·c_in, c_out)``."""
 
@@ -256,17 +283,32 @@ class State(Ops, MatrixSymbol):
     """
 
 
-def input(name: str, features) -> Input:  # noqa: A001 - public name from the design
+def input(name: str, features, dtype=None) -> Input:  # noqa: A001 - public name from the design
     """A batch of data with ``features`` columns and ``n`` (symbolic) rows.
 
-    ``features = (H, W, C)`` declares a batch of NHWC images, held as ``(n·H·W, C)``:
+    ``features = (H, W, C)`` declares a batch of NHWC images, held as ``(n·H·W, C)``;
+    ``features = (T,)`` with an integer ``dtype`` a batch of token sequences ``(n, T)``, held as
+    the column of ids ``(n·T, 1)`` (``ops.embedding`` looks them up; ``sequence_input`` declares
+    sequences of vectors):
 
     >>> x = input("x", 4); x.shape
     (n, 4)
     >>> input("img", (8, 8, 1)).shape
     (64*n, 1)
+    >>> input("tokens", (5,), dtype="int32").shape
+    (5*n, 1)
     """
     _check_name(name)
+    if dtype is not None:
+        if str(dtype) not in ("int32", "int64"):
+            raise ValueError(f"input {name!r}: dtype must be 'int32' or 'int64' (token ids), got {dtype!r}; "
+                             "float inputs take no dtype")
+        dims = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+        if len(dims) != 1 or not (isinstance(dims[0], numbers.Integral) and dims[0] > 0):
+            raise ValueError(f"input {name!r}: token ids are sequences (sequence_length,) of a positive int, "
+                             f"got {features!r}")
+        # each call its own leaf (as ``param``): the embeddings built on it check the ids passed for it
+        return TokenInput(ShapedName(name, dims, next(_param_ids)), n * int(dims[0]), 1)
     if isinstance(features, (tuple, list)):
         dims = tuple(features)
         if len(dims) != 3 or not all(isinstance(d, numbers.Integral) and d > 0 for d in dims):
@@ -277,6 +319,21 @@ def input(name: str, features) -> Input:  # noqa: A001 - public name from the de
     if not (isinstance(features, numbers.Integral) and features > 0):
         raise ValueError(f"input {name!r}: features must be a positive integer, got {features!r}")
     return Input(name, n, int(features))
+
+
+def sequence_input(name: str, shape) -> Input:
+    """A batch of ``n`` sequences of ``T`` vectors of ``d`` features ``(n, T, d)``, held as ``(n·T, d)``
+    (row ``b·T + t``, as an embedding's output): per-token targets, or features already embedded.
+
+    >>> sequence_input("y", (5, 3)).shape
+    (5*n, 3)
+    """
+    _check_name(name)
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else ()
+    if len(dims) != 2 or not all(isinstance(d, numbers.Integral) and d > 0 for d in dims):
+        raise ValueError(f"sequence_input {name!r}: shape is (sequence_length, features) of positive ints, "
+                         f"got {shape!r}")
+    return SequenceInput(ShapedName(name, dims), n * int(dims[0]), int(dims[1]))
 
 
 def param(name: str, shape) -> Param:
@@ -653,7 +710,7 @@ def topological(roots) -> list:
 
 
 __all__ = [
-    "n", "STEP", "VARS", "ROW_INDEX", "COL_INDEX", "INDEX_SYMBOLS", "input", "param", "Input", "Param", "VectorParam", "State", "ImageInput", "KernelParam", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
+    "n", "STEP", "VARS", "ROW_INDEX", "COL_INDEX", "INDEX_SYMBOLS", "input", "param", "Input", "Param", "VectorParam", "State", "ImageInput", "TokenInput", "SequenceInput", "sequence_input", "KernelParam", "is_atomic", "PRINT_RULES", "Map", "Broadcast", "SumRows", "SumCols",
     "SumAll", "RowLogSumExp", "Reduce", "elementwise", "make_map", "hadamard", "total", "mean", "sum_squares",
     "matmul", "broadcast_to", "leaves", "check_leaf_names", "children", "topological", "ShapeMismatch", "MatMul",
     "walk", "Walk", "MatAdd", "Transpose",

@@ -11,7 +11,8 @@ lists them; a backend has one handler per class):
                    order, then ``writes`` (an optimizer step: new state, new parameter);
 * ``ImageKernel``  a gather over NHWC image batches (``Geometry``): ``Im2Col``, ``Col2Im``,
                    ``MaxPool``, ``MaxPoolGrad``, ``AvgPool``, ``AvgPoolGrad``;
-* ``Reshape``      the same row-major memory read as another ``(rows, cols)``.
+* ``Reshape``      the same row-major memory read as another ``(rows, cols)``;
+* ``Gather``       a row lookup ``table[ids]`` (embeddings) and ``ScatterAdd``, its adjoint.
 
 An ``Operand`` reads a buffer at ``(i, j)`` through a ``Pattern``. Shapes are SymPy
 expressions in the batch symbol ``n``. ``check(program)`` validates a program: every
@@ -312,9 +313,56 @@ class Reshape:
         return f"reshape({', '.join(map(str, self.operands))})"
 
 
+@dataclass
+class Gather:
+    """A row lookup (an embedding): ``out[r, :] = table[ids[r, 0], :]``.
+
+    ``operands = (table, ids)``, both read whole: ``table`` ``(V, d)``, ``ids`` ``(R, 1)`` holding
+    row numbers as exact integers in the program's float dtype (the way dropout's indices are
+    numbers), ``out`` ``(R, d)``. Iteration ``r`` writes row ``r`` of ``out`` alone.
+    """
+
+    out: str
+    operands: tuple  # (table, ids): Operands (always Pattern.SAME)
+    kind = "gather"  # how generated code, train.kernels and CUDA kernel names spell it
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        return []
+
+    def __str__(self):
+        table, ids = (o.buffer for o in self.operands)
+        return f"gather({table}[{ids}])"
+
+
+@dataclass
+class ScatterAdd:
+    """``Gather``'s adjoint: ``out`` ``(V, d)`` zero, then ``out[ids[r, 0], :] += G[r, :]`` for every
+    ``r`` in order (a repeated id accumulates). ``operands = (ids, G)``: ``ids`` ``(R, 1)``, ``G``
+    ``(R, d)``. A loop's units are the columns ``d``: each column is one thread's, so no two
+    threads write one entry, and every entry adds its rows in the serial order.
+    """
+
+    out: str
+    operands: tuple  # (ids, G): Operands (always Pattern.SAME)
+    kind = "scatter_add"  # how generated code, train.kernels and CUDA kernel names spell it
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        return []
+
+    def __str__(self):
+        ids, G = (o.buffer for o in self.operands)
+        return f"scatter_add({ids}, {G})"
+
+
 #: Every kernel class a program may hold (``check`` refuses anything else).
 KERNELS = (Gemm, Elementwise, ReduceRows, ReduceCols, ReduceAll, ReduceLogSumExp, Update,
-           Im2Col, Col2Im, MaxPool, MaxPoolGrad, AvgPool, AvgPoolGrad, Reshape)
+           Im2Col, Col2Im, MaxPool, MaxPoolGrad, AvgPool, AvgPoolGrad, Reshape, Gather, ScatterAdd)
 
 
 @dataclass
@@ -366,6 +414,9 @@ class Program:
             r, c = self.shape_of(kernel.out)
             inner = self.shape_of(kernel.a)[0 if kernel.trans_a else 1]
             return sp.sympify(r * c * inner)
+        if isinstance(kernel, ScatterAdd):  # zero the (V, d) table, then add every row of G
+            (v, c), (r, _) = self.shape_of(kernel.out), self.shape_of(kernel.operands[1].buffer)
+            return sp.sympify(v * c + r * c)
         r, c = self.loop_shape(kernel)
         if isinstance(kernel, ImageKernel):  # each output entry reads one window
             return sp.sympify(r * c * kernel.window())
@@ -484,3 +535,21 @@ def _reshape_shapes(k: Reshape, program, where):
     size = lambda s: sp.expand(s[0] * s[1])  # noqa: E731
     if sp.expand(size(source) - size(got_out)) != 0:
         raise ProgramError(f"{where}: reshape of {source} to {got_out} changes the size")
+
+
+@_check_shapes.register
+def _gather_shapes(k: Gather, program, where):
+    table, ids = _whole_buffers(k, program, 2, where)
+    out = tuple(program.shape_of(k.out))
+    same = lambda a, b: sp.expand(sp.sympify(a) - b) == 0  # noqa: E731
+    if not (same(ids[1], 1) and same(out[0], ids[0]) and same(out[1], table[1])):
+        raise ProgramError(f"{where}: gather of table {table} at ids {ids} does not give {out}")
+
+
+@_check_shapes.register
+def _scatter_add_shapes(k: ScatterAdd, program, where):
+    ids, G = _whole_buffers(k, program, 2, where)
+    out = tuple(program.shape_of(k.out))
+    same = lambda a, b: sp.expand(sp.sympify(a) - b) == 0  # noqa: E731
+    if not (same(ids[1], 1) and same(G[0], ids[0]) and same(out[1], G[1])):
+        raise ProgramError(f"{where}: scatter_add of {G} at ids {ids} does not give {out}")

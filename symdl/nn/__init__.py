@@ -2,7 +2,8 @@
 
 * ``layers``      ``Dense``, ``Conv2D``, ``MaxPooling2D``, ``AveragePooling2D``, ``Flatten``, ``BatchNormalization``,
                   ``LayerNormalization``, ``Dropout``, ``Activation``, ``Reshape``,
-                  ``ZeroPadding2D`` (build parameters and an expression; keeps no graph);
+                  ``ZeroPadding2D``, ``Embedding``, ``TokenAndPositionEmbedding`` (build parameters and an
+                  expression; keeps no graph);
 * ``functional``  ``Input``, symbolic tensors, layers called on them (Keras 3's functional API);
 * ``merging``     ``Add``, ``Subtract``, ``Multiply``, ``Average``, ``Maximum``, ``Minimum``, ``Concatenate``,
                   ``GlobalAveragePooling2D``, ``GlobalMaxPooling2D``;
@@ -18,8 +19,8 @@ from .callbacks import (
 )
 from .fitting import History, batches
 from .layers import (
-    INITIALIZERS, Activation, AveragePooling2D, BatchNormalization, Conv2D, Dense, Dropout, Flatten, LayerNormalization, MaxPooling2D,
-    Reshape, ZeroPadding2D,
+    INITIALIZERS, Activation, AveragePooling2D, BatchNormalization, Conv2D, Dense, Dropout, Embedding, Flatten, LayerNormalization,
+    MaxPooling2D, Reshape, TokenAndPositionEmbedding, ZeroPadding2D,
 )
 from .functional import Input
 from .merging import (
@@ -33,7 +34,7 @@ __all__ = [
     "Activation", "AveragePooling2D", "BatchNormalization", "Callback", "Conv2D", "Dense", "Dropout", "Flatten",
     "LayerNormalization", "MaxPooling2D", "Reshape", "ZeroPadding2D", "EarlyStopping", "History", "INITIALIZERS", "LearningRateScheduler", "Model",
     "ModelCheckpoint", "Sequential", "batches", "callbacks", "checkpoint", "cosine_decay", "exponential_decay",
-    "fitting", "layers", "load", "model", "step_decay",
+    "fitting", "layers", "load", "model", "step_decay", "Embedding", "TokenAndPositionEmbedding",
 ]
 
 # Logging, curves, and weights in and out (files of their own: see each module).

@@ -288,7 +288,9 @@ def _end_epoch(model, epoch, logs, Xv, Yv, callbacks, verbose) -> bool:
 
 
 def _interactive() -> bool:
-    if "ipykernel" in sys.modules:  # a notebook: tqdm.auto draws a widget, not lines of text
+    from .curves import in_notebook
+
+    if in_notebook():  # a Jupyter kernel (not merely ipykernel imported): tqdm.auto draws a widget
         return True
     try:
         return sys.stderr.isatty()

@@ -26,8 +26,9 @@ import itertools
 
 import numpy as np
 
-from ..graph.nodes import input as sd_input
+from ..graph.nodes import input as sd_input, sequence_input
 from ..ops.conv import image_shape
+from ..ops.embedding import sequence_length
 
 _serial = itertools.count()
 
@@ -40,13 +41,16 @@ class SymbolicTensor:
     has no layer and holds its graph ``leaf``.
     """
 
-    def __init__(self, shape, layer=None, inputs=(), many=False, leaf=None, name=None):
+    def __init__(self, shape, layer=None, inputs=(), many=False, leaf=None, name=None, dtype=None):
         self.shape, self.layer, self.inputs, self.many = tuple(shape), layer, list(inputs), many
         self.leaf, self.name, self.serial = leaf, name, next(_serial)
+        self.dtype = dtype  # "int32" / "int64": token ids (sd.nn.Input(shape=(T,), dtype="int32")), else None
 
     @property
     def features(self):
-        """What ``sd.input`` takes: the width, or ``(h, w, c)``."""
+        """What ``sd.input`` takes: the width, ``(h, w, c)``, or a sequence's ``(T,)`` ids / ``(T, d)``."""
+        if self.dtype is not None:
+            return self.shape
         return self.shape[0] if len(self.shape) == 1 else self.shape
 
     def __repr__(self):
@@ -115,10 +119,18 @@ def Input(shape, dtype=None, name=None) -> SymbolicTensor:  # noqa: N802 - Keras
         shape = tuple(int(d) for d in shape)
     except (TypeError, ValueError):
         raise ValueError(f"Input: shape must be a tuple like (features,) or (h, w, c), got {shape!r}") from None
+    tokens = dtype is not None and str(np.dtype(dtype)) in ("int32", "int64")
+    if tokens:  # token ids (n, T): an Embedding reads them
+        if len(shape) != 1 or shape[0] < 1:
+            raise ValueError(f"Input: token ids have shape (sequence_length,), got {shape!r}")
+        if name is not None and not (isinstance(name, str) and name):
+            raise ValueError(f"Input: name must be a non-empty string, got {name!r}")
+        dtype = str(np.dtype(dtype))
+        return SymbolicTensor(shape, leaf=sd_input("x", shape, dtype=dtype), name=name or "input_layer", dtype=dtype)
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise ValueError(f"Input: shape must be (features,) or (h, w, c) of positive ints, got {shape!r}")
     if dtype is not None and np.dtype(dtype).kind != "f":
-        raise ValueError(f"Input: symdl models read floating-point data, got dtype {dtype!r}")
+        raise ValueError(f"Input: symdl models read floating-point data or int32/int64 token ids, got dtype {dtype!r}")
     if name is not None and not (isinstance(name, str) and name):
         raise ValueError(f"Input: name must be a non-empty string, got {name!r}")
     leaf = sd_input("x", shape[0] if len(shape) == 1 else shape)  # fit / predict pass the data as x
@@ -141,11 +153,20 @@ def call_layer(layer, inputs) -> SymbolicTensor:
         raise TypeError(f"{label(layer)} takes a list of tensors" if not many else
                         f"{label(layer)} takes one tensor, got a list of {len(tensors)}")
     # placeholders for the inputs; the index only names throw-away parameters (and errors, as Sequential does)
-    probes = [sd_input(f"probe{i}", t.features) for i, t in enumerate(tensors)]
+    probes = [_probe(f"probe{i}", t) for i, t in enumerate(tensors)]
     built = layer.build_both(len(upstream_layers(tensors)) + 1, probes if many else probes[0],
                              probes if many else probes[0])
     out = built.train
-    return SymbolicTensor(image_shape(out) or (int(out.shape[1]),), layer, tensors, many)
+    T = sequence_length(out)  # token rows (n·T, d): the tensor is (T, d), as Keras's (None, T, d)
+    return SymbolicTensor(image_shape(out) or ((T, int(out.shape[1])) if T else (int(out.shape[1]),)), layer,
+                          tensors, many)
+
+
+def _probe(name, t: SymbolicTensor):
+    """A placeholder leaf for tensor ``t``: features, images, token ids ``(T,)`` or sequences ``(T, d)``."""
+    if t.dtype is None and len(t.shape) == 2:
+        return sequence_input(name, t.shape)
+    return sd_input(name, t.features, dtype=t.dtype)
 
 
 def upstream_layers(tensors) -> list:

@@ -16,6 +16,7 @@ tanh(x*W1 + b1)
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from typing import NamedTuple
 from ..formulas import activations as functions, normalization, dropout as stochastic
 from ..ops.conv import Reshape as Rows, avg_pool2d, conv2d, flatten, image_shape, max_pool2d
 from ..ops.padding import zero_pad2d
+from ..ops.embedding import embedding, position_rows
 from ..graph.nodes import State, param
 from ..run.pipeline import glorot_uniform
 from ..registry import Registry
@@ -442,3 +444,149 @@ def _pads(padding):
             return tuple(tuple(v) for v in padding)
     raise ValueError(f"ZeroPadding2D: padding must be an int >= 0, (rows, cols) or ((top, bottom), (left, right)), "
                      f"got {padding!r}")
+
+
+# --------------------------------------------------------------------------- embeddings
+
+#: Embedding initializers by name (Keras 3's defaults): ``(rng, shape) -> array``.
+EMBEDDING_INITIALIZERS = Registry("embeddings_initializer")
+EMBEDDING_INITIALIZERS.update({
+    "uniform": lambda rng, s: rng.uniform(-0.05, 0.05, size=s),  # keras.initializers.RandomUniform()
+    "glorot_uniform": glorot_uniform,
+    "normal": lambda rng, s: rng.normal(scale=0.05, size=s),  # keras.initializers.RandomNormal()
+    "zeros": lambda rng, s: np.zeros(s),
+})
+
+
+def _positive(value, what, where) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{where}: {what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _initializer(init, where):
+    if isinstance(init, str):
+        EMBEDDING_INITIALIZERS.get(init)  # raises on unknown names
+    elif not callable(init):
+        raise ValueError(f"{where}: an initializer is a name or a callable (rng, shape) -> array, got {init!r}")
+    return init
+
+
+def _draw(init, index, shape):
+    """A table's first values: the initializer on a generator seeded by the layer's index."""
+    rng = np.random.default_rng(zlib.crc32(str(index).encode()))
+    return np.asarray(init(rng, shape) if callable(init) else EMBEDDING_INITIALIZERS.get(init)(rng, shape))
+
+
+def _tokens(h, where):
+    from ..graph.nodes import TokenInput
+
+    if not isinstance(h, TokenInput):
+        raise ValueError(f"{where} takes token ids: sd.nn.Input(shape=(sequence_length,), dtype=\"int32\"), got a "
+                         f"tensor of shape {tuple(h.shape)}")
+
+
+@_layer
+class Embedding(Layer):
+    """Token ids ``(n, T)`` to vectors ``(n, T, output_dim)`` (Keras 3's ``Embedding``): row ``ids[b, t]``
+    of the weight ``embeddings{index}`` ``(input_dim, output_dim)``, a lookup (O(n·T·d) work) whose
+    gradient is a scatter-add. A ``Dense`` after it acts on each token.
+
+    >>> import symdl as sd
+    >>> x = sd.nn.Input(shape=(5,), dtype="int32")
+    >>> sd.nn.Dense(3)(sd.nn.Embedding(10, 4)(x))
+    <SymbolicTensor shape=(None, 5, 3) from Dense>
+    """
+
+    kind = "embedding"
+
+    def __init__(self, input_dim, output_dim, embeddings_initializer="uniform", name=None):
+        self.input_dim = _positive(input_dim, "input_dim", "Embedding")
+        self.output_dim = _positive(output_dim, "output_dim", "Embedding")
+        self.embeddings_initializer = _initializer(embeddings_initializer, "Embedding")
+        self.name = name
+
+    def where(self, index) -> str:
+        return f"Embedding layer {index}" + (f" {self.name!r}" if self.name else "")
+
+    def make_params(self, index, features):
+        return [param(f"embeddings{index}", (self.input_dim, self.output_dim))]
+
+    def build_both(self, index, h, h_infer) -> Built:
+        _tokens(h, self.where(index))
+        params = self.make_params(index, 1)
+        out = embedding(params[0], h, where=self.where(index))
+        infer = out if h_infer == h else embedding(params[0], h_infer, where=self.where(index))
+        E = params[0]
+        return Built(params, out, infer, {}, {str(E.name): _draw(self.embeddings_initializer, index, E.value_shape)})
+
+    def apply(self, params, h):
+        return embedding(params[0], h, where=f"Embedding {self.name!r}" if self.name else "Embedding")
+
+    def describe(self) -> str:
+        return f"{self.input_dim} ids -> {self.output_dim}"
+
+    def config(self, name=None) -> dict:
+        init = self.embeddings_initializer if isinstance(self.embeddings_initializer, str) else "uniform"
+        return {"input_dim": self.input_dim, "output_dim": self.output_dim, "embeddings_initializer": init,
+                "name": name or self.name}
+
+
+@_layer
+class TokenAndPositionEmbedding(Layer):
+    """keras-hub's ``TokenAndPositionEmbedding``: a token embedding ``embeddings{index}``
+    ``(vocabulary_size, embedding_dim)`` plus a learned position embedding
+    ``position_embeddings{index}`` ``(sequence_length, embedding_dim)``; token ``t`` of every sequence
+    adds row ``t`` (sequences may be shorter than ``sequence_length``, not longer).
+
+    >>> import symdl as sd
+    >>> x = sd.nn.Input(shape=(6,), dtype="int32")
+    >>> sd.nn.TokenAndPositionEmbedding(50, 8, 4)(x)
+    <SymbolicTensor shape=(None, 6, 4) from TokenAndPositionEmbedding>
+    """
+
+    kind = "token_and_position_embedding"
+
+    def __init__(self, vocabulary_size, sequence_length, embedding_dim, embeddings_initializer="uniform",
+                 position_initializer="glorot_uniform", name=None):
+        where = "TokenAndPositionEmbedding"
+        self.vocabulary_size = _positive(vocabulary_size, "vocabulary_size", where)
+        self.sequence_length = _positive(sequence_length, "sequence_length", where)
+        self.embedding_dim = _positive(embedding_dim, "embedding_dim", where)
+        self.embeddings_initializer = _initializer(embeddings_initializer, where)
+        self.position_initializer = _initializer(position_initializer, where)
+        self.name = name
+
+    def where(self, index) -> str:
+        return f"TokenAndPositionEmbedding layer {index}" + (f" {self.name!r}" if self.name else "")
+
+    def make_params(self, index, features):
+        return [param(f"embeddings{index}", (self.vocabulary_size, self.embedding_dim)),
+                param(f"position_embeddings{index}", (self.sequence_length, self.embedding_dim))]
+
+    def _out(self, params, h, where):
+        return embedding(params[0], h, where=where) + position_rows(params[1], h, where=where)
+
+    def build_both(self, index, h, h_infer) -> Built:
+        where = self.where(index)
+        _tokens(h, where)
+        params = self.make_params(index, 1)
+        out = self._out(params, h, where)
+        infer = out if h_infer == h else self._out(params, h_infer, where)
+        E, P = params
+        initial = {str(E.name): _draw(self.embeddings_initializer, index, E.value_shape),
+                   str(P.name): _draw(self.position_initializer, f"{index}_position", P.value_shape)}
+        return Built(params, out, infer, {}, initial)
+
+    def apply(self, params, h):
+        return self._out(params, h, "TokenAndPositionEmbedding" + (f" {self.name!r}" if self.name else ""))
+
+    def describe(self) -> str:
+        return f"{self.vocabulary_size} ids, {self.sequence_length} positions -> {self.embedding_dim}"
+
+    def config(self, name=None) -> dict:
+        as_name = lambda v, d: v if isinstance(v, str) else d  # noqa: E731
+        return {"vocabulary_size": self.vocabulary_size, "sequence_length": self.sequence_length,
+                "embedding_dim": self.embedding_dim,
+                "embeddings_initializer": as_name(self.embeddings_initializer, "uniform"),
+                "position_initializer": as_name(self.position_initializer, "glorot_uniform"), "name": name or self.name}

@@ -36,6 +36,22 @@ from ..registry import Registry, rich_display
 EXPORTERS = Registry("export format")
 
 
+class Formulas(str):
+    """``model.formulas()``: the derivation as text (or LaTeX), which a notebook shows rendered
+    (``symdl.show.rich.formulas_bundle``: the explanation and the compiled kernels)."""
+
+    def __new__(cls, text: str, model):
+        self = super().__new__(cls, text)
+        self.model = model
+        return self
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return rich_display(self, include, exclude)
+
+    def _repr_pretty_(self, p, cycle):  # IPython's text view: the text itself, not its repr
+        p.text(str(self))
+
+
 class Model:
     """Keras 3's functional ``Model(inputs, outputs)``: the layers between ``sd.nn.Input`` tensors and
     output tensors, built into one graph (``symdl.nn.functional``). ``Sequential`` is a ``Model``
@@ -587,10 +603,11 @@ class Model:
         return text
 
     def formulas(self, latex: bool = False) -> str:
-        """Every gradient, derived: the textbook backward pass (``latex=True`` for LaTeX)."""
+        """Every gradient, derived: the textbook backward pass (``latex=True`` for LaTeX). A string;
+        in a notebook it shows as the rendered derivation with the kernels each formula compiled to."""
         self.require_compiled()
         e = explain(self.loss, self.params)
-        return e.latex if latex else str(e)
+        return Formulas(e.latex if latex else str(e), self)
 
     def source(self, backend: str | None = None) -> str:
         """The generated training-step module."""

@@ -3,6 +3,7 @@
 
 * ``conv``    convolution, pooling, flatten (images are rows: ``(n·h·w, c)``);
 * ``concat``  concatenation along the columns, its split and padding;
-* ``padding`` zero-padding of image batches (``ZeroPadding2D``) and its crop.
+* ``padding`` zero-padding of image batches (``ZeroPadding2D``) and its crop;
+* ``embedding`` token sequences as rows ``(n·T, d)``: the lookup ``E[ids]`` and its scatter-add.
 """
-from . import concat, conv, padding  # noqa: F401 - registers the families' rules
+from . import concat, conv, embedding, padding  # noqa: F401 - registers the families' rules

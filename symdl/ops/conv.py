@@ -292,6 +292,21 @@ class MaxPoolGrad(ImageNode):
     notation = "route_max(A, G): each window's G goes to the window's first arg-max of A (ties: the first, as PyTorch)"
     writes_image = True
 
+    def _int_entry(self, i, j, **kw):
+        """Pixel ``i`` collects ``G`` of each window whose first arg-max it is: larger than the
+        window's entries before it, at least as large as those after (``sd.prove``'s scalar view)."""
+        g = self.geometry
+        x, G = self.operands[0], self.operands[1]
+        xi = x._entry(i, j, **kw)
+        total = sp.Integer(0)
+        for w, _, _ in self._covering(i):
+            rows = [r for r, _, _ in self._window(*self._pixel(w, g.OH, g.OW))]
+            m = rows.index(int(i))
+            first = [sp.StrictGreaterThan(xi, x._entry(r, j, **kw)) for r in rows[:m]]
+            first += [sp.GreaterThan(xi, x._entry(r, j, **kw)) for r in rows[m + 1:]]
+            total += sp.Piecewise((G._entry(w, j, **kw), sp.And(*first)), (0, True))
+        return total
+
 
 class AvgPool(ImageNode):
     """The mean of each window, per channel."""

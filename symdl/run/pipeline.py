@@ -30,7 +30,7 @@ from .. import backends
 from ..autodiff.vjp import Derivation, grad
 from ..backends.base import as_dtype
 from ..autodiff.explain import explain
-from ..graph.nodes import State, VectorParam, leaves
+from ..graph.nodes import SequenceInput, State, TokenInput, VectorParam, leaves
 from ..ir.lowering import lower
 from ..formulas.optimizers import SGD, STEP, Optimizer, state_name
 from ..formulas.dropout import SEED
@@ -211,7 +211,10 @@ class TrainStep:
             (self.params[name] if name in self.params else self.statistics[name])[...] = value
         self.t = 0  # steps taken (Adam's bias correction reads it)
         self.last_n = None
-        self._spec = [(str(l.name), int(l.shape[1])) for l in self.program.inputs]
+        # token and sequence inputs (an (n, T) or (n, T, d) array stored as rows) always take the
+        # checked path: their ids are range-checked and their rows are n·T, not n
+        self._spec = [(str(l.name), -1 if isinstance(l, (TokenInput, SequenceInput)) else int(l.shape[1]))
+                      for l in self.program.inputs]
         self._scalars = list(self.program.scalars)
 
     def output(self, name: str) -> np.ndarray:

@@ -221,6 +221,9 @@ class GradCheck(dict):
     def _repr_mimebundle_(self, include=None, exclude=None):  # a notebook's display (symdl.show)
         return rich_display(self, include, exclude)
 
+    def _repr_pretty_(self, p, cycle):  # IPython's text view: the verdict, not the dict
+        p.text(str(self))
+
     def __init__(self, errors, tol):
         super().__init__(errors)
         self.tol = tol

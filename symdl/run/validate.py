@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph.nodes import VectorParam
+from ..graph.nodes import SequenceInput, TokenInput, VectorParam
+from ..ops.embedding import id_limits
 
 
 class ArrayError(ValueError):
@@ -42,7 +43,17 @@ def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True) -> t
         if a.dtype.kind not in "fiub":
             raise ArrayError(f"array {name!r} has dtype {a.dtype}, expected numbers (converted to {np.dtype(dtype).name})")
         image = getattr(leaf, "image_shape", None)
-        if leaf in inputs and image is not None:  # (n, H, W, C) images -> (n·H·W, C) pixel rows
+        if leaf in inputs and isinstance(leaf, TokenInput):  # (n, T) integer ids -> the (n·T, 1) column
+            a = _token_ids(name, a, leaf)
+            rows = a.shape[0] // leaf.sequence_length
+        elif leaf in inputs and isinstance(leaf, SequenceInput):  # (n, T, d) -> (n·T, d) token rows
+            T, d = leaf.sequence_shape
+            a = a[..., None] if a.ndim == 2 and d == 1 else a
+            if a.ndim != 3 or a.shape[1:] != (T, d):
+                raise ArrayError(f"array {name!r} has shape {_fmt(a.shape)}, expected sequences (n, {T}, {d})")
+            rows = a.shape[0]
+            a = a.reshape(-1, d)
+        elif leaf in inputs and image is not None:  # (n, H, W, C) images -> (n·H·W, C) pixel rows
             a = a[..., None] if a.ndim == 3 and image[2] == 1 else a
             if a.ndim != 4 or a.shape[1:] != tuple(image):
                 raise ArrayError(f"array {name!r} has shape {_fmt(a.shape)}, expected images (n, "
@@ -73,6 +84,29 @@ def check_arrays(arrays: dict, inputs, params, dtype, *, check_finite=True) -> t
             raise ArrayError(f"array {name!r} contains NaN or Inf")
         out[name] = a
     return out, (batch if batch is not None else 1)
+
+
+def _token_ids(name, a, leaf):
+    """Token ids ``(n, T)`` checked (integers, inside every embedding's vocabulary that reads them:
+    ``ops.embedding.id_limits``) and made the column ``(n·T, 1)``."""
+    T = leaf.sequence_length
+    if a.ndim == 1 and T == 1:
+        a = a.reshape(-1, 1)
+    if a.ndim != 2 or a.shape[1] != T:
+        raise ArrayError(f"array {name!r} has shape {_fmt(a.shape)}, expected token ids (n, {T})")
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all() or (a != np.round(a)).any():
+            raise ArrayError(f"array {name!r} holds token ids: expected integers, got non-integer values "
+                             f"(dtype {a.dtype})")
+    elif a.dtype.kind == "b":
+        raise ArrayError(f"array {name!r} holds token ids: expected integers, got dtype {a.dtype}")
+    for V, where in id_limits(leaf):
+        bad = (a < 0) | (a >= V)
+        if bad.any():
+            at = tuple(int(k) for k in np.argwhere(bad)[0])
+            raise ArrayError(f"{where}: token id {a[at].item()} at {name}[{at[0]}, {at[1]}] is outside [0, {V}) "
+                             f"(input_dim={V}); array {name!r} has shape {_fmt(a.shape)}")
+    return a.reshape(-1, 1)
 
 
 def fast_inputs(arrays: dict, spec: list, dtype):

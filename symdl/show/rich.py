@@ -345,10 +345,10 @@ def history_bundle(history, include=None, exclude=None, max_rows: int = 40) -> d
 def install(table) -> None:
     """Register each display for its class in ``table`` (a ``symdl.registry.RuleTable``):
     ``Explanation`` (and ``HvpExplanation``), ``Proof``, ``GradCheck``, ``Model`` (and
-    ``Sequential``), ``History``. A class's ``_repr_mimebundle_`` then looks itself up there."""
+    ``Sequential``), ``History``, ``model.formulas()``'s ``Formulas``. A class's ``_repr_mimebundle_`` then looks itself up there."""
     from ..autodiff.explain import Explanation
     from ..nn.fitting import History
-    from ..nn.model import Model
+    from ..nn.model import Formulas, Model
     from ..run.proofs import GradCheck, Proof
 
     table.rule(Explanation)(explanation_bundle)
@@ -356,6 +356,7 @@ def install(table) -> None:
     table.rule(GradCheck)(gradcheck_bundle)
     table.rule(Model)(summary_bundle)
     table.rule(History)(history_bundle)
+    table.rule(Formulas)(lambda formulas, include=None, exclude=None: formulas_bundle(formulas.model, include, exclude))
 
 
 __all__ = ["explanation_bundle", "explanation_html", "factor_shapes", "formulas_bundle", "gradcheck_bundle",

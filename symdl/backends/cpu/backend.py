@@ -33,11 +33,11 @@ import numpy as np
 import sympy as sp
 
 from .. import cache, threads
-from . import runtime as cpu_runtime, llvm_code, llvm_image  # noqa: F401 - llvm_image registers its printers
+from . import runtime as cpu_runtime, llvm_code, llvm_gather, llvm_image  # noqa: F401 - llvm_image, llvm_gather register their printers
 from ...graph.nodes import n as N
 from ...ir.kernels import (
-    Elementwise, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,
-    at_batch,
+    Elementwise, Gather, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape,
+    ScatterAdd, Update, at_batch,
 )
 from ..base import Runner as RunnerBase, Workspace, buf, indent
 from ..formulas import Formula, formula, runs_flat, slot
@@ -51,8 +51,14 @@ from ..scalar_code import dims as _dims, helper_source, loop_body
 THREAD_MIN_WORK = 1 << 22
 
 #: In a threaded step, a kernel with at least this work is split across the threads; a smaller one
-#: runs on thread 0 alone (the barrier around a split kernel costs about a microsecond).
-SPLIT_MIN_WORK = 1 << 14
+#: runs on thread 0 alone. Measured on 2 cores (benchmarks/threads.py): splitting costs 2-4 µs (the
+#: barriers and the second thread's start), so kernels below about 10^5 elements x operations ran
+#: slower split, and from 1.3·10^5 up faster (1.2-1.9x).
+SPLIT_MIN_WORK = 1 << 17
+
+#: ... and only when its loops (not products) are at least this share of the step's work: on
+#: product-heavy steps (every MLP measured) BLAS's own threads did as well or better.
+THREAD_MIN_LOOP_SHARE = 0.1
 
 #: The outer loop over a kernel's units: the range the driver gives this call.
 OUTER = "for i in range(_begin, _end):"
@@ -161,6 +167,38 @@ def _image_units(k, program):
     return sp.sympify(program.shape_of(image_loop_rows(k))[0])
 
 
+@emit.register
+def _gather(k: Gather, program, flavor):
+    """One iteration per output row: the id (an exact integer in the float dtype), then its row."""
+    table, ids = (buf(o.buffer) for o in k.operands)
+    cols = _dims(program.shape_of(k.out))[1]
+    return [OUTER, f"    _r = int({ids}[i, 0])", f"    for j in range({cols}):",
+            f"        {buf(k.out)}[i, j] = {table}[_r, j]"]
+
+
+@units.register
+def _gather_units(k: Gather, program):
+    return sp.sympify(program.shape_of(k.out)[0])
+
+
+@emit.register
+def _scatter_add(k: ScatterAdd, program, flavor):
+    """Units: the output's columns; a thread zeroes its columns, then adds every row of ``G`` into
+    row ``ids[i]`` of them, in order (a repeated id accumulates; no two threads write one entry)."""
+    ids, G = (buf(o.buffer) for o in k.operands)
+    out = buf(k.out)
+    vocab = _dims(program.shape_of(k.out))[0]
+    rows = _dims(program.shape_of(k.operands[1].buffer))[0]
+    return [f"for v in range({vocab}):", "    for j in range(_begin, _end):", f"        {out}[v, j] = 0.0",
+            f"for i in range({rows}):", f"    _r = int({ids}[i, 0])", "    for j in range(_begin, _end):",
+            f"        {out}[_r, j] += {G}[i, j]"]
+
+
+@units.register
+def _scatter_add_units(k: ScatterAdd, program):
+    return sp.sympify(program.shape_of(k.out)[1])
+
+
 @units.register
 def _gemm_units(k: Gemm, program):
     return sp.sympify(program.shape_of(k.out)[0])  # rows of the product
@@ -233,10 +271,16 @@ def threaded(program: Program, n_value: int) -> bool:
     than on one thread (BLAS threading its products).
 
     Two spinning thread pools on a small machine starve each other (docs/performance.md), so
-    a step uses one: its own threads when its work is large (``THREAD_MIN_WORK``), each taking
-    a share of every large kernel, products split by rows; one thread otherwise.
+    a step uses one: its own threads when its work is large (``THREAD_MIN_WORK``) and not all
+    products (``THREAD_MIN_LOOP_SHARE``: a CNN), each taking a share of every large kernel,
+    products split by rows; one thread otherwise, BLAS threading the products (an MLP).
     """
-    return sum(program.work(k, n_value) for k in program.kernels) >= THREAD_MIN_WORK
+    total = loops = 0
+    for k in program.kernels:
+        work = program.work(k, n_value)
+        total += work
+        loops += 0 if isinstance(k, Gemm) else work
+    return total >= THREAD_MIN_WORK and loops >= THREAD_MIN_LOOP_SHARE * total
 
 
 class Runner(RunnerBase):
@@ -365,7 +409,7 @@ class Runner(RunnerBase):
             with threads.blas_single_threaded():
                 cpu_runtime.pool().run(*table, count)
         else:
-            self._driver(*table, 0, 1, 0)
+            self._driver(*table)
         return float(loss[0, 0]) if loss is not None else 0.0
 
     def _first_call(self, external, scalars, n):
@@ -379,7 +423,7 @@ class Runner(RunnerBase):
         for attempt in (1, 2):
             try:
                 frames = self.frames(n, parallel)
-                self._driver = cpu_runtime.driver()
+                self._driver = cpu_runtime.serial_driver()
                 table = (frames.ctypes.data, *frames.shape)  # the driver's arguments
                 self._ready[n] = (frames, frames.reshape(-1), views, self._external_spots(frames, views), loss,
                                   parallel, table)

@@ -433,21 +433,25 @@ def _reduce_log_sum_exp(k: ReduceLogSumExp, s: _Sums):
 
 @_reduce.register
 def _reduce_rows(k: ReduceRows, s: _Sums):
-    """Column sums in the output's dtype, row by row (vectorises along j); units: the columns
-    (a thread owns whole output entries and adds its rows in the serial order)."""
+    """Column sums in the output's dtype, row by row (vectorises along j); units: the columns.
+    A thread adds its rows in the serial order into its own columns, kept on its stack until the
+    end: accumulating in ``out`` itself, two threads whose columns share a cache line took the
+    line from each other at every row (6.3x slower than one thread for a conv bias's 6 columns)."""
     b, out, dtype = s.b, s.out, s.frame.dtype
     begin, end = s.frame.begin, s.frame.end
-    for_range(b, end, lambda j: b.store(_const(dtype, 0), b.gep(out, [j])), "j0", first=begin)
+    sums = b.alloca(dtype, size=b.sub(end, begin), name="sums")
+    for_range(b, b.sub(end, begin), lambda j: b.store(_const(dtype, 0), b.gep(sums, [j])), "j0")
 
     def add_row(i):
         def add(j):
             body, v = s.term(i, j)
-            address = b.gep(out, [j])
+            address = b.gep(sums, [b.sub(j, begin)])
             b.store(b.fadd(b.load(address), body.cast(v, dtype)), address)
 
         for_range(b, end, add, "j", first=begin)
 
     for_range(b, s.rows, add_row)
+    for_range(b, end, lambda j: b.store(b.load(b.gep(sums, [b.sub(j, begin)])), b.gep(out, [j])), "j1", first=begin)
 
 
 @singledispatch

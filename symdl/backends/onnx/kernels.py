@@ -23,8 +23,8 @@ import sympy as sp
 from ...formulas.activations import expand_activations
 from ...graph.nodes import VARS
 from ...ir.kernels import (
-    AvgPool, AvgPoolGrad, Col2Im, Elementwise, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
-    ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, Update,
+    AvgPool, AvgPoolGrad, Col2Im, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program,
+    ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, ScatterAdd, Update,
 )
 from . import images
 from .bodies import Body
@@ -149,6 +149,36 @@ def _reduce_log_sum_exp(k: ReduceLogSumExp, ctx):
 @emit.register
 def _reshape(k: Reshape, ctx):
     return ctx.g.reshape(ctx.value(k.operands[0].buffer), ctx.program.shape_of(k.out))
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def _row_indices(ctx, ids) -> str:
+    """The ``(R, 1)`` float ids as int64 row numbers (ONNX's index type)."""
+    from onnx import TensorProto
+
+    return ctx.g.node("Cast", [ctx.value(ids)], to=TensorProto.INT64)
+
+
+@emit.register
+def _gather(k: Gather, ctx):
+    """ONNX ``Gather`` along axis 0 with the ids as a vector: rows ``(R, d)``."""
+    table, ids = (o.buffer for o in k.operands)
+    flat = ctx.g.reshape(_row_indices(ctx, ids), (ctx.program.shape_of(ids)[0],))
+    return ctx.g.node("Gather", [ctx.value(table), flat], axis=0)
+
+
+@emit.register
+def _scatter_add(k: ScatterAdd, ctx):
+    """``ScatterND`` with ``reduction="add"`` (opset 16) into a zero ``(V, d)``: a repeated id adds."""
+    if ctx.g.opset < 16:
+        raise NotImplementedError(f"ONNX export: the embedding gradient (scatter_add) needs ScatterND's reduction, "
+                                  f"opset >= 16; this export uses opset {ctx.g.opset}")
+    ids, G = (o.buffer for o in k.operands)
+    V, d = (int(x) for x in ctx.program.shape_of(k.out))
+    zeros = ctx.g.const(np.zeros((V, d)))
+    return ctx.g.node("ScatterND", [zeros, _row_indices(ctx, ids), ctx.value(G)], reduction="add")
 
 
 # --------------------------------------------------------------------------- image kernels

@@ -1,0 +1,71 @@
+"""The embedding kernels (``ir.Gather``, ``ir.ScatterAdd``) printed as LLVM IR.
+
+Each handler follows its Python loop in ``cpu.backend`` (``_gather``, ``_scatter_add``) line by
+line: the same iterations, an id read as the float it is stored as and truncated to an ``i64``
+(``fptosi``, Python's ``int``), rows copied or added in the buffer's dtype in the same order. The
+results are those of the Python loop, to the bit.
+
+* ``Gather``: iteration ``i`` (units: the output's rows) copies row ``ids[i]`` of the table;
+* ``ScatterAdd``: units are the output's columns ``begin:end``; the call zeroes them, then adds row
+  ``i`` of ``G`` into row ``ids[i]`` for every ``i`` in order, so a repeated id accumulates and no
+  two threads write one entry.
+
+Importing this module registers the handlers in ``llvm_code.emit`` (``cpu.backend`` does).
+
+>>> import symdl as sd
+>>> from symdl.ir.lowering import lower
+>>> from symdl.backends.formulas import formula
+>>> from symdl.ops.embedding import embedding
+>>> ids = sd.input("ids", (3,), dtype="int32"); E = sd.param("E", (5, 2))
+>>> prog = lower({"h": embedding(E, ids)})
+>>> text = llvm_code.kernel_ir(formula(prog.kernels[0], prog), "float64")
+>>> "fptosi double" in text, "call" in text
+(True, False)
+"""
+from __future__ import annotations
+
+from ...ir.kernels import Gather, ScatterAdd
+from . import llvm_code
+from .llvm_code import I64, Frame, for_range
+
+_slot = llvm_code._slot
+
+
+def _id(frame: Frame, slot: int, i):
+    """Row ``i``'s id (column 0 of an ``(R, 1)`` slot) as an ``i64``, truncated as Python's ``int``."""
+    return frame.b.fptosi(frame.b.load(frame.at(slot, i, I64(0))), I64)
+
+
+@llvm_code.emit.register
+def _gather(k: Gather, frame: Frame) -> None:
+    b = frame.b
+    table, ids = (_slot(o.buffer) for o in k.operands)
+    cols = frame.slots[0][2]
+
+    def row(i):
+        r = _id(frame, ids, i)
+        for_range(b, cols, lambda j: b.store(b.load(frame.at(table, r, j)), frame.at(0, i, j)), "j")
+
+    frame.each(row)
+
+
+@llvm_code.emit.register
+def _scatter_add(k: ScatterAdd, frame: Frame) -> None:
+    b = frame.b
+    ids, G = (_slot(o.buffer) for o in k.operands)
+    vocab, rows = frame.slots[0][1], frame.slots[G][1]
+    begin, end = frame.begin, frame.end
+    zero = llvm_code._const(frame.dtype, 0.0)
+    for_range(b, vocab, lambda v: for_range(b, end, lambda j: b.store(zero, frame.at(0, v, j)), "j0", first=begin),
+              "v")
+
+    def add_row(i):
+        r = _id(frame, ids, i)
+
+        def add(j):
+            address = frame.at(0, r, j)
+            b.store(b.fadd(b.load(address), b.load(frame.at(G, i, j))), address)
+
+        for_range(b, end, add, "j", first=begin)
+
+    for_range(b, rows, add_row)
