@@ -91,6 +91,36 @@ def write_atomically(path: Path, content: str | bytes) -> None:
         raise
 
 
+def save_file(path, write, what: str = "cannot save") -> None:
+    """A user's file (a checkpoint, weights, an exported model) written so that a failed save, even
+    a SIGKILL, leaves the previous file untouched: ``write(f)`` fills a temporary file beside
+    ``path``, which is flushed, fsynced, given the usual mode (0666 less the umask: ``mkstemp``
+    makes 0600) and renamed into place. A directory is never created (a typo must not make a new
+    tree): a missing one is ``FileNotFoundError("<what> <path>: the directory ... does not exist")``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{what} {path}: the directory {path.parent} does not exist")
+    remove_leftovers(path.parent, of=path.name)  # of a save killed earlier
+    fd, tmp = temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
+
+
 # --------------------------------------------------------------------------- temporary files
 
 #: Numba's cache writes ``<file>.tmp.<16 hex digits>`` (no owner in the name): removed once this old.

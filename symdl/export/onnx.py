@@ -122,22 +122,7 @@ def outer_dims(expr) -> list:
 
 def write_atomically(path, data: bytes) -> None:
     """Write ``data`` to ``path`` under a temporary name, then rename: a failed write leaves the old file."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"ONNX export: cannot write {path}: the directory {path.parent} does not exist")
-    cache.remove_leftovers(path.parent, of=path.name)  # of a write killed earlier
-    fd, tmp = cache.temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    cache.save_file(path, lambda f: f.write(data), "ONNX export: cannot write")
 
 
 def _dropout_layers(model) -> list:

@@ -35,31 +35,10 @@ class CheckpointError(ValueError):
 
 def write(path, meta: dict, arrays: dict) -> None:
     """Atomically write ``meta`` (JSON-able) and ``arrays`` to ``path``."""
-    path = Path(path)
-    if not path.parent.is_dir():  # never create directories: a typo must not make a new tree
-        raise FileNotFoundError(f"cannot save {path}: the directory {path.parent} does not exist")
     payload = {_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     for k, v in arrays.items():
         payload[k] = np.asarray(v)
-    cache.remove_leftovers(path.parent, of=path.name)  # of a save killed earlier
-    fd, tmp = cache.temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _savez(f, payload)
-            f.flush()
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the usual mode
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it, then put it back
-    os.umask(mask)
-    return mask
+    cache.save_file(path, lambda f: _savez(f, payload))
 
 
 def _savez(f, payload):

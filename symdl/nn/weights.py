@@ -86,24 +86,9 @@ def save_weights(model, path) -> None:
     from safetensors.numpy import save
 
     _require_weights(model, "save_weights")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"save_weights: cannot save {path}: the directory {path.parent} does not exist")
     arrays = {name: np.ascontiguousarray(a) for name, a in model_arrays(model).items()}
     data = save(arrays, metadata={"format": FORMAT, "version": VERSION})
-    cache.remove_leftovers(path.parent, of=path.name)
-    fd, tmp = cache.temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    cache.save_file(path, lambda f: f.write(data), "save_weights: cannot save")
 
 
 def read_safetensors(path, what: str = "load_weights") -> dict:
