@@ -127,21 +127,7 @@ def worker(framework, task):
         for a, b in zip(widths[:-2], widths[1:-1]):
             layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
         model = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-2], widths[-1]))
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-        lossf = torch.nn.CrossEntropyLoss()
-        X, Y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
-        for epoch in range(epochs):
-            order = torch.randperm(len(X), generator=torch.Generator().manual_seed(epoch))
-            for i in range(0, len(X), batch):
-                idx = order[i : i + batch]
-                opt.zero_grad()
-                loss = lossf(model(X[idx]), Y[idx])
-                loss.backward()
-                opt.step()
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-        with torch.no_grad():
-            accuracy = float((model(torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
+        times, accuracy = torch_fit(model, Xtr, ytr, Xte, yte, epochs, batch, t0)
     elif framework == "sklearn":
         import warnings
 
@@ -157,6 +143,30 @@ def worker(framework, task):
     else:
         raise ValueError(framework)
     return {"first": times[0], "steady": statistics.median(times[1:]), "accuracy": accuracy, "import": imported}
+
+
+def torch_fit(model, Xtr, ytr, Xte, yte, epochs, batch, t0):
+    """A plain PyTorch fit loop (Adam, cross-entropy, shuffled batches): ``(epoch times, held-out
+    accuracy)``, the first epoch timed from ``t0``."""
+    import torch
+
+    times = []
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    lossf = torch.nn.CrossEntropyLoss()
+    X, Y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+    for epoch in range(epochs):
+        order = torch.randperm(len(X), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(X), batch):
+            idx = order[i : i + batch]
+            opt.zero_grad()
+            loss = lossf(model(X[idx]), Y[idx])
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
+    return times, accuracy
 
 
 def cnn_worker(framework, task, batch, epochs, threads):
@@ -214,22 +224,9 @@ def cnn_worker(framework, task, batch, epochs, threads):
             layers += [nn.Linear(width, w), nn.ReLU()]
             width = w
         model = nn.Sequential(*layers, nn.Linear(width, dense[-1]))
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-        lossf = nn.CrossEntropyLoss()
-        X, Y = torch.from_numpy(Xtr.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ytr)
-        for epoch in range(epochs):
-            order = torch.randperm(len(X), generator=torch.Generator().manual_seed(epoch))
-            for i in range(0, len(X), batch):
-                idx = order[i : i + batch]
-                opt.zero_grad()
-                loss = lossf(model(X[idx]), Y[idx])
-                loss.backward()
-                opt.step()
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-        with torch.no_grad():
-            test = torch.from_numpy(Xte.transpose(0, 3, 1, 2).copy())
-            accuracy = float((model(test).argmax(1).numpy() == yte).mean())
+        nchw = (0, 3, 1, 2)  # PyTorch's images are NCHW
+        times, accuracy = torch_fit(model, Xtr.transpose(nchw).copy(), ytr, Xte.transpose(nchw).copy(), yte, epochs,
+                                    batch, t0)
     return {"first": times[0], "steady": statistics.median(times[1:]), "accuracy": accuracy, "import": imported}
 
 
