@@ -50,7 +50,7 @@ def _evaluate(rhs: str, values: dict) -> np.ndarray:
 
 def _named_values(e, z, arrays, n):
     """The values of ``δx̂1``, ``x̂1``, ``σ1`` and of the adjoint of the normalisation's input ``z``."""
-    xhat = e.textbook[z]
+    (xhat,) = e.textbook[z]
     program = compile_outputs({"dxhat": e.adj[xhat], "xhat": xhat, "sigma": SOURCES[xhat].sigma, "dz": e.adj[z]},
                               "numpy", "float64")
     feed = {k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in arrays.items()}
@@ -113,7 +113,7 @@ def test_a_token_model_prints_layer_norm_in_textbook_form_and_matches_pytorch():
     (z,) = e.textbook
     feed = {"x": ids.reshape(-1, 1).astype(float), "y": arrays["y"].reshape(-1, V),
             **{k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in weights.items()}}
-    xhat = e.textbook[z]
+    (xhat,) = e.textbook[z]
     out = compile_outputs({"dxhat": e.adj[xhat], "xhat": xhat, "sigma": SOURCES[xhat].sigma}, "numpy", "float64")
     values = {k: np.array(v) for k, v in out.run(feed, {}, 2).items()}
     printed = _evaluate(_rhs(text, "δ1"), values)
@@ -126,14 +126,26 @@ def test_a_token_model_prints_layer_norm_in_textbook_form_and_matches_pytorch():
     np.testing.assert_allclose(printed, Z.grad.numpy(), rtol=1e-8, atol=1e-12)
 
 
-def test_an_input_read_elsewhere_keeps_the_chain_rule():
-    """A skip around the norm (``h + layer_norm(h)``): the input's δ has another term, so it is not the
-    normalisation's alone and prints as derived; the explanation still prints."""
+def test_a_skip_around_the_norm_adds_its_own_term():
+    """``h + layer_norm(h)`` (a pre-norm block's residual): ``∂L/∂h`` is the normalisation's term in
+    textbook form plus the skip's, in the δ line and in the fan-out section; the printed sum equals
+    the derived adjoint."""
     x, y, W, g, b, W2 = _leaves(m=3)
     h = sd.tanh(x @ W)
     loss = sd.losses.mse((h + sd.layer_norm(h, g, b)) @ W2, y)
-    e = sd.explain(loss, [W, g, b, W2])
-    assert not e.textbook and "mean_cols" not in str(e) and "δx̂1 = " in str(e)
+    params = [W, g, b, W2]
+    e = sd.explain(loss, params)
+    text = str(e)
+    assert _rhs(text, "δA1") == LAYER + " + δ2*W2.T"
+    assert "  uses of A1: x̂1; A1 + x̂1⊙g + b\n  ∂L/∂A1 = " + LAYER + " + δ2*W2.T" in text
+    arrays = _arrays(params, seed=3)
+    (z,) = e.textbook
+    values = _named_values(e, z, arrays, 5)
+    feed = {k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in arrays.items()}
+    values["delta2"] = np.array(compile_outputs({"d": e.adj[e.zs[1]]}, "numpy", "float64").run(feed, {}, 5)["d"])
+    values["W2"] = arrays["W2"]
+    code = _rhs(text, "δA1").replace("δ2*W2.T", "delta2 @ W2.T")
+    np.testing.assert_allclose(_evaluate(code, values), values["dz"], rtol=1e-10, atol=1e-12)
 
 
 def test_image_batch_norm_and_hvp_explanations_still_print():

@@ -108,13 +108,15 @@ class Explanation:
                        or nd in self.textbook]
 
     def _textbook_norms(self, order) -> dict:
-        """``{normalisation input z: its x̂}`` for every normalisation whose input only it reads (so
-        ``∂L/∂z`` is the normalisation's term alone, printed ``(δx̂ − mean(δx̂) − x̂ ⊙ mean(δx̂ ⊙ x̂))/σ``).
-        An input with no name of its own is named ``hk`` (k: the normalisation's number)."""
+        """``{normalisation input z: [its x̂, ...]}`` for every normalisation (layer or batch norm) on the
+        way to the loss: ``∂L/∂z`` prints as the normalisation's term in textbook form,
+        ``(δx̂ − mean(δx̂) − x̂ ⊙ mean(δx̂ ⊙ x̂))/σ``, plus one term per other node that reads ``z`` (a skip
+        connection around a pre-norm block); ``other_uses[z]`` lists those nodes. An input with no name
+        of its own is named ``hk`` (k: the normalisation's number)."""
         readers = {}
         for node in order:
             for child in dict.fromkeys(children(node)):
-                readers.setdefault(child, set()).add(node)
+                readers.setdefault(child, []).append(node)
         out = {}
         for node in order:
             source = SOURCES.get(node)
@@ -122,32 +124,39 @@ class Explanation:
             if source is None or named is None or named[0] != "x̂" or source.sigma not in self.names:
                 continue
             z = source.z
-            if isinstance(z, MatrixSymbol) or z not in self.adj or node not in self.adj \
-                    or not readers.get(z, set()) <= set(source.readers):
-                continue
+            if not isinstance(z, MatrixSymbol) and z in self.adj and node in self.adj:
+                out.setdefault(z, []).append(node)
+        self.other_uses = {}
+        for z, xhats in out.items():
+            inside = {r for x in xhats for r in SOURCES[x].readers}
+            self.other_uses[z] = [u for u in readers.get(z, []) if u not in inside and u in self.adj]
             if z not in self.names:
-                self.names[z] = ("h", named[1])
-            out[z] = node
+                self.names[z] = ("h", self.names[xhats[0]][1])
         return out
 
     def _textbook(self, z, fwd: dict, deltas: dict, latex: bool):
-        """The δ of a normalisation's input ``z`` as a textbook writes it, over the named ``δx̂k``
-        (``g = γ ⊙ δy``), ``x̂k`` and ``σk``: ``(δx̂ − mean(δx̂) − x̂ ⊙ mean(δx̂ ⊙ x̂))/σ``, the means
-        over the statistics' axis (``mean_cols``: each row's features, layer norm; ``mean_rows``:
-        the batch, batch norm)."""
-        xhat = self.textbook[z]
-        source = SOURCES[xhat]
-        g, x, sigma = deltas[self.adj[xhat]], fwd[xhat], fwd[source.sigma]
-        rows, cols = z.shape
-        shape = (rows, 1) if source.axis == "cols" else (1, cols)
+        """``∂L/∂z`` of a normalisation's input ``z`` as a textbook writes it: per normalisation, over
+        its named ``δx̂k`` (``g = γ ⊙ δy``), ``x̂k`` and ``σk``, ``(δx̂ − mean(δx̂) − x̂ ⊙ mean(δx̂ ⊙ x̂))/σ``
+        (the means over the statistics' axis: ``mean_cols``, each row's features, layer norm;
+        ``mean_rows``, the batch, batch norm); then the chain rule's term of each other use of ``z``."""
+        terms = []
+        for xhat in self.textbook[z]:
+            source = SOURCES[xhat]
+            g, x, sigma = deltas[self.adj[xhat]], fwd[xhat], fwd[source.sigma]
+            rows, cols = z.shape
+            shape = (rows, 1) if source.axis == "cols" else (1, cols)
 
-        def mean(e):
-            name = (r"\operatorname{mean}_{\mathrm{%s}}\left(%s\right)" % (source.axis, sp.latex(e)) if latex
-                    else f"mean_{source.axis}({sp.sstr(e)})")
-            return MatrixSymbol(name, *shape)
+            def mean(e, axis=source.axis, shape=shape):
+                name = (r"\operatorname{mean}_{\mathrm{%s}}\left(%s\right)" % (axis, sp.latex(e)) if latex
+                        else f"mean_{axis}({sp.sstr(e)})")
+                return MatrixSymbol(name, *shape)
 
-        return elementwise(lambda dx, m, xh, mdx, s: (dx - m - xh * mdx) / s,
-                           g, mean(g), x, mean(elementwise(lambda a, b: a * b, g, x)), sigma)
+            terms.append(elementwise(lambda dx, m, xh, mdx, s: (dx - m - xh * mdx) / s,
+                                     g, mean(g), x, mean(elementwise(lambda a, b: a * b, g, x)), sigma))
+        names = {**fwd, **deltas}
+        for u in self.other_uses[z]:
+            terms += [self._named(t.xreplace(names)) for child, t in VJP.lookup(u)(u, self.adj[u]) if child == z]
+        return terms[0] if len(terms) == 1 else sp.MatAdd(*terms, evaluate=False)
 
     def _symbols(self, latex: bool) -> dict:
         def sym(kind, k, node):
@@ -191,7 +200,7 @@ class Explanation:
         for p in self.params:
             if p not in done and p in self.adj:
                 out.append(("backward", ("∂L/∂", p), self._named(self.adj[p].xreplace(names))))
-        out += self._fan_out(fwd, names)
+        out += self._fan_out(fwd, names, latex)
         return out + _where(out)
 
     def fan_outs(self) -> list:
@@ -227,11 +236,18 @@ class Explanation:
                 out.append((node, terms))
         return out
 
-    def _fan_out(self, fwd, names) -> list:
+    def _fan_out(self, fwd, names, latex: bool = False) -> list:
         """The ``fanout`` lines: each fan-out's uses, then its adjoint as one term per use."""
         out = []
         for node, terms in self.fan_outs():
             label = fwd.get(node, node)
+            if node in self.textbook:  # a normalisation reads it: its x̂, and its δ in textbook form
+                others = [(u, t) for u, t in terms if u in self.other_uses[node]]
+                uses = tuple(fwd[x] for x in self.textbook[node]) + tuple(
+                    self._named(u.xreplace(_without(fwd, u))) for u, _ in others)
+                out.append(("fanout", ("uses of ", label), uses))
+                out.append(("fanout", ("∂L/∂", label), self._textbook(node, fwd, names, latex)))
+                continue
             uses = tuple(self._named(u.xreplace(_without(fwd, u))) for u, _ in terms)
             out.append(("fanout", ("uses of ", label), uses))
             parts = [self._named(t.xreplace(names)) for _, t in terms]
@@ -258,7 +274,7 @@ class Explanation:
     def notation(self) -> list:
         """What the symbols of special nodes mean (a node class's ``notation`` text), in first-use order,
         and the means of a normalisation's δ in textbook form."""
-        axes = dict.fromkeys(SOURCES[x].axis for x in self.textbook.values())
+        axes = dict.fromkeys(SOURCES[x].axis for xs in self.textbook.values() for x in xs)
         return _notation([self.loss, *self.adj.values()]) + [_MEAN_NOTES[a] for a in axes]
 
     def __str__(self):
