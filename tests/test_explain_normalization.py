@@ -10,6 +10,8 @@ rule's graph), so ``tests/test_normalization.py``'s oracles still hold.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,30 @@ def _evaluate(rhs: str, values: dict) -> np.ndarray:
     code = rhs.replace("δx̂1", "dxhat").replace("x̂1", "xhat").replace("σ1", "sigma").replace("⊙", "*")
     scope = {"mean_cols": lambda a: a.mean(1, keepdims=True), "mean_rows": lambda a: a.mean(0, keepdims=True)}
     return eval(code, scope, dict(values))  # noqa: S307 - the test's own printed formula
+
+
+def _evaluate_line(e, lhs: str, arrays: dict, n: int) -> np.ndarray:
+    """The line printed for ``lhs`` evaluated with NumPy: every name in it (``Zk``, ``x̂k``, ``σk``, ``δk``,
+    ``δx̂k``, ``δhk``, a parameter) bound to its value, ``*`` the matrix product, ``⊙`` the elementwise one,
+    ``mean_cols`` / ``mean_rows`` the means of each row / column."""
+    rhs = _rhs(str(e), lhs)
+    table = {str(sym.name): node for node, sym in e._symbols(False).items()}
+    table.update({str(sym.name): adj for adj, sym in e._deltas(False).items()})
+    used = sorted((k for k in table if re.search(_word(k), rhs)), key=len, reverse=True)
+    feed = {k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in arrays.items()}
+    program = compile_outputs({f"v{i}": table[k] for i, k in enumerate(used)}, "numpy", "float64")
+    values = {f"v{i}": np.array(v) for i, v in enumerate(program.run(feed, {}, n).values())}
+    code = rhs
+    for i, k in enumerate(used):
+        code = re.sub(_word(k), f"v{i}", code)
+    values.update({k: v for k, v in feed.items() if re.search(_word(k), code)})
+    code = code.replace("*", "@").replace("⊙", "*")
+    scope = {"mean_cols": lambda a: a.mean(1, keepdims=True), "mean_rows": lambda a: a.mean(0, keepdims=True)}
+    return eval(code, scope, values)  # noqa: S307 - the test's own printed formula
+
+
+def _word(name: str) -> str:
+    return r"(?<![\w\u0302])" + re.escape(name) + r"(?![\w\u0302])"
 
 
 def _named_values(e, z, arrays, n):
@@ -146,6 +172,31 @@ def test_a_skip_around_the_norm_adds_its_own_term():
     values["W2"] = arrays["W2"]
     code = _rhs(text, "δA1").replace("δ2*W2.T", "delta2 @ W2.T")
     np.testing.assert_allclose(_evaluate(code, values), values["dz"], rtol=1e-10, atol=1e-12)
+
+
+def test_a_pre_norm_residual_token_model_reads_as_a_textbook():
+    """Embedding -> h1; h2 = h1 + gelu(Dense(LayerNorm(h1))); Dense(LayerNorm(h2)): both norms' input δ in
+    textbook form, the residual's δ added; every printed δ line evaluates to the derived adjoint."""
+    T, V, D = 3, 5, 4
+    inp = sd.nn.Input(shape=(T,), dtype="int32")
+    h = sd.nn.TokenAndPositionEmbedding(V, T, D)(inp)
+    h = h + sd.nn.Dense(D, activation="gelu")(sd.nn.LayerNormalization()(h))
+    model = sd.nn.Model(inp, sd.nn.Dense(V)(sd.nn.LayerNormalization()(h)))
+    model.compile(backend="numpy", dtype="float64")
+    e = sd.explain(model.loss, model.params)
+    text = str(e)
+    two = LAYER.replace("x̂1", "x̂2").replace("σ1", "σ2")
+    assert _rhs(text, "δh2") == two and _rhs(text, "δh1") == LAYER + " + δh2"
+    rng = np.random.default_rng(4)
+    arrays = {"x": rng.integers(0, V, size=(2 * T, 1)).astype(float),
+              "y": np.eye(V)[rng.integers(0, V, size=2 * T)]}
+    arrays.update({k: rng.normal(size=v.shape) for k, v in model.get_weights().items()})
+    h1, h2 = sorted(e.textbook, key=lambda z: e.names[z][1])
+    feed = {k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in arrays.items()}
+    derived = compile_outputs({"d1": e.adj[h1], "d2": e.adj[h2]}, "numpy", "float64").run(feed, {}, 2)
+    for line, want in (("δh1", derived["d1"]), ("δh2", derived["d2"])):
+        np.testing.assert_allclose(_evaluate_line(e, line, arrays, 2), np.array(want), rtol=1e-10, atol=1e-12)
+        assert np.abs(np.array(want)).max() > 0
 
 
 def test_image_batch_norm_and_hvp_explanations_still_print():
