@@ -55,6 +55,9 @@ def test_fit_evaluate_predict_with_integer_targets_per_token():
     assert logs["accuracy"] == pytest.approx(np.mean(out.argmax(-1) == Y))
     one_hot = model.evaluate(X, np.eye(V)[Y])
     assert one_hot["loss"] == pytest.approx(logs["loss"], rel=1e-12) and one_hot["accuracy"] == logs["accuracy"]
+    history = model.fit(X, Y, epochs=1, batch_size=6, validation_split=0.25, verbose=0)
+    assert {"val_loss", "val_accuracy"} <= set(history.history)
+    model.fit(X[:12], Y[:12], epochs=1, validation_data=(X[12:], Y[12:]), verbose=0)
 
 
 def test_batches_are_whole_sequences():
@@ -144,7 +147,7 @@ def test_bad_data_is_a_clear_error_before_anything_compiles():
         model.evaluate(X, Y + V)
     with pytest.raises(DataError, match=r"X has 4 rows but y has 3"):
         model.fit(X, Y[:3], verbose=0)
-    assert model.train_step.runner.will_compile(4)  # nothing compiled
+    assert model.train_step.last_n is None and not model._forward  # no step ran, no forward program was built
 
 
 # --------------------------------------------------------------------------- weights

@@ -511,7 +511,10 @@ class Model:
         """Train for ``epochs`` more epochs; returns the model's ``History`` (all epochs so far).
 
         ``X`` and ``y``: an array each, or for several inputs / outputs a list (in the order of
-        ``input_names`` / ``output_names``) or a dict keyed by those names.
+        ``input_names`` / ``output_names``) or a dict keyed by those names. Token ids are integers
+        ``(n, T)``; a sequence output ``(n, T, units)`` takes per-token targets: integer labels ``(n, T)``
+        or one-hot ``(n, T, units)`` for ``softmax_cross_entropy`` (the mean over all ``n·T`` tokens, as
+        PyTorch's ``CrossEntropyLoss``), ``(n, T, units)`` otherwise; ``batch_size`` counts sequences.
         Data is checked before anything compiles. Batches are shuffled with a seed
         and the absolute epoch number, so a resumed run sees the same batches.
 
@@ -535,7 +538,8 @@ class Model:
 
     def predict(self, X, batch_size: int = 1024):
         """The model's outputs (logits for classification), in chunks of ``batch_size``: one array,
-        or for several outputs a list (a dict when the outputs were given as a dict)."""
+        or for several outputs a list (a dict when the outputs were given as a dict). A sequence
+        output is ``(n, T, units)``; ``batch_size`` then counts sequences."""
         self.require_compiled()
         X = self._features(X, "prediction data")
         keys = ["out"] if len(self.outputs) == 1 else [f"out{j}" for j in range(1, len(self.ys) + 1)]
@@ -736,7 +740,14 @@ def _as_json(dim):
 class Sequential(Model):
     """A stack of layers applied in order: the ``Model`` of ``Input`` -> each layer called on the last
     output. ``input_dim`` is the number of features, or ``input_shape=(h, w, c)`` the NHWC images a
-    convolutional model reads (Keras's name)."""
+    convolutional model reads (Keras's name); or, as in Keras 3, an ``sd.nn.Input`` first in the list
+    (token ids need one, for their dtype):
+
+    >>> import symdl as sd
+    >>> model = sd.nn.Sequential([sd.nn.Input(shape=(5,), dtype="int32"), sd.nn.Embedding(10, 4), sd.nn.Dense(10)])
+    >>> model.outputs[0]
+    <SymbolicTensor shape=(None, 5, 10) from Dense>
+    """
 
     def __init__(self, layers, input_dim: int | None = None, input_shape=None, name=None):
         layers = list(layers)
