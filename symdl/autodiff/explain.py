@@ -25,10 +25,10 @@ import unicodedata
 import sympy as sp
 from sympy.matrices.expressions import MatMul, MatrixSymbol
 
-from ..graph.nodes import Broadcast, Input, Map, Param, SumAll, SumCols, SumRows, children, topological
+from ..graph.nodes import Broadcast, Input, Map, Param, SumAll, SumCols, SumRows, children, elementwise, topological
 from .vjp import VJP, Derivation
 from ..formulas.activations import NamedDerivative
-from ..formulas.normalization import ROLES
+from ..formulas.normalization import ROLES, SOURCES
 from ..graph.printing import body_latex, body_text
 from ..graph.simplify import fuse_maps
 from ..registry import rich_display
@@ -36,6 +36,14 @@ from .jvp import check_directions, tangents
 
 #: How a normalisation's named intermediates read in LaTeX (text uses ``ROLES``' own names).
 _LATEX_ROLES = {"μ": r"\mu", "σ": r"\sigma", "x̂": r"\hat{x}"}
+
+#: What the textbook form of a normalisation's δ means (``notation``), by the axis of its means.
+_MEAN_NOTES = {
+    "cols": "mean_cols(X): each row's mean over its columns (layer norm's features); the δ of a layer norm's "
+            "input is (δx̂ − mean_cols(δx̂) − x̂ ⊙ mean_cols(δx̂ ⊙ x̂))/σ, with δx̂ = ∂L/∂x̂ = γ ⊙ δy (g in the textbook)",
+    "rows": "mean_rows(X): each column's mean over the rows (batch norm's batch); the δ of a batch norm's "
+            "input is (δx̂ − mean_rows(δx̂) − x̂ ⊙ mean_rows(δx̂ ⊙ x̂))/σ, with δx̂ = ∂L/∂x̂ = γ ⊙ δy (g in the textbook)",
+}
 
 
 def _is_linear(node) -> bool:
@@ -91,10 +99,64 @@ class Explanation:
             elif node in ROLES:  # a normalisation's μ, σ, x̂, numbered by normalisation
                 norms += ROLES[node] == "μ"
                 self.names[node] = (ROLES[node], max(norms, 1))
-        # δ lines: each pre-activation, and each normalised x̂ (δx̂k = ∂L/∂x̂k), in graph order
-        self.deltas = [nd for nd in order if nd in self.zs or self.names.get(nd, ("",))[0] == "x̂"]
         self.loss, self.params = loss, params
         self.adj = derivation.adjoints
+        self.textbook = self._textbook_norms(order)
+        # δ lines: each pre-activation, each normalised x̂ (δx̂k = ∂L/∂x̂k) and each normalisation's
+        # input (its δ in textbook form), in graph order
+        self.deltas = [nd for nd in order if nd in self.zs or self.names.get(nd, ("",))[0] == "x̂"
+                       or nd in self.textbook]
+
+    def _textbook_norms(self, order) -> dict:
+        """``{normalisation input z: [its x̂, ...]}`` for every normalisation (layer or batch norm) on the
+        way to the loss: ``∂L/∂z`` prints as the normalisation's term in textbook form,
+        ``(δx̂ − mean(δx̂) − x̂ ⊙ mean(δx̂ ⊙ x̂))/σ``, plus one term per other node that reads ``z`` (a skip
+        connection around a pre-norm block); ``other_uses[z]`` lists those nodes. An input with no name
+        of its own is named ``hk`` (k: the normalisation's number)."""
+        readers = {}
+        for node in order:
+            for child in dict.fromkeys(children(node)):
+                readers.setdefault(child, []).append(node)
+        out = {}
+        for node in order:
+            source = SOURCES.get(node)
+            named = self.names.get(node)
+            if source is None or named is None or named[0] != "x̂" or source.sigma not in self.names:
+                continue
+            z = source.z
+            if not isinstance(z, MatrixSymbol) and z in self.adj and node in self.adj:
+                out.setdefault(z, []).append(node)
+        self.other_uses = {}
+        for z, xhats in out.items():
+            inside = {r for x in xhats for r in SOURCES[x].readers}
+            self.other_uses[z] = [u for u in readers.get(z, []) if u not in inside and u in self.adj]
+            if z not in self.names:
+                self.names[z] = ("h", self.names[xhats[0]][1])
+        return out
+
+    def _textbook(self, z, fwd: dict, deltas: dict, latex: bool):
+        """``∂L/∂z`` of a normalisation's input ``z`` as a textbook writes it: per normalisation, over
+        its named ``δx̂k`` (``g = γ ⊙ δy``), ``x̂k`` and ``σk``, ``(δx̂ − mean(δx̂) − x̂ ⊙ mean(δx̂ ⊙ x̂))/σ``
+        (the means over the statistics' axis: ``mean_cols``, each row's features, layer norm;
+        ``mean_rows``, the batch, batch norm); then the chain rule's term of each other use of ``z``."""
+        terms = []
+        for xhat in self.textbook[z]:
+            source = SOURCES[xhat]
+            g, x, sigma = deltas[self.adj[xhat]], fwd[xhat], fwd[source.sigma]
+            rows, cols = z.shape
+            shape = (rows, 1) if source.axis == "cols" else (1, cols)
+
+            def mean(e, axis=source.axis, shape=shape):
+                name = (r"\operatorname{mean}_{\mathrm{%s}}\left(%s\right)" % (axis, sp.latex(e)) if latex
+                        else f"mean_{axis}({sp.sstr(e)})")
+                return MatrixSymbol(name, *shape)
+
+            terms.append(elementwise(lambda dx, m, xh, mdx, s: (dx - m - xh * mdx) / s,
+                                     g, mean(g), x, mean(elementwise(lambda a, b: a * b, g, x)), sigma))
+        names = {**fwd, **deltas}
+        for u in self.other_uses[z]:
+            terms += [self._named(t.xreplace(names)) for child, t in VJP.lookup(u)(u, self.adj[u]) if child == z]
+        return terms[0] if len(terms) == 1 else sp.MatAdd(*terms, evaluate=False)
 
     def _symbols(self, latex: bool) -> dict:
         def sym(kind, k, node):
@@ -109,7 +171,7 @@ class Explanation:
             kind, k = self.names[z]
             if kind == "Z":
                 return ("\\delta_{%d}" if latex else "δ%d") % k
-            return r"\delta^{\hat{x}}_{%d}" % k if latex else f"δx̂{k}"
+            return r"\delta^{%s}_{%d}" % (_LATEX_ROLES.get(kind, kind), k) if latex else f"δ{kind}{k}"
 
         return {self.adj[z]: MatrixSymbol(name(z), *z.shape) for z in self.deltas if z in self.adj}
 
@@ -127,16 +189,18 @@ class Explanation:
             if z not in self.adj:
                 continue
             d = self.adj[z]
-            subs = _without(names, d)
-            out.append(("backward", deltas[d], self._named(d.xreplace(subs))))
+            if z in self.textbook:
+                out.append(("backward", deltas[d], self._textbook(z, fwd, deltas, latex)))
+            else:
+                out.append(("backward", deltas[d], self._named(d.xreplace(_without(names, d)))))
             for p in self.params:
-                if self._layer_param(p, z):
+                if z in self.zs and self._layer_param(p, z):
                     out.append(("backward", ("∂L/∂", p), self._named(self.adj[p].xreplace(names))))
         done = {p for p in self.params if any(self._layer_param(p, z) for z in self.zs)}
         for p in self.params:
             if p not in done and p in self.adj:
                 out.append(("backward", ("∂L/∂", p), self._named(self.adj[p].xreplace(names))))
-        out += self._fan_out(fwd, names)
+        out += self._fan_out(fwd, names, latex)
         return out + _where(out)
 
     def fan_outs(self) -> list:
@@ -172,11 +236,18 @@ class Explanation:
                 out.append((node, terms))
         return out
 
-    def _fan_out(self, fwd, names) -> list:
+    def _fan_out(self, fwd, names, latex: bool = False) -> list:
         """The ``fanout`` lines: each fan-out's uses, then its adjoint as one term per use."""
         out = []
         for node, terms in self.fan_outs():
             label = fwd.get(node, node)
+            if node in self.textbook:  # a normalisation reads it: its x̂, and its δ in textbook form
+                others = [(u, t) for u, t in terms if u in self.other_uses[node]]
+                uses = tuple(fwd[x] for x in self.textbook[node]) + tuple(
+                    self._named(u.xreplace(_without(fwd, u))) for u, _ in others)
+                out.append(("fanout", ("uses of ", label), uses))
+                out.append(("fanout", ("∂L/∂", label), self._textbook(node, fwd, names, latex)))
+                continue
             uses = tuple(self._named(u.xreplace(_without(fwd, u))) for u, _ in terms)
             out.append(("fanout", ("uses of ", label), uses))
             parts = [self._named(t.xreplace(names)) for _, t in terms]
@@ -201,8 +272,10 @@ class Explanation:
                 "where": "where"}
 
     def notation(self) -> list:
-        """What the symbols of special nodes mean (a node class's ``notation`` text), in first-use order."""
-        return _notation([self.loss, *self.adj.values()])
+        """What the symbols of special nodes mean (a node class's ``notation`` text), in first-use order,
+        and the means of a normalisation's δ in textbook form."""
+        axes = dict.fromkeys(SOURCES[x].axis for xs in self.textbook.values() for x in xs)
+        return _notation([self.loss, *self.adj.values()]) + [_MEAN_NOTES[a] for a in axes]
 
     def __str__(self):
         text, section = [], None
