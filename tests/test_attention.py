@@ -284,3 +284,32 @@ def test_cuda_simulator_matches_numpy():
     assert v == pytest.approx(want_v, rel=1e-10)
     for k in want:
         assert_close(got[k], want[k], 1e-10, what=k)
+
+
+def test_explain_prints_the_attention_backward_in_textbook_form_and_it_is_the_gradient():
+    """``sd.explain`` on a one-head block names S, P, O and prints δO, δV = Pᵀ δO, δP = δO Vᵀ,
+    δS = P ⊙ (δP − rowsum(P ⊙ δP)), δK = δSᵀ Q/√d, δQ = δS K/√d; the printed δS, evaluated, equals
+    the adjoint symdl compiles."""
+    from symdl.backends import get
+    from symdl.graph.nodes import Broadcast, SumCols, elementwise
+    from symdl.ir.lowering import lower
+
+    x = sequence_input("x", (T, D)); y = sequence_input("y", (T, D))
+    Wq, Wk, Wv = (sd.param(n, (D, 4)) for n in ("Wq", "Wk", "Wv"))
+    P = sd.softmax(causal(scores(x @ Wq, x @ Wk, T) * (1 / sp.sqrt(4)), T))
+    loss = sd.losses.mse(mix(P, x @ Wv, T) @ sd.param("Wo", (4, D)), y)
+    e = sd.explain(loss, [Wq, Wk, Wv])
+    text = str(e)
+    for line in ("S1 = causal((Z1*Z2.T)/2)", "P1 = softmax(S1)", "O1 = P1*Z3", "δ3 = P1.T*δO1", "δP1 = δO1*Z3.T",
+                 "δS1 = P1⊙(δP1 - rowsum(P1⊙δP1))", "δ2 = (δS1/2).T*Z1", "δ1 = (δS1/2)*Z2"):
+        assert line in text, (line, text)
+    assert r"\operatorname{rowsum}" in e.latex and "uses of S1" not in text
+    S = next(s for s, p in e.attention.items())
+    dP = e.adj[P]
+    textbook = elementwise(lambda p, d, r: p * (d - r), P, dP, Broadcast(SumCols(sd.hadamard(P, dP)), *P.shape))
+    prog = lower({"derived": e.adj[S], "printed": textbook})
+    rng = np.random.default_rng(4)
+    ext = {"x": rng.normal(size=(3 * T, D)), "y": rng.normal(size=(3 * T, D)),
+           **{n: rng.normal(size=(D, 4)) for n in ("Wq", "Wk", "Wv")}, "Wo": rng.normal(size=(4, D))}
+    out = get("numpy").compile_program(prog, "float64").run(ext, {}, 3)
+    np.testing.assert_allclose(out["printed"], out["derived"], rtol=1e-12, atol=1e-14)

@@ -25,7 +25,9 @@ import unicodedata
 import sympy as sp
 from sympy.matrices.expressions import MatMul, MatrixSymbol
 
-from ..graph.nodes import Broadcast, Input, Map, Param, SumAll, SumCols, SumRows, children, elementwise, topological
+from ..graph.nodes import (
+    Broadcast, Input, Map, Param, RowLogSumExp, SumAll, SumCols, SumRows, children, elementwise, topological,
+)
 from .vjp import VJP, Derivation
 from ..formulas.activations import NamedDerivative
 from ..formulas.normalization import ROLES, SOURCES
@@ -46,6 +48,12 @@ _MEAN_NOTES = {
 }
 
 
+#: What attention's named values mean.
+_ATTENTION_NOTE = ("Sk, Pk, Ok: head k's scores, their row softmax and its mix P·V (within each sequence); "
+                   "rowsum(X): each row's sum over its columns, so δS = P ⊙ (δP − rowsum(P ⊙ δP)) is the "
+                   "softmax's adjoint without its Jacobian")
+
+
 def _is_linear(node) -> bool:
     """``X*W`` or ``X*W + b``: a layer's pre-activation."""
     if isinstance(node, MatMul):
@@ -55,6 +63,17 @@ def _is_linear(node) -> bool:
             isinstance(o, (MatMul, Broadcast)) for o in node.operands
         )
     return False
+
+
+def _attention_softmax(node):
+    """``S`` when ``node`` is ``P = softmax(S)`` (row by row, ``exp(S − logsumexp(S))``), else None."""
+    if not (isinstance(node, Map) and len(node.operands) == 2 and isinstance(node.operands[1], Broadcast)):
+        return None
+    S, lse = node.operands[0], node.operands[1].args[0]
+    v = node.lam.variables
+    if isinstance(lse, RowLogSumExp) and lse.args[0] == S and node.lam.expr == sp.exp(v[0] - v[1]):
+        return S
+    return None
 
 
 def _is_activation_of(node, named) -> bool:
@@ -85,7 +104,8 @@ class Explanation:
             raise ValueError("explain: the derivation given is of another loss or other parameters")
         self.order = order = derivation.order
         self.zs, self.names = [], {}
-        layer = norms = 0
+        layer = norms = heads = 0
+        self.attention = {}  # {S: P}: attention's scores and their softmax, δS printed in textbook form
         inside_linear = {o for p in order if isinstance(p, Map) and _is_linear(p) for o in p.operands}
         for node in order:
             if isinstance(node, (Input, Param)) or node == loss:
@@ -99,12 +119,21 @@ class Explanation:
             elif node in ROLES:  # a normalisation's μ, σ, x̂, numbered by normalisation
                 norms += ROLES[node] == "μ"
                 self.names[node] = (ROLES[node], max(norms, 1))
+            elif getattr(type(node), "is_sequence_product", False) and _attention_softmax(node.args[0]) is not None:
+                # attention's mix O = P V within each sequence: name S, P and O (numbered by head)
+                P = node.args[0]
+                S = _attention_softmax(P)
+                heads += 1
+                for role, value in (("S", S), ("P", P), ("O", node)):
+                    if value not in self.names and not isinstance(value, (Input, Param)):
+                        self.names[value] = (role, heads)
+                self.attention[S] = P
         self.loss, self.params = loss, params
         self.adj = derivation.adjoints
         self.textbook = self._textbook_norms(order)
         # δ lines: each pre-activation, each normalised x̂ (δx̂k = ∂L/∂x̂k) and each normalisation's
         # input (its δ in textbook form), in graph order
-        self.deltas = [nd for nd in order if nd in self.zs or self.names.get(nd, ("",))[0] == "x̂"
+        self.deltas = [nd for nd in order if nd in self.zs or self.names.get(nd, ("",))[0] in ("x̂", "S", "P", "O")
                        or nd in self.textbook]
 
     def _textbook_norms(self, order) -> dict:
@@ -158,6 +187,16 @@ class Explanation:
             terms += [self._named(t.xreplace(names)) for child, t in VJP.lookup(u)(u, self.adj[u]) if child == z]
         return terms[0] if len(terms) == 1 else sp.MatAdd(*terms, evaluate=False)
 
+    def _softmax_textbook(self, S, fwd: dict, deltas: dict, latex: bool):
+        """``δS = P ⊙ (δP − rowsum(P ⊙ δP))``: the adjoint of a row softmax's input with the row sum
+        (FlashAttention's form), not a Jacobian; ``rowsum`` is each row's sum over its columns."""
+        P = self.attention[S]
+        p, dp = fwd[P], deltas[self.adj[P]]
+        inner = elementwise(lambda a, b: a * b, p, dp)
+        name = (r"\operatorname{rowsum}\left(%s\right)" % sp.latex(inner) if latex else f"rowsum({sp.sstr(inner)})")
+        rowsum = MatrixSymbol(name, S.shape[0], 1)
+        return elementwise(lambda a, b, r: a * (b - r), p, dp, rowsum)
+
     def _symbols(self, latex: bool) -> dict:
         def sym(kind, k, node):
             name = f"{_LATEX_ROLES.get(kind, kind)}_{{{k}}}" if latex else f"{kind}{k}"
@@ -191,6 +230,8 @@ class Explanation:
             d = self.adj[z]
             if z in self.textbook:
                 out.append(("backward", deltas[d], self._textbook(z, fwd, deltas, latex)))
+            elif z in self.attention and self.attention[z] in fwd and self.adj.get(self.attention[z]) in deltas:
+                out.append(("backward", deltas[d], self._softmax_textbook(z, fwd, deltas, latex)))
             else:
                 out.append(("backward", deltas[d], self._named(d.xreplace(_without(names, d)))))
             for p in self.params:
@@ -220,8 +261,8 @@ class Explanation:
                 feeds_named.add(node)
         out = []
         for node in self.order:
-            if node not in self.names and node not in self.params:
-                continue
+            if (node not in self.names and node not in self.params) or node in self.attention:
+                continue  # a softmax's scores: its logsumexp and exp are one row softmax, δS printed whole
             uses = [u for u in users.get(node, []) if u in self.adj]
             branches = [u for u in uses if not isinstance(u, (SumRows, SumCols, SumAll))
                         and (u in self.names or u in feeds_named)]
@@ -275,7 +316,10 @@ class Explanation:
         """What the symbols of special nodes mean (a node class's ``notation`` text), in first-use order,
         and the means of a normalisation's δ in textbook form."""
         axes = dict.fromkeys(SOURCES[x].axis for xs in self.textbook.values() for x in xs)
-        return _notation([self.loss, *self.adj.values()]) + [_MEAN_NOTES[a] for a in axes]
+        notes = _notation([self.loss, *self.adj.values()]) + [_MEAN_NOTES[a] for a in axes]
+        if self.attention:
+            notes.append(_ATTENTION_NOTE)
+        return notes
 
     def __str__(self):
         text, section = [], None

@@ -54,6 +54,7 @@ class SeqMatMul(Printable, Ops, MatrixExpr):
 
     precedence = PRECEDENCE["Mul"]
     notation = "A*B.T, P*V, P.T*G: products within each sequence (attention's scores and mixes)"
+    is_sequence_product = True  # sd.explain names a softmax it mixes (P), its scores (S) and the mix (O)
 
     def __new__(cls, A, B, trans_a, trans_b, ra, rb):
         return MatrixExpr.__new__(cls, A, B, sp.Integer(int(trans_a)), sp.Integer(int(trans_b)), sp.Integer(ra),
@@ -64,7 +65,7 @@ class SeqMatMul(Printable, Ops, MatrixExpr):
         return bool(self.args[2]), bool(self.args[3])
 
     @property
-    def rows(self) -> tuple:
+    def block_rows(self) -> tuple:
         """Rows per sequence of ``(result, A, B)``."""
         A, ra, rb = self.args[0], int(self.args[4]), int(self.args[5])
         return (int(A.shape[1]) if self.trans[0] else ra), ra, rb
@@ -72,12 +73,12 @@ class SeqMatMul(Printable, Ops, MatrixExpr):
     @property
     def sequence_rows(self) -> int:
         """The tokens of each result sequence (``ops.embedding.sequence_length`` asks)."""
-        return self.rows[0]
+        return self.block_rows[0]
 
     @property
     def shape(self):
         A, B = self.args[:2]
-        ro, ra, rb = self.rows
+        ro, ra, rb = self.block_rows
         return (A.shape[0] / ra * ro, sp.Integer(rb) if self.trans[1] else B.shape[1])
 
     def _entry(self, i, j, **kw):
@@ -86,7 +87,7 @@ class SeqMatMul(Printable, Ops, MatrixExpr):
     def _int_entry(self, i, j, **kw):
         A, B = self.args[:2]
         ta, tb = self.trans
-        ro, ra, rb = self.rows
+        ro, ra, rb = self.block_rows
         s, t = divmod(i, ro)
         inner = ra if ta else int(A.shape[1])  # op(A_s) is (ro, inner)
 
@@ -192,7 +193,7 @@ def causal(S, T, *, where="causal mask"):
 def _vjp_seq_matmul(node, G):
     A, B = node.args[:2]
     ta, tb = node.trans
-    ro, ra, rb = node.rows
+    ro, ra, rb = node.block_rows
     if not ta and not tb:  # C = A B: δA = δC Bᵀ, δB = Aᵀ δC
         return [(A, SeqMatMul(G, B, 0, 1, ro, rb)), (B, SeqMatMul(A, G, 1, 0, ra, ro))]
     if not ta:  # C = A Bᵀ: δA = δC B, δB = δCᵀ A
@@ -227,7 +228,7 @@ def _jvp_causal(node, tan):
 def _lower_seq_matmul(lw, node):
     A, B = node.args[:2]
     ta, tb = node.trans
-    lw.emit(ir.BlockGemm(lw.name(node), lw.buffer_of(A), lw.buffer_of(B), ta, tb, node.rows), node.shape)
+    lw.emit(ir.BlockGemm(lw.name(node), lw.buffer_of(A), lw.buffer_of(B), ta, tb, node.block_rows), node.shape)
 
 
 @LOWER.rule(Causal)
