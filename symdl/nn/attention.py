@@ -74,6 +74,10 @@ class MultiHeadAttention(Layer):
         self.causal = use_causal_mask  # set by the first call (a saved model's config restores it)
 
     def __call__(self, query, value=None, key=None, use_causal_mask=False, attention_mask=None):
+        if value is None and isinstance(query, (list, tuple)) and len(query) in (2, 3):
+            # [query, value(, key)]: how a saved model's graph replays the call; its config has the mask
+            query, value, key = (*query, None)[:3]
+            use_causal_mask = use_causal_mask or bool(self.causal)
         if value is None:
             raise TypeError(f"{label(self)}: call it as mha(query, value, key=None, use_causal_mask=False); "
                             "for self-attention pass the same tensor twice: mha(x, x)")

@@ -53,6 +53,17 @@ class Formulas(str):
         p.text(str(self))
 
 
+
+def _nested_shape(h) -> tuple:
+    """``(shape without the batch axis, token ids?)`` of what a model used as a layer is given: ids
+    ``(T,)``, sequences ``(T, d)``, images ``(h, w, c)``, features ``(d,)``."""
+    if isinstance(h, TokenInput):
+        return (int(h.sequence_length),), True
+    T = sequence_length(h)
+    if T:
+        return (int(T), int(h.shape[1])), False
+    return image_shape(h) or (int(h.shape[1]),), False
+
 class Model:
     """Keras 3's functional ``Model(inputs, outputs)``: the layers between ``sd.nn.Input`` tensors and
     output tensors, built into one graph (``symdl.nn.functional``). ``Sequential`` is a ``Model``
@@ -176,9 +187,10 @@ class Model:
         if len(self.outputs) != 1:
             raise ValueError(f"{functional.label(self)}: a model with {len(self.outputs)} outputs cannot be used as "
                              "a layer (give it one output)")
-        got = [image_shape(h) or (int(h.shape[1]),) for h in hs]
-        want = [t.shape for t in self.inputs]
+        got = [_nested_shape(h) for h in hs]
+        want = [(tuple(t.shape), t.dtype in ("int32", "int64")) for t in self.inputs]
         if got != want:
+            got, want = [g for g, _ in got], [w for w, _ in want]
             raise ValueError(f"{functional.label(self)} takes {', '.join(map(functional.shape_text, want))}, got "
                              f"{', '.join(map(functional.shape_text, got))}")
 
