@@ -32,21 +32,34 @@ every unmatched or mis-shaped name with its shape, and nothing is loaded.
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .layers import BatchNormalization, Conv2D, Dense, Flatten, LayerNormalization
+from .attention import MultiHeadAttention
+from .layers import (BatchNormalization, Conv2D, Dense, Embedding, Flatten, LayerNormalization,
+                     TokenAndPositionEmbedding)
 from .weights import WeightsError, assign, model_arrays, read_safetensors, weight_names
 
-#: symdl role -> PyTorch parameter name, per layer class.
+#: symdl role -> PyTorch parameter name, per layer class (a name with a dot lives in a child module).
 ROLES = {
     Dense: {"kernel": "weight", "bias": "bias"},
     Conv2D: {"kernel": "weight", "bias": "bias"},
     BatchNormalization: {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
                          "moving_variance": "running_var"},
     LayerNormalization: {"gamma": "weight", "beta": "bias"},
+    Embedding: {"embeddings": "weight"},
+    TokenAndPositionEmbedding: {"embeddings": "token_embedding.weight",
+                                "position_embeddings": "position_embedding.weight"},
 }
 IGNORED = ("num_batches_tracked",)  # PyTorch's batch counter: symdl keeps its own step count
+#: ``nn.MultiheadAttention``'s parameters (``in_proj_weight`` packs the query, key and value rows;
+#: ``q_proj_weight``... when the key or value width differs from the query's).
+MHA_PACKED = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+MHA_SPLIT = ("q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+#: Child modules that belong to the parameters of their parent (``attn.out_proj`` of an attention
+#: module, the two ``nn.Embedding`` of a token-and-position embedding).
+CHILDREN = {"out_proj": ("in_proj_weight", "q_proj_weight"), "token_embedding": None, "position_embedding": None}
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -55,11 +68,18 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _natural(key: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
+
+
 def read_state_dict(source) -> dict:
     """``{key: ndarray}`` from a state dict (tensors or arrays), a module (``.state_dict()``), or
     the path of a safetensors file."""
     if isinstance(source, (str, os.PathLike)):
-        return read_safetensors(source, "load_torch_weights")
+        # a safetensors file keeps its keys sorted as text ("10.weight" before "2.weight"): numbered
+        # modules (an ``nn.Sequential``'s) are put back in their order; named ones need ``mapping``
+        state = read_safetensors(source, "load_torch_weights")
+        return {k: state[k] for k in sorted(state, key=_natural)}
     if hasattr(source, "state_dict") and callable(source.state_dict):
         source = source.state_dict()
     if not hasattr(source, "items"):
@@ -68,13 +88,26 @@ def read_state_dict(source) -> dict:
     return {str(k): _as_numpy(v) for k, v in source.items()}
 
 
+def _key(prefix: str, leaf: str) -> str:
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
 def _modules(state: dict) -> dict:
-    """``{module prefix: {parameter name: array}}`` in state dict order (ignored entries dropped)."""
+    """``{module prefix: {parameter name: array}}`` in state dict order (ignored entries dropped).
+    An attention module's ``out_proj`` is part of it (``out_proj.weight``), and a module whose
+    children are ``token_embedding`` and ``position_embedding`` (keras-hub's names) is one module."""
     modules = {}
     for key, value in state.items():
         prefix, _, leaf = key.rpartition(".")
-        if leaf not in IGNORED:
-            modules.setdefault(prefix, {})[leaf] = value
+        if leaf in IGNORED:
+            continue
+        parent, _, child = prefix.rpartition(".")
+        if child in CHILDREN:
+            owner = CHILDREN[child]
+            if owner is None or any(k in modules.get(parent, {}) for k in owner):
+                modules.setdefault(parent, {})[f"{child}.{leaf}"] = value
+                continue
+        modules.setdefault(prefix, {})[leaf] = value
     return modules
 
 
@@ -131,7 +164,7 @@ def from_torch(layer, role: str, value: np.ndarray, image=None) -> np.ndarray:
     """One PyTorch array in the symdl layout of ``layer``'s weight ``role``."""
     if role == "kernel" and isinstance(layer, Conv2D):
         return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
-    if role == "kernel" and value.ndim == 2:
+    if role.endswith("kernel") and value.ndim == 2:
         kernel = value.T
         return _nchw_to_nhwc_columns(kernel, image) if image is not None else kernel
     return value
@@ -141,9 +174,74 @@ def to_torch(layer, role: str, value: np.ndarray, image=None) -> np.ndarray:
     """``from_torch``'s inverse."""
     if role == "kernel" and isinstance(layer, Conv2D):
         return value.transpose(3, 2, 0, 1)
-    if role == "kernel":
+    if role.endswith("kernel"):
         return (_nhwc_to_nchw_columns(value, image) if image is not None else value).T
     return value
+
+
+class Entry(NamedTuple):
+    """One PyTorch parameter of a layer: its PyTorch shape, the symdl weights it fills (``names``,
+    ``shapes``), and the conversions both ways."""
+    shape: tuple
+    names: list
+    shapes: list
+    load: Callable  # PyTorch array -> {Keras-style name: array}
+    save: Callable  # {Keras-style name: array} -> PyTorch array
+
+
+def _entries(layer, roles: dict, live: dict, image=None, present=()) -> dict:
+    """``{PyTorch parameter name: Entry}`` of one symdl layer (``present``: the names the state
+    dict has, to choose between ``nn.MultiheadAttention``'s packed and separate projections)."""
+    if isinstance(layer, MultiHeadAttention):
+        return _attention_entries(roles, live, present)
+    names = ROLES.get(type(layer))
+    if names is None:
+        return None
+    entries = {}
+    for role, keras in roles.items():
+        shape = tuple(live[keras].shape)
+        torch_shape = to_torch_shape(layer, shape) if role == "kernel" else shape
+        entries[names[role]] = Entry(
+            torch_shape, [keras], [shape],
+            lambda v, role=role, keras=keras: {keras: from_torch(layer, role, v, image)},
+            lambda w, role=role, keras=keras: to_torch(layer, role, w[keras], image))
+    return entries
+
+
+def _attention_entries(roles: dict, live: dict, present) -> dict:
+    """``nn.MultiheadAttention`` <-> ``MultiHeadAttention``: ``in_proj_weight`` is ``[Wq; Wk; Wv]``
+    (rows), each the transpose of a symdl kernel (``query_kernel = Wqᵀ``); ``in_proj_bias`` is
+    ``[bq, bk, bv]``; ``out_proj`` is a Linear (``output_kernel = out_proj.weightᵀ``). Both split a
+    projection's columns into heads contiguously and scale the scores by ``1/√head_dim``."""
+    kernels = [roles[f"{s}_kernel"] for s in ("query", "key", "value")]
+    entries = {}
+
+    def rows(names, transpose):
+        parts = [live[k].T if transpose else live[k] for k in names]
+        sizes = [p.shape[0] for p in parts]
+        shape = (sum(sizes),) + tuple(parts[0].shape[1:])
+        bounds = np.cumsum([0] + sizes)
+
+        def load(v):
+            return {k: (v[a:b].T if transpose else v[a:b]) for k, a, b in zip(names, bounds[:-1], bounds[1:])}
+
+        def save(w):
+            return np.concatenate([w[k].T if transpose else w[k] for k in names])
+
+        return Entry(shape, list(names), [tuple(live[k].shape) for k in names], load, save)
+
+    same_input = len({live[k].shape[0] for k in kernels}) == 1
+    if "in_proj_weight" in present or ("q_proj_weight" not in present and same_input):
+        entries["in_proj_weight"] = rows(kernels, True)
+    else:
+        for letter, keras in zip("qkv", kernels):
+            entries[f"{letter}_proj_weight"] = rows([keras], True)
+    if "query_bias" in roles:
+        entries["in_proj_bias"] = rows([roles[f"{s}_bias"] for s in ("query", "key", "value")], False)
+    entries["out_proj.weight"] = rows([roles["output_kernel"]], True)
+    if "output_bias" in roles:
+        entries["out_proj.bias"] = rows([roles["output_bias"]], False)
+    return entries
 
 
 def _pairs(model, modules: dict, mapping) -> tuple:
@@ -186,33 +284,30 @@ def load_torch_weights(model, state_dict_or_safetensors_path, mapping=None, torc
     live = model_arrays(model)
     arrays = {}
     for layer_name, layer, roles, prefix in pairs:
-        names = ROLES.get(type(layer))
-        if names is None:
+        params = modules[prefix]
+        image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
+        entries = _entries(layer, roles, live, image, present=params)
+        if entries is None:
             problems.append(f"{layer_name}: no PyTorch layout known for {type(layer).__name__}")
             continue
-        params = modules[prefix]
-        wanted = {names[role]: keras for role, keras in roles.items()}
-        extra = [f"{prefix}.{k} {tuple(v.shape)}" for k, v in params.items() if k not in wanted]
-        lacking = [f"{prefix}.{k} (for {keras} {live[keras].shape})" for k, keras in wanted.items() if k not in params]
+        extra = [f"{_key(prefix, k)} {tuple(v.shape)}" for k, v in params.items() if k not in entries]
+        lacking = [f"{_key(prefix, k)} (for {', '.join(f'{n} {s}' for n, s in zip(e.names, e.shapes))})"
+                   for k, e in entries.items() if k not in params]
         if extra:
             problems.append(f"{layer_name} ({type(layer).__name__}) has no place for " + ", ".join(extra))
         if lacking:
             problems.append("missing " + ", ".join(lacking))
-        image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
-        for torch_name, keras in wanted.items():
+        for torch_name, entry in entries.items():
             if torch_name not in params:
                 continue
-            role = keras.split("/")[1]
             value = params[torch_name]
-            expected = tuple(live[keras].shape)
-            if role == "kernel" and value.ndim == len(expected) and expected == from_torch_shape(layer, value.shape):
-                arrays[keras] = from_torch(layer, role, value, image)
-            elif role != "kernel" and tuple(value.shape) == expected:
-                arrays[keras] = value
+            if tuple(value.shape) == entry.shape:
+                arrays.update(entry.load(value))
             else:
-                as_torch = to_torch_shape(layer, expected) if role == "kernel" else expected
-                problems.append(f"{prefix}.{torch_name} has shape {tuple(value.shape)}; {keras} needs "
-                                f"{expected} (PyTorch {as_torch})")
+                needs = ", ".join(entry.names) + (" needs " if len(entry.names) == 1 else " need ") + \
+                    ", ".join(str(s) for s in entry.shapes)
+                problems.append(f"{_key(prefix, torch_name)} has shape {tuple(value.shape)}; {needs} "
+                                f"(PyTorch {entry.shape})")
     if problems:
         raise WeightsError("load_torch_weights: the state dict does not fit the model: " + "; ".join(problems))
     assign(model, arrays, "load_torch_weights")
@@ -242,12 +337,12 @@ def to_torch_state_dict(model, prefixes=None, torch_flatten: bool = True, tensor
     live = model_arrays(model)
     out = {}
     for (layer_name, layer, roles), prefix in zip(layers, prefixes):
-        names = ROLES.get(type(layer))
-        if names is None:
-            raise ValueError(f"to_torch_state_dict: no PyTorch layout known for {type(layer).__name__} {layer_name}")
         image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
-        for role, keras in roles.items():
-            out[f"{prefix}.{names[role]}"] = np.ascontiguousarray(to_torch(layer, role, live[keras].copy(), image))
+        entries = _entries(layer, roles, live, image)
+        if entries is None:
+            raise ValueError(f"to_torch_state_dict: no PyTorch layout known for {type(layer).__name__} {layer_name}")
+        for torch_name, entry in entries.items():
+            out[_key(prefix, torch_name)] = np.array(entry.save(live), order="C", copy=True)
         if isinstance(layer, BatchNormalization):
             out[f"{prefix}.num_batches_tracked"] = np.array(model.train_step.t, np.int64)
     if tensors:
