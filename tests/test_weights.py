@@ -436,3 +436,34 @@ def test_numbered_modules_from_a_safetensors_file_keep_their_order(tmp_path):
     with torch.no_grad():
         want = net(torch.from_numpy(X)).numpy()
     np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+
+
+def test_gpt2_style_separate_token_and_position_embeddings():
+    """GPT-2's ``wte`` and ``wpe`` (two sibling ``nn.Embedding``) fill one ``TokenAndPositionEmbedding``:
+    tokens first, then positions, by order or by a mapping that names both for the layer."""
+    torch = pytest.importorskip("torch")
+    tnn = torch.nn
+    torch.manual_seed(7)
+    wte, wpe, ln_f, head = tnn.Embedding(V, D), tnn.Embedding(T, D), tnn.LayerNorm(D), tnn.Linear(D, V)
+    state = {f"{p}.{k}": v for p, m in (("wte", wte), ("wpe", wpe), ("ln_f", ln_f), ("lm_head", head))
+             for k, v in m.state_dict().items()}
+    inp = nn.Input(shape=(T,), dtype="int32")
+    model = nn.Model(inp, nn.Dense(V)(nn.LayerNormalization(epsilon=1e-5)(nn.TokenAndPositionEmbedding(V, T, D)(inp))))
+    model.compile(backend="numpy", dtype="float32")
+    X, _ = _ids(3, seed=2)
+    ids = torch.from_numpy(X.astype(np.int64))
+    with torch.no_grad():
+        want = head(ln_f(wte(ids) + wpe(torch.arange(T)))).numpy()
+    mapping = {"wte": "token_and_position_embedding_1", "wpe": "token_and_position_embedding_1",
+               "ln_f": "layer_normalization_1", "lm_head": "dense_1"}
+    for how in (None, mapping):
+        model.set_weights({k: np.zeros_like(v) for k, v in model.get_weights().items()})
+        load_torch_weights(model, state, mapping=how)
+        np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+    bad = {**state, "wpe.weight": torch.zeros(T + 2, D)}
+    for how in (None, mapping):
+        with pytest.raises(WeightsError, match=r"wpe\.weight has shape \(7, 8\); token_and_position_embedding_1/"
+                                               r"position_embeddings needs \(5, 8\)"):
+            load_torch_weights(model, bad, mapping=how)
+    with pytest.raises(WeightsError, match=r"mapping names 2 modules for layer_normalization_1 \(ln_f, lm_head\)"):
+        load_torch_weights(model, state, mapping={**mapping, "lm_head": "layer_normalization_1"})

@@ -14,11 +14,30 @@ Layouts and conventions (PyTorch -> symdl, which holds Keras 3's layouts):
   ``BatchNormalization(epsilon=1e-5)`` to match a PyTorch model. Momentum conventions are
   inverse: PyTorch ``momentum=m`` is Keras ``momentum=1 - m`` (0.1 <-> 0.9).
 * ``nn.LayerNorm``: ``weight, bias`` -> ``gamma, beta`` (eps as above).
+* ``nn.Embedding``: ``weight (num_embeddings, embedding_dim)`` is ``Embedding``'s ``embeddings``
+  as it is (no transpose).
+* ``TokenAndPositionEmbedding`` (keras-hub's: a token embedding plus a learned position
+  embedding) is two ``nn.Embedding``: a module with the children ``token_embedding`` and
+  ``position_embedding`` (keras-hub's names: ``<prefix>.token_embedding.weight (V, d)``,
+  ``<prefix>.position_embedding.weight (T, d)``), or two sibling modules in that order (GPT-2's
+  ``wte``, ``wpe``; with ``mapping``, name both for the layer, tokens first). PyTorch adds the
+  positions ``arange(T)``, as symdl does.
+* ``nn.MultiheadAttention`` -> ``MultiHeadAttention(num_heads=H, key_dim=E // H)``:
+  ``in_proj_weight (3E, E)`` is ``[Wq; Wk; Wv]`` (rows) and ``query_kernel = Wqᵀ``,
+  ``key_kernel = Wkᵀ``, ``value_kernel = Wvᵀ`` (each ``(E, E)``); ``in_proj_bias (3E,)`` is
+  ``[query_bias, key_bias, value_bias]``; ``out_proj.weight`` is ``output_kernel`` transposed,
+  ``out_proj.bias`` ``output_bias``. With ``kdim``/``vdim`` other than ``E`` PyTorch stores
+  ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` instead of ``in_proj_weight`` (each the
+  transpose of its kernel). Both split a projection's ``E`` columns into heads contiguously
+  (head ``h``: columns ``h·E/H .. (h+1)·E/H``) and scale scores by ``1/√(E/H)``, so nothing is
+  permuted. ``add_bias_kv``'s ``bias_k``/``bias_v`` have no counterpart (an error).
 
 By default the PyTorch modules with weights (the key prefixes before ``.weight``..., in state
 dict order) are matched in order with symdl's layers that have weights; ``mapping`` ``{torch
 module: symdl layer name}`` matches them by name instead. Any mismatch raises one error listing
-every unmatched or mis-shaped name with its shape, and nothing is loaded.
+every unmatched or mis-shaped name with its shape, and nothing is loaded. A safetensors file keeps
+its keys sorted by name, not in module order: numbered modules (``nn.Sequential``'s ``0``, ``2``,
+``10``) are put back in order; give ``mapping`` for named ones.
 
 >>> import numpy as np, symdl as sd
 >>> model = sd.nn.Sequential([sd.nn.Dense(3)], input_dim=2)
@@ -88,7 +107,11 @@ def read_state_dict(source) -> dict:
     return {str(k): _as_numpy(v) for k, v in source.items()}
 
 
-def _key(prefix: str, leaf: str) -> str:
+def _key(prefix, leaf: str) -> str:
+    """The state dict key of parameter ``leaf`` of the module at ``prefix`` (a pair: two embeddings)."""
+    if isinstance(prefix, tuple):
+        child, _, leaf = leaf.partition(".")
+        prefix = prefix[child == "position_embedding"]
     return f"{prefix}.{leaf}" if prefix else leaf
 
 
@@ -244,16 +267,39 @@ def _attention_entries(roles: dict, live: dict, present) -> dict:
     return entries
 
 
+def _two_embeddings(layer, first: dict, second: dict) -> bool:
+    """Whether ``layer`` (a token-and-position embedding) takes two separate ``nn.Embedding``
+    modules (GPT-2's ``wte`` and ``wpe``): tokens first, then positions."""
+    return isinstance(layer, TokenAndPositionEmbedding) and set(first) == {"weight"} and set(second) == {"weight"}
+
+
+def _joined(prefixes: tuple, modules: dict) -> dict:
+    """The parameters of two ``nn.Embedding`` modules as one token-and-position embedding's."""
+    return {f"{child}.{leaf}": v for child, p in zip(("token_embedding", "position_embedding"), prefixes)
+            for leaf, v in modules[p].items()}
+
+
 def _pairs(model, modules: dict, mapping) -> tuple:
-    """``([(layer name, layer, roles, torch prefix)], problems)``: symdl layers with their modules."""
+    """``([(layer name, layer, roles, torch prefix, its parameters)], problems)``: symdl layers with their
+    modules (a prefix is a pair ``(tokens, positions)`` for two embeddings read as one layer)."""
     layers, problems = _layers(model), []
     if mapping is None:
-        prefixes = list(modules)
-        if len(prefixes) != len(layers):
+        prefixes, pairs, at = list(modules), [], 0
+        for name, layer, roles in layers:
+            if at >= len(prefixes):
+                break
+            if at + 1 < len(prefixes) and _two_embeddings(layer, modules[prefixes[at]], modules[prefixes[at + 1]]):
+                both = (prefixes[at], prefixes[at + 1])
+                pairs.append((name, layer, roles, both, _joined(both, modules)))
+                at += 2
+            else:
+                pairs.append((name, layer, roles, prefixes[at], modules[prefixes[at]]))
+                at += 1
+        if at != len(prefixes) or len(pairs) != len(layers):
             problems.append(f"the state dict has {len(prefixes)} modules with weights "
                             f"({', '.join(f'{p} {_shapes(modules[p])}' for p in prefixes)}), the model "
                             f"{len(layers)} layers with weights ({', '.join(name for name, _, _ in layers)})")
-        return [(*l, p) for l, p in zip(layers, prefixes)], problems
+        return pairs, problems
     by_name = {name: (name, layer, roles) for name, layer, roles in layers}
     unknown = [f"{layer_name} (for {prefix})" for prefix, layer_name in mapping.items() if layer_name not in by_name]
     missing_modules = [prefix for prefix in mapping if prefix not in modules]
@@ -264,8 +310,20 @@ def _pairs(model, modules: dict, mapping) -> tuple:
                         ("state dict modules not mapped", unmapped), ("model layers not mapped", unfilled)):
         if items:
             problems.append(f"{what}: {', '.join(items)}")
-    pairs = [(*by_name[layer_name], prefix) for prefix, layer_name in mapping.items()
-             if layer_name in by_name and prefix in modules]
+    grouped = {}  # layer name -> its modules, in mapping order
+    for prefix, layer_name in mapping.items():
+        if layer_name in by_name and prefix in modules:
+            grouped.setdefault(layer_name, []).append(prefix)
+    pairs = []
+    for layer_name, prefixes in grouped.items():
+        name, layer, roles = by_name[layer_name]
+        if len(prefixes) == 2 and _two_embeddings(layer, modules[prefixes[0]], modules[prefixes[1]]):
+            pairs.append((name, layer, roles, tuple(prefixes), _joined(tuple(prefixes), modules)))
+        elif len(prefixes) > 1:
+            problems.append(f"mapping names {len(prefixes)} modules for {layer_name} ({', '.join(prefixes)}): only a "
+                            "TokenAndPositionEmbedding takes two (two nn.Embedding: tokens, then positions)")
+        else:
+            pairs.append((name, layer, roles, prefixes[0], modules[prefixes[0]]))
     return pairs, problems
 
 
@@ -283,8 +341,7 @@ def load_torch_weights(model, state_dict_or_safetensors_path, mapping=None, torc
     pairs, problems = _pairs(model, modules, mapping)
     live = model_arrays(model)
     arrays = {}
-    for layer_name, layer, roles, prefix in pairs:
-        params = modules[prefix]
+    for layer_name, layer, roles, prefix, params in pairs:
         image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
         entries = _entries(layer, roles, live, image, present=params)
         if entries is None:
