@@ -384,6 +384,32 @@ def test_torch_embedding_and_separate_projections():
         np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
+def test_attention_from_a_safetensors_file_sorted_by_name(tmp_path):
+    """A file's keys come sorted (``attn.k_proj_weight``, ``attn.out_proj.bias``, ..., ``attn.q_proj_weight``):
+    ``out_proj`` still joins its attention module; a lone ``token_embedding`` child stays a module."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    tnn = torch.nn
+    torch.manual_seed(8)
+    net = tnn.Module()
+    net.token_embedding, net.ctx = tnn.Embedding(V, D), tnn.Embedding(V, 6)
+    net.attn = tnn.MultiheadAttention(D, H, batch_first=True, kdim=6, vdim=6)
+    save_file(net.state_dict(), str(tmp_path / "attn.safetensors"))
+    q_in, c_in = nn.Input(shape=(T,), dtype="int32"), nn.Input(shape=(4,), dtype="int32")
+    q, c = nn.Embedding(V, D)(q_in), nn.Embedding(V, 6)(c_in)
+    model = nn.Model([q_in, c_in], nn.MultiHeadAttention(num_heads=H, key_dim=D // H)(q, c))
+    model.compile(backend="numpy", dtype="float32")
+    load_torch_weights(model, tmp_path / "attn.safetensors",
+                       mapping={"token_embedding": "embedding_1", "ctx": "embedding_2", "attn": "multi_head_attention_1"})
+    original = {k: v.numpy().copy() for k, v in net.state_dict().items()}
+    back = to_torch_state_dict(model, prefixes=["token_embedding", "ctx", "attn"], tensors=True)
+    net.load_state_dict(back, strict=True)
+    assert list(back) == list(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(back[key].numpy(), value, err_msg=key)
+
+
 def test_torch_attention_errors_list_every_offending_name():
     torch = pytest.importorskip("torch")
     model = gpt_block()

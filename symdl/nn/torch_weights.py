@@ -76,9 +76,10 @@ IGNORED = ("num_batches_tracked",)  # PyTorch's batch counter: symdl keeps its o
 #: ``q_proj_weight``... when the key or value width differs from the query's).
 MHA_PACKED = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 MHA_SPLIT = ("q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
-#: Child modules that belong to the parameters of their parent (``attn.out_proj`` of an attention
-#: module, the two ``nn.Embedding`` of a token-and-position embedding).
-CHILDREN = {"out_proj": ("in_proj_weight", "q_proj_weight"), "token_embedding": None, "position_embedding": None}
+#: Child modules that belong to their parent's parameters: an attention module's ``out_proj`` (when
+#: the parent holds the input projections), the two ``nn.Embedding`` of a token-and-position embedding.
+CHILDREN = {"out_proj": ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+            "token_embedding": None, "position_embedding": None}
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -118,19 +119,22 @@ def _key(prefix, leaf: str) -> str:
 def _modules(state: dict) -> dict:
     """``{module prefix: {parameter name: array}}`` in state dict order (ignored entries dropped).
     An attention module's ``out_proj`` is part of it (``out_proj.weight``), and a module whose
-    children are ``token_embedding`` and ``position_embedding`` (keras-hub's names) is one module."""
-    modules = {}
+    children are ``token_embedding`` and ``position_embedding`` (keras-hub's names) is one module
+    (at the place of its first entry)."""
+    grouped = {}
     for key, value in state.items():
         prefix, _, leaf = key.rpartition(".")
-        if leaf in IGNORED:
-            continue
+        if leaf not in IGNORED:
+            grouped.setdefault(prefix, {})[leaf] = value
+    modules = {}
+    for prefix, params in grouped.items():
         parent, _, child = prefix.rpartition(".")
-        if child in CHILDREN:
-            owner = CHILDREN[child]
-            if owner is None or any(k in modules.get(parent, {}) for k in owner):
-                modules.setdefault(parent, {})[f"{child}.{leaf}"] = value
-                continue
-        modules.setdefault(prefix, {})[leaf] = value
+        owner = CHILDREN.get(child, ())
+        both = all(_key(parent, c) in grouped for c in ("token_embedding", "position_embedding"))
+        if (owner is None and both) or (owner and any(k in grouped.get(parent, {}) for k in owner)):
+            modules.setdefault(parent, {}).update({f"{child}.{leaf}": v for leaf, v in params.items()})
+        else:
+            modules.setdefault(prefix, {}).update(params)
     return modules
 
 
