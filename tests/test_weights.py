@@ -335,6 +335,31 @@ def test_torch_gpt_block_predictions_and_gradients(tmp_path):
         np.testing.assert_allclose(converted[key], g, atol=1e-6, rtol=0, err_msg=key)
 
 
+def test_torch_gpt_block_on_the_cpu_backend_one_and_two_threads(monkeypatch):
+    """The compiled CPU code (LLVM IR / Numba) on PyTorch's weights: the same logits and gradients."""
+    torch = pytest.importorskip("torch")
+    from helpers import run_threaded
+
+    reference = _torch_gpt(torch)
+    model = gpt_block()
+    model.compile(loss="softmax_cross_entropy", backend="cpu", dtype="float32")
+    load_torch_weights(model, reference)
+    X, Y = _ids(6, seed=3)
+    ids = torch.from_numpy(X.astype(np.int64))
+    logits = reference(ids)
+    np.testing.assert_allclose(model.predict(X), logits.detach().numpy(), atol=1e-5, rtol=0)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.from_numpy(Y.astype(np.int64)).reshape(-1)).backward()
+    wanted = {k: p.grad.numpy() for k, p in reference.named_parameters()}
+    for count in (1, 2):
+        f = sd.value_and_grad(model.loss, model.params, backend="cpu", dtype="float32")
+        if os.environ.get("NUMBA_DISABLE_JIT") != "1":
+            run_threaded(f.runner, count, monkeypatch)
+        _, grads = f(x=X, y=np.eye(V, dtype=np.float32)[Y], **model.get_weights())
+        converted = _gradients_as_torch(model, grads, GPT_PREFIXES)
+        for key, g in wanted.items():
+            np.testing.assert_allclose(converted[key], g, atol=1e-6, rtol=0, err_msg=f"{key} on {count} thread(s)")
+
+
 def test_torch_gpt_round_trip_loads_strictly_into_pytorch():
     torch = pytest.importorskip("torch")
     for bias in (True, False):
