@@ -47,6 +47,11 @@ its keys sorted by name, not in module order: numbered modules (``nn.Sequential`
 [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
 >>> sorted(to_torch_state_dict(model))
 ['dense_1.bias', 'dense_1.weight']
+>>> tokens = sd.nn.Sequential([sd.nn.Input(shape=(3,), dtype="int32"), sd.nn.Embedding(4, 2)])
+>>> tokens.compile(backend="numpy")
+>>> load_torch_weights(tokens, {"emb.weight": np.arange(8.0).reshape(4, 2)})  # nn.Embedding(4, 2): as it is
+>>> tokens.predict(np.array([[3, 0, 1]]))[0].tolist()
+[[6.0, 7.0], [0.0, 1.0], [2.0, 3.0]]
 """
 from __future__ import annotations
 
