@@ -348,7 +348,8 @@ def test_torch_gpt_block_on_the_cpu_backend_one_and_two_threads(monkeypatch):
     ids = torch.from_numpy(X.astype(np.int64))
     logits = reference(ids)
     np.testing.assert_allclose(model.predict(X), logits.detach().numpy(), atol=1e-5, rtol=0)
-    torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.from_numpy(Y.astype(np.int64)).reshape(-1)).backward()
+    labels = torch.from_numpy(Y.astype(np.int64)).reshape(-1)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, V), labels).backward()
     wanted = {k: p.grad.numpy() for k, p in reference.named_parameters()}
     for count in (1, 2):
         f = sd.value_and_grad(model.loss, model.params, backend="cpu", dtype="float32")
@@ -425,8 +426,8 @@ def test_attention_from_a_safetensors_file_sorted_by_name(tmp_path):
     q, c = nn.Embedding(V, D)(q_in), nn.Embedding(V, 6)(c_in)
     model = nn.Model([q_in, c_in], nn.MultiHeadAttention(num_heads=H, key_dim=D // H)(q, c))
     model.compile(backend="numpy", dtype="float32")
-    load_torch_weights(model, tmp_path / "attn.safetensors",
-                       mapping={"token_embedding": "embedding_1", "ctx": "embedding_2", "attn": "multi_head_attention_1"})
+    mapping = {"token_embedding": "embedding_1", "ctx": "embedding_2", "attn": "multi_head_attention_1"}
+    load_torch_weights(model, tmp_path / "attn.safetensors", mapping=mapping)
     original = {k: v.numpy().copy() for k, v in net.state_dict().items()}
     back = to_torch_state_dict(model, prefixes=["token_embedding", "ctx", "attn"], tensors=True)
     net.load_state_dict(back, strict=True)
