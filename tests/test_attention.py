@@ -313,3 +313,23 @@ def test_explain_prints_the_attention_backward_in_textbook_form_and_it_is_the_gr
            **{n: rng.normal(size=(D, 4)) for n in ("Wq", "Wk", "Wv")}, "Wo": rng.normal(size=(4, D))}
     out = get("numpy").compile_program(prog, "float64").run(ext, {}, 3)
     np.testing.assert_allclose(out["printed"], out["derived"], rtol=1e-12, atol=1e-14)
+
+
+def test_attention_model_saves_loads_and_a_token_model_nests(tmp_path):
+    """``model.save`` then ``sd.nn.load`` replays ``mha([q, v])`` with the saved mask: the same
+    predictions; a token model used as a layer of another model checks its ids (T,)."""
+    Tn, V = 5, 9
+    x = sd.nn.Input(shape=(Tn,), dtype="int32")
+    h = sd.nn.TokenAndPositionEmbedding(V, Tn, 8)(x)
+    h = h + sd.nn.MultiHeadAttention(2, 4)(h, h, use_causal_mask=True)
+    model = sd.nn.Model(x, sd.nn.Dense(V)(sd.nn.LayerNormalization()(h)))
+    model.compile(loss="softmax_cross_entropy", optimizer=sd.optim.AdamW(1e-2))
+    X = np.random.default_rng(0).integers(0, V, size=(6, Tn))
+    model.fit(X, np.roll(X, 1, axis=1), epochs=1, batch_size=3, verbose=0)
+    model.save(tmp_path / "gpt.symdl")
+    again = sd.nn.load(tmp_path / "gpt.symdl")
+    np.testing.assert_allclose(again.predict(X), model.predict(X), rtol=1e-6, atol=1e-7)
+    outer_in = sd.nn.Input(shape=(Tn,), dtype="int32")
+    outer = sd.nn.Model(outer_in, sd.nn.Dense(2)(model(outer_in)))
+    outer.compile(loss="mse")
+    assert outer.predict(X).shape == (6, Tn, 2)

@@ -355,9 +355,6 @@ def test_bad_token_chunks_are_clear_errors_from_the_workers(client):
     assert m.epoch == 0 and m.train_step.t == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a saved model with MultiHeadAttention does not load (from_architecture "
-                   "replays mha([q, v]) with one list; MultiHeadAttention.__call__ wants mha(q, v)): the workers "
-                   "rebuild the model from its checkpoint bytes")
 def test_token_model_with_attention_trains_on_the_cluster(client):
     X, Y = _token_data()
     single = _token_model(sd.optim.Adam(0.01), attention=True)
