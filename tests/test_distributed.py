@@ -356,9 +356,17 @@ def test_bad_token_chunks_are_clear_errors_from_the_workers(client):
 
 
 def test_token_model_with_attention_trains_on_the_cluster(client):
+    """The workers rebuild the model from its checkpoint (attention replays with its saved mask). The
+    key bias is left out of the comparison: a row softmax is blind to a constant added to its row,
+    so its gradient is 0 up to rounding, which Adam's normalised step turns into ±lr moves that
+    differ between any two summation orders."""
     X, Y = _token_data()
     single = _token_model(sd.optim.Adam(0.01), attention=True)
     single.fit(X, Y, epochs=1, batch_size=16, verbose=0)
     dist = _token_model(sd.optim.Adam(0.01), attention=True)
     dist.fit(X, Y, epochs=1, batch_size=16, verbose=0, cluster=client)
-    assert _max_rel_error(single, dist) < 1e-9
+    wa, wb = single.get_weights(), dist.get_weights()
+    for k in wa:
+        if not k.startswith("key_bias"):
+            assert float(np.max(np.abs(wa[k] - wb[k])) / np.max(np.abs(wa[k]))) < 1e-9, k
+    np.testing.assert_allclose(dist.history.history["loss"], single.history.history["loss"], rtol=1e-9)
