@@ -126,8 +126,8 @@ else:
 
 # ----------------------------------------------------------------------------- attention's δ
 # The backward pass of one block, as symdl derives it (a one-block model: the lines of the others
-# repeat it). For head k (Sk its scaled scores, Pk = softmax(causal(Sk)), Ok = Pk·Vk, each within
-# a sequence) the lines that matter read:
+# repeat it; docs/attention.md reads them line by line). For head k (Sk its scaled scores,
+# Pk = softmax(causal(Sk)), Ok = Pk·Vk, each within a sequence) the lines that matter read:
 #   δOk = cols(δh·Wo.T, ...)         the head's columns of the output projection's δ
 #   δPk = δOk·Vk.T                   through the mix Ok = Pk·Vk (a product within each sequence)
 #   δSk = Pk⊙(δPk − rowsum(Pk⊙δPk))  the softmax's adjoint: FlashAttention's row-sum form, no Jacobian
