@@ -108,7 +108,7 @@ def run_symdl(profile=False):
 def kernel_profile(step, repeats=20):
     """Each kernel of the step alone (one thread, its frame row run by the serial driver, the median
     of ``repeats`` calls, in step order so its inputs hold the step's values): ``[(kind, output,
-    shape, ms), ...]``. A profile, not the step: one thread, and a few µs of Python per call."""
+    shape, ms), ...]``, less the cost of an empty call. A profile, not the step: one thread."""
     import numpy as np
     import sympy as sp
 
@@ -123,6 +123,12 @@ def kernel_profile(step, repeats=20):
     rows, width = frames.shape
     out = []
     with threads.blas_single_threaded():
+        calls = []  # the cost of a call that runs no kernel (Python and the driver), subtracted
+        for _ in range(200):
+            t0 = time.perf_counter()
+            driver(frames.ctypes.data, 0, width)
+            calls.append(time.perf_counter() - t0)
+        empty = float(np.median(calls))
         for i, k in enumerate(step.program.kernels):
             address = frames.ctypes.data + i * width * frames.itemsize
             times = []
@@ -132,7 +138,7 @@ def kernel_profile(step, repeats=20):
                 times.append(time.perf_counter() - t0)
             dims = [sp.sympify(d) for d in step.program.shape_of(k.out)]
             shape = "(" + ", ".join(str(d.subs({s: n for s in d.free_symbols})) for d in dims) + ")"
-            out.append((type(k).__name__, str(k.out), shape, float(np.median(times)) * 1e3))
+            out.append((type(k).__name__, str(k.out), shape, max(0.0, float(np.median(times)) - empty) * 1e3))
     return out
 
 
@@ -320,6 +326,7 @@ def main():
         return child(args.child, args)
     import importlib.util
 
+    load_start = os.getloadavg()[0]
     cfg = dict(QUICK if args.quick else FULL)
     if args.layers:
         cfg["layers"] = args.layers
@@ -364,16 +371,16 @@ def main():
     print(f"GPT step (AdamW): {cfg['layers']} layers, {cfg['heads']} heads, width {cfg['width']}, context "
           f"{cfg['context']}, batch {cfg['batch']}, vocabulary {cfg['vocab']}; float32, {args.threads} threads, "
           f"{rounds} round(s); OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; "
-          f"load average {os.getloadavg()[0]:.2f} at the end")
+          f"load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     print()
-    print("| framework | ms/step | time vs PyTorch eager | import s | cold s | warm s | first loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| framework | ms/step | time vs PyTorch eager | import s | cold s | warm s | first step's loss | note |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     eager = statistics.median(r["ms"] for r in runs["torch"]) if runs.get("torch") else None
     for name in ["symdl", "torch", "torch.compile", "jax"]:
         label = {"symdl": "symdl (cpu)", "torch": "PyTorch eager", "torch.compile": "torch.compile",
                  "jax": "JAX jit"}[name]
         if name in failed and not runs.get(name):
-            print(f"| {label} | n/a | | | | | {failed[name]} |")
+            print(f"| {label} | n/a | | | | | | {failed[name]} |")
             continue
         rs = runs.get(name) or []
         if not rs:
@@ -386,7 +393,8 @@ def main():
                                                      if len(rs) > 1 else "")
         else:
             cold, warm = "", f"{statistics.median(r['ready_s'] for r in rs):.2f}"
-        print(f"| {label} | {ms:.2f} | {ratio} | {imported:.2f} | {cold} | {warm} | {rs[0]['loss']:.6f} |")
+        note = f"{len(rs)} processes" if name == "symdl" else ""
+        print(f"| {label} | {ms:.2f} | {ratio} | {imported:.2f} | {cold} | {warm} | {rs[0]['loss']:.6f} | {note} |")
     print()
     print("ms/step: the median over rounds of each process's median step; time vs PyTorch eager: < 1 is faster. "
           "After the import: cold, build + derive + generate + compile + first step from an empty cache; warm, "
