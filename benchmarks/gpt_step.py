@@ -107,8 +107,8 @@ def run_symdl(profile=False):
 
 def kernel_profile(step, repeats=20):
     """Each kernel of the step alone (one thread, its frame row run by the serial driver, the median
-    of ``repeats`` calls, in step order so its inputs hold the step's values): ``[(kind, output,
-    shape, ms), ...]``, less the cost of an empty call. A profile, not the step: one thread."""
+    of ``repeats`` calls, in step order so its inputs hold the step's values): ``[(kind, what it
+    computes, shape, ms), ...]``, less the cost of an empty call. A profile, not the step: one thread."""
     import numpy as np
     import sympy as sp
 
@@ -138,7 +138,9 @@ def kernel_profile(step, repeats=20):
                 times.append(time.perf_counter() - t0)
             dims = [sp.sympify(d) for d in step.program.shape_of(k.out)]
             shape = "(" + ", ".join(str(d.subs({s: n for s in d.free_symbols})) for d in dims) + ")"
-            out.append((type(k).__name__, str(k.out), shape, max(0.0, float(np.median(times)) - empty) * 1e3))
+            what = f"{k.out} = {k}"
+            what = what if len(what) <= 80 else what[:77] + "..."
+            out.append((type(k).__name__, what, shape, max(0.0, float(np.median(times)) - empty) * 1e3))
     return out
 
 
@@ -417,7 +419,7 @@ def main():
         print()
         print(f"symdl's kernels, each alone on one thread (sum {total:.2f} ms; the top 12):")
         print()
-        print("| kernel | output | shape | ms | share |")
+        print("| kernel | computes | shape | ms | share |")
         print("|---|---|---|---:|---:|")
         for kind, name, shape, ms in sorted(profile, key=lambda p: -p[3])[:12]:
             print(f"| {kind} | {name} | {shape} | {ms:.3f} | {ms / total:.1%} |")
