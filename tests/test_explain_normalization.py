@@ -209,3 +209,19 @@ def test_image_batch_norm_and_hvp_explanations_still_print():
     loss = sd.losses.mse(sd.layer_norm(x @ W, g, b) @ W2, y)
     text = str(sd.explain_hvp(loss, [W, W2], [sd.param("V1", (3, 4)), sd.param("V2", (4, 2))]))
     assert f"  δ1 = {LAYER}" in text and "(Hv)_W = " in text
+
+
+def test_a_residual_branch_output_and_its_sum_print_one_delta_line():
+    """A pre-norm residual block: the branch's last Dense has the δ of the sum it feeds; the δ is
+    printed once, in textbook form, not again as the unsimplified chain rule."""
+    import symdl as sd
+
+    x = sd.nn.Input(shape=(4,), dtype="int32")
+    h = sd.nn.TokenAndPositionEmbedding(7, 4, 4)(x)
+    h = h + sd.nn.Dense(4)(sd.nn.LayerNormalization()(h))
+    m = sd.nn.Model(x, sd.nn.Dense(7)(sd.nn.LayerNormalization()(h)))
+    m.compile(loss="softmax_cross_entropy", backend="numpy")
+    lines = str(m.formulas()).splitlines()
+    heads = [line.split(" = ")[0].strip() for line in lines if " = " in line]
+    assert heads.count("δh2") == 1, lines
+    assert "  δh2 = (δx̂2 - mean_cols(δx̂2) - x̂2⊙mean_cols(δx̂2⊙x̂2))/σ2" in lines

@@ -224,16 +224,20 @@ class Explanation:
                 out.append(("forward", fwd[node], self._named(node.func(*[a.xreplace(own) for a in node.args]))))
         out.append(("forward", sp.Symbol("L"), self._named(self.loss.xreplace(fwd))))
         names = {**fwd, **deltas}
+        printed = set()
         for z in reversed(self.deltas):
             if z not in self.adj:
                 continue
             d = self.adj[z]
-            if z in self.textbook:
+            if d in printed:  # one δ for two names (a residual branch's output and the sum it feeds): once
+                pass
+            elif z in self.textbook:
                 out.append(("backward", deltas[d], self._textbook(z, fwd, deltas, latex)))
             elif z in self.attention and self.attention[z] in fwd and self.adj.get(self.attention[z]) in deltas:
                 out.append(("backward", deltas[d], self._softmax_textbook(z, fwd, deltas, latex)))
             else:
                 out.append(("backward", deltas[d], self._named(d.xreplace(_without(names, d)))))
+            printed.add(d)
             for p in self.params:
                 if z in self.zs and self._layer_param(p, z):
                     out.append(("backward", ("∂L/∂", p), self._named(self.adj[p].xreplace(names))))
