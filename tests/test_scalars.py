@@ -159,3 +159,52 @@ def test_helpers_are_defined_by_the_modules_that_call_them():
     sources = sd.compile(sd.total(sd.tanh(x @ W)), [W], backend="cpu", dtype="float32").runner.kernel_sources
     assert any("def _tanh32(" in s for s in sources)
     assert all(("def _tanh32(" in s) == ("_tanh32(v" in s) for s in sources)  # only where a body calls it
+
+
+def _float32_loop(body_of):
+    """``(grid, float64 NumPy reference, cpu float32 loop)`` of ``body_of(x)`` on a dense grid of float32
+    values plus the special ones."""
+    grid = np.concatenate([np.linspace(-110, 90, 200_001), np.linspace(-5, 5, 100_001), SPECIAL]).astype(np.float32)
+    x = sd.input("x", 1)
+    prog = lower({"y": body_of(x)})
+    feed = {"x": grid.reshape(-1, 1)}
+    n = len(grid)
+    with np.errstate(all="ignore"):
+        want = get("numpy").compile_program(prog, "float64").run({"x": feed["x"].astype(np.float64)}, {}, n)["y"]
+    llvm = get("cpu").compile_program(prog, "float32").run(feed, {}, n)["y"]
+    return grid, want.ravel(), llvm.ravel()
+
+
+@pytest.mark.parametrize("name", ["exp", "erf"])
+def test_float32_exp_and_erf_are_arithmetic_accurate_and_keep_nan_inf(name):
+    """The float32 CPU loops compute ``exp`` (Cephes) and ``erf`` (Eigen's rational form) as arithmetic
+    LLVM vectorises: within 1.2e-7 relative (exp, over its normal range) and 5e-7 absolute (erf) of the
+    float64 values, overflow to inf and underflow to 0 where float32 does, NaN kept, erf(±4..) = ±1."""
+    from symdl.graph.nodes import elementwise
+
+    grid, want, got = _float32_loop(lambda x: elementwise(sp.exp if name == "exp" else sp.erf, x, op=name))
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    if name == "exp":
+        normal = finite & (want > 1.2e-38) & (want < 3.4e38)
+        assert np.max(np.abs(got[normal] - want[normal]) / want[normal]) < 1.2e-7
+        assert np.all(got[finite & (want > 3.5e38)] == np.inf)
+        assert np.all(got[finite & (want < 1e-45)] <= 1.5e-45)  # 0, or the smallest denormal it rounds to
+    else:
+        assert np.max(np.abs(got[finite] - want[finite])) < 5e-7
+        assert np.all(got[np.abs(grid) >= 4] == np.sign(grid[np.abs(grid) >= 4]))
+
+
+def test_float32_exp_and_erf_print_no_library_call():
+    """GELU′ (erf and exp per entry) as LLVM IR calls no ``expf``/``erff``: the loop can vectorise;
+    float64 keeps the C library's."""
+    from symdl.backends.cpu import llvm_code
+    from symdl.backends.formulas import formula
+
+    x = sd.input("x", 4)
+    prog = lower({"d": sd.grad(sd.total(sd.gelu(x)), [x])[x]})
+    k = prog.kernels[-1]
+    text32 = llvm_code.kernel_ir(formula(k, prog), "float32")
+    text64 = llvm_code.kernel_ir(formula(k, prog), "float64")
+    assert "@erff" not in text32 and "llvm.exp.f32" not in text32 and "llvm.floor.f32" in text32
+    assert '@"erf"(' in text64 and "llvm.exp.f64" in text64
