@@ -417,6 +417,8 @@ class Program:
         if isinstance(kernel, ScatterAdd):  # zero the (V, d) table, then add every row of G
             (v, c), (r, _) = self.shape_of(kernel.out), self.shape_of(kernel.operands[1].buffer)
             return sp.sympify(v * c + r * c)
+        if hasattr(kernel, "work_expr"):  # a kernel that knows its own work (ops.recurrence's scans)
+            return kernel.work_expr(self)
         r, c = self.loop_shape(kernel)
         if isinstance(kernel, ImageKernel):  # each output entry reads one window
             return sp.sympify(r * c * kernel.window())
@@ -553,3 +555,93 @@ def _scatter_add_shapes(k: ScatterAdd, program, where):
     same = lambda a, b: sp.expand(sp.sympify(a) - b) == 0  # noqa: E731
     if not (same(ids[1], 1) and same(G[0], ids[0]) and same(out[1], G[1])):
         raise ProgramError(f"{where}: scatter_add of {G} at ids {ids} does not give {out}")
+
+
+# --------------------------------------------------------------------------- recurrence (ops.recurrence)
+
+
+@dataclass
+class Scan:
+    """A recurrent cell run over the steps of each sequence (``ops.recurrence``).
+
+    ``operands = (XP, U)`` or ``(XP, U, bu)``: the projected inputs ``(n·T, k·u)``, the recurrent
+    kernel ``(u, k·u)`` and the recurrent bias ``(1, k·u)``; ``out`` the states ``(n·T, s·u)``.
+    ``cell[c]`` is state ``c``'s scalar formula over ``VARS`` (input gates ``v0..v(k-1)``, recurrent
+    gates ``vk..v(2k-1)``, previous states ``v2k..``); ``steps = (T,)``. Step ``t`` of sequence ``b``
+    reads input row ``b·T + t`` (``b·T + T-1-t`` with ``reverse_in``) and writes row ``b·T + t``
+    (``reverse_out``: ``b·T + T-1-t``). Units: the sequences; one sequence's steps run in order.
+    """
+
+    out: str
+    operands: tuple
+    cell: tuple
+    gates: int
+    states: int
+    steps: tuple  # (T,): a size, so one compiled formula serves every sequence length
+    reverse_in: bool = False
+    reverse_out: bool = False
+    kind = "scan"
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        """The cell's formulas with every cell variable read as ``v0``: what the checker, the work
+        estimate and the helper search see (the variables are not operands)."""
+        return [sp.sympify(b).xreplace({v: VARS[0] for v in VARS[: 2 * self.gates + self.states]})
+                for b in self.cell]
+
+    def __str__(self):
+        flags = "".join(f" {f}" for f, on in (("reverse_in", self.reverse_in), ("reverse_out", self.reverse_out)) if on)
+        return f"{self.kind}[{self.gates} gates, {self.states} states, T={self.steps[0]}{flags}]" \
+               f"({', '.join(map(str, self.operands))})"
+
+    def work_expr(self, program) -> sp.Expr:
+        u = program.shape_of(self.operands[1].buffer)[0]
+        rows = program.shape_of(self.out)[0]
+        return sp.sympify(rows * u * (self.gates * u + self.states * operation_count(tuple(self.bodies()))))
+
+
+@dataclass
+class ScanGrad(Scan):
+    """``Scan``'s backpropagation through time: ``operands = (XP, UP, S, G, U)``, ``out``
+    ``[δXP | δUP | δS]`` ``(n·T, 2·k·u + s·u)``: one reverse loop over the steps of each sequence,
+    the local derivatives ``sp.diff`` of ``cell``; ``δS`` each state's whole gradient (``G`` plus the
+    carry from the next step)."""
+
+    kind = "scan_grad"
+
+    def work_expr(self, program) -> sp.Expr:
+        u = program.shape_of(self.operands[4].buffer)[0]
+        rows = program.shape_of(self.out)[0]
+        return sp.sympify(rows * u * (self.gates * u + 3 * self.states * operation_count(tuple(self.bodies()))))
+
+
+KERNELS = KERNELS + (Scan, ScanGrad)
+
+
+@_check_shapes.register
+def _scan_shapes(k: Scan, program, where):
+    count = 5 if isinstance(k, ScanGrad) else len(k.operands)
+    if count not in (2, 3, 5) or (not isinstance(k, ScanGrad) and count == 5):
+        raise ProgramError(f"{where}: {k.kind} reads (XP, U[, bu]) or (XP, UP, S, G, U), got {len(k.operands)}")
+    shapes = _whole_buffers(k, program, len(k.operands), where)
+    out = tuple(program.shape_of(k.out))
+    same = lambda a, b: sp.expand(sp.sympify(a) - b) == 0  # noqa: E731
+    U = shapes[4] if isinstance(k, ScanGrad) else shapes[1]
+    u = U[0]
+    ku = k.gates * u
+    want = {"XP": (out[0], ku), "U": (u, ku)}
+    if isinstance(k, ScanGrad):
+        want.update(UP=(out[0], ku), S=(out[0], k.states * u), G=(out[0], k.states * u))
+        names = ("XP", "UP", "S", "G", "U")
+        wide = 2 * ku + k.states * u
+    else:
+        names = ("XP", "U", "bu")[: len(shapes)]
+        want["bu"] = (1, ku)
+        wide = k.states * u
+    for name, shape in zip(names, shapes):
+        if not all(same(a, b) for a, b in zip(shape, want[name])):
+            raise ProgramError(f"{where}: {name} has shape {shape}, the cell needs {want[name]}")
+    if not same(out[1], wide):
+        raise ProgramError(f"{where}: the output {out} must be {wide} wide")

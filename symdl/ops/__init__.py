@@ -7,3 +7,4 @@
 * ``embedding`` token sequences as rows ``(n·T, d)``: the lookup ``E[ids]`` and its scatter-add.
 """
 from . import concat, conv, embedding, padding  # noqa: F401 - registers the families' rules
+from . import recurrence  # noqa: F401,E402 - recurrent layers: one scan node per layer (its rules)

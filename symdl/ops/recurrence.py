@@ -1,0 +1,478 @@
+"""Recurrence as one scan node: SimpleRNN, LSTM and GRU cells, backpropagation through time.
+
+Sequences are rows: a batch ``(n, T, f)`` is the matrix ``(n·T, f)``, row ``b·T + t``. A recurrent
+layer is
+
+* ``XP = X W + b``: the input projection of every step, one ordinary product;
+* ``S = scan(cell, XP, U, bu)``: the states of every step ``(n·T, s·u)`` (LSTM ``[h | c]``, s = 2;
+  GRU, SimpleRNN ``h``). At step ``t`` of sequence ``b``, ``UP_t = h_{t-1} U (+ bu)`` (``h_{-1} = 0``)
+  and per unit ``j`` a *scalar* SymPy cell formula maps the ``k`` input gates, the ``k`` recurrent
+  gates and the ``s`` previous states to the ``s`` new states (``Cell``).
+* its gradient: ``bptt(cell, G; XP, UP, S, U)`` (``ScanGrad``), one backward scan over ``t`` giving
+  ``[δXP | δUP | δS]`` (``δS`` the total gradient of every state, the carried one included). The
+  per-unit local derivatives are ``sp.diff`` of the cell formula; the carry is
+  ``δp_{t-1} = Σ_c δS_t,c ∂c/∂p + [h] δUP_t Uᵀ``. Then ``δW = Xᵀ δXP``, ``δU = Shift(h)ᵀ δUP``,
+  ``δbu = 1ᵀ δUP``, ``δX = δXP Wᵀ``: ordinary nodes, ``UP = Shift(h) U + bu`` one ordinary product.
+
+``reverse_in`` reads the inputs from the last step to the first (Keras's ``go_backwards``: the
+states are stored in the order they are computed); ``reverse_out`` also stores them at their
+input's row (the backward half of ``Bidirectional``, aligned with the forward half).
+``Shift`` moves rows one step within each sequence (zeros at the first step) and is built from
+``Reshape``, ``Cols`` and ``Place``: no kernel of its own.
+
+>>> import symdl as sd
+>>> from symdl.graph.nodes import sequence_input
+>>> x = sequence_input("x", (3, 2)); W = sd.param("W", (2, 4)); U = sd.param("U", (1, 4))
+>>> S = scan(lstm_cell(), x @ W, U, None, 3)
+>>> S.shape
+(3*n, 2)
+>>> print(S)
+lstm_scan(x*W, U)
+>>> print(sd.grad(sd.total(S), [U])[U])
+shift(cols(lstm_scan(x*W, U), 0, 1)).T*cols(lstm_bptt(ones; x*W, shift(cols(lstm_scan(x*W, U), 0, 1))*U, lstm_scan(x*W, U), U), 4, 8)
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import sympy as sp
+from sympy.core.symbol import Str
+from sympy.matrices.expressions import MatrixExpr
+from sympy.printing.precedence import PRECEDENCE
+
+from ..autodiff.jvp import JVP, linear_in_first_operand
+from ..autodiff.vjp import VJP
+from ..formulas import activations as functions
+from ..graph.nodes import (
+    PRINT_RULES, VARS, Broadcast, Ops, Printable, ShapeMismatch, SumRows, name_of, shape_text,
+)
+from ..ir import kernels as ir
+from ..ir.kernels import Operand
+from ..ir.lowering import LOWER, lower_expansion
+from .concat import Cols, Place
+from .conv import Reshape, _entry_of
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A recurrent cell: ``gates`` input gates ``x_g`` and recurrent gates ``u_g`` per unit, ``states``
+    carried states ``p_c``; ``bodies[c]`` the new state ``c`` as a SymPy scalar formula over
+    ``VARS``: ``x_g = VARS[g]``, ``u_g = VARS[gates + g]``, ``p_c = VARS[2·gates + c]``. State 0 is
+    ``h``, the output (and the one the recurrent product reads)."""
+
+    name: str
+    gates: int
+    states: int
+    bodies: tuple
+    gate_names: tuple = ()
+    state_names: tuple = ("h",)
+
+    def x(self, g):
+        return VARS[g]
+
+    def u(self, g):
+        return VARS[self.gates + g]
+
+    def p(self, c):
+        return VARS[2 * self.gates + c]
+
+    @property
+    def variables(self) -> tuple:
+        return tuple(VARS[: 2 * self.gates + self.states])
+
+    @functools.cached_property
+    def derivatives(self) -> tuple:
+        """``derivatives[c][v]``: ``∂ body_c / ∂ VARS[v]`` by ``sp.diff`` (SymPy derives them)."""
+        return tuple(tuple(sp.diff(b, v) for v in self.variables) for b in self.bodies)
+
+
+def _fn(activation, what):
+    """A scalar function from an activation name (``None``/``"linear"``: the identity)."""
+    applied = functions.get(activation)
+    if applied is None:
+        return lambda t: t
+    fn = getattr(applied, "function", None)
+    if fn is None:
+        raise ValueError(f"{what}: unknown activation {activation!r}")
+    return fn
+
+
+def simple_rnn_cell(activation="tanh") -> Cell:
+    """``h = act(x + u)`` (Keras's ``SimpleRNN``: one gate)."""
+    act = _fn(activation, "SimpleRNN")
+    return Cell("simple_rnn", 1, 1, (act(VARS[0] + VARS[1]),), ("h",))
+
+
+def lstm_cell(activation="tanh", recurrent_activation="sigmoid") -> Cell:
+    """Keras's LSTM, gates ``i, f, c, o``: ``c = f·c' + i·g``, ``h = o·act(c)`` with
+    ``i = σ(x_i + u_i)``, ``f = σ(x_f + u_f)``, ``g = act(x_c + u_c)``, ``o = σ(x_o + u_o)``. States ``[h, c]``."""
+    act, rec = _fn(activation, "LSTM"), _fn(recurrent_activation, "LSTM")
+    x, u = VARS[0:4], VARS[4:8]
+    c_prev = VARS[9]
+    i, f, g, o = rec(x[0] + u[0]), rec(x[1] + u[1]), act(x[2] + u[2]), rec(x[3] + u[3])
+    c = f * c_prev + i * g
+    return Cell("lstm", 4, 2, (o * act(c), c), ("i", "f", "c", "o"), ("h", "c"))
+
+
+def gru_cell(activation="tanh", recurrent_activation="sigmoid") -> Cell:
+    """Keras's GRU with ``reset_after=True`` (PyTorch's form), gates ``z, r, h``:
+    ``z = σ(x_z + u_z)``, ``r = σ(x_r + u_r)``, ``ĥ = act(x_h + r·u_h)``, ``h = z·h' + (1 − z)·ĥ``."""
+    act, rec = _fn(activation, "GRU"), _fn(recurrent_activation, "GRU")
+    x, u, h_prev = VARS[0:3], VARS[3:6], VARS[6]
+    z, r = rec(x[0] + u[0]), rec(x[1] + u[1])
+    hh = act(x[2] + r * u[2])
+    return Cell("gru", 3, 1, (z * h_prev + (1 - z) * hh,), ("z", "r", "h"))
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def _spec(cell: Cell, T: int, reverse_in: bool, reverse_out: bool) -> sp.Tuple:
+    return sp.Tuple(Str(cell.name), sp.Tuple(*cell.bodies), sp.Integer(cell.gates), sp.Integer(cell.states),
+                    sp.Integer(T), sp.Integer(int(reverse_in)), sp.Integer(int(reverse_out)),
+                    sp.Tuple(*(Str(g) for g in cell.gate_names)), sp.Tuple(*(Str(s) for s in cell.state_names)))
+
+
+class _ScanBase(Printable, Ops, MatrixExpr):
+    """Matrix operands, then the cell's spec (``_spec``) as the last argument."""
+
+    precedence = PRECEDENCE["Atom"]
+
+    def __new__(cls, *args):
+        return MatrixExpr.__new__(cls, *args)
+
+    @property
+    def mats(self) -> tuple:
+        return self.args[:-1]
+
+    @property
+    def spec(self):
+        return self.args[-1]
+
+    @property
+    def cell(self) -> Cell:
+        name, bodies, k, s, _, _, _, gates, states = self.spec
+        return _cell_of(str(name), tuple(bodies), int(k), int(s), tuple(str(g) for g in gates),
+                        tuple(str(c) for c in states))
+
+    @property
+    def steps(self) -> int:
+        return int(self.spec[4])
+
+    @property
+    def reverse_in(self) -> bool:
+        return bool(self.spec[5])
+
+    @property
+    def reverse_out(self) -> bool:
+        return bool(self.spec[6])
+
+    @property
+    def units(self) -> int:
+        return int(self._U.shape[0])
+
+    def rows(self, b, t):
+        """``(input row, output row, previous output row or None)`` of step ``t`` of sequence ``b``."""
+        T = self.steps
+        at = lambda rev, s: b * T + (T - 1 - s if rev else s)  # noqa: E731
+        prev = at(self.reverse_out, t - 1) if t > 0 else None
+        return at(self.reverse_in, t), at(self.reverse_out, t), prev
+
+    def _entry(self, i, j, **kw):
+        return _entry_of(self, i, j, **kw)
+
+
+@functools.lru_cache(maxsize=256)
+def _cell_of(name, bodies, k, s, gates, states) -> Cell:
+    return Cell(name, k, s, bodies, gates, states)
+
+
+class Scan(_ScanBase):
+    """``cell_scan(XP, U[, bu])``: the states of every step ``(n·T, s·u)`` (see the module)."""
+
+    notation = "cell_scan(XP, U): the recurrent cell run over the steps of each sequence, states of every step"
+
+    @property
+    def _U(self):
+        return self.args[1]
+
+    @property
+    def shape(self):
+        return (self.args[0].shape[0], self.cell.states * self._U.shape[0])
+
+    @property
+    def bias(self):
+        return self.args[2] if len(self.mats) == 3 else None
+
+    def _int_entry(self, i, j, **kw):
+        T = self.steps
+        return _forward(self, i // T, tuple(sorted(kw.items())))[i][j]
+
+
+class ScanGrad(_ScanBase):
+    """``cell_bptt(G; XP, UP, S, U)``: backpropagation through time, ``[δXP | δUP | δS]``
+    ``(n·T, 2·k·u + s·u)``, from one reverse loop over the steps (see the module)."""
+
+    notation = ("cell_bptt(G; XP, UP, S, U): backpropagation through time, [δXP | δUP | δS] of every step "
+                "(δS: each state's whole gradient, the carry from the next step included)")
+
+    @property
+    def _U(self):
+        return self.args[4]
+
+    @property
+    def shape(self):
+        c = self.cell
+        return (self.args[0].shape[0], (2 * c.gates + c.states) * self._U.shape[0])
+
+    def _int_entry(self, i, j, **kw):
+        T = self.steps
+        return _backward(self, i // T, tuple(sorted(kw.items())))[i][j]
+
+
+# --------------------------------------------------------------------------- scalar unrolling (prove)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward(node: Scan, b: int, kw: tuple) -> dict:
+    """``{row: [state entries]}`` of sequence ``b``: the scan unrolled with SymPy scalars."""
+    kw = dict(kw)
+    XP, U = node.args[:2]
+    bias = node.bias
+    cell, u = node.cell, node.units
+    k, s = cell.gates, cell.states
+    out, prev = {}, [sp.Integer(0)] * (s * u)
+    for t in range(node.steps):
+        ri, ro, _ = node.rows(b, t)
+        up = [(bias._entry(0, c, **kw) if bias is not None else sp.Integer(0))
+              + sp.Add(*(prev[m] * U._entry(m, c, **kw) for m in range(u))) for c in range(k * u)]
+        row = [None] * (s * u)
+        for j in range(u):
+            env = {cell.x(g): XP._entry(ri, g * u + j, **kw) for g in range(k)}
+            env.update({cell.u(g): up[g * u + j] for g in range(k)})
+            env.update({cell.p(c): prev[c * u + j] for c in range(s)})
+            for c in range(s):
+                row[c * u + j] = cell.bodies[c].xreplace(env)
+        out[ro] = row
+        prev = row
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _backward(node: ScanGrad, b: int, kw: tuple) -> dict:
+    """``{row: [δXP..., δUP..., δS...]}`` of sequence ``b``: the BPTT recurrence with SymPy scalars
+    (local derivatives ``sp.diff`` of the cell; the carry through ``f``, ``z`` and ``U``)."""
+    kw = dict(kw)
+    XP, UP, S, G, U = node.args[:5]
+    cell, u = node.cell, node.units
+    k, s = cell.gates, cell.states
+    ku = k * u
+    out = {}
+    carry = [sp.Integer(0)] * (s * u)
+    for t in reversed(range(node.steps)):
+        ri, ro, rp = node.rows(b, t)
+        D = [G._entry(ro, c, **kw) + carry[c] for c in range(s * u)]
+        dx, dup, nxt = [None] * ku, [None] * ku, [sp.Integer(0)] * (s * u)
+        for j in range(u):
+            env = {cell.x(g): XP._entry(ri, g * u + j, **kw) for g in range(k)}
+            env.update({cell.u(g): UP._entry(ro, g * u + j, **kw) for g in range(k)})
+            env.update({cell.p(c): S._entry(rp, c * u + j, **kw) if rp is not None else sp.Integer(0)
+                        for c in range(s)})
+
+            def through(v):
+                return sp.Add(*(D[c * u + j] * cell.derivatives[c][v].xreplace(env) for c in range(s)))
+
+            for g in range(k):
+                dx[g * u + j] = through(g)
+                dup[g * u + j] = through(k + g)
+            for c in range(s):
+                nxt[c * u + j] = through(2 * k + c)
+        for j in range(u):  # h_{t-1} also feeds every recurrent gate of step t
+            nxt[j] += sp.Add(*(dup[col] * U._entry(j, col, **kw) for col in range(ku)))
+        rows = out.setdefault(ri, [None] * (2 * ku + s * u))
+        rows[:ku] = dx
+        rows_o = out.setdefault(ro, [None] * (2 * ku + s * u))
+        rows_o[ku: 2 * ku] = dup
+        rows_o[2 * ku:] = D
+        carry = nxt
+    return out
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def shift(x, T: int, reverse: bool = False):
+    """Rows moved one step later within each sequence of ``T`` rows (``reverse``: one step earlier),
+    zeros where nothing comes in: the previous step's values ``(n·T, w)`` (``Shifted``)."""
+    return Shifted(x, sp.Integer(T), sp.Integer(int(reverse)))
+
+
+class Shifted(Printable, Ops, MatrixExpr):
+    """``shift(h)``: each sequence's rows moved one step (the previous step's ``h``; zeros at the first
+    step). Linear; its adjoint is the shift the other way. It lowers as its ``expansion`` (``Reshape``,
+    ``Cols``, ``Place``): no kernel of its own."""
+
+    precedence = PRECEDENCE["Atom"]
+    notation = "shift(h): each sequence's rows moved one step (the previous step's h; zeros at the first)"
+
+    def __new__(cls, x, T, reverse):
+        return MatrixExpr.__new__(cls, x, sp.Integer(T), sp.Integer(int(reverse)))
+
+    @property
+    def shape(self):
+        return self.args[0].shape
+
+    def _entry(self, i, j, **kw):
+        return _entry_of(self, i, j, **kw)
+
+    def _int_entry(self, i, j, **kw):
+        x, T, rev = self.args[0], int(self.args[1]), bool(self.args[2])
+        t = i % T
+        if (t == T - 1) if rev else (t == 0):
+            return sp.Integer(0)
+        return x._entry(i + 1 if rev else i - 1, j, **kw)
+
+    @property
+    def expansion(self):
+        x, T, rev = self.args[0], int(self.args[1]), bool(self.args[2])
+        rows, w = x.shape[0], int(x.shape[1])
+        if T == 1:
+            return x * 0
+        flat = Reshape(x, rows / T, T * w)
+        moved = Place(Cols(flat, w, T * w), 0, T * w) if rev else Place(Cols(flat, 0, (T - 1) * w), w, T * w)
+        return Reshape(moved, rows, w)
+
+
+def scan(cell: Cell, XP, U, bu, T: int, *, reverse_in=False, reverse_out=False, where="recurrent layer"):
+    """The states of every step: ``Scan`` over the projected inputs ``XP`` ``(n·T, k·u)`` with the
+    recurrent kernel ``U`` ``(u, k·u)`` and an optional recurrent bias ``bu`` ``(1, k·u)``."""
+    for m in (XP, U) + ((bu,) if bu is not None else ()):
+        if not isinstance(m, MatrixExpr):
+            raise TypeError(f"{where}: scan takes matrix expressions, got {m!r}")
+    u = int(U.shape[0])
+    ku = cell.gates * u
+    if U.shape[1] != ku or XP.shape[1] != ku:
+        raise ShapeMismatch(f"{where}: the {cell.name} cell with {u} units needs the projected inputs and the "
+                            f"recurrent kernel {cell.gates}·{u} = {ku} wide, got {name_of(XP)} {shape_text(XP)} and "
+                            f"{name_of(U)} {shape_text(U)}")
+    if bu is not None and tuple(bu.shape) != (1, ku):
+        raise ShapeMismatch(f"{where}: the recurrent bias {name_of(bu)} {shape_text(bu)} must be (1, {ku})")
+    mats = (XP, U) + ((bu,) if bu is not None else ())
+    return Scan(*mats, _spec(cell, T, reverse_in, reverse_out))
+
+
+def last_step(h, T: int, first: bool = False):
+    """Each sequence's last row ``(n, w)`` of ``h`` ``(n·T, w)`` (``first``: its first row)."""
+    w = int(h.shape[1])
+    flat = Reshape(h, h.shape[0] / T, T * w)
+    return Cols(flat, 0, w) if first else Cols(flat, (T - 1) * w, T * w)
+
+
+def reverse_steps(h, T: int):
+    """Each sequence's rows in the reverse order (``go_backwards`` with ``return_sequences``): a
+    concatenation of the ``T`` steps' columns, so its graph grows with ``T``."""
+    from .concat import Concat
+
+    w = int(h.shape[1])
+    flat = Reshape(h, h.shape[0] / T, T * w)
+    if T == 1:
+        return h
+    parts = [Cols(flat, t * w, (t + 1) * w) for t in reversed(range(T))]
+    return Reshape(Concat(*parts), h.shape[0], w)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _hidden(S, cell, u):
+    return Cols(S, 0, u) if cell.states > 1 else S
+
+
+@VJP.rule(Scan)
+def _vjp_scan(node, G):
+    XP, U = node.args[:2]
+    bu, cell, T, u = node.bias, node.cell, node.steps, node.units
+    ku = cell.gates * u
+    H = shift(_hidden(node, cell, u), T, node.reverse_out)
+    UP = H @ U if bu is None else H @ U + Broadcast(bu, H.shape[0], ku)
+    R = ScanGrad(XP, UP, node, G, U, node.spec)
+    dXP, dUP = Cols(R, 0, ku), Cols(R, ku, 2 * ku)
+    out = [(XP, dXP), (U, H.T @ dUP)]
+    if bu is not None:
+        out.append((bu, SumRows(dUP)))
+    return out
+
+
+@VJP.rule(ScanGrad)
+def _vjp_scan_grad(node, G):
+    raise NotImplementedError(f"the {node.cell.name} recurrence's gradient has no gradient of its own yet: "
+                              "second derivatives (hvp) through a recurrent layer are not supported")
+
+
+@JVP.rule(Scan, ScanGrad)
+def _jvp_scan(node, tan):
+    raise NotImplementedError(f"forward mode (explain_hvp, hvp) through the {node.cell.name} recurrence is not "
+                              "supported yet")
+
+
+@VJP.rule(Shifted)
+def _vjp_shifted(node, G):
+    x, T, rev = node.args
+    return [(x, Shifted(G, T, 1 - rev))]
+
+
+JVP.rule(Shifted)(linear_in_first_operand)
+LOWER.rule(Shifted)(lower_expansion)
+
+
+@LOWER.rule(Scan)
+def _lower_scan(lw, node):
+    cell = node.cell
+    ops = tuple(Operand(lw.buffer_of(m)) for m in node.mats)
+    lw.emit(ir.Scan(lw.name(node), ops, tuple(cell.bodies), cell.gates, cell.states, (sp.Integer(node.steps),),
+                    node.reverse_in, node.reverse_out), node.shape)
+
+
+@LOWER.rule(ScanGrad)
+def _lower_scan_grad(lw, node):
+    cell = node.cell
+    ops = tuple(Operand(lw.buffer_of(m)) for m in node.mats)
+    lw.emit(ir.ScanGrad(lw.name(node), ops, tuple(cell.bodies), cell.gates, cell.states, (sp.Integer(node.steps),),
+                        node.reverse_in, node.reverse_out), node.shape)
+
+
+def _flags(node) -> str:
+    flags = [f for f, on in (("reversed input", node.reverse_in), ("reversed", node.reverse_out)) if on]
+    return "" if not flags else " [" + ", ".join(flags) + "]"
+
+
+@PRINT_RULES.rule(Scan)
+def _print_scan(node, printer, latex=False):
+    inner = ", ".join(printer._print(a) for a in node.mats)
+    label = f"{node.cell.name}_scan"
+    if latex:
+        return r"\operatorname{%s}\left(%s\right)" % (label.replace("_", r"\_"), inner)
+    return f"{label}({inner})"
+
+
+@PRINT_RULES.rule(ScanGrad)
+def _print_scan_grad(node, printer, latex=False):
+    XP, UP, S, G, U = (printer._print(a) for a in node.mats)
+    label = f"{node.cell.name}_bptt"
+    if latex:
+        return r"\operatorname{%s}\left(%s; %s, %s, %s, %s\right)" % (label.replace("_", r"\_"), G, XP, UP, S, U)
+    return f"{label}({G}; {XP}, {UP}, {S}, {U})"
+
+
+@PRINT_RULES.rule(Shifted)
+def _print_shifted(node, printer, latex=False):
+    inner = printer._print(node.args[0])
+    return r"\operatorname{shift}\left(%s\right)" % inner if latex else f"shift({inner})"
+
+
+__all__ = ["Cell", "Scan", "ScanGrad", "Shifted", "gru_cell", "last_step", "lstm_cell", "reverse_steps", "scan",
+           "shift", "simple_rnn_cell"]
