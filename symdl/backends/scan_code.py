@@ -67,21 +67,31 @@ def _rows(k, T) -> list:
             "rp = ro + 1" if k.reverse_out else "rp = ro - 1"]
 
 
+def _bias(k, program, at: int):
+    """``(B, two rows)``: the bias operand's code name (None: no bias) and whether it has a recurrent row."""
+    if len(k.operands) <= at:
+        return None, False
+    B = k.operands[at].buffer
+    return buf(B), sp.sympify(program.shape_of(B)[0]) != 1
+
+
 def sequence_lines(k, program, flavor: str, T: str, u: str) -> list:
     """The scalar loops of sequence ``i`` (``T``, ``u``: the step count and the units, as code)."""
-    return _backward_lines(k, flavor, T, u) if isinstance(k, ScanGrad) else _forward_lines(k, flavor, T, u)
+    if isinstance(k, ScanGrad):
+        return _backward_lines(k, flavor, T, u, *_bias(k, program, 5))
+    return _forward_lines(k, flavor, T, u, *_bias(k, program, 2))
 
 
-def _forward_lines(k, flavor, T, u) -> list:
+def _forward_lines(k, flavor, T, u, B, two) -> list:
     out = buf(k.out)
     XP, U = buf(k.operands[0].buffer), buf(k.operands[1].buffer)
-    bu = buf(k.operands[2].buffer) if len(k.operands) == 3 else None
     g_count, s_count = k.gates, k.states
     names = {VARS[v]: f"v{v}" for v in range(2 * g_count + s_count)}
     body, results = cell_code(list(k.cell), names, flavor)
     lines = [f"for t in range({T}):", *("    " + r for r in _rows(k, T)), f"    for j in range({u}):"]
-    inner = [f"v{g} = {XP}[ri, {g} * {u} + j]" for g in range(g_count)]
-    inner += [f"_a{g} = " + (f"{bu}[0, {g} * {u} + j]" if bu else "0.0") for g in range(g_count)]
+    plus = (lambda row, g: f" + {B}[{row}, {g} * {u} + j]") if B else (lambda row, g: "")  # noqa: E731
+    inner = [f"v{g} = {XP}[ri, {g} * {u} + j]{plus(0, g)}" for g in range(g_count)]
+    inner += [f"_a{g} = " + (f"{B}[1, {g} * {u} + j]" if two else "0.0") for g in range(g_count)]
     inner += ["if t > 0:", f"    for m in range({u}):", f"        _h = {out}[rp, m]"]
     inner += [f"        _a{g} += _h * {U}[m, {g} * {u} + j]" for g in range(g_count)]
     inner += [f"    v{2 * g_count + c} = {out}[rp, {c} * {u} + j]" for c in range(s_count)]
@@ -91,9 +101,9 @@ def _forward_lines(k, flavor, T, u) -> list:
     return lines + ["        " + line for line in inner]
 
 
-def _backward_lines(k, flavor, T, u) -> list:
+def _backward_lines(k, flavor, T, u, B, two) -> list:
     out = buf(k.out)
-    XP, UP, S, G, U = (buf(o.buffer) for o in k.operands)
+    XP, UP, S, G, U = (buf(o.buffer) for o in k.operands[:5])
     g_count, s_count = k.gates, k.states
     ku, w2 = f"({g_count} * {u})", f"({2 * g_count} * {u})"
     names = {VARS[v]: f"v{v}" for v in range(2 * g_count + s_count)}
@@ -102,8 +112,9 @@ def _backward_lines(k, flavor, T, u) -> list:
     rx, ru, rc = results[:g_count], results[g_count: 2 * g_count], results[2 * g_count:]
     lines = [f"for tt in range({T}):", f"    t = {T} - 1 - tt", *("    " + r for r in _rows(k, T)),
              f"    for j in range({u}):"]
-    inner = [f"v{g} = {XP}[ri, {g} * {u} + j]" for g in range(g_count)]
-    inner += [f"v{g_count + g} = {UP}[ro, {g} * {u} + j]" for g in range(g_count)]
+    plus = (lambda row, g: f" + {B}[{row}, {g} * {u} + j]") if B else (lambda row, g: "")  # noqa: E731
+    inner = [f"v{g} = {XP}[ri, {g} * {u} + j]{plus(0, g)}" for g in range(g_count)]
+    inner += [f"v{g_count + g} = {UP}[ro, {g} * {u} + j]{plus(1, g) if two else ''}" for g in range(g_count)]
     inner += ["if t > 0:"] + [f"    v{2 * g_count + c} = {S}[rp, {c} * {u} + j]" for c in range(s_count)]
     inner += ["else:"] + [f"    v{2 * g_count + c} = 0.0" for c in range(s_count)]
     inner += [f"_d{c} = {G}[ro, {c} * {u} + j]" for c in range(s_count)]
@@ -125,21 +136,24 @@ def array_lines(k, program) -> list:
     out = buf(k.out)
     g_count, s_count = k.gates, k.states
     if isinstance(k, ScanGrad):
-        XP, UP, S, G, U = (buf(o.buffer) for o in k.operands)
+        XP, UP, S, G, U = (buf(o.buffer) for o in k.operands[:5])
         u = int(program.shape_of(k.operands[4].buffer)[0])
+        B, two = _bias(k, program, 5)
     else:
         XP, U = buf(k.operands[0].buffer), buf(k.operands[1].buffer)
-        bu = buf(k.operands[2].buffer) if len(k.operands) == 3 else None
         u = int(program.shape_of(k.operands[1].buffer)[0])
+        B, two = _bias(k, program, 2)
     ku = g_count * u
+    bx = f" + {B}[0]" if B else ""
+    bu = f" + {B}[1]" if two else ""
     names = {VARS[v]: f"v{v}" for v in range(2 * g_count + s_count)}
     at = lambda rev: f"{T - 1} - t" if rev else "t"  # noqa: E731
-    lines = [f"_o = {out}.reshape(n, {T}, -1)", f"_x = {XP}.reshape(n, {T}, {ku})"]
+    lines = [f"_o = {out}.reshape(n, {T}, -1)", f"_x = ({XP}{bx}).reshape(n, {T}, {ku})"]
     if not isinstance(k, ScanGrad):
         body, results = cell_code(list(k.cell), names, "array")
         lines += [f"_p = numpy.zeros((n, {s_count * u}), {out}.dtype)", f"for t in range({T}):",
                   f"    ti, to = {at(k.reverse_in)}, {at(k.reverse_out)}",
-                  f"    _up = numpy.dot(_p[:, :{u}], {U})" + (f" + {bu}" if bu else "")]
+                  f"    _up = numpy.dot(_p[:, :{u}], {U}){bu}"]
         inner = [f"v{g} = _x[:, ti, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
         inner += [f"v{g_count + g} = _up[:, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
         inner += [f"v{2 * g_count + c} = _p[:, {c * u}:{(c + 1) * u}]" for c in range(s_count)]
@@ -149,7 +163,7 @@ def array_lines(k, program) -> list:
     dx, du, carry = backward_exprs(k)
     names.update({d: f"_d{c}" for c, d in enumerate(_delta_symbols(s_count))})
     body, results = cell_code(dx + du + carry, names, "array")
-    lines += [f"_up = {UP}.reshape(n, {T}, {ku})", f"_s = {S}.reshape(n, {T}, {s_count * u})",
+    lines += [f"_up = ({UP}{bu}).reshape(n, {T}, {ku})", f"_s = {S}.reshape(n, {T}, {s_count * u})",
               f"_g = {G}.reshape(n, {T}, {s_count * u})", f"_carry = numpy.zeros((n, {s_count * u}), {out}.dtype)",
               f"for tt in range({T}):", f"    t = {T - 1} - tt", f"    ti, to = {at(k.reverse_in)}, {at(k.reverse_out)}",
               f"    tp = to + 1 if {bool(k.reverse_out)} else to - 1"]

@@ -564,8 +564,9 @@ def _scatter_add_shapes(k: ScatterAdd, program, where):
 class Scan:
     """A recurrent cell run over the steps of each sequence (``ops.recurrence``).
 
-    ``operands = (XP, U)`` or ``(XP, U, bu)``: the projected inputs ``(n·T, k·u)``, the recurrent
-    kernel ``(u, k·u)`` and the recurrent bias ``(1, k·u)``; ``out`` the states ``(n·T, s·u)``.
+    ``operands = (XP, U)`` or ``(XP, U, B)``: the projected inputs ``(n·T, k·u)``, the recurrent
+    kernel ``(u, k·u)`` and a bias ``(r, k·u)`` (row 0 added to the input gates, row 1 when r = 2 to
+    the recurrent gates); ``out`` the states ``(n·T, s·u)``.
     ``cell[c]`` is state ``c``'s scalar formula over ``VARS`` (input gates ``v0..v(k-1)``, recurrent
     gates ``vk..v(2k-1)``, previous states ``v2k..``); ``steps = (T,)``. Step ``t`` of sequence ``b``
     reads input row ``b·T + t`` (``b·T + T-1-t`` with ``reverse_in``) and writes row ``b·T + t``
@@ -604,7 +605,8 @@ class Scan:
 
 @dataclass
 class ScanGrad(Scan):
-    """``Scan``'s backpropagation through time: ``operands = (XP, UP, S, G, U)``, ``out``
+    """``Scan``'s backpropagation through time: ``operands = (XP, UP, S, G, U[, B])`` (``UP = shift(h) U``
+    without the bias), ``out``
     ``[δXP | δUP | δS]`` ``(n·T, 2·k·u + s·u)``: one reverse loop over the steps of each sequence,
     the local derivatives ``sp.diff`` of ``cell``; ``δS`` each state's whole gradient (``G`` plus the
     carry from the next step)."""
@@ -622,9 +624,8 @@ KERNELS = KERNELS + (Scan, ScanGrad)
 
 @_check_shapes.register
 def _scan_shapes(k: Scan, program, where):
-    count = 5 if isinstance(k, ScanGrad) else len(k.operands)
-    if count not in (2, 3, 5) or (not isinstance(k, ScanGrad) and count == 5):
-        raise ProgramError(f"{where}: {k.kind} reads (XP, U[, bu]) or (XP, UP, S, G, U), got {len(k.operands)}")
+    if len(k.operands) not in ((5, 6) if isinstance(k, ScanGrad) else (2, 3)):
+        raise ProgramError(f"{where}: {k.kind} reads (XP, U[, B]) or (XP, UP, S, G, U[, B]), got {len(k.operands)}")
     shapes = _whole_buffers(k, program, len(k.operands), where)
     out = tuple(program.shape_of(k.out))
     same = lambda a, b: sp.expand(sp.sympify(a) - b) == 0  # noqa: E731
@@ -634,12 +635,15 @@ def _scan_shapes(k: Scan, program, where):
     want = {"XP": (out[0], ku), "U": (u, ku)}
     if isinstance(k, ScanGrad):
         want.update(UP=(out[0], ku), S=(out[0], k.states * u), G=(out[0], k.states * u))
-        names = ("XP", "UP", "S", "G", "U")
+        names = ("XP", "UP", "S", "G", "U", "B")
         wide = 2 * ku + k.states * u
     else:
-        names = ("XP", "U", "bu")[: len(shapes)]
-        want["bu"] = (1, ku)
+        names = ("XP", "U", "B")
         wide = k.states * u
+    if len(shapes) == len(names):
+        want["B"] = (shapes[-1][0], ku)
+        if not (same(shapes[-1][0], 1) or same(shapes[-1][0], 2)):
+            raise ProgramError(f"{where}: the bias has shape {shapes[-1]}, it needs 1 or 2 rows")
     for name, shape in zip(names, shapes):
         if not all(same(a, b) for a, b in zip(shape, want[name])):
             raise ProgramError(f"{where}: {name} has shape {shape}, the cell needs {want[name]}")

@@ -709,8 +709,8 @@ class Sequential(Model):
             if input_dim is not None:
                 raise ValueError("Sequential: give input_dim or input_shape, not both")
             input_dim = input_shape[0] if len(input_shape) == 1 else input_shape
-        if not (isinstance(input_dim, int) and input_dim > 0 or isinstance(input_dim, tuple) and len(input_dim) == 3):
-            raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c), "
+        if not (isinstance(input_dim, int) and input_dim > 0 or isinstance(input_dim, tuple) and len(input_dim) in (2, 3)):
+            raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c) or (steps, features), "
                              f"got {input_dim!r}")
         x = functional.Input(shape=input_dim if isinstance(input_dim, tuple) else (input_dim,))
         h = x

@@ -172,6 +172,11 @@ class _ScanBase(Printable, Ops, MatrixExpr):
         return bool(self.spec[6])
 
     @property
+    def out_sequence(self) -> int:
+        """``T``: the rows are ``n`` sequences of ``T`` steps (``embedding.sequence_length``)."""
+        return self.steps
+
+    @property
     def units(self) -> int:
         return int(self._U.shape[0])
 
@@ -206,6 +211,7 @@ class Scan(_ScanBase):
 
     @property
     def bias(self):
+        """``B`` ``(r, k·u)`` or None: row 0 added to the input gates, row 1 (r = 2) to the recurrent ones."""
         return self.args[2] if len(self.mats) == 3 else None
 
     def _int_entry(self, i, j, **kw):
@@ -225,6 +231,10 @@ class ScanGrad(_ScanBase):
         return self.args[4]
 
     @property
+    def bias(self):
+        return self.args[5] if len(self.mats) == 6 else None
+
+    @property
     def shape(self):
         c = self.cell
         return (self.args[0].shape[0], (2 * c.gates + c.states) * self._U.shape[0])
@@ -237,22 +247,32 @@ class ScanGrad(_ScanBase):
 # --------------------------------------------------------------------------- scalar unrolling (prove)
 
 
+def _bias_rows(node, kw) -> tuple:
+    """The input and recurrent biases as lists of ``k·u`` scalars (zeros where there is none)."""
+    ku = node.cell.gates * node.units
+    B = node.bias
+    zero = [sp.Integer(0)] * ku
+    if B is None:
+        return zero, zero
+    bx = [B._entry(0, c, **kw) for c in range(ku)]
+    return bx, ([B._entry(1, c, **kw) for c in range(ku)] if int(B.shape[0]) == 2 else zero)
+
+
 @functools.lru_cache(maxsize=64)
 def _forward(node: Scan, b: int, kw: tuple) -> dict:
     """``{row: [state entries]}`` of sequence ``b``: the scan unrolled with SymPy scalars."""
     kw = dict(kw)
     XP, U = node.args[:2]
-    bias = node.bias
+    bx, bu = _bias_rows(node, kw)
     cell, u = node.cell, node.units
     k, s = cell.gates, cell.states
     out, prev = {}, [sp.Integer(0)] * (s * u)
     for t in range(node.steps):
         ri, ro, _ = node.rows(b, t)
-        up = [(bias._entry(0, c, **kw) if bias is not None else sp.Integer(0))
-              + sp.Add(*(prev[m] * U._entry(m, c, **kw) for m in range(u))) for c in range(k * u)]
+        up = [bu[c] + sp.Add(*(prev[m] * U._entry(m, c, **kw) for m in range(u))) for c in range(k * u)]
         row = [None] * (s * u)
         for j in range(u):
-            env = {cell.x(g): XP._entry(ri, g * u + j, **kw) for g in range(k)}
+            env = {cell.x(g): XP._entry(ri, g * u + j, **kw) + bx[g * u + j] for g in range(k)}
             env.update({cell.u(g): up[g * u + j] for g in range(k)})
             env.update({cell.p(c): prev[c * u + j] for c in range(s)})
             for c in range(s):
@@ -268,6 +288,7 @@ def _backward(node: ScanGrad, b: int, kw: tuple) -> dict:
     (local derivatives ``sp.diff`` of the cell; the carry through ``f``, ``z`` and ``U``)."""
     kw = dict(kw)
     XP, UP, S, G, U = node.args[:5]
+    bx, bu = _bias_rows(node, kw)
     cell, u = node.cell, node.units
     k, s = cell.gates, cell.states
     ku = k * u
@@ -278,8 +299,8 @@ def _backward(node: ScanGrad, b: int, kw: tuple) -> dict:
         D = [G._entry(ro, c, **kw) + carry[c] for c in range(s * u)]
         dx, dup, nxt = [None] * ku, [None] * ku, [sp.Integer(0)] * (s * u)
         for j in range(u):
-            env = {cell.x(g): XP._entry(ri, g * u + j, **kw) for g in range(k)}
-            env.update({cell.u(g): UP._entry(ro, g * u + j, **kw) for g in range(k)})
+            env = {cell.x(g): XP._entry(ri, g * u + j, **kw) + bx[g * u + j] for g in range(k)}
+            env.update({cell.u(g): UP._entry(ro, g * u + j, **kw) + bu[g * u + j] for g in range(k)})
             env.update({cell.p(c): S._entry(rp, c * u + j, **kw) if rp is not None else sp.Integer(0)
                         for c in range(s)})
 
@@ -326,6 +347,10 @@ class Shifted(Printable, Ops, MatrixExpr):
     def shape(self):
         return self.args[0].shape
 
+    @property
+    def out_sequence(self) -> int:
+        return int(self.args[1])
+
     def _entry(self, i, j, **kw):
         return _entry_of(self, i, j, **kw)
 
@@ -349,7 +374,9 @@ class Shifted(Printable, Ops, MatrixExpr):
 
 def scan(cell: Cell, XP, U, bu, T: int, *, reverse_in=False, reverse_out=False, where="recurrent layer"):
     """The states of every step: ``Scan`` over the projected inputs ``XP`` ``(n·T, k·u)`` with the
-    recurrent kernel ``U`` ``(u, k·u)`` and an optional recurrent bias ``bu`` ``(1, k·u)``."""
+    recurrent kernel ``U`` ``(u, k·u)`` and an optional bias ``bu``: ``(1, k·u)`` (added to the input
+    gates: Keras's LSTM and SimpleRNN ``bias``) or ``(2, k·u)`` (row 1 added to the recurrent gates
+    inside the cell: Keras's GRU with ``reset_after``)."""
     for m in (XP, U) + ((bu,) if bu is not None else ()):
         if not isinstance(m, MatrixExpr):
             raise TypeError(f"{where}: scan takes matrix expressions, got {m!r}")
@@ -359,8 +386,8 @@ def scan(cell: Cell, XP, U, bu, T: int, *, reverse_in=False, reverse_out=False, 
         raise ShapeMismatch(f"{where}: the {cell.name} cell with {u} units needs the projected inputs and the "
                             f"recurrent kernel {cell.gates}·{u} = {ku} wide, got {name_of(XP)} {shape_text(XP)} and "
                             f"{name_of(U)} {shape_text(U)}")
-    if bu is not None and tuple(bu.shape) != (1, ku):
-        raise ShapeMismatch(f"{where}: the recurrent bias {name_of(bu)} {shape_text(bu)} must be (1, {ku})")
+    if bu is not None and tuple(bu.shape) not in ((1, ku), (2, ku)):
+        raise ShapeMismatch(f"{where}: the bias {name_of(bu)} {shape_text(bu)} must be (1, {ku}) or (2, {ku})")
     mats = (XP, U) + ((bu,) if bu is not None else ())
     return Scan(*mats, _spec(cell, T, reverse_in, reverse_out))
 
@@ -398,12 +425,12 @@ def _vjp_scan(node, G):
     bu, cell, T, u = node.bias, node.cell, node.steps, node.units
     ku = cell.gates * u
     H = shift(_hidden(node, cell, u), T, node.reverse_out)
-    UP = H @ U if bu is None else H @ U + Broadcast(bu, H.shape[0], ku)
-    R = ScanGrad(XP, UP, node, G, U, node.spec)
+    R = ScanGrad(XP, H @ U, node, G, U, *((bu,) if bu is not None else ()), node.spec)
     dXP, dUP = Cols(R, 0, ku), Cols(R, ku, 2 * ku)
     out = [(XP, dXP), (U, H.T @ dUP)]
-    if bu is not None:
-        out.append((bu, SumRows(dUP)))
+    if bu is not None:  # [1ᵀδXP | 1ᵀδUP] is the (2, k·u) bias's gradient read row by row
+        r = int(bu.shape[0])
+        out.append((bu, SumRows(Cols(R, 0, r * ku)) if r == 1 else Reshape(SumRows(Cols(R, 0, r * ku)), r, ku)))
     return out
 
 
@@ -461,7 +488,7 @@ def _print_scan(node, printer, latex=False):
 
 @PRINT_RULES.rule(ScanGrad)
 def _print_scan_grad(node, printer, latex=False):
-    XP, UP, S, G, U = (printer._print(a) for a in node.mats)
+    XP, UP, S, G, U = (printer._print(a) for a in node.mats[:5])
     label = f"{node.cell.name}_bptt"
     if latex:
         return r"\operatorname{%s}\left(%s; %s, %s, %s, %s\right)" % (label.replace("_", r"\_"), G, XP, UP, S, U)
