@@ -29,7 +29,7 @@ input's row (the backward half of ``Bidirectional``, aligned with the forward ha
 >>> print(S)
 lstm_scan(x*W, U)
 >>> print(sd.grad(sd.total(S), [U])[U])
-shift(cols(lstm_scan(x*W, U), 0, 1)).T*cols(lstm_bptt(ones; x*W, shift(cols(lstm_scan(x*W, U), 0, 1))*U, lstm_scan(x*W, U), U), 4, 8)
+shift(cols(lstm_scan(x*W, U), 0, 1)).T*cols(lstm_bptt(1; x*W, shift(cols(lstm_scan(x*W, U), 0, 1))*U, lstm_scan(x*W, U), U), 4, 8)
 """
 from __future__ import annotations
 
@@ -399,19 +399,6 @@ def last_step(h, T: int, first: bool = False):
     return Cols(flat, 0, w) if first else Cols(flat, (T - 1) * w, T * w)
 
 
-def reverse_steps(h, T: int):
-    """Each sequence's rows in the reverse order (``go_backwards`` with ``return_sequences``): a
-    concatenation of the ``T`` steps' columns, so its graph grows with ``T``."""
-    from .concat import Concat
-
-    w = int(h.shape[1])
-    flat = Reshape(h, h.shape[0] / T, T * w)
-    if T == 1:
-        return h
-    parts = [Cols(flat, t * w, (t + 1) * w) for t in reversed(range(T))]
-    return Reshape(Concat(*parts), h.shape[0], w)
-
-
 # --------------------------------------------------------------------------- rules
 
 
@@ -501,5 +488,5 @@ def _print_shifted(node, printer, latex=False):
     return r"\operatorname{shift}\left(%s\right)" % inner if latex else f"shift({inner})"
 
 
-__all__ = ["Cell", "Scan", "ScanGrad", "Shifted", "gru_cell", "last_step", "lstm_cell", "reverse_steps", "scan",
+__all__ = ["Cell", "Scan", "ScanGrad", "Shifted", "gru_cell", "last_step", "lstm_cell", "scan",
            "shift", "simple_rnn_cell"]
