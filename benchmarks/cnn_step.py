@@ -20,13 +20,12 @@ interpreter's cost, paid once per process); a peer's start is its first step (JA
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from _common import result, spawn as run_child, timeit
 
 BATCH, LR = 64, 0.01
 MODEL = os.environ.get("BENCH_MODEL", "lenet")
@@ -46,18 +45,6 @@ def data(seed=0):
     params = {k: (rng.normal(size=s) * (2 / max(1, int(np.prod(s[:-1])))) ** 0.5).astype(np.float32)
               if len(s) > 1 else np.zeros(s, np.float32) for k, s in shapes.items()}
     return X, Y, params
-
-
-def timeit(step, seconds=2.0):
-    for _ in range(3):
-        step()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 10:
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def run_symdl():
@@ -171,17 +158,11 @@ def run_jax():
 
 
 def child(which):
-    out = {"symdl": run_symdl, "torch": run_torch, "jax": run_jax}[which]()
-    print("RESULT " + json.dumps(out))
+    result({"symdl": run_symdl, "torch": run_torch, "jax": run_jax}[which]())
 
 
 def spawn(which, env):
-    proc = subprocess.run([sys.executable, __file__, "--child", which], env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"{which} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-    return None
+    return run_child(__file__, ["--child", which], env)
 
 
 def symdl_rounds(variants, env, rounds):

@@ -640,8 +640,14 @@ def _every_kind_programs():
     update, _ = update_program([W, b], sd.optim.Adam(1e-2), penalty=sd.l2(W))
     ids = sd.input("ids", (3,), dtype="int32"); E = sd.param("E", (6, 5))  # gather and scatter-add
     tokens, _ = gradient_program(sd.total(sd.tanh(embedding(E, ids) @ W)), [E])
+    from symdl.graph.nodes import sequence_input
+    from symdl.ops.attention import causal, mix, scores
+
+    q = sequence_input("q", (4, 5))  # products within sequences (BlockGemm), every orientation, a causal mask
+    P = sd.softmax(causal(scores(q @ W, q @ W, 4), 4))
+    attention, _ = gradient_program(sd.sum_squares(mix(P, q @ W, 4)), [W])
     return [(_image_program(), 3, {}), (dense, 9, {}), (update, 1, {"W": ("W", (5, 4)), "b": ("b", (1, 4))}),
-            (tokens, 9, {})]
+            (tokens, 9, {}), (attention, 5, {})]
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="threads need the compiled driver")

@@ -628,3 +628,72 @@ def test_random_conv_geometries(H, W, C, F, kh, kw, stride, padding, pool, size,
             np.testing.assert_allclose(got["loss"], value, atol=1e-5, rtol=0)
             for internal, g in grads.items():
                 np.testing.assert_allclose(got[f"grad/{names[internal]}"], g, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- a GPT block
+
+V, T, D, H = 11, 5, 8, 2  # vocabulary, sequence length, width, heads
+
+
+def gpt_block():
+    """Token ids -> token and position embeddings -> pre-norm causal multi-head attention (residual)
+    -> pre-norm GELU MLP (residual) -> LayerNorm -> logits per token."""
+    inp = nn.Input(shape=(T,), dtype="int32")
+    x = nn.TokenAndPositionEmbedding(V, T, D)(inp)
+    h = nn.LayerNormalization(epsilon=1e-5)(x)
+    x = x + nn.MultiHeadAttention(num_heads=H, key_dim=D // H)(h, h, use_causal_mask=True)
+    h = nn.LayerNormalization(epsilon=1e-5)(x)
+    x = x + nn.Dense(D)(nn.Dense(2 * D, activation="gelu")(h))
+    return nn.Model(inp, nn.Dense(V)(nn.LayerNormalization(epsilon=1e-5)(x)))
+
+
+def _gpt():
+    model = gpt_block()
+    model.compile(loss="softmax_cross_entropy", backend="numpy", dtype="float32", seed=3)
+    rng = np.random.default_rng(4)
+    model.set_weights({k: (rng.normal(scale=0.5, size=v.shape) + (1.0 if k.startswith("gamma") else 0.0))
+                       .astype(np.float32) for k, v in model.get_weights().items()})
+    return model
+
+
+def _tokens(n, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, V, size=(n, T)).astype(np.int32)
+    return X, np.roll(X, -1, axis=1)
+
+
+def test_gpt_block_forward(tmp_path):
+    model = _gpt()
+    path = tmp_path / "gpt.onnx"
+    model.export(path, format="onnx")
+    proto = onnx.load(str(path))
+    inp, out = proto.graph.input[0], proto.graph.output[0]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", T, V]
+    for n in (1, 6):
+        X, _ = _tokens(n, seed=n)
+        got = _run(path, {inp.name: X.astype(np.int64)})[out.name]
+        np.testing.assert_allclose(got, model.predict(X), atol=1e-5, rtol=0)
+
+
+def test_gpt_block_loss_and_gradients(tmp_path):
+    from symdl.nn.weights import weight_names
+
+    model = _gpt()
+    path = tmp_path / "gpt_grads.onnx"
+    model.export(path, format="onnx", gradients=True)
+    names = weight_names(model)
+    f = sd.value_and_grad(model.loss, model.params, backend="numpy", dtype="float32")
+    for n in (2, 5):
+        X, Y = _tokens(n, seed=10 + n)
+        X[0, :3] = 2  # a repeated id: a scatter-add in the embedding's gradient
+        onehot = np.eye(V, dtype=np.float32)[Y]
+        got = _run(path, {model.inputs[0].name: X.astype(np.int64), "target": onehot})
+        value, grads = f(x=X, y=onehot, **model.get_weights())
+        assert got["loss"].shape == ()
+        np.testing.assert_allclose(got["loss"], value, atol=1e-5, rtol=0)
+        assert len(got) == 1 + len(model.params)
+        for p in model.params:
+            key = f"grad/{names[str(p.name)]}"
+            assert got[key].shape == grads[str(p.name)].shape, key
+            np.testing.assert_allclose(got[key], grads[str(p.name)], atol=1e-5, rtol=0, err_msg=key)

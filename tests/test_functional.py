@@ -372,3 +372,28 @@ def test_resnet_digits_example_runs_and_prints_the_summed_residual_delta(tmp_pat
     fan_out = out.stdout.split("Fan-out (a value read by several nodes")[1]
     assert "uses of A1: patches(A1); " in fan_out  # the first block's input: its conv and the skip
     assert float(out.stdout.split("held-out accuracy: ")[1].split()[0]) > 0.3
+
+
+def test_char_transformer_example_trains_samples_and_prints_the_attention_delta(tmp_path):
+    """The GPT example in quick mode (issue 27): the loss goes down, a greedy sample is printed, and
+    the attention δ of one block in its row-sum form (named δS lines, or the same term inline)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SYMDL_QUICK": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "examples/char_transformer.py", "--quick"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == [], "the example left temporary files behind"
+    curve = [float(v) for v in out.stdout.split("loss curve (per epoch): ")[1].splitlines()[0].split()]
+    assert len(curve) >= 2 and curve[-1] < curve[0]
+    sample = out.stdout.split("sample (greedy): ")[1].splitlines()[0]
+    assert len(sample.split(" -> ")[1].split()) == 6  # six digits written
+    assert "multi_head_attention_1" in out.stdout and "2 heads x 8, causal" in out.stdout
+    delta = out.stdout.split("attention's backward pass in one block (sd.explain):")[1]
+    assert "δS1 = P1⊙(δP1 - rowsum(P1⊙δP1))" in delta or "sum_cols(-softmax(causal(" in delta
+    assert any(line.strip().startswith("δ3 = place(") for line in delta.splitlines())  # δV = Pᵀ δO

@@ -64,6 +64,8 @@ KERNEL_TABLES = {
 NO_HANDLER_NEEDED = {
     ("cpu.backend.emit", ir.Gemm): "every product calls the prebuilt cpu_gemm kernel (cpu.backend.kernel_source)",
     ("cpu.llvm_code.emit", ir.Gemm): "every product calls the prebuilt cpu_gemm kernel (cpu.backend.kernel_source)",
+    ("cpu.backend.emit", ir.BlockGemm): "every product within sequences calls the prebuilt block_gemm kernel",
+    ("cpu.llvm_code.emit", ir.BlockGemm): "every product within sequences calls the prebuilt block_gemm kernel",
 }
 
 

@@ -155,12 +155,12 @@ def test_torch_cnn_predictions_and_gradients(tmp_path):
         np.testing.assert_allclose(converted[key], g.numpy(), atol=1e-6, rtol=0, err_msg=key)
 
 
-def _gradients_as_torch(model, grads) -> dict:
+def _gradients_as_torch(model, grads, prefixes=("0", "1", "5")) -> dict:
     """symdl's gradients in PyTorch's layout: the weights' conversion applied to them."""
     saved = model.get_weights()
     try:
         model.set_weights(grads)
-        return to_torch_state_dict(model, prefixes=["0", "1", "5"])
+        return to_torch_state_dict(model, prefixes=prefixes)
     finally:
         model.set_weights(saved)
 
@@ -238,3 +238,284 @@ def test_torch_mlp_with_batchnorm1d_and_layernorm():
     for key, value in net.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(back[key].numpy(), value.numpy(), err_msg=key)
+
+
+# --------------------------------------------------------------------------- token models and attention
+
+V, T, D, H = 11, 5, 8, 2  # vocabulary, sequence length, width, heads
+
+
+def gpt_block(use_bias=True):
+    """A pre-norm GPT block in symdl: token + position embeddings, LN -> causal MHA -> residual,
+    LN -> Dense -> GELU -> Dense -> residual, LN -> Dense(vocabulary)."""
+    inp = nn.Input(shape=(T,), dtype="int32")
+    x = nn.TokenAndPositionEmbedding(V, T, D)(inp)
+    h = nn.LayerNormalization(epsilon=1e-5)(x)
+    x = x + nn.MultiHeadAttention(num_heads=H, key_dim=D // H, use_bias=use_bias)(h, h, use_causal_mask=True)
+    h = nn.LayerNormalization(epsilon=1e-5)(x)
+    x = x + nn.Dense(D)(nn.Dense(2 * D, activation="gelu")(h))
+    return nn.Model(inp, nn.Dense(V)(nn.LayerNormalization(epsilon=1e-5)(x)))
+
+
+def _torch_gpt(torch, bias=True):
+    """The same block in PyTorch: ``nn.Embedding`` for tokens and learned positions (keras-hub's child
+    names ``token_embedding``/``position_embedding``), ``nn.MultiheadAttention(batch_first=True)`` with a
+    causal ``attn_mask``."""
+    tnn = torch.nn
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = tnn.Module()
+            self.embed.token_embedding = tnn.Embedding(V, D)
+            self.embed.position_embedding = tnn.Embedding(T, D)
+            self.ln1 = tnn.LayerNorm(D)
+            self.attn = tnn.MultiheadAttention(D, H, batch_first=True, bias=bias)
+            self.ln2 = tnn.LayerNorm(D)
+            self.fc1, self.fc2 = tnn.Linear(D, 2 * D), tnn.Linear(2 * D, D)
+            self.ln_f = tnn.LayerNorm(D)
+            self.head = tnn.Linear(D, V)
+
+        def forward(self, ids):
+            t = ids.shape[1]
+            x = self.embed.token_embedding(ids) + self.embed.position_embedding(torch.arange(t))
+            h = self.ln1(x)
+            mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)  # True: not attended
+            x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+            x = x + self.fc2(tnn.functional.gelu(self.fc1(self.ln2(x))))
+            return self.head(self.ln_f(x))
+
+    torch.manual_seed(4)
+    block = Block()
+    with torch.no_grad():  # biases and norms away from their initial 0 and 1
+        for name, p in block.named_parameters():
+            if "bias" in name or name.startswith("ln"):
+                p.uniform_(-0.5, 0.5) if "bias" in name else p.uniform_(0.5, 1.5)
+    return block
+
+
+GPT_PREFIXES = ["embed", "ln1", "attn", "ln2", "fc1", "fc2", "ln_f", "head"]
+
+
+def model_layer_names(model):
+    return [name for name in model.layer_names if not name.startswith("add")]
+
+
+def _ids(n, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, V, size=(n, T)).astype(np.int32)
+    X[0, :3] = 4  # a repeated id: its embedding gradient is a sum
+    return X, np.roll(X, -1, axis=1)
+
+
+def test_torch_gpt_block_predictions_and_gradients(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    reference = _torch_gpt(torch)
+    path = tmp_path / "gpt.safetensors"
+    save_file(reference.state_dict(), str(path))
+    model = gpt_block()
+    model.compile(loss="softmax_cross_entropy", backend="numpy", dtype="float32")
+    # a safetensors file sorts its keys by name: named modules are matched by name
+    load_torch_weights(model, path, mapping=dict(zip(GPT_PREFIXES, model_layer_names(model))))
+    X, Y = _ids(6)
+    ids = torch.from_numpy(X.astype(np.int64))
+    logits = reference(ids)
+    np.testing.assert_allclose(model.predict(X), logits.detach().numpy(), atol=1e-5, rtol=0)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.from_numpy(Y.astype(np.int64)).reshape(-1))
+    loss.backward()
+    f = sd.value_and_grad(model.loss, model.params, backend="numpy", dtype="float32")
+    value, grads = f(x=X, y=np.eye(V, dtype=np.float32)[Y], **model.get_weights())
+    assert abs(value - loss.item()) < 1e-6
+    converted = _gradients_as_torch(model, grads, GPT_PREFIXES)
+    wanted = {k: p.grad.numpy() for k, p in reference.named_parameters()}
+    assert set(converted) == set(wanted)
+    for key, g in wanted.items():
+        np.testing.assert_allclose(converted[key], g, atol=1e-6, rtol=0, err_msg=key)
+
+
+def test_torch_gpt_block_on_the_cpu_backend_one_and_two_threads(monkeypatch):
+    """The compiled CPU code (LLVM IR / Numba) on PyTorch's weights: the same logits and gradients."""
+    torch = pytest.importorskip("torch")
+    from helpers import run_threaded
+
+    reference = _torch_gpt(torch)
+    model = gpt_block()
+    model.compile(loss="softmax_cross_entropy", backend="cpu", dtype="float32")
+    load_torch_weights(model, reference)
+    X, Y = _ids(6, seed=3)
+    ids = torch.from_numpy(X.astype(np.int64))
+    logits = reference(ids)
+    np.testing.assert_allclose(model.predict(X), logits.detach().numpy(), atol=1e-5, rtol=0)
+    labels = torch.from_numpy(Y.astype(np.int64)).reshape(-1)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, V), labels).backward()
+    wanted = {k: p.grad.numpy() for k, p in reference.named_parameters()}
+    for count in (1, 2):
+        f = sd.value_and_grad(model.loss, model.params, backend="cpu", dtype="float32")
+        if os.environ.get("NUMBA_DISABLE_JIT") != "1":
+            run_threaded(f.runner, count, monkeypatch)
+        _, grads = f(x=X, y=np.eye(V, dtype=np.float32)[Y], **model.get_weights())
+        converted = _gradients_as_torch(model, grads, GPT_PREFIXES)
+        for key, g in wanted.items():
+            np.testing.assert_allclose(converted[key], g, atol=1e-6, rtol=0, err_msg=f"{key} on {count} thread(s)")
+
+
+def test_torch_gpt_round_trip_loads_strictly_into_pytorch():
+    torch = pytest.importorskip("torch")
+    for bias in (True, False):
+        model = gpt_block(use_bias=bias)
+        model.compile(backend="numpy", seed=7, dtype="float32")
+        reference = _torch_gpt(torch, bias=bias)
+        state = to_torch_state_dict(model, prefixes=GPT_PREFIXES, tensors=True)
+        assert list(state) == list(reference.state_dict())  # the same keys, in PyTorch's order
+        reference.load_state_dict(state, strict=True)
+        X, _ = _ids(3, seed=1)
+        with torch.no_grad():
+            want = reference(torch.from_numpy(X.astype(np.int64))).numpy()
+        np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+        again = gpt_block(use_bias=bias)
+        again.compile(backend="numpy", seed=8, dtype="float32")
+        load_torch_weights(again, reference)
+        np.testing.assert_array_equal(again.predict(X), model.predict(X))
+
+
+def test_torch_embedding_and_separate_projections():
+    """A plain ``nn.Embedding`` (no transpose), and ``nn.MultiheadAttention`` with a context of another
+    width (``kdim``/``vdim``: separate ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``)."""
+    torch = pytest.importorskip("torch")
+    tnn = torch.nn
+    torch.manual_seed(5)
+    emb, ctx, attn = tnn.Embedding(V, D), tnn.Embedding(V, 6), tnn.MultiheadAttention(D, H, batch_first=True,
+                                                                                       kdim=6, vdim=6)
+    q_in, c_in = nn.Input(shape=(T,), dtype="int32"), nn.Input(shape=(4,), dtype="int32")
+    q, c = nn.Embedding(V, D)(q_in), nn.Embedding(V, 6)(c_in)
+    model = nn.Model([q_in, c_in], nn.MultiHeadAttention(num_heads=H, key_dim=D // H)(q, c))
+    model.compile(backend="numpy", dtype="float32")
+    state = {**{f"emb.{k}": v for k, v in emb.state_dict().items()},
+             **{f"ctx.{k}": v for k, v in ctx.state_dict().items()},
+             **{f"attn.{k}": v for k, v in attn.state_dict().items()}}
+    assert "attn.q_proj_weight" in state and "attn.in_proj_weight" not in state
+    load_torch_weights(model, state)
+    np.testing.assert_array_equal(model.get_weights()["embeddings1"], emb.weight.detach().numpy())
+    rng = np.random.default_rng(2)
+    Xq, Xc = rng.integers(0, V, size=(3, T)), rng.integers(0, V, size=(3, 4))
+    with torch.no_grad():
+        qt, ct = emb(torch.from_numpy(Xq)), ctx(torch.from_numpy(Xc))
+        want = attn(qt, ct, ct, need_weights=False)[0].numpy()
+    np.testing.assert_allclose(model.predict([Xq.astype(np.int32), Xc.astype(np.int32)]), want, atol=1e-5, rtol=0)
+    back = to_torch_state_dict(model, prefixes=["emb", "ctx", "attn"])
+    assert set(back) == set(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+
+
+def test_attention_from_a_safetensors_file_sorted_by_name(tmp_path):
+    """A file's keys come sorted (``attn.k_proj_weight``, ``attn.out_proj.bias``, ..., ``attn.q_proj_weight``):
+    ``out_proj`` still joins its attention module; a lone ``token_embedding`` child stays a module."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    tnn = torch.nn
+    torch.manual_seed(8)
+    net = tnn.Module()
+    net.token_embedding, net.ctx = tnn.Embedding(V, D), tnn.Embedding(V, 6)
+    net.attn = tnn.MultiheadAttention(D, H, batch_first=True, kdim=6, vdim=6)
+    save_file(net.state_dict(), str(tmp_path / "attn.safetensors"))
+    q_in, c_in = nn.Input(shape=(T,), dtype="int32"), nn.Input(shape=(4,), dtype="int32")
+    q, c = nn.Embedding(V, D)(q_in), nn.Embedding(V, 6)(c_in)
+    model = nn.Model([q_in, c_in], nn.MultiHeadAttention(num_heads=H, key_dim=D // H)(q, c))
+    model.compile(backend="numpy", dtype="float32")
+    mapping = {"token_embedding": "embedding_1", "ctx": "embedding_2", "attn": "multi_head_attention_1"}
+    load_torch_weights(model, tmp_path / "attn.safetensors", mapping=mapping)
+    original = {k: v.numpy().copy() for k, v in net.state_dict().items()}
+    back = to_torch_state_dict(model, prefixes=["token_embedding", "ctx", "attn"], tensors=True)
+    net.load_state_dict(back, strict=True)
+    assert list(back) == list(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(back[key].numpy(), value, err_msg=key)
+
+
+def test_torch_attention_errors_list_every_offending_name():
+    torch = pytest.importorskip("torch")
+    model = gpt_block()
+    model.compile(backend="numpy")
+    good = {k: v.numpy() for k, v in _torch_gpt(torch).state_dict().items()}
+    bad = dict(good)
+    bad["attn.in_proj_weight"] = np.zeros((3 * D, D + 1))
+    del bad["attn.out_proj.bias"]
+    bad["attn.bias_k"] = np.zeros((1, 1, D))
+    bad["embed.position_embedding.weight"] = np.zeros((T + 1, D))
+    before = model.get_weights()
+    with pytest.raises(WeightsError) as err:
+        load_torch_weights(model, bad)
+    text = str(err.value)
+    for piece in ("attn.in_proj_weight has shape (24, 9); multi_head_attention_1/query_kernel, "
+                  "multi_head_attention_1/key_kernel, multi_head_attention_1/value_kernel need (8, 8), (8, 8), "
+                  "(8, 8) (PyTorch (24, 8))",
+                  "missing attn.out_proj.bias (for multi_head_attention_1/output_bias (8,))",
+                  "multi_head_attention_1 (MultiHeadAttention) has no place for attn.bias_k (1, 1, 8)",
+                  "embed.position_embedding.weight has shape (6, 8); "
+                  "token_and_position_embedding_1/position_embeddings needs (5, 8) (PyTorch (5, 8))"):
+        assert piece in text, text
+    after = model.get_weights()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing changed
+    no_attention = {k: v for k, v in good.items() if not k.startswith("attn.")}
+    with pytest.raises(WeightsError, match=r"state dict has 7 modules with weights .*the model 8 layers with "
+                                           r"weights \(token_and_position_embedding_1, layer_normalization_1, "
+                                           r"multi_head_attention_1,"):
+        load_torch_weights(model, no_attention)
+
+
+def test_numbered_modules_from_a_safetensors_file_keep_their_order(tmp_path):
+    """safetensors sorts keys as text (``10.weight`` before ``2.weight``); numbered modules are put back."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    tnn = torch.nn
+    torch.manual_seed(6)
+    widths = [3, 4, 5, 6, 4, 3, 2]
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [tnn.Linear(a, b), tnn.Tanh()]
+    net = tnn.Sequential(*layers[:-1])  # Linear at 0, 2, ..., 10
+    save_file(net.state_dict(), str(tmp_path / "mlp.safetensors"))
+    model = nn.Sequential([nn.Dense(w, activation="tanh") for w in widths[1:-1]] + [nn.Dense(widths[-1])],
+                          input_dim=3)
+    model.compile(backend="numpy", dtype="float32")
+    load_torch_weights(model, tmp_path / "mlp.safetensors")
+    X = np.random.default_rng(4).normal(size=(4, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+
+
+def test_gpt2_style_separate_token_and_position_embeddings():
+    """GPT-2's ``wte`` and ``wpe`` (two sibling ``nn.Embedding``) fill one ``TokenAndPositionEmbedding``:
+    tokens first, then positions, by order or by a mapping that names both for the layer."""
+    torch = pytest.importorskip("torch")
+    tnn = torch.nn
+    torch.manual_seed(7)
+    wte, wpe, ln_f, head = tnn.Embedding(V, D), tnn.Embedding(T, D), tnn.LayerNorm(D), tnn.Linear(D, V)
+    state = {f"{p}.{k}": v for p, m in (("wte", wte), ("wpe", wpe), ("ln_f", ln_f), ("lm_head", head))
+             for k, v in m.state_dict().items()}
+    inp = nn.Input(shape=(T,), dtype="int32")
+    model = nn.Model(inp, nn.Dense(V)(nn.LayerNormalization(epsilon=1e-5)(nn.TokenAndPositionEmbedding(V, T, D)(inp))))
+    model.compile(backend="numpy", dtype="float32")
+    X, _ = _ids(3, seed=2)
+    ids = torch.from_numpy(X.astype(np.int64))
+    with torch.no_grad():
+        want = head(ln_f(wte(ids) + wpe(torch.arange(T)))).numpy()
+    mapping = {"wte": "token_and_position_embedding_1", "wpe": "token_and_position_embedding_1",
+               "ln_f": "layer_normalization_1", "lm_head": "dense_1"}
+    for how in (None, mapping):
+        model.set_weights({k: np.zeros_like(v) for k, v in model.get_weights().items()})
+        load_torch_weights(model, state, mapping=how)
+        np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+    bad = {**state, "wpe.weight": torch.zeros(T + 2, D)}
+    for how in (None, mapping):
+        with pytest.raises(WeightsError, match=r"wpe\.weight has shape \(7, 8\); token_and_position_embedding_1/"
+                                               r"position_embeddings needs \(5, 8\)"):
+            load_torch_weights(model, bad, mapping=how)
+    with pytest.raises(WeightsError, match=r"mapping names 2 modules for layer_normalization_1 \(ln_f, lm_head\)"):
+        load_torch_weights(model, state, mapping={**mapping, "lm_head": "layer_normalization_1"})

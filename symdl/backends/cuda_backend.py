@@ -24,7 +24,7 @@ import numpy as np
 
 from . import cache
 from ..ir.kernels import (
-    Elementwise, Gather, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape,
+    BlockGemm, Elementwise, Gather, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape,
     ScatterAdd, Update,
 )
 from .base import Runner as RunnerBase, buf, concrete_shape, indent
@@ -217,6 +217,23 @@ def _scatter_add(k: ScatterAdd, program, index):
             "    for i in range(R):", f"        {out}[int({ids}[i, 0]), j] += {G}[i, j]"]
     launch = [f"{name}[((({cols}) + TPB - 1) // TPB,), TPB]({', '.join(args[:-3])}, ({vocab}), ({rows}), ({cols}))"]
     return _kernel(name, args, body), launch
+
+
+@emit.register
+def _block_gemm(k: BlockGemm, program, index):
+    """One thread per output entry ``(i, j)``: the dot product within row ``i``'s block (sequence)."""
+    name = f"k{index}_{k.kind}"
+    rows, cols = _dims(program.shape_of(k.out))
+    inner = _dims((k.inner(program),))[0]
+    ro, ra, rb = k.rows
+    a, b, out = buf(k.a), buf(k.b), buf(k.out)
+    left = f"{a}[s * {ra} + q, t]" if k.trans_a else f"{a}[s * {ra} + t, q]"
+    right = f"{b}[s * {rb} + j, q]" if k.trans_b else f"{b}[s * {rb} + q, j]"
+    args = list(dict.fromkeys([out, a, b])) + ["R", "C"]
+    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C",
+            f"    s = i // {ro}", f"    t = i - s * {ro}", "    acc = 0.0", f"    for q in range({inner}):",
+            f"        acc += {left} * {right}", f"    {out}[i, j] = {float(k.alpha)!r} * acc"]
+    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
 
 
 def _tree(combine):

@@ -36,7 +36,7 @@ import numpy as np
 import sympy as sp
 
 from ..graph.nodes import INDEX_SYMBOLS, VARSET, n as N
-from ..ir.kernels import Elementwise, Gemm, Operand, Pattern, Program, Update
+from ..ir.kernels import BlockGemm, Elementwise, Gemm, Operand, Pattern, Program, Update
 
 
 @dataclass
@@ -113,23 +113,28 @@ def runs_flat(kernel) -> bool:
         sp.sympify(b).free_symbols & INDEX_SYMBOLS for b in kernel.bodies())
 
 
-def _gemm_formula(kernel: Gemm) -> Formula:
+def _gemm_formula(kernel) -> Formula:
     """Every product as one formula: ``s0 = alpha*gemm(s1, s2)`` with the orientation and ``alpha``
-    in this use's constants."""
+    in this use's constants; every product within blocks (``BlockGemm``) another, with the
+    block's rows last."""
     if sp.sympify(kernel.alpha).free_symbols:
         raise NotImplementedError(f"a matrix product with a symbolic alpha ({kernel.alpha}): {kernel}")
     shapes = {slot(i): (sp.Symbol(f"_rows{i}", integer=True, positive=True),
                         sp.Symbol(f"_cols{i}", integer=True, positive=True)) for i in range(3)}
-    canonical = Gemm(slot(0), slot(1), slot(2), False, False)
+    constants = [int(kernel.trans_a), int(kernel.trans_b), float_bits(kernel.alpha)]
+    if isinstance(kernel, BlockGemm):
+        canonical = BlockGemm(slot(0), slot(1), slot(2), False, False, (1, 1, 1))
+        constants += [int(r) for r in kernel.rows]
+    else:
+        canonical = Gemm(slot(0), slot(1), slot(2), False, False)
     prog = Program(kernels=[canonical], buffers=shapes, inputs=[], params=[], outputs={})
     slots = [kernel.out, kernel.a, kernel.b]  # each has its place in the frame, even in x.T @ x
-    return Formula(prog, slots, [], [], [],
-                   [int(kernel.trans_a), int(kernel.trans_b), float_bits(kernel.alpha)])
+    return Formula(prog, slots, [], [], [], constants)
 
 
 def formula(kernel, program: Program) -> Formula:
     """``kernel`` (of ``program``) as a formula over slots and size symbols."""
-    if isinstance(kernel, Gemm):
+    if isinstance(kernel, (Gemm, BlockGemm)):
         return _gemm_formula(kernel)
     buffers = _slot_buffers(kernel)
     mapping = {b: slot(i) for i, b in enumerate(buffers)}

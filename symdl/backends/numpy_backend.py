@@ -10,7 +10,7 @@ from functools import singledispatch
 import numpy as np
 
 from ..ir.kernels import (
-    AvgPool, AvgPoolGrad, Col2Im, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
+    AvgPool, AvgPoolGrad, BlockGemm, Col2Im, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
     ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, ScatterAdd, Update,
 )
 from .base import Runner as RunnerBase, buf, indent
@@ -44,6 +44,18 @@ def _gemm(k: Gemm, program):
     if k.alpha != 1:
         lines.append(f"{buf(k.out)} *= {float(k.alpha)!r}")
     return lines
+
+
+@emit.register
+def _block_gemm(k: BlockGemm, program):
+    """One ``numpy.matmul`` over the buffers viewed as stacks of blocks ``(blocks, rows, cols)``."""
+    def stack(name, rows, trans):
+        return f"{buf(name)}.reshape(-1, {rows}, {buf(name)}.shape[1])" + (".transpose(0, 2, 1)" if trans else "")
+
+    alpha = "" if k.alpha == 1 else f"{float(k.alpha)!r} * "
+    ro, ra, rb = k.rows
+    return [f"{stack(k.out, ro, False)}[...] = {alpha}numpy.matmul({stack(k.a, ra, k.trans_a)}, "
+            f"{stack(k.b, rb, k.trans_b)})"]
 
 
 @emit.register

@@ -260,12 +260,14 @@ class Workers:
                     self.lost(w, what, epoch)
             if time.monotonic() > deadline:
                 deadline = time.monotonic() + self._late([w for w, f in futures.items() if not f.done()], what, begun)
+        # a task's error first: the loop above stops at the first one, when other tasks may still run
         for w, f in futures.items():
             if f.status == "error":
                 exc = f.exception()
                 if isinstance(exc, LookupError) and NO_SHARD in str(exc) or w not in self.alive():
                     self.lost(w, what, epoch)
                 raise exc
+        for w, f in futures.items():
             if f.status != "finished":  # lost or cancelled: its worker went away
                 self.lost(w, what, epoch)
         try:

@@ -79,9 +79,8 @@ class DataParallel(Trainer):
     def _set_up(self, X, Y):
         model = self.model
         blob = model_blob(model)
-        check = dict(kind=model.kind, outputs=model.units, input_dim=model.input_dim)
         setups = {w: self.cluster.submit(w, setup_task, self.key, blob, model.backend, self.sync, xs, ys, rows,
-                                         self.cluster.threads[w], check)
+                                         self.cluster.threads[w])
                   for w, (xs, ys, rows) in self._place(X, Y).items()}
         self.workers = [w for w in self.workers if w in setups]
         self.setup = self.cluster.wait(setups, what="setting up the workers")

@@ -16,7 +16,6 @@ import numpy as np
 
 from ..backends.threads import set_num_threads
 from ..nn import load
-from ..nn.datasets import check_dataset
 from ..nn.fitting import correct_predictions
 from ..run.pipeline import value_and_grad
 from .cluster import NO_SHARD, compiling
@@ -58,6 +57,8 @@ class Shard:
         # sync="grads" needs only the graph here (the gradient program is compiled below), so the
         # worker's own copy of the model uses the NumPy backend: no Numba compile for an unused step
         self.model = _load_blob(blob, backend if sync == "params" else "numpy")
+        if isinstance(X, list):  # a Dask array's chunks: checked here as fit checks NumPy arrays
+            X, Y = check_chunks(self.model, X, Y, rows)
         self.X = np.ascontiguousarray(X, self.model.train_step.dtype)
         self.Y = np.ascontiguousarray(Y, self.model.train_step.dtype)
         self.rows = np.asarray(rows)
@@ -87,15 +88,24 @@ class Shard:
             self.model.train_step.load_state_dict(saved)
 
 
+def check_chunks(model, X: list, Y: list, rows) -> tuple:
+    """The rows of a Dask array's chunks checked and converted by the model itself, as ``fit`` checks
+    NumPy arrays (``Model.prepare``): features ``(n, d)`` or images, or token ids ``(n, T)`` inside
+    every vocabulary with per-token targets ``(n, T)`` / ``(n, T, V)``. An error counts rows from
+    the shard's first (``rows``: their places in the whole array, a contiguous run)."""
+    rows = np.asarray(rows)
+    where = f" rows {rows[0]}..{rows[-1]}, X[0] is row {rows[0]}" if len(rows) else ""
+    return model.prepare(np.concatenate(X), np.concatenate(Y), f"training data (Dask array{where})")
+
+
 def import_task() -> int:
     """Task: nothing but what running it takes, importing this module (and so symdl) in the worker."""
     return os.getpid()
 
 
-def setup_task(key, blob, backend, sync, X, Y, rows, threads, check):
-    """Task: build this worker's shard state (X, Y are lists of chunks for a Dask array)."""
-    if isinstance(X, list):
-        X, Y = check_dataset(np.concatenate(X), np.concatenate(Y), what="training data (Dask array)", **check)
+def setup_task(key, blob, backend, sync, X, Y, rows, threads):
+    """Task: build this worker's shard state (X, Y are lists of chunks for a Dask array, checked by
+    the worker's copy of the model)."""
     with compiling(key):  # building the programs (a cold compile cache: a minute or more on a busy host)
         shard = Shard(blob, backend, sync, X, Y, rows, threads)
         started = time.perf_counter()
@@ -115,7 +125,10 @@ def grad_task(key, params, local):
     correct = 0.0
     if s.model.kind != "regression":  # the gradient program has no logits: one forward pass for them
         s.model.set_weights(params)
-        correct = correct_predictions(s.model, s.model.predict(xb, batch_size=len(xb)), yb)
+        # the forward program on the checked rows (token ids are already floats here, which predict's
+        # check refuses): its outputs as the training step gives them, token rows (n·T, V) included
+        out = s.model._run_forward("predict", {"x": xb}, len(xb))["out"]
+        correct = correct_predictions(s.model, np.asarray(out), yb)
     s.seen[local] += 1
     s.steps += 1
     return {"loss": loss, "grads": grads, "rows": len(local), "correct": correct,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import sympy as sp
+from onnx import TensorProto
 
 from ..autodiff.vjp import grad
 from ..backends import cache
@@ -37,11 +38,12 @@ from ..backends.base import as_dtype
 from ..backends.onnx import DEFAULT_OPSET, Graph, check_opset, emit_program, make_model
 from ..backends.onnx.graph import onnx_dtype
 from ..backends.onnx.model import value_info
-from ..graph.nodes import n as N
+from ..graph.nodes import TokenInput, n as N
 from ..ir.lowering import lower
 from ..nn import layers
 from ..nn.weights import weight_names
 from ..ops.conv import image_shape
+from ..ops.embedding import sequence_length
 from ..version import __version__
 
 BATCH = "batch"  # the name of the dynamic batch axis
@@ -61,19 +63,24 @@ class Interface:
         self.inputs, self.outputs, self.values = [], [], {}
 
     def data(self, leaf, name: str) -> None:
-        """An ``Input`` leaf as the graph input ``name``: ``(batch, features)`` or NHWC images
-        ``(batch, H, W, C)``; the first one with a batch axis gives ``n``."""
+        """An ``Input`` leaf as the graph input ``name``: ``(batch, features)``, NHWC images
+        ``(batch, H, W, C)``, token ids ``(batch, T)`` (int64, cast to the graph's dtype: the kernels read
+        ids as exact integers in it) or per-token sequences ``(batch, T, d)``; the first one with a
+        batch axis gives ``n`` (the number of samples or sequences)."""
         rows, cols = leaf.shape
-        image = getattr(leaf, "image_shape", None)
+        tokens = isinstance(leaf, TokenInput)
+        shape = (leaf.sequence_length,) if tokens else \
+            getattr(leaf, "image_shape", None) or getattr(leaf, "sequence_shape", None)
         if not _depends_on_n(rows):
             dims = [int(rows), int(cols)]
         else:
-            dims = [BATCH, *(int(d) for d in image)] if image else [BATCH, int(cols)]
+            dims = [BATCH, *(int(d) for d in shape)] if shape else [BATCH, int(cols)]
             if self.g.n is None:
                 self.g.n = self.g.node("Shape", [name], start=0, end=1)
-        self.inputs.append(value_info(name, self.elem, dims))
-        self.values[str(leaf.name)] = self.g.node("Reshape", [name, self.g.const([-1, int(cols)], np.int64)]) \
-            if image and _depends_on_n(rows) else name
+        self.inputs.append(value_info(name, TensorProto.INT64 if tokens else self.elem, dims))
+        value = self.g.node("Cast", [name], to=self.elem) if tokens else name
+        self.values[str(leaf.name)] = self.g.node("Reshape", [value, self.g.const([-1, int(cols)], np.int64)]) \
+            if shape and _depends_on_n(rows) else value
 
     def weight(self, leaf, name: str, array=None) -> None:
         """A parameter (or running statistic) as the initializer ``name`` holding ``array``, or, with
@@ -200,8 +207,11 @@ def export_model(model, path, opset: int = DEFAULT_OPSET, gradients: bool = Fals
         for i, p in enumerate(model.params):
             face.output(values[f"g{i}"], f"grad/{names[str(p.name)]}", p.value_shape)
     else:
-        for j, (name, h) in enumerate(zip(_output_names(model), _inference_outputs(model))):
-            face.output(values[f"out{j}"], name, [BATCH, int(h.shape[1])])
+        outs = _inference_outputs(model)
+        lengths = getattr(model, "sequence_lengths", None) or [sequence_length(h) for h in outs]
+        for j, (name, h, T) in enumerate(zip(_output_names(model), outs, lengths)):
+            # a sequence output: (batch, T, units), as predict returns it
+            face.output(values[f"out{j}"], name, [BATCH, *((T,) if T else ()), int(h.shape[1])])
     what = "loss and gradients" if gradients else "forward pass"
     return face.save(path, f"{type(model).__name__} {model.name or ''} {what}, exported by symdl".replace("  ", " "))
 

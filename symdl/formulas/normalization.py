@@ -48,6 +48,22 @@ class Normalized(NamedTuple):
 #: Filled as normalisations are built; a node is a SymPy object, so equal graphs share an entry.
 ROLES: dict = {}
 
+#: What ``sd.explain`` needs to print a normalisation's input adjoint in textbook form,
+#: ``δZ = (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))/σ`` with ``g = ∂L/∂x̂ = γ ⊙ δy``:
+#: ``{x̂ node: NormSource}``, filled as normalisations are built.
+SOURCES: dict = {}
+
+
+class NormSource(NamedTuple):
+    """A normalisation's input ``z``, its ``σ``, the axis its statistics run over (``"rows"``: the
+    batch, batch norm; ``"cols"``: each row's features, layer norm) and the nodes that read ``z``
+    (the sum behind μ and the centring ``z − μ``)."""
+
+    z: object
+    sigma: object
+    axis: str
+    readers: tuple
+
 
 def _check(what, z, gamma, beta, eps):
     if not isinstance(z, sp.MatrixExpr):
@@ -73,13 +89,15 @@ def _value_shape(p):
 def _normalize(z, gamma, beta, eps, axis) -> Normalized:
     total, count = (SumRows, z.shape[0]) if axis == 0 else (SumCols, z.shape[1])
     eps = sp.Float(eps)
-    mean = elementwise(lambda s: s / count, total(z))
+    summed = total(z)
+    mean = elementwise(lambda s: s / count, summed)
     centred = z - mean
     var = elementwise(lambda s: s / count, total(elementwise(lambda c: c**2, centred)))
     sigma = elementwise(lambda v: sp.sqrt(v + eps), var)
     xhat = elementwise(lambda c, s: c / s, centred, sigma)
     out = elementwise(lambda x, g, b: g * x + b, xhat, gamma, beta, op="normalisation")
     ROLES.update({mean: "μ", sigma: "σ", xhat: "x̂"})
+    SOURCES[xhat] = NormSource(z, sigma, "rows" if axis == 0 else "cols", (summed, centred))
     return Normalized(out, mean, var, sigma, xhat, count)
 
 
@@ -173,4 +191,4 @@ def running_writes(parts: Normalized, mean_state, var_state, momentum=0.99) -> d
 
 
 __all__ = ["batch_norm", "batch_norm_parts", "layer_norm", "layer_norm_parts", "batch_norm_inference",
-           "running_states", "running_writes", "Normalized", "ROLES"]
+           "running_states", "running_writes", "Normalized", "NormSource", "ROLES", "SOURCES"]

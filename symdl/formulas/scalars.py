@@ -368,6 +368,16 @@ for _function, _numpy in ((sp.sinh, "numpy.sinh"), (sp.cosh, "numpy.cosh"), (sp.
 define(sp.tanh, array="numpy.tanh", scalar="math.tanh", scalar32=TANH32, llvm=_tanh_llvm)
 
 
+def _mod_llvm(p, a, b):
+    (a, b), _ = p.unify([a, b])
+    return p.b.frem(a, b)
+
+
+#: The remainder, for a body that reads its position (a causal mask: ``j > i mod T``). Its
+#: arguments there are non-negative, where C's ``fmod`` (LLVM's ``frem``) is Python's ``%``.
+define(sp.Mod, array=call("numpy.mod"), scalar=template("(({0}) % ({1}))"), llvm=_mod_llvm)
+
+
 def _uniform_hash_llvm(p, *args):
     """``UNIFORM_HASH`` as LLVM IR: the same operations on ``i64`` (``int()`` truncates toward zero;
     a product wraps as Numba's int64 does, its low 32 bits exact), so the same bits."""

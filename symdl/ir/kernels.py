@@ -12,7 +12,8 @@ lists them; a backend has one handler per class):
 * ``ImageKernel``  a gather over NHWC image batches (``Geometry``): ``Im2Col``, ``Col2Im``,
                    ``MaxPool``, ``MaxPoolGrad``, ``AvgPool``, ``AvgPoolGrad``;
 * ``Reshape``      the same row-major memory read as another ``(rows, cols)``;
-* ``Gather``       a row lookup ``table[ids]`` (embeddings) and ``ScatterAdd``, its adjoint.
+* ``Gather``       a row lookup ``table[ids]`` (embeddings) and ``ScatterAdd``, its adjoint;
+* ``BlockGemm``    a product per block of ``block`` rows (a sequence): attention's scores and mixes.
 
 An ``Operand`` reads a buffer at ``(i, j)`` through a ``Pattern``. Shapes are SymPy
 expressions in the batch symbol ``n``. ``check(program)`` validates a program: every
@@ -103,6 +104,43 @@ class Gemm:
     def __str__(self):
         alpha = "" if self.alpha == 1 else f"{self.alpha}*"
         return f"{alpha}gemm({self.a}{'.T' if self.trans_a else ''}, {self.b}{'.T' if self.trans_b else ''})"
+
+
+@dataclass
+class BlockGemm:
+    """A product within every block (a sequence): for each block ``s``, ``out_s = alpha * op(a_s) @
+    op(b_s)``, ``x_s`` the ``s``-th block of ``rows[x]`` rows of ``x``, where ``rows = (out's, a's,
+    b's)`` rows per block (a query sequence of ``T`` tokens against a key sequence of ``S``). Every
+    buffer holds the same number of blocks. A loop's units are the blocks: a thread computes whole
+    sequences.
+    """
+
+    out: str
+    a: str
+    b: str
+    trans_a: bool
+    trans_b: bool
+    rows: tuple  # rows per block of (out, a, b): ints
+    alpha: sp.Expr = sp.Integer(1)
+    kind = "block_gemm"  # how generated code, train.kernels and CUDA kernel names spell it
+
+    def reads(self) -> list:
+        return [Operand(self.a), Operand(self.b)]
+
+    def bodies(self) -> list:
+        return []
+
+    def inner(self, program) -> sp.Expr:
+        """``k``: the length of each dot product (the columns of ``op(a_s)``)."""
+        return sp.sympify(self.rows[1] if self.trans_a else program.shape_of(self.a)[1])
+
+    def blocks(self, program) -> sp.Expr:
+        return sp.sympify(program.shape_of(self.out)[0] / self.rows[0])
+
+    def __str__(self):
+        alpha = "" if self.alpha == 1 else f"{self.alpha}*"
+        return (f"{alpha}block_gemm[{','.join(map(str, self.rows))}]({self.a}{'.T' if self.trans_a else ''}, "
+                f"{self.b}{'.T' if self.trans_b else ''})")
 
 
 @dataclass
@@ -362,7 +400,7 @@ class ScatterAdd:
 
 #: Every kernel class a program may hold (``check`` refuses anything else).
 KERNELS = (Gemm, Elementwise, ReduceRows, ReduceCols, ReduceAll, ReduceLogSumExp, Update,
-           Im2Col, Col2Im, MaxPool, MaxPoolGrad, AvgPool, AvgPoolGrad, Reshape, Gather, ScatterAdd)
+           Im2Col, Col2Im, MaxPool, MaxPoolGrad, AvgPool, AvgPoolGrad, Reshape, Gather, ScatterAdd, BlockGemm)
 
 
 @dataclass
@@ -414,6 +452,9 @@ class Program:
             r, c = self.shape_of(kernel.out)
             inner = self.shape_of(kernel.a)[0 if kernel.trans_a else 1]
             return sp.sympify(r * c * inner)
+        if isinstance(kernel, BlockGemm):  # rows x cols outputs, each a k-long dot product
+            r, c = self.shape_of(kernel.out)
+            return sp.sympify(r * c * kernel.inner(self))
         if isinstance(kernel, ScatterAdd):  # zero the (V, d) table, then add every row of G
             (v, c), (r, _) = self.shape_of(kernel.out), self.shape_of(kernel.operands[1].buffer)
             return sp.sympify(v * c + r * c)
@@ -430,7 +471,7 @@ class Program:
     def flops(self, kernel, n_value: int) -> int:
         """A FLOP estimate for one kernel at batch size ``n_value`` (for ``train.kernels``)."""
         w = self.work(kernel, n_value)
-        return 2 * w if isinstance(kernel, Gemm) else w
+        return 2 * w if isinstance(kernel, (Gemm, BlockGemm)) else w
 
 
 class ProgramError(AssertionError):
@@ -649,3 +690,16 @@ def _scan_shapes(k: Scan, program, where):
             raise ProgramError(f"{where}: {name} has shape {shape}, the cell needs {want[name]}")
     if not same(out[1], wide):
         raise ProgramError(f"{where}: the output {out} must be {wide} wide")
+
+@_check_shapes.register
+def _block_gemm_shapes(k: BlockGemm, program, where):
+    out, a, b = (tuple(sp.sympify(d) for d in program.shape_of(x)) for x in (k.out, k.a, k.b))
+    ro, ra, rb = k.rows
+    same = lambda x, y: sp.expand(sp.sympify(x) - y) == 0  # noqa: E731
+    blocks = [sp.expand(m[0] / r) for m, r in ((out, ro), (a, ra), (b, rb))]
+    op_a = (a[1], ra) if k.trans_a else (ra, a[1])
+    op_b = (b[1], rb) if k.trans_b else (rb, b[1])
+    if not (same(blocks[0], blocks[1]) and same(blocks[0], blocks[2]) and same(op_a[0], ro)
+            and same(op_a[1], op_b[0]) and same(out[1], op_b[1])):
+        raise ProgramError(f"{where}: per block, op(a) {op_a} @ op(b) {op_b} does not give ({ro}, {out[1]}) "
+                           f"blocks of {out}")

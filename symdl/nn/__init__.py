@@ -4,6 +4,7 @@
                   ``LayerNormalization``, ``Dropout``, ``Activation``, ``Reshape``,
                   ``ZeroPadding2D``, ``Embedding``, ``TokenAndPositionEmbedding`` (build parameters and an
                   expression; keeps no graph);
+* ``attention``   ``MultiHeadAttention`` (products within each sequence, causal mask);
 * ``functional``  ``Input``, symbolic tensors, layers called on them (Keras 3's functional API);
 * ``merging``     ``Add``, ``Subtract``, ``Multiply``, ``Average``, ``Maximum``, ``Minimum``, ``Concatenate``,
                   ``GlobalAveragePooling2D``, ``GlobalMaxPooling2D``;
@@ -13,7 +14,8 @@
 * ``callbacks``   ``EarlyStopping``, ``ModelCheckpoint``, ``LearningRateScheduler``, schedules;
 * ``checkpoint``  the checkpoint file format (npz + JSON, atomic, no pickle).
 """
-from . import callbacks, checkpoint, fitting, functional, layers, merging, model
+from . import attention, callbacks, checkpoint, fitting, functional, layers, merging, model
+from .attention import MultiHeadAttention
 from .callbacks import (
     Callback, EarlyStopping, LearningRateScheduler, ModelCheckpoint, cosine_decay, exponential_decay, step_decay,
 )
@@ -35,6 +37,7 @@ __all__ = [
     "LayerNormalization", "MaxPooling2D", "Reshape", "ZeroPadding2D", "EarlyStopping", "History", "INITIALIZERS", "LearningRateScheduler", "Model",
     "ModelCheckpoint", "Sequential", "batches", "callbacks", "checkpoint", "cosine_decay", "exponential_decay",
     "fitting", "layers", "load", "model", "step_decay", "Embedding", "TokenAndPositionEmbedding",
+    "MultiHeadAttention",
 ]
 
 # Logging, curves, and weights in and out (files of their own: see each module).

@@ -183,39 +183,94 @@ def check_features(X, *, input_dim, what: str = "data", dtype=np.float64) -> np.
     return np.ascontiguousarray(X, dtype)
 
 
+def check_tokens(X, *, sequence_length: int, what: str = "data", dtype=np.float64, leaf=None) -> np.ndarray:
+    """Validate token ids ``(n, T)``: an integer array (``(n,)`` when ``T`` is 1), not empty; with the
+    graph's token ``leaf``, every id inside the vocabulary of each embedding that reads it (the error
+    names the layer: ``run.validate.token_id_error``). Returned C-contiguous in ``dtype``: the
+    compiled code reads ids as exact integers in the model's float dtype.
+
+    >>> check_tokens(np.array([[1, 2, 3]]), sequence_length=3).tolist()
+    [[1.0, 2.0, 3.0]]
+    >>> check_tokens(np.zeros((2, 4)), sequence_length=3)
+    Traceback (most recent call last):
+    ...
+    symdl.nn.datasets.DataError: data: X holds token ids: expected an integer array (n, 3), got float64
+    """
+    X = np.asarray(X)
+    T = int(sequence_length)
+    if X.dtype.kind not in "iu":
+        raise DataError(f"{what}: X holds token ids: expected an integer array (n, {T}), got {X.dtype}")
+    if X.ndim == 1 and T == 1:
+        X = X.reshape(-1, 1)
+    if X.ndim != 2 or X.shape[1] != T:
+        raise DataError(f"{what}: X has shape {X.shape}; the model reads token ids (n, {T}) (sequences of {T} "
+                        "tokens)")
+    if len(X) == 0:
+        raise DataError(f"{what}: X is empty")
+    if leaf is not None:
+        from ..run.validate import token_id_error
+
+        message = token_id_error(X, leaf, "X")
+        if message:
+            raise DataError(f"{what}: {message}")
+    return np.ascontiguousarray(X, dtype)
+
+
 def check_dataset(X, y, *, kind: str, outputs: int, input_dim: int, what: str = "training data", dtype=np.float64):
     """Validate and convert ``(X, y)`` for a model; returns ``X`` and target ``Y`` (n, outputs),
-    both C-contiguous in ``dtype`` (``check_features``).
+    both C-contiguous in ``dtype`` (``check_features``, ``check_targets``).
 
     ``kind`` is ``"classes"`` (integer labels or one-hot), ``"binary"`` (0/1 or
     probabilities) or ``"regression"``. Errors come before any compilation.
     """
     X = check_features(X, input_dim=input_dim, what=what, dtype=dtype)
+    return X, check_targets(y, len(X), kind=kind, outputs=outputs, what=what, dtype=dtype)
+
+
+def check_targets(y, rows: int, *, kind: str, outputs: int, what: str = "training data", dtype=np.float64,
+                  sequence_length: int | None = None) -> np.ndarray:
+    """Validate and convert the targets ``y`` of ``rows`` samples: ``(rows, outputs)`` in ``dtype``, or for
+    a sequence output (``sequence_length=T``) per-token targets ``(rows, T, outputs)``: integer labels
+    ``(rows, T)`` or one-hot ``(rows, T, outputs)`` for ``"classes"``, ``(rows, T, outputs)`` (``(rows, T)``
+    when ``outputs`` is 1) otherwise.
+
+    >>> check_targets(np.array([[0, 2]]), 1, kind="classes", outputs=3, sequence_length=2).tolist()
+    [[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]]
+    >>> check_targets(np.zeros((1, 3)), 1, kind="classes", outputs=3, sequence_length=2)
+    Traceback (most recent call last):
+    ...
+    symdl.nn.datasets.DataError: training data: y must be labels (n, 2) or one-hot (n, 2, 3) per token, got shape (1, 3)
+    """
     y = np.asarray(y)
-    if len(y) != len(X):
-        raise DataError(f"{what}: X has {len(X)} rows but y has {len(y)}")
+    if len(y) != rows:
+        raise DataError(f"{what}: X has {rows} rows but y has {len(y)}")
     if y.dtype.kind not in "fiub":
         raise DataError(f"{what}: y has dtype {y.dtype}; expected numbers")
     if not np.isfinite(y.astype(np.float64)).all():
         raise DataError(f"{what}: y contains NaN or Inf")
+    T = sequence_length
+    lead = (rows,) if T is None else (rows, T)  # a sample's leading axes: (n,) or per token (n, T)
+    shown = "n" if T is None else f"n, {T}"
     if kind == "classes":
-        if y.ndim == 1:
+        if y.shape == lead:
             if not np.all(np.equal(np.mod(y, 1), 0)):
                 raise DataError(f"{what}: class labels must be integers, got values like {y[np.mod(y, 1) != 0][:3]}")
             labels = y.astype(np.int64)
             if labels.min() < 0 or labels.max() >= outputs:
                 raise DataError(f"{what}: labels must lie in 0..{outputs - 1} for {outputs} classes, "
                                 f"found {labels.min()}..{labels.max()}")
-            Y = np.eye(outputs, dtype=dtype)[labels]
-        elif y.ndim == 2 and y.shape[1] == outputs:
-            Y = np.ascontiguousarray(y, dtype)
-        else:
-            raise DataError(f"{what}: y must be labels (n,) or one-hot (n, {outputs}), got shape {y.shape}")
-    else:
-        Y = y.reshape(-1, 1) if y.ndim == 1 else y
-        if Y.ndim != 2 or Y.shape[1] != outputs:
+            return np.eye(outputs, dtype=dtype)[labels]
+        if y.shape == (*lead, outputs):
+            return np.ascontiguousarray(y, dtype)
+        per = "" if T is None else " per token"
+        raise DataError(f"{what}: y must be labels ({shown}{',' if T is None else ''}) or one-hot ({shown}, "
+                        f"{outputs}){per}, got shape {y.shape}")
+    Y = y.reshape(*lead, 1) if y.shape == lead else y
+    if Y.shape != (*lead, outputs):
+        if T is None:
             raise DataError(f"{what}: y must have shape (n,) or (n, {outputs}), got {y.shape}")
-        if kind == "binary" and (Y.min() < 0 or Y.max() > 1):
-            raise DataError(f"{what}: binary targets must lie in [0, 1], found {Y.min()}..{Y.max()}")
-        Y = np.ascontiguousarray(Y, dtype)
-    return X, Y
+        raise DataError(f"{what}: y must have shape ({shown}, {outputs}) per token"
+                        + (f" or ({shown})" if outputs == 1 else "") + f", got {y.shape}")
+    if kind == "binary" and (Y.min() < 0 or Y.max() > 1):
+        raise DataError(f"{what}: binary targets must lie in [0, 1], found {Y.min()}..{Y.max()}")
+    return np.ascontiguousarray(Y, dtype)

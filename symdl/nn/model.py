@@ -23,13 +23,14 @@ import numpy as np
 from . import datasets
 from ..formulas import activations as functions, losses
 from ..ops.conv import image_shape
+from ..ops.embedding import sequence_length
 from ..autodiff.explain import explain
-from ..graph.nodes import VectorParam, input as sd_input
+from ..graph.nodes import SequenceInput, TokenInput, VectorParam, input as sd_input, sequence_input
 from ..formulas.optimizers import Adam, Optimizer, from_config, get as get_optimizer
 from ..run.pipeline import TrainStep, compile_outputs
 from ..formulas.regularizers import Regularizer, l1, l2
 from . import checkpoint, fitting, functional
-from .layers import LAYERS, Built, Dense
+from .layers import EMBEDDING_INITIALIZERS, LAYERS, Built, Dense, Embedding, TokenAndPositionEmbedding
 from ..registry import Registry, rich_display
 
 #: ``{format: export(model, path, **options)}``, filled by ``symdl.export`` (a later stage).
@@ -51,6 +52,17 @@ class Formulas(str):
     def _repr_pretty_(self, p, cycle):  # IPython's text view: the text itself, not its repr
         p.text(str(self))
 
+
+
+def _nested_shape(h) -> tuple:
+    """``(shape without the batch axis, token ids?)`` of what a model used as a layer is given: ids
+    ``(T,)``, sequences ``(T, d)``, images ``(h, w, c)``, features ``(d,)``."""
+    if isinstance(h, TokenInput):
+        return (int(h.sequence_length),), True
+    T = sequence_length(h)
+    if T:
+        return (int(T), int(h.shape[1])), False
+    return image_shape(h) or (int(h.shape[1]),), False
 
 class Model:
     """Keras 3's functional ``Model(inputs, outputs)``: the layers between ``sd.nn.Input`` tensors and
@@ -118,7 +130,7 @@ class Model:
         self.input_names = self._in_keys or functional.unique_names([t.name for t in ins])
         self.input_dim = ins[0].features if len(ins) == 1 else [t.features for t in ins]
         single = len(ins) == 1
-        self.xs = [sd_input("x" if single else f"x{j}", t.features) for j, t in enumerate(ins, start=1)]
+        self.xs = [sd_input("x" if single else f"x{j}", t.features, dtype=t.dtype) for j, t in enumerate(ins, start=1)]
         self.x = self.xs[0] if single else None
         self.layers = list({id(t.layer): t.layer for t in order if t.layer is not None}.values())
         kinds = ["functional" if isinstance(layer, Model) else layer.kind for layer in self.layers]
@@ -137,7 +149,11 @@ class Model:
                                  "sd.nn.Flatten() (or a global pooling) and a Dense layer last")
         self.units_per_output = [int(h.shape[1]) for h in self.output_exprs]
         self.units = self.units_per_output[0] if len(outs) == 1 else self.units_per_output
-        self.ys = [sd_input("y" if len(outs) == 1 else f"y{j}", u) for j, u in enumerate(self.units_per_output, 1)]
+        # a sequence output (n, T, units) is the rows (n·T, units): its targets are sequences too
+        self.sequence_lengths = [t.shape[0] if len(t.shape) == 2 else None for t in outs]
+        self.ys = [sequence_input(name, (T, u)) if T else sd_input(name, u)
+                   for name, u, T in zip(["y"] if len(outs) == 1 else [f"y{j}" for j in range(1, len(outs) + 1)],
+                                         self.units_per_output, self.sequence_lengths)]
         self.y = self.ys[0] if len(outs) == 1 else None
         self.train_step = None
         self._owner_refs = []  # (weak reference to a compiled model this one is a layer of, {our name: its})
@@ -171,9 +187,10 @@ class Model:
         if len(self.outputs) != 1:
             raise ValueError(f"{functional.label(self)}: a model with {len(self.outputs)} outputs cannot be used as "
                              "a layer (give it one output)")
-        got = [image_shape(h) or (int(h.shape[1]),) for h in hs]
-        want = [t.shape for t in self.inputs]
+        got = [_nested_shape(h) for h in hs]
+        want = [(tuple(t.shape), t.dtype in ("int32", "int64")) for t in self.inputs]
         if got != want:
+            got, want = [g for g, _ in got], [w for w, _ in want]
             raise ValueError(f"{functional.label(self)} takes {', '.join(map(functional.shape_text, want))}, got "
                              f"{', '.join(map(functional.shape_text, got))}")
 
@@ -311,7 +328,7 @@ class Model:
         """Every parameter's first value, drawn once (TrainStep draws only what is not given); a
         compiled nested model's weights are its current ones."""
         rng = np.random.default_rng(seed)
-        initial = {}
+        initial, tables = {}, {}
         for layer, params in zip(self.layers, self.layer_params):
             if isinstance(layer, Dense) and params:  # Conv2D is a Dense: its kernel is drawn the same way
                 W = params[0]
@@ -321,7 +338,10 @@ class Model:
                     if isinstance(inner_layer, Dense) and inner_params:
                         W = inner_params[0]
                         initial[str(W.name)] = inner_layer.init_kernel(rng, W.value_shape)
+                    tables.update(_embedding_tables(inner_layer, inner_params, rng))
+            tables.update(_embedding_tables(layer, params, rng))
         initial.update(self.initial)  # γ = 1, running variance = 1
+        initial.update(tables)  # embedding tables from the compile seed too (not the layer's own draw)
         for inner, names in self._nested():
             if inner.train_step is not None:
                 theirs = inner._values()
@@ -414,9 +434,13 @@ class Model:
         arrays = self._arrays_by_name(X, self.input_names, what, "input")
         dtype = self.train_step.dtype
         checked = []
-        for a, t, input_name in zip(arrays, self.inputs, self.input_names):
+        for a, t, leaf, input_name in zip(arrays, self.inputs, self.xs, self.input_names):
             label = what if len(arrays) == 1 else f"{what} (input {input_name!r})"
-            checked.append(datasets.check_features(a, input_dim=t.features, what=label, dtype=dtype))
+            if isinstance(leaf, TokenInput):  # ids (n, T), each inside every vocabulary that reads them
+                checked.append(datasets.check_tokens(a, sequence_length=leaf.sequence_length, what=label,
+                                                     dtype=dtype, leaf=leaf))
+            else:
+                checked.append(datasets.check_features(a, input_dim=t.features, what=label, dtype=dtype))
         if len(checked) == 1:
             return checked[0]
         rows = {name: len(a) for name, a in zip(self.input_names, checked)}
@@ -431,11 +455,11 @@ class Model:
         first = X if isinstance(X, np.ndarray) else next(iter(X.arrays.values()))
         targets = self._arrays_by_name(y, self.output_names, what, "output")
         Ys = []
-        for target, kind, units, out_name in zip(targets, self.kinds, self.units_per_output, self.output_names):
+        for target, kind, units, T, out_name in zip(targets, self.kinds, self.units_per_output,
+                                                    self.sequence_lengths, self.output_names):
             label = what if len(targets) == 1 else f"{what} (output {out_name!r})"
-            Ys.append(datasets.check_dataset(first, target, kind=kind, outputs=units, input_dim=first.shape[1:]
-                                             if first.ndim > 2 else first.shape[1], what=label,
-                                             dtype=self.train_step.dtype)[1])
+            Ys.append(datasets.check_targets(target, len(first), kind=kind, outputs=units, what=label,
+                                             dtype=self.train_step.dtype, sequence_length=T))
         if len(Ys) == 1:
             return X, Ys[0]
         return X, fitting.Columns({str(leaf.name): Y for leaf, Y in zip(self.ys, Ys)})
@@ -481,10 +505,11 @@ class Model:
             self._forward[which] = compile_outputs(outputs, self.backend, self.dtype)
         runner = self._forward[which]
         externals = dict(arrays)
-        for leaf in self.xs:  # images (n, h, w, c) are (n·h·w, c) pixel rows in the graph
+        for leaf in [*self.xs, *self.ys]:  # images (n, h, w, c) are (n·h·w, c) pixel rows in the graph,
+            name = str(leaf.name)          # token ids (n, T) the column (n·T, 1), sequences (n·T, d) rows
             image = getattr(leaf, "image_shape", None)
-            if image is not None:
-                externals[str(leaf.name)] = np.ascontiguousarray(arrays[str(leaf.name)]).reshape(-1, image[2])
+            if name in arrays and (image is not None or isinstance(leaf, (TokenInput, SequenceInput))):
+                externals[name] = np.ascontiguousarray(arrays[name]).reshape(-1, int(leaf.shape[1]))
         # a vector is a (1, k) row and a kernel (kh, kw, c_in, c_out) a (kh·kw·c_in, c_out) matrix
         for values in (self.train_step.params, self.train_step.statistics):
             externals.update({k: v.reshape(-1, v.shape[-1]) if v.ndim != 2 else v for k, v in values.items()})
@@ -498,7 +523,10 @@ class Model:
         """Train for ``epochs`` more epochs; returns the model's ``History`` (all epochs so far).
 
         ``X`` and ``y``: an array each, or for several inputs / outputs a list (in the order of
-        ``input_names`` / ``output_names``) or a dict keyed by those names.
+        ``input_names`` / ``output_names``) or a dict keyed by those names. Token ids are integers
+        ``(n, T)``; a sequence output ``(n, T, units)`` takes per-token targets: integer labels ``(n, T)``
+        or one-hot ``(n, T, units)`` for ``softmax_cross_entropy`` (the mean over all ``n·T`` tokens, as
+        PyTorch's ``CrossEntropyLoss``), ``(n, T, units)`` otherwise; ``batch_size`` counts sequences.
         Data is checked before anything compiles. Batches are shuffled with a seed
         and the absolute epoch number, so a resumed run sees the same batches.
 
@@ -522,7 +550,8 @@ class Model:
 
     def predict(self, X, batch_size: int = 1024):
         """The model's outputs (logits for classification), in chunks of ``batch_size``: one array,
-        or for several outputs a list (a dict when the outputs were given as a dict)."""
+        or for several outputs a list (a dict when the outputs were given as a dict). A sequence
+        output is ``(n, T, units)``; ``batch_size`` then counts sequences."""
         self.require_compiled()
         X = self._features(X, "prediction data")
         keys = ["out"] if len(self.outputs) == 1 else [f"out{j}" for j in range(1, len(self.ys) + 1)]
@@ -533,6 +562,8 @@ class Model:
             for k in keys:
                 outs[k].append(np.array(result[k]))
         joined = [np.concatenate(outs[k]) for k in keys]
+        # a sequence output comes back as token rows (n·T, units): (n, T, units), as Keras gives it
+        joined = [a.reshape(len(X), T, -1) if T else a for a, T in zip(joined, self.sequence_lengths)]
         if len(joined) == 1:
             return joined[0]
         return dict(zip(self.output_names, joined)) if self._out_keys is not None else joined
@@ -578,7 +609,8 @@ class Model:
             count = sum(int(np.prod(p.value_shape)) for p in params)
             fixed = sum(int(np.prod(s.shape)) for s in writes)
             total, frozen = total + count, frozen + fixed
-            shape = "(n, " + ", ".join(map(str, image_shape(out) or (out.shape[1],))) + ")"
+            T = sequence_length(out)
+            shape = "(n, " + ", ".join(map(str, image_shape(out) or ((T,) if T else ()) + (out.shape[1],))) + ")"
             feeds = () if chain else (", ".join(inbound),)
             rows.append((name, shape, f"{count + fixed:,}", layer.describe()) + feeds)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -588,6 +620,7 @@ class Model:
         else:
             images = isinstance(self.input_dim, tuple)
             what = f"input_shape={self.input_dim}" if images else f"input_dim={self.input_dim}"
+            what += f", dtype={self.inputs[0].dtype}" if self.inputs[0].dtype else ""
         title = "Sequential" if chain else f"Model {self.name!r}" if self.name else "Model"
         lines = [f"{title} ({what})"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -628,10 +661,13 @@ class Model:
                 "layers": [{"class": "Model" if isinstance(l, Model) else type(l).__name__, **l.config(name)}
                            for l, name in zip(self.layers, self.layer_names)]}
         if type(self) is Sequential:
+            if self.inputs[0].dtype:  # token ids: an Input(shape=(T,), dtype=...) first
+                arch["input_dtype"] = self.inputs[0].dtype
             return arch  # the 0.2 format
         place = {id(layer): i for i, layer in enumerate(self.layers)}
         position = {id(t): i for i, t in enumerate(self.calls)}
-        graph = [{"input": t.name, "shape": list(t.shape)} if t.layer is None else
+        graph = [{"input": t.name, "shape": list(t.shape), **({"dtype": t.dtype} if t.dtype else {})}
+                 if t.layer is None else
                  {"layer": place[id(t.layer)], "inputs": [position[id(p)] for p in t.inputs], "many": t.many}
                  for t in self.calls]
         return {**arch, "name": self.name, "graph": graph, "output": position[id(self.outputs[0])],
@@ -672,11 +708,28 @@ def _weighted(terms, weights):
 
 
 def _accuracy(kind, out, Y) -> dict:
+    """Accuracy per sample, or per token for a sequence output (``out`` its rows ``(n·T, units)``,
+    ``Y`` ``(n, T, units)``)."""
+    out, Y = out.reshape(-1, out.shape[-1]), Y.reshape(-1, Y.shape[-1])
     if kind == "classes":
         return {"accuracy": float(np.mean(out.argmax(1) == Y.argmax(1)))}
     if kind == "binary":
         return {"accuracy": float(np.mean((out > 0) == (Y > 0.5)))}
     return {}
+
+
+def _embedding_tables(layer, params, rng) -> dict:
+    """An embedding layer's tables drawn by its initializers from ``rng`` (the compile seed), in layer
+    order as ``Dense`` kernels are: ``{name: array}``; nothing for other layers."""
+    if isinstance(layer, TokenAndPositionEmbedding):
+        inits = [layer.embeddings_initializer, layer.position_initializer]
+    elif isinstance(layer, Embedding):
+        inits = [layer.embeddings_initializer]
+    else:
+        return {}
+    return {str(p.name): np.asarray(init(rng, p.value_shape) if callable(init) else
+                                    EMBEDDING_INITIALIZERS.get(init)(rng, p.value_shape))
+            for p, init in zip(params, inits)}
 
 
 def _split(flat, like):
@@ -699,9 +752,30 @@ def _as_json(dim):
 class Sequential(Model):
     """A stack of layers applied in order: the ``Model`` of ``Input`` -> each layer called on the last
     output. ``input_dim`` is the number of features, or ``input_shape=(h, w, c)`` the NHWC images a
-    convolutional model reads (Keras's name)."""
+    convolutional model reads (Keras's name); or, as in Keras 3, an ``sd.nn.Input`` first in the list
+    (token ids need one, for their dtype):
+
+    >>> import symdl as sd
+    >>> model = sd.nn.Sequential([sd.nn.Input(shape=(5,), dtype="int32"), sd.nn.Embedding(10, 4), sd.nn.Dense(10)])
+    >>> model.outputs[0]
+    <SymbolicTensor shape=(None, 5, 10) from Dense>
+    """
 
     def __init__(self, layers, input_dim: int | None = None, input_shape=None, name=None):
+        layers = list(layers)
+        if layers and isinstance(layers[0], functional.SymbolicTensor):  # Keras 3: [sd.nn.Input(...), layers...]
+            x, layers = layers[0], layers[1:]
+            if x.layer is not None:
+                raise ValueError(f"Sequential: the first entry may be an sd.nn.Input, got {x!r}")
+            if input_dim is not None or input_shape is not None:
+                raise ValueError("Sequential: give an sd.nn.Input first or input_dim / input_shape, not both")
+            if not layers:
+                raise ValueError("Sequential needs at least one layer after its Input")
+            h = x
+            for layer in layers:
+                h = layer(h)
+            super().__init__(x, h, name=name)
+            return
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         if input_shape is not None:
@@ -767,11 +841,13 @@ def from_architecture(arch: dict, path="the checkpoint") -> Model:
         layers.append(LAYERS.get(kind)(**cfg))
     if "graph" not in arch:
         dim = arch["input_dim"]
+        if arch.get("input_dtype"):
+            return Sequential([functional.Input(shape=tuple(dim), dtype=arch["input_dtype"]), *layers])
         return Sequential(layers, input_dim=tuple(dim) if isinstance(dim, list) else dim)
     tensors = []
     for call in arch["graph"]:  # a functional model: replay its calls
         if "input" in call:
-            tensors.append(functional.Input(shape=tuple(call["shape"]), name=call["input"]))
+            tensors.append(functional.Input(shape=tuple(call["shape"]), dtype=call.get("dtype"), name=call["input"]))
         else:
             ins = [tensors[i] for i in call["inputs"]]
             tensors.append(layers[call["layer"]](ins if call["many"] else ins[0]))

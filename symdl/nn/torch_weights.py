@@ -14,11 +14,30 @@ Layouts and conventions (PyTorch -> symdl, which holds Keras 3's layouts):
   ``BatchNormalization(epsilon=1e-5)`` to match a PyTorch model. Momentum conventions are
   inverse: PyTorch ``momentum=m`` is Keras ``momentum=1 - m`` (0.1 <-> 0.9).
 * ``nn.LayerNorm``: ``weight, bias`` -> ``gamma, beta`` (eps as above).
+* ``nn.Embedding``: ``weight (num_embeddings, embedding_dim)`` is ``Embedding``'s ``embeddings``
+  as it is (no transpose).
+* ``TokenAndPositionEmbedding`` (keras-hub's: a token embedding plus a learned position
+  embedding) is two ``nn.Embedding``: a module with the children ``token_embedding`` and
+  ``position_embedding`` (keras-hub's names: ``<prefix>.token_embedding.weight (V, d)``,
+  ``<prefix>.position_embedding.weight (T, d)``), or two sibling modules in that order (GPT-2's
+  ``wte``, ``wpe``; with ``mapping``, name both for the layer, tokens first). PyTorch adds the
+  positions ``arange(T)``, as symdl does.
+* ``nn.MultiheadAttention`` -> ``MultiHeadAttention(num_heads=H, key_dim=E // H)``:
+  ``in_proj_weight (3E, E)`` is ``[Wq; Wk; Wv]`` (rows) and ``query_kernel = Wqᵀ``,
+  ``key_kernel = Wkᵀ``, ``value_kernel = Wvᵀ`` (each ``(E, E)``); ``in_proj_bias (3E,)`` is
+  ``[query_bias, key_bias, value_bias]``; ``out_proj.weight`` is ``output_kernel`` transposed,
+  ``out_proj.bias`` ``output_bias``. With ``kdim``/``vdim`` other than ``E`` PyTorch stores
+  ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` instead of ``in_proj_weight`` (each the
+  transpose of its kernel). Both split a projection's ``E`` columns into heads contiguously
+  (head ``h``: columns ``h·E/H .. (h+1)·E/H``) and scale scores by ``1/√(E/H)``, so nothing is
+  permuted. ``add_bias_kv``'s ``bias_k``/``bias_v`` have no counterpart (an error).
 
 By default the PyTorch modules with weights (the key prefixes before ``.weight``..., in state
 dict order) are matched in order with symdl's layers that have weights; ``mapping`` ``{torch
 module: symdl layer name}`` matches them by name instead. Any mismatch raises one error listing
-every unmatched or mis-shaped name with its shape, and nothing is loaded.
+every unmatched or mis-shaped name with its shape, and nothing is loaded. A safetensors file keeps
+its keys sorted by name, not in module order: numbered modules (``nn.Sequential``'s ``0``, ``2``,
+``10``) are put back in order; give ``mapping`` for named ones.
 
 >>> import numpy as np, symdl as sd
 >>> model = sd.nn.Sequential([sd.nn.Dense(3)], input_dim=2)
@@ -28,25 +47,44 @@ every unmatched or mis-shaped name with its shape, and nothing is loaded.
 [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
 >>> sorted(to_torch_state_dict(model))
 ['dense_1.bias', 'dense_1.weight']
+>>> tokens = sd.nn.Sequential([sd.nn.Input(shape=(3,), dtype="int32"), sd.nn.Embedding(4, 2)])
+>>> tokens.compile(backend="numpy")
+>>> load_torch_weights(tokens, {"emb.weight": np.arange(8.0).reshape(4, 2)})  # nn.Embedding(4, 2): as it is
+>>> tokens.predict(np.array([[3, 0, 1]]))[0].tolist()
+[[6.0, 7.0], [0.0, 1.0], [2.0, 3.0]]
 """
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .layers import BatchNormalization, Conv2D, Dense, Flatten, LayerNormalization
+from .attention import MultiHeadAttention
+from .layers import (BatchNormalization, Conv2D, Dense, Embedding, Flatten, LayerNormalization,
+                     TokenAndPositionEmbedding)
 from .weights import WeightsError, assign, model_arrays, read_safetensors, weight_names
 
-#: symdl role -> PyTorch parameter name, per layer class.
+#: symdl role -> PyTorch parameter name, per layer class (a name with a dot lives in a child module).
 ROLES = {
     Dense: {"kernel": "weight", "bias": "bias"},
     Conv2D: {"kernel": "weight", "bias": "bias"},
     BatchNormalization: {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
                          "moving_variance": "running_var"},
     LayerNormalization: {"gamma": "weight", "beta": "bias"},
+    Embedding: {"embeddings": "weight"},
+    TokenAndPositionEmbedding: {"embeddings": "token_embedding.weight",
+                                "position_embeddings": "position_embedding.weight"},
 }
 IGNORED = ("num_batches_tracked",)  # PyTorch's batch counter: symdl keeps its own step count
+#: ``nn.MultiheadAttention``'s parameters (``in_proj_weight`` packs the query, key and value rows;
+#: ``q_proj_weight``... when the key or value width differs from the query's).
+MHA_PACKED = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+MHA_SPLIT = ("q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+#: Child modules that belong to their parent's parameters: an attention module's ``out_proj`` (when
+#: the parent holds the input projections), the two ``nn.Embedding`` of a token-and-position embedding.
+CHILDREN = {"out_proj": ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+            "token_embedding": None, "position_embedding": None}
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -55,11 +93,18 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _natural(key: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
+
+
 def read_state_dict(source) -> dict:
     """``{key: ndarray}`` from a state dict (tensors or arrays), a module (``.state_dict()``), or
     the path of a safetensors file."""
     if isinstance(source, (str, os.PathLike)):
-        return read_safetensors(source, "load_torch_weights")
+        # a safetensors file keeps its keys sorted as text ("10.weight" before "2.weight"): numbered
+        # modules (an ``nn.Sequential``'s) are put back in their order; named ones need ``mapping``
+        state = read_safetensors(source, "load_torch_weights")
+        return {k: state[k] for k in sorted(state, key=_natural)}
     if hasattr(source, "state_dict") and callable(source.state_dict):
         source = source.state_dict()
     if not hasattr(source, "items"):
@@ -68,13 +113,33 @@ def read_state_dict(source) -> dict:
     return {str(k): _as_numpy(v) for k, v in source.items()}
 
 
+def _key(prefix, leaf: str) -> str:
+    """The state dict key of parameter ``leaf`` of the module at ``prefix`` (a pair: two embeddings)."""
+    if isinstance(prefix, tuple):
+        child, _, leaf = leaf.partition(".")
+        prefix = prefix[child == "position_embedding"]
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
 def _modules(state: dict) -> dict:
-    """``{module prefix: {parameter name: array}}`` in state dict order (ignored entries dropped)."""
-    modules = {}
+    """``{module prefix: {parameter name: array}}`` in state dict order (ignored entries dropped).
+    An attention module's ``out_proj`` is part of it (``out_proj.weight``), and a module whose
+    children are ``token_embedding`` and ``position_embedding`` (keras-hub's names) is one module
+    (at the place of its first entry)."""
+    grouped = {}
     for key, value in state.items():
         prefix, _, leaf = key.rpartition(".")
         if leaf not in IGNORED:
-            modules.setdefault(prefix, {})[leaf] = value
+            grouped.setdefault(prefix, {})[leaf] = value
+    modules = {}
+    for prefix, params in grouped.items():
+        parent, _, child = prefix.rpartition(".")
+        owner = CHILDREN.get(child, ())
+        both = all(_key(parent, c) in grouped for c in ("token_embedding", "position_embedding"))
+        if (owner is None and both) or (owner and any(k in grouped.get(parent, {}) for k in owner)):
+            modules.setdefault(parent, {}).update({f"{child}.{leaf}": v for leaf, v in params.items()})
+        else:
+            modules.setdefault(prefix, {}).update(params)
     return modules
 
 
@@ -131,7 +196,7 @@ def from_torch(layer, role: str, value: np.ndarray, image=None) -> np.ndarray:
     """One PyTorch array in the symdl layout of ``layer``'s weight ``role``."""
     if role == "kernel" and isinstance(layer, Conv2D):
         return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
-    if role == "kernel" and value.ndim == 2:
+    if role.endswith("kernel") and value.ndim == 2:
         kernel = value.T
         return _nchw_to_nhwc_columns(kernel, image) if image is not None else kernel
     return value
@@ -141,21 +206,109 @@ def to_torch(layer, role: str, value: np.ndarray, image=None) -> np.ndarray:
     """``from_torch``'s inverse."""
     if role == "kernel" and isinstance(layer, Conv2D):
         return value.transpose(3, 2, 0, 1)
-    if role == "kernel":
+    if role.endswith("kernel"):
         return (_nhwc_to_nchw_columns(value, image) if image is not None else value).T
     return value
 
 
+class Entry(NamedTuple):
+    """One PyTorch parameter of a layer: its PyTorch shape, the symdl weights it fills (``names``,
+    ``shapes``), and the conversions both ways."""
+    shape: tuple
+    names: list
+    shapes: list
+    load: Callable  # PyTorch array -> {Keras-style name: array}
+    save: Callable  # {Keras-style name: array} -> PyTorch array
+
+
+def _entries(layer, roles: dict, live: dict, image=None, present=()) -> dict:
+    """``{PyTorch parameter name: Entry}`` of one symdl layer (``present``: the names the state
+    dict has, to choose between ``nn.MultiheadAttention``'s packed and separate projections)."""
+    if isinstance(layer, MultiHeadAttention):
+        return _attention_entries(roles, live, present)
+    names = ROLES.get(type(layer))
+    if names is None:
+        return None
+    entries = {}
+    for role, keras in roles.items():
+        shape = tuple(live[keras].shape)
+        torch_shape = to_torch_shape(layer, shape) if role == "kernel" else shape
+        entries[names[role]] = Entry(
+            torch_shape, [keras], [shape],
+            lambda v, role=role, keras=keras: {keras: from_torch(layer, role, v, image)},
+            lambda w, role=role, keras=keras: to_torch(layer, role, w[keras], image))
+    return entries
+
+
+def _attention_entries(roles: dict, live: dict, present) -> dict:
+    """``nn.MultiheadAttention`` <-> ``MultiHeadAttention``: ``in_proj_weight`` is ``[Wq; Wk; Wv]``
+    (rows), each the transpose of a symdl kernel (``query_kernel = Wqᵀ``); ``in_proj_bias`` is
+    ``[bq, bk, bv]``; ``out_proj`` is a Linear (``output_kernel = out_proj.weightᵀ``). Both split a
+    projection's columns into heads contiguously and scale the scores by ``1/√head_dim``."""
+    kernels = [roles[f"{s}_kernel"] for s in ("query", "key", "value")]
+    entries = {}
+
+    def rows(names, transpose):
+        parts = [live[k].T if transpose else live[k] for k in names]
+        sizes = [p.shape[0] for p in parts]
+        shape = (sum(sizes),) + tuple(parts[0].shape[1:])
+        bounds = np.cumsum([0] + sizes)
+
+        def load(v):
+            return {k: (v[a:b].T if transpose else v[a:b]) for k, a, b in zip(names, bounds[:-1], bounds[1:])}
+
+        def save(w):
+            return np.concatenate([w[k].T if transpose else w[k] for k in names])
+
+        return Entry(shape, list(names), [tuple(live[k].shape) for k in names], load, save)
+
+    same_input = len({live[k].shape[0] for k in kernels}) == 1
+    if "in_proj_weight" in present or ("q_proj_weight" not in present and same_input):
+        entries["in_proj_weight"] = rows(kernels, True)
+    else:
+        for letter, keras in zip("qkv", kernels):
+            entries[f"{letter}_proj_weight"] = rows([keras], True)
+    if "query_bias" in roles:
+        entries["in_proj_bias"] = rows([roles[f"{s}_bias"] for s in ("query", "key", "value")], False)
+    entries["out_proj.weight"] = rows([roles["output_kernel"]], True)
+    if "output_bias" in roles:
+        entries["out_proj.bias"] = rows([roles["output_bias"]], False)
+    return entries
+
+
+def _two_embeddings(layer, first: dict, second: dict) -> bool:
+    """Whether ``layer`` (a token-and-position embedding) takes two separate ``nn.Embedding``
+    modules (GPT-2's ``wte`` and ``wpe``): tokens first, then positions."""
+    return isinstance(layer, TokenAndPositionEmbedding) and set(first) == {"weight"} and set(second) == {"weight"}
+
+
+def _joined(prefixes: tuple, modules: dict) -> dict:
+    """The parameters of two ``nn.Embedding`` modules as one token-and-position embedding's."""
+    return {f"{child}.{leaf}": v for child, p in zip(("token_embedding", "position_embedding"), prefixes)
+            for leaf, v in modules[p].items()}
+
+
 def _pairs(model, modules: dict, mapping) -> tuple:
-    """``([(layer name, layer, roles, torch prefix)], problems)``: symdl layers with their modules."""
+    """``([(layer name, layer, roles, torch prefix, its parameters)], problems)``: symdl layers with their
+    modules (a prefix is a pair ``(tokens, positions)`` for two embeddings read as one layer)."""
     layers, problems = _layers(model), []
     if mapping is None:
-        prefixes = list(modules)
-        if len(prefixes) != len(layers):
+        prefixes, pairs, at = list(modules), [], 0
+        for name, layer, roles in layers:
+            if at >= len(prefixes):
+                break
+            if at + 1 < len(prefixes) and _two_embeddings(layer, modules[prefixes[at]], modules[prefixes[at + 1]]):
+                both = (prefixes[at], prefixes[at + 1])
+                pairs.append((name, layer, roles, both, _joined(both, modules)))
+                at += 2
+            else:
+                pairs.append((name, layer, roles, prefixes[at], modules[prefixes[at]]))
+                at += 1
+        if at != len(prefixes) or len(pairs) != len(layers):
             problems.append(f"the state dict has {len(prefixes)} modules with weights "
                             f"({', '.join(f'{p} {_shapes(modules[p])}' for p in prefixes)}), the model "
                             f"{len(layers)} layers with weights ({', '.join(name for name, _, _ in layers)})")
-        return [(*l, p) for l, p in zip(layers, prefixes)], problems
+        return pairs, problems
     by_name = {name: (name, layer, roles) for name, layer, roles in layers}
     unknown = [f"{layer_name} (for {prefix})" for prefix, layer_name in mapping.items() if layer_name not in by_name]
     missing_modules = [prefix for prefix in mapping if prefix not in modules]
@@ -166,8 +319,20 @@ def _pairs(model, modules: dict, mapping) -> tuple:
                         ("state dict modules not mapped", unmapped), ("model layers not mapped", unfilled)):
         if items:
             problems.append(f"{what}: {', '.join(items)}")
-    pairs = [(*by_name[layer_name], prefix) for prefix, layer_name in mapping.items()
-             if layer_name in by_name and prefix in modules]
+    grouped = {}  # layer name -> its modules, in mapping order
+    for prefix, layer_name in mapping.items():
+        if layer_name in by_name and prefix in modules:
+            grouped.setdefault(layer_name, []).append(prefix)
+    pairs = []
+    for layer_name, prefixes in grouped.items():
+        name, layer, roles = by_name[layer_name]
+        if len(prefixes) == 2 and _two_embeddings(layer, modules[prefixes[0]], modules[prefixes[1]]):
+            pairs.append((name, layer, roles, tuple(prefixes), _joined(tuple(prefixes), modules)))
+        elif len(prefixes) > 1:
+            problems.append(f"mapping names {len(prefixes)} modules for {layer_name} ({', '.join(prefixes)}): only a "
+                            "TokenAndPositionEmbedding takes two (two nn.Embedding: tokens, then positions)")
+        else:
+            pairs.append((name, layer, roles, prefixes[0], modules[prefixes[0]]))
     return pairs, problems
 
 
@@ -185,34 +350,30 @@ def load_torch_weights(model, state_dict_or_safetensors_path, mapping=None, torc
     pairs, problems = _pairs(model, modules, mapping)
     live = model_arrays(model)
     arrays = {}
-    for layer_name, layer, roles, prefix in pairs:
-        names = ROLES.get(type(layer))
-        if names is None:
+    for layer_name, layer, roles, prefix, params in pairs:
+        image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
+        entries = _entries(layer, roles, live, image, present=params)
+        if entries is None:
             problems.append(f"{layer_name}: no PyTorch layout known for {type(layer).__name__}")
             continue
-        params = modules[prefix]
-        wanted = {names[role]: keras for role, keras in roles.items()}
-        extra = [f"{prefix}.{k} {tuple(v.shape)}" for k, v in params.items() if k not in wanted]
-        lacking = [f"{prefix}.{k} (for {keras} {live[keras].shape})" for k, keras in wanted.items() if k not in params]
+        extra = [f"{_key(prefix, k)} {tuple(v.shape)}" for k, v in params.items() if k not in entries]
+        lacking = [f"{_key(prefix, k)} (for {', '.join(f'{n} {s}' for n, s in zip(e.names, e.shapes))})"
+                   for k, e in entries.items() if k not in params]
         if extra:
             problems.append(f"{layer_name} ({type(layer).__name__}) has no place for " + ", ".join(extra))
         if lacking:
             problems.append("missing " + ", ".join(lacking))
-        image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
-        for torch_name, keras in wanted.items():
+        for torch_name, entry in entries.items():
             if torch_name not in params:
                 continue
-            role = keras.split("/")[1]
             value = params[torch_name]
-            expected = tuple(live[keras].shape)
-            if role == "kernel" and value.ndim == len(expected) and expected == from_torch_shape(layer, value.shape):
-                arrays[keras] = from_torch(layer, role, value, image)
-            elif role != "kernel" and tuple(value.shape) == expected:
-                arrays[keras] = value
+            if tuple(value.shape) == entry.shape:
+                arrays.update(entry.load(value))
             else:
-                as_torch = to_torch_shape(layer, expected) if role == "kernel" else expected
-                problems.append(f"{prefix}.{torch_name} has shape {tuple(value.shape)}; {keras} needs "
-                                f"{expected} (PyTorch {as_torch})")
+                needs = ", ".join(entry.names) + (" needs " if len(entry.names) == 1 else " need ") + \
+                    ", ".join(str(s) for s in entry.shapes)
+                problems.append(f"{_key(prefix, torch_name)} has shape {tuple(value.shape)}; {needs} "
+                                f"(PyTorch {entry.shape})")
     if problems:
         raise WeightsError("load_torch_weights: the state dict does not fit the model: " + "; ".join(problems))
     assign(model, arrays, "load_torch_weights")
@@ -242,12 +403,12 @@ def to_torch_state_dict(model, prefixes=None, torch_flatten: bool = True, tensor
     live = model_arrays(model)
     out = {}
     for (layer_name, layer, roles), prefix in zip(layers, prefixes):
-        names = ROLES.get(type(layer))
-        if names is None:
-            raise ValueError(f"to_torch_state_dict: no PyTorch layout known for {type(layer).__name__} {layer_name}")
         image = _flattened_image(model, layer) if torch_flatten and isinstance(layer, Dense) else None
-        for role, keras in roles.items():
-            out[f"{prefix}.{names[role]}"] = np.ascontiguousarray(to_torch(layer, role, live[keras].copy(), image))
+        entries = _entries(layer, roles, live, image)
+        if entries is None:
+            raise ValueError(f"to_torch_state_dict: no PyTorch layout known for {type(layer).__name__} {layer_name}")
+        for torch_name, entry in entries.items():
+            out[_key(prefix, torch_name)] = np.array(entry.save(live), order="C", copy=True)
         if isinstance(layer, BatchNormalization):
             out[f"{prefix}.num_batches_tracked"] = np.array(model.train_step.t, np.int64)
     if tensors:

@@ -165,6 +165,13 @@ def sequence_length(e):
         _, mats = e.as_coeff_matrices()
         if mats[0].shape[0] == e.shape[0]:
             return sequence_length(mats[0])
+        return None
+    rows = getattr(e, "sequence_rows", None)  # a node that knows its rows per sequence (attention's products)
+    if rows is not None:
+        return rows
+    for o in getattr(e, "args", ()):  # any other node: its first operand holding the same rows (a concat, a slice)
+        if isinstance(o, MatrixExpr) and not isinstance(o, Broadcast) and o.shape[0] == e.shape[0]:
+            return sequence_length(o)
     return None
 
 

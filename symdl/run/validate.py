@@ -100,13 +100,29 @@ def _token_ids(name, a, leaf):
                              f"(dtype {a.dtype})")
     elif a.dtype.kind == "b":
         raise ArrayError(f"array {name!r} holds token ids: expected integers, got dtype {a.dtype}")
+    message = token_id_error(a, leaf, name)
+    if message:
+        raise ArrayError(f"{message}; array {name!r} has shape {_fmt(a.shape)}")
+    return a.reshape(-1, 1)
+
+
+def token_id_error(a, leaf, name: str) -> str | None:
+    """Why the ids ``a`` ``(n, T)`` cannot be read by the embeddings on the token input ``leaf``
+    (``ops.embedding.id_limits``): the first id outside one's vocabulary, named by layer and
+    place; None when every id fits.
+
+    >>> import symdl as sd
+    >>> from symdl.ops.embedding import embedding
+    >>> ids = sd.input("ids", (2,), dtype="int32"); _ = embedding(sd.param("E", (3, 2)), ids, where="Embedding 1")
+    >>> token_id_error(np.array([[0, 1], [2, 3]]), ids, "ids")
+    'Embedding 1: token id 3 at ids[1, 1] is outside [0, 3) (input_dim=3)'
+    """
     for V, where in id_limits(leaf):
         bad = (a < 0) | (a >= V)
         if bad.any():
             at = tuple(int(k) for k in np.argwhere(bad)[0])
-            raise ArrayError(f"{where}: token id {a[at].item()} at {name}[{at[0]}, {at[1]}] is outside [0, {V}) "
-                             f"(input_dim={V}); array {name!r} has shape {_fmt(a.shape)}")
-    return a.reshape(-1, 1)
+            return f"{where}: token id {a[at].item()} at {name}[{at[0]}, {at[1]}] is outside [0, {V}) (input_dim={V})"
+    return None
 
 
 def fast_inputs(arrays: dict, spec: list, dtype):

@@ -203,10 +203,16 @@ def _gemm(frame, begin, end, dtype, size):
 def gemm_ir(dtype: str) -> str:
     """``_gemm`` for ``dtype`` as an LLVM module defining ``void symdl_gemm_<dtype>(i64 *frame,
     i64 begin, i64 end)``."""
+    module = ir.Module(name=f"symdl_gemm_{dtype}")
+    _gemm_function(module, f"symdl_gemm_{dtype}", dtype)
+    return str(module)
+
+
+def _gemm_function(module: ir.Module, name: str, dtype: str) -> ir.Function:
+    """``_gemm`` for ``dtype`` as the function ``name`` of ``module``."""
     I64, F64, CHAR = llvm_code.I64, llvm_code.F64, ir.IntType(8)
     value = llvm_code.TYPES[dtype]
-    module = ir.Module(name=f"symdl_gemm_{dtype}")
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer(), I64, I64]), f"symdl_gemm_{dtype}")
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer(), I64, I64]), name)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
 
     def field(k):
@@ -320,7 +326,7 @@ def gemm_ir(dtype: str) -> str:
     b.position_at_end(axpy)
     axpy_loops()
     b.ret_void()
-    return str(module)
+    return fn
 
 
 @kernel(llvm=gemm_ir("float32"))
@@ -331,3 +337,82 @@ def gemm_float32(frame, begin, end):
 @kernel(llvm=gemm_ir("float64"))
 def gemm_float64(frame, begin, end):
     _gemm(frame, begin, end, numba.float64, 8)
+
+
+# --------------------------------------------------------------------------- products within blocks
+# ``ir.BlockGemm`` (attention's scores and mixes): the product of every block of ``block`` rows (a
+# sequence), each one call of the product above on that block's rows. Its frame is the product's
+# with the block's rows last; its units are the blocks, so a thread computes whole sequences.
+
+#: The frame's length: the product's, then the rows of a block of out, a and b.
+BLOCK_GEMM_FRAME = GEMM_FRAME + 3
+
+
+def _block_frame(f, s, size):
+    """The product frame of block ``s`` of the block product frame ``f``: each slot's ``s``-th block
+    of its rows."""
+    inner = np.empty(GEMM_FRAME, np.int64)
+    for slot in range(3):
+        at, rows = 3 * slot, f[GEMM_FRAME + slot]
+        inner[at] = f[at] + s * rows * f[at + 2] * size
+        inner[at + 1] = rows
+        inner[at + 2] = f[at + 2]
+    inner[9:GEMM_FRAME] = f[9:GEMM_FRAME]
+    return inner
+
+
+def _block_gemm(frame, begin, end, dtype, size):
+    """Blocks ``begin:end`` of the product (the Python reference the IR below follows; what runs
+    under ``NUMBA_DISABLE_JIT``)."""
+    f = carray(frame, (BLOCK_GEMM_FRAME,))
+    for s in range(begin, end):
+        _gemm(_block_frame(f, s, size), 0, f[GEMM_FRAME], dtype, size)
+
+
+def block_gemm_ir(dtype: str) -> str:
+    """``_block_gemm`` for ``dtype`` as an LLVM module: ``void symdl_block_gemm_<dtype>(i64 *frame,
+    i64 begin, i64 end)`` first (the module's entry), then its own copy of the product, internal."""
+    I64 = llvm_code.I64
+    size = 4 if dtype == "float32" else 8
+    module = ir.Module(name=f"symdl_block_gemm_{dtype}")
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64.as_pointer(), I64, I64]),
+                     f"symdl_block_gemm_{dtype}")
+    product = _gemm_function(module, f"symdl_block_gemm_product_{dtype}", dtype)
+    product.linkage = "internal"
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    frame, begin, end = fn.args
+
+    def field(k):
+        return b.load(b.gep(frame, [ir.Constant(I64, k)]))
+
+    inner = b.alloca(I64, ir.Constant(I64, GEMM_FRAME))
+
+    def put(k, v):
+        b.store(v, b.gep(inner, [ir.Constant(I64, k)]))
+
+    for k in range(9, GEMM_FRAME):
+        put(k, field(k))
+
+    def block(s):
+        for slot in range(3):
+            at, rows = 3 * slot, field(GEMM_FRAME + slot)
+            cols = field(at + 2)
+            offset = b.mul(b.mul(b.mul(s, rows), cols), ir.Constant(I64, size))
+            put(at, b.add(field(at), offset))
+            put(at + 1, rows)
+            put(at + 2, cols)
+        b.call(product, [inner, ir.Constant(I64, 0), field(GEMM_FRAME)])
+
+    llvm_code.for_range(b, end, block, "s", first=begin)
+    b.ret_void()
+    return str(module)
+
+
+@kernel(llvm=block_gemm_ir("float32"))
+def block_gemm_float32(frame, begin, end):
+    _block_gemm(frame, begin, end, numba.float32, 4)
+
+
+@kernel(llvm=block_gemm_ir("float64"))
+def block_gemm_float64(frame, begin, end):
+    _block_gemm(frame, begin, end, numba.float64, 8)

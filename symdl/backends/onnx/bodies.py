@@ -92,6 +92,8 @@ class Body:
             return g.node("Not", [self.value(e.args[0])])
         if type(e) in FUNCTIONS:
             return g.node(FUNCTIONS[type(e)], [self.value(e.args[0])])
+        if isinstance(e, sp.Mod):  # fmod (C's): Python's % on the non-negative positions it is used on
+            return g.node("Mod", [self.value(a) for a in e.args], fmod=1)
         if isinstance(e, sp.erfc):
             return g.node("Sub", [g.const(1.0), g.node("Erf", [self.value(e.args[0])])])
         if isinstance(e, log1p):

@@ -21,14 +21,14 @@ import numpy as np
 import sympy as sp
 
 from ...formulas.activations import expand_activations
-from ...graph.nodes import VARS
+from ...graph.nodes import COL_INDEX, ROW_INDEX, VARS
 from ...ir.kernels import (
-    AvgPool, AvgPoolGrad, Col2Im, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program,
+    AvgPool, AvgPoolGrad, BlockGemm, Col2Im, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program,
     ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, ScatterAdd, Update,
 )
 from . import images
 from .bodies import Body
-from .graph import Graph
+from .graph import Graph, onnx_dtype
 
 
 class Context:
@@ -60,11 +60,25 @@ class Context:
         body = expand_activations(sp.sympify(body), use_impl=True)  # each activation's stable form
         used = [i for i, v in enumerate(VARS[: len(operands)]) if v in body.free_symbols]
         symbols = {**self.scalars(), **{VARS[i]: self.view(operands[i]) for i in used}}
+        for axis, index in enumerate((ROW_INDEX, COL_INDEX)):  # a body that reads its position (a mask)
+            if index in body.free_symbols:
+                symbols[index] = self.position(shape, axis)
         out = Body(self.g, symbols).value(body)
         read = {operands[i].pattern for i in used}
         if not (read & {Pattern.SAME, Pattern.TRANSPOSE} or {Pattern.ROW, Pattern.COL} <= read):
             out = self.g.node("Expand", [out, self.g.shape(shape)])
         return out
+
+
+    def position(self, shape, axis: int) -> str:
+        """The row (``axis`` 0, a column ``(rows, 1)``) or column (a row ``(1, cols)``) numbers of
+        ``shape`` as floats: what a body's ``i`` or ``j`` reads."""
+        g = self.g
+        size = g.size(shape[axis])
+        count = g.node("Squeeze", [size, g.const([0], np.int64)])
+        numbers = g.node("Range", [g.const(0, np.int64), count, g.const(1, np.int64)])
+        numbers = g.node("Cast", [numbers], to=onnx_dtype(g.dtype))
+        return g.node("Unsqueeze", [numbers, g.const([1 - axis], np.int64)])
 
 
 class Patches:
@@ -108,6 +122,22 @@ def _gemm(k: Gemm, ctx):
             return out
     return ctx.g.node("Gemm", [ctx.value(k.a), ctx.value(k.b)], transA=int(k.trans_a), transB=int(k.trans_b),
                       alpha=float(k.alpha))
+
+
+@emit.register
+def _block_gemm(k: BlockGemm, ctx):
+    """A ``MatMul`` of the buffers viewed as stacks of blocks ``(blocks, rows, cols)``."""
+    g = ctx.g
+    ro, ra, rb = k.rows
+
+    def stack(name, rows, trans):
+        v = g.reshape(ctx.value(name), [-1, int(rows), int(ctx.program.shape_of(name)[1])])
+        return g.node("Transpose", [v], perm=[0, 2, 1]) if trans else v
+
+    out = g.node("MatMul", [stack(k.a, ra, k.trans_a), stack(k.b, rb, k.trans_b)])
+    if k.alpha != 1:
+        out = g.node("Mul", [out, g.const(float(k.alpha))])
+    return g.reshape(out, [-1, int(ctx.program.shape_of(k.out)[1])])
 
 
 @emit.register
