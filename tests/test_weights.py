@@ -519,3 +519,136 @@ def test_gpt2_style_separate_token_and_position_embeddings():
             load_torch_weights(model, bad, mapping=how)
     with pytest.raises(WeightsError, match=r"mapping names 2 modules for layer_normalization_1 \(ln_f, lm_head\)"):
         load_torch_weights(model, state, mapping={**mapping, "lm_head": "layer_normalization_1"})
+
+
+# --------------------------------------------------------------------------- recurrent layers
+
+RT, RF, RU, RC = 6, 3, 4, 3  # steps, features, units, classes
+RECURRENT = {"RNN": "SimpleRNN", "LSTM": "LSTM", "GRU": "GRU"}  # PyTorch -> symdl
+
+
+def _torch_recurrent(torch, kind, bidirectional=False, seed=0):
+    """A sequence classifier: ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (batch_first) -> last step -> ``nn.Linear``.
+    Bidirectional: the last step is each direction's final state ``h_n`` (the backward one read the first
+    input last), as Keras's ``Bidirectional(return_sequences=False)``."""
+    tnn = torch.nn
+    torch.manual_seed(seed)
+
+    class Classifier(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(tnn, kind)(RF, RU, batch_first=True, bidirectional=bidirectional)
+            self.fc = tnn.Linear(RU * (2 if bidirectional else 1), RC)
+
+        def forward(self, x):
+            out, h = self.rnn(x)
+            h = h[0] if kind == "LSTM" else h  # LSTM: (h_n, c_n)
+            return self.fc(torch.cat([h[0], h[1]], dim=1) if bidirectional else out[:, -1])
+
+    return Classifier()
+
+
+def recurrent_classifier(kind, bidirectional=False):
+    layer = getattr(nn, RECURRENT[kind])(RU)
+    return nn.Sequential([nn.Bidirectional(layer) if bidirectional else layer, nn.Dense(RC)], input_shape=(RT, RF))
+
+
+def _sequences(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, RT, RF)).astype(np.float32), rng.integers(0, RC, size=n)
+
+
+RECURRENT_CASES = [("RNN", False), ("LSTM", False), ("GRU", False), ("LSTM", True), ("GRU", True)]
+
+
+@pytest.mark.parametrize("kind,bidirectional", RECURRENT_CASES)
+def test_torch_recurrent_predictions_and_gradients(tmp_path, kind, bidirectional):
+    """PyTorch's weights from a safetensors file: logits to 1e-5, every gradient to 1e-6 (float32); the
+    GRU's gate blocks reordered (r, z, n -> z, r, h), the LSTM's and RNN's two biases added."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    reference = _torch_recurrent(torch, kind, bidirectional)
+    path = tmp_path / "rnn.safetensors"
+    save_file(reference.state_dict(), str(path))
+    model = recurrent_classifier(kind, bidirectional)
+    model.compile(loss="softmax_cross_entropy", backend="numpy", dtype="float32")
+    # the file's keys are sorted by name (fc before rnn): the modules are matched by name
+    load_torch_weights(model, path, mapping=dict(zip(["rnn", "fc"], model.layer_names)))
+    X, labels = _sequences(7, seed=1)
+    logits = reference(torch.from_numpy(X))
+    np.testing.assert_allclose(model.predict(X), logits.detach().numpy(), atol=1e-5, rtol=0)
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels))
+    loss.backward()
+    f = sd.value_and_grad(model.loss, model.params, backend="numpy", dtype="float32")
+    value, grads = f(x=X, y=np.eye(RC, dtype=np.float32)[labels], **model.get_weights())
+    assert abs(value - loss.item()) < 1e-6
+    converted = _gradients_as_torch(model, grads, ("rnn", "fc"))
+    wanted = {k: p.grad.numpy() for k, p in reference.named_parameters()}
+    assert list(converted) == list(wanted)
+    for key, g in wanted.items():
+        # one symdl bias for PyTorch's two (LSTM, RNN): both have its gradient
+        got = converted[key.replace("bias_hh", "bias_ih") if kind != "GRU" else key]
+        np.testing.assert_allclose(got, g, atol=1e-6, rtol=0, err_msg=f"{kind} {key}")
+
+
+@pytest.mark.parametrize("kind,bidirectional", RECURRENT_CASES)
+def test_torch_recurrent_round_trip_loads_strictly_into_pytorch(kind, bidirectional):
+    torch = pytest.importorskip("torch")
+    model = recurrent_classifier(kind, bidirectional)
+    model.compile(backend="numpy", seed=5, dtype="float32")
+    weights = model.get_weights()
+    rng = np.random.default_rng(3)  # biases away from zero (a GRU's recurrent bias row included)
+    model.set_weights({k: v + rng.normal(size=v.shape).astype(np.float32) * 0.3 if k.startswith("bias") else v
+                       for k, v in weights.items()})
+    reference = _torch_recurrent(torch, kind, bidirectional, seed=1)
+    state = to_torch_state_dict(model, prefixes=["rnn", "fc"], tensors=True)
+    assert list(state) == list(reference.state_dict())  # the same keys, in PyTorch's order
+    reference.load_state_dict(state, strict=True)
+    X, _ = _sequences(4, seed=2)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+    if kind != "GRU":  # one bias: PyTorch gets it as bias_ih, and zeros as bias_hh
+        assert not state["rnn.bias_hh_l0"].any()
+    again = recurrent_classifier(kind, bidirectional)
+    again.compile(backend="numpy", seed=8, dtype="float32")
+    load_torch_weights(again, reference)
+    after = again.get_weights()
+    for key, value in model.get_weights().items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_torch_recurrent_errors_list_every_offending_name():
+    torch = pytest.importorskip("torch")
+    model = recurrent_classifier("LSTM")
+    model.compile(backend="numpy")
+    good = {k: v.numpy() for k, v in _torch_recurrent(torch, "LSTM").state_dict().items()}
+    bad = dict(good)
+    bad["rnn.weight_ih_l0"] = np.zeros((4 * RU, RF + 1))
+    del bad["rnn.bias_hh_l0"]
+    stacked = torch.nn.LSTM(RF, RU, num_layers=2, batch_first=True).state_dict()  # a second layer: no place
+    bad.update({f"rnn.{k}": v.numpy() for k, v in stacked.items() if k.endswith("_l1")})
+    before = model.get_weights()
+    with pytest.raises(WeightsError) as err:
+        load_torch_weights(model, bad)
+    text = str(err.value)
+    for piece in ("rnn.weight_ih_l0 has shape (16, 4); lstm_1/kernel needs (3, 16) (PyTorch (16, 3))",
+                  "missing rnn.bias_hh_l0 (for lstm_1/bias (16,))",
+                  "lstm_1 (LSTM) has no place for rnn.weight_ih_l1 (16, 4), rnn.weight_hh_l1 (16, 4), "
+                  "rnn.bias_ih_l1 (16,), rnn.bias_hh_l1 (16,)"):
+        assert piece in text, text
+    after = model.get_weights()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing changed
+    # a bidirectional model given one direction's weights: the backward layer's are missing
+    both = recurrent_classifier("GRU", bidirectional=True)
+    both.compile(backend="numpy")
+    one = {k: v.numpy() for k, v in _torch_recurrent(torch, "GRU").state_dict().items()}
+    one["fc.weight"] = np.zeros((RC, 2 * RU), np.float32)
+    with pytest.raises(WeightsError) as err:
+        load_torch_weights(both, one)
+    text = str(err.value)
+    assert ("missing rnn.weight_ih_l0_reverse (for bidirectional_1/kernel1_backward (3, 12)), "
+            "rnn.weight_hh_l0_reverse (for bidirectional_1/recurrent_kernel1_backward (4, 12)), "
+            "rnn.bias_ih_l0_reverse (for bidirectional_1/bias1_backward (2, 12)), "
+            "rnn.bias_hh_l0_reverse (for bidirectional_1/bias1_backward (2, 12))") in text, text

@@ -31,6 +31,21 @@ Layouts and conventions (PyTorch -> symdl, which holds Keras 3's layouts):
   transpose of its kernel). Both split a projection's ``E`` columns into heads contiguously
   (head ``h``: columns ``h·E/H .. (h+1)·E/H``) and scale scores by ``1/√(E/H)``, so nothing is
   permuted. ``add_bias_kv``'s ``bias_k``/``bias_v`` have no counterpart (an error).
+* ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (one layer; ``batch_first`` changes no weight) ->
+  ``SimpleRNN`` / ``LSTM`` / ``GRU`` (``k`` = 1, 4, 3 gate blocks of ``u`` units):
+  ``weight_ih_l0 (k·u, f)`` is the ``kernel (f, k·u)`` transposed, ``weight_hh_l0 (k·u, u)`` the
+  ``recurrent_kernel (u, k·u)`` transposed. LSTM gates ``i, f, g, o`` are Keras's ``i, f, c, o``;
+  GRU gates ``r, z, n`` are Keras's ``z, r, h`` with the first two blocks swapped (in kernels and
+  biases). The RNN's and LSTM's ``bias_ih_l0`` and ``bias_hh_l0`` are added in every step: symdl's
+  ``bias (k·u,)`` is their sum (saved as ``bias_ih = bias``, ``bias_hh = 0``); the GRU's
+  ``bias_hh`` sits inside the reset gate's product, ``r ⊙ (h W_hn + b_hn)``, as in Keras's
+  ``GRU(reset_after=True)``, whose ``bias (2, 3·u)`` rows are ``bias_ih`` and ``bias_hh``.
+  ``bidirectional=True``: the ``_reverse`` parameters are the backward layer of
+  ``Bidirectional(layer, merge_mode="concat")`` (PyTorch's final states ``h_n`` are Keras's
+  ``return_sequences=False``; PyTorch's ``out[:, -1]`` holds the backward layer's first step).
+  The activations match by default (``tanh``, ``sigmoid`` gates; ``nn.RNN(nonlinearity="relu")``
+  is ``SimpleRNN(activation="relu")``). ``num_layers > 1`` (``_l1``...) and ``proj_size``
+  (``weight_hr_l0``) have no place in one symdl layer (an error).
 
 By default the PyTorch modules with weights (the key prefixes before ``.weight``..., in state
 dict order) are matched in order with symdl's layers that have weights; ``mapping`` ``{torch
@@ -52,10 +67,18 @@ its keys sorted by name, not in module order: numbered modules (``nn.Sequential`
 >>> load_torch_weights(tokens, {"emb.weight": np.arange(8.0).reshape(4, 2)})  # nn.Embedding(4, 2): as it is
 >>> tokens.predict(np.array([[3, 0, 1]]))[0].tolist()
 [[6.0, 7.0], [0.0, 1.0], [2.0, 3.0]]
+>>> gru = sd.nn.Sequential([sd.nn.GRU(1)], input_shape=(2, 1))  # nn.GRU(1, 1): gates r, z, n
+>>> gru.compile(loss="mse", backend="numpy")
+>>> load_torch_weights(gru, {"gru.weight_ih_l0": np.array([[1.0], [2.0], [3.0]]),
+...                          "gru.weight_hh_l0": np.array([[4.0], [5.0], [6.0]]),
+...                          "gru.bias_ih_l0": np.array([1.0, 2.0, 3.0]), "gru.bias_hh_l0": np.array([4.0, 5.0, 6.0])})
+>>> {k: v.tolist() for k, v in gru.get_weights().items()}  # Keras's z, r, h; the bias rows: input, recurrent
+{'kernel1': [[2.0, 1.0, 3.0]], 'recurrent_kernel1': [[5.0, 4.0, 6.0]], 'bias1': [[2.0, 1.0, 3.0], [5.0, 4.0, 6.0]]}
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -63,6 +86,7 @@ import numpy as np
 from .attention import MultiHeadAttention
 from .layers import (BatchNormalization, Conv2D, Dense, Embedding, Flatten, LayerNormalization,
                      TokenAndPositionEmbedding)
+from .recurrent import GRU, LSTM, Bidirectional, SimpleRNN
 from .weights import WeightsError, assign, model_arrays, read_safetensors, weight_names
 
 #: symdl role -> PyTorch parameter name, per layer class (a name with a dot lives in a child module).
@@ -85,6 +109,11 @@ MHA_SPLIT = ("q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", 
 #: the parent holds the input projections), the two ``nn.Embedding`` of a token-and-position embedding.
 CHILDREN = {"out_proj": ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
             "token_embedding": None, "position_embedding": None}
+#: ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``: for each of symdl's (Keras's) gate blocks, the PyTorch block
+#: that holds it (LSTM ``i, f, g, o`` as Keras's ``i, f, c, o``; GRU ``r, z, n`` for Keras's ``z, r, h``).
+GATES = {SimpleRNN: (0,), LSTM: (0, 1, 2, 3), GRU: (1, 0, 2)}
+#: ``Bidirectional``'s two layers: PyTorch's suffix for each (``weight_ih_l0_reverse``: the backward one).
+DIRECTIONS = {"forward": "", "backward": "_reverse"}
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -213,11 +242,12 @@ def to_torch(layer, role: str, value: np.ndarray, image=None) -> np.ndarray:
 
 class Entry(NamedTuple):
     """One PyTorch parameter of a layer: its PyTorch shape, the symdl weights it fills (``names``,
-    ``shapes``), and the conversions both ways."""
+    ``shapes``), and the conversions both ways. Loading adds up what the entries give one symdl
+    weight (a recurrent layer's ``bias_ih`` and ``bias_hh`` are both parts of its ``bias``)."""
     shape: tuple
     names: list
     shapes: list
-    load: Callable  # PyTorch array -> {Keras-style name: array}
+    load: Callable  # PyTorch array -> {Keras-style name: array (its part of the weight)}
     save: Callable  # {Keras-style name: array} -> PyTorch array
 
 
@@ -226,6 +256,8 @@ def _entries(layer, roles: dict, live: dict, image=None, present=()) -> dict:
     dict has, to choose between ``nn.MultiheadAttention``'s packed and separate projections)."""
     if isinstance(layer, MultiHeadAttention):
         return _attention_entries(roles, live, present)
+    if isinstance(layer, (Bidirectional, *GATES)):
+        return _recurrent_entries(layer, roles, live)
     names = ROLES.get(type(layer))
     if names is None:
         return None
@@ -273,6 +305,64 @@ def _attention_entries(roles: dict, live: dict, present) -> dict:
     entries["out_proj.weight"] = rows([roles["output_kernel"]], True)
     if "output_bias" in roles:
         entries["out_proj.bias"] = rows([roles["output_bias"]], False)
+    return entries
+
+
+def _recurrent_entries(layer, roles: dict, live: dict) -> dict:
+    """``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (one layer) <-> ``SimpleRNN`` / ``LSTM`` / ``GRU``, or with
+    ``bidirectional=True`` ``Bidirectional`` (its backward layer: the ``_reverse`` parameters).
+    ``weight_ih_l0 (k·u, f)`` is the ``kernel`` transposed and ``weight_hh_l0 (k·u, u)`` the
+    ``recurrent_kernel`` transposed, their gate blocks in PyTorch's order (``GATES``). PyTorch adds two
+    biases; symdl's LSTM and SimpleRNN hold their sum (saved as ``bias_ih = bias``, ``bias_hh = 0``),
+    the GRU both, as the rows of its ``(2, 3·u)`` bias (``bias_hh`` inside the reset gate's product,
+    ``reset_after=True``: PyTorch's form)."""
+    cell = layer.layer if isinstance(layer, Bidirectional) else layer
+    order = GATES[type(cell)]
+    back = np.argsort(order)
+    u = cell.units
+
+    def gates(a, blocks):  # the gate blocks of the last axis, in the order ``blocks``
+        return np.concatenate([a[..., g * u:(g + 1) * u] for g in blocks], axis=-1)
+
+    def entry(keras, transpose=False, row=None):
+        """The PyTorch parameter holding ``keras`` (a kernel: ``transpose``), or its row ``row`` (a GRU bias)."""
+        shape = tuple(live[keras].shape)
+        torch_shape = shape[::-1] if transpose else shape[-1:]
+
+        def load(v):
+            v = gates(v.T if transpose else v, order)
+            if row is None:
+                return {keras: v}
+            part = np.zeros(shape, v.dtype)
+            part[row] = v
+            return {keras: part}
+
+        def save(w):
+            a = gates(w[keras] if row is None else w[keras][row], back)
+            return a.T if transpose else a
+
+        return Entry(torch_shape, [keras], [shape], load, save)
+
+    def hh_bias(keras):  # LSTM, SimpleRNN: ``bias_hh`` adds to the bias; saved as zeros
+        e = entry(keras)
+        return e._replace(save=lambda w: np.zeros_like(e.save(w)))
+
+    entries = {}
+    by_direction = {}
+    for role, keras in roles.items():
+        base, _, direction = re.fullmatch(r"([a-z_]+?)\d*(_(forward|backward))?", role).groups()
+        by_direction.setdefault(direction or "forward", {})[base] = keras
+    for direction, names in by_direction.items():
+        sfx = DIRECTIONS[direction]
+        entries[f"weight_ih_l0{sfx}"] = entry(names["kernel"], transpose=True)
+        entries[f"weight_hh_l0{sfx}"] = entry(names["recurrent_kernel"], transpose=True)
+        if "bias" in names:
+            if isinstance(cell, GRU):
+                entries[f"bias_ih_l0{sfx}"] = entry(names["bias"], row=0)
+                entries[f"bias_hh_l0{sfx}"] = entry(names["bias"], row=1)
+            else:
+                entries[f"bias_ih_l0{sfx}"] = entry(names["bias"])
+                entries[f"bias_hh_l0{sfx}"] = hh_bias(names["bias"])
     return entries
 
 
@@ -368,7 +458,8 @@ def load_torch_weights(model, state_dict_or_safetensors_path, mapping=None, torc
                 continue
             value = params[torch_name]
             if tuple(value.shape) == entry.shape:
-                arrays.update(entry.load(value))
+                for keras, part in entry.load(value).items():
+                    arrays[keras] = arrays[keras] + part if keras in arrays else part
             else:
                 needs = ", ".join(entry.names) + (" needs " if len(entry.names) == 1 else " need ") + \
                     ", ".join(str(s) for s in entry.shapes)
