@@ -209,6 +209,37 @@ def test_cpu_backend_matches_numpy_on_one_and_two_threads(kind, dtype, monkeypat
             assert_close(grads[k], want[k], tol, what=f"{k} on {count} thread(s)")
 
 
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="LLVM IR needs the JIT")
+def test_cpu_kernels_are_llvm_ir_and_split_by_sequence_without_races(monkeypatch):
+    """Both scan kernels print as LLVM IR (no Numba compile); on 2 and 3 threads (units: the
+    sequences) every buffer equals one thread's to the bit."""
+    from symdl.backends import get
+    from symdl.backends import threads as symdl_threads
+    from symdl.backends.cpu import llvm_code
+    from symdl.backends.formulas import formula
+
+    loss, params, arrays = _backend_case("GRU", n=5)
+    program, _ = gradient_program(loss, params)
+    scans = [k for k in program.kernels if isinstance(k, (ir.Scan, ir.ScanGrad))]
+    assert len(scans) == 2
+    for k in scans:
+        for dtype in ("float32", "float64"):
+            assert llvm_code.kernel_ir(formula(k, program), dtype) is not None, k
+    external = {"x": arrays["x"].reshape(-1, 2), "y": arrays["y"].reshape(-1, 3)}
+    external.update({str(p.name): np.asarray(arrays[str(p.name)]).reshape(tuple(int(d) for d in p.shape))
+                     for p in params if str(p.name) != "x"})
+    outs = []
+    for count in (1, 2, 3):
+        runner = get("cpu").compile_program(program, "float64")
+        run_threaded(runner, count, monkeypatch)
+        with symdl_threads.blas_single_threaded():
+            runner.run(external, {}, 5)
+        outs.append({k.out: np.array(runner.output(k.out, 5)) for k in program.kernels})
+    for other in outs[1:]:
+        for name, value in outs[0].items():
+            np.testing.assert_array_equal(other[name], value, err_msg=name)
+
+
 def test_nan_and_inf_propagate_as_in_numpy():
     loss, params, arrays = _backend_case("GRU", n=2)
     arrays["x"][0, 2, 1] = np.nan
