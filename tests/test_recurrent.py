@@ -321,6 +321,30 @@ def test_gradient_prints_the_bptt_node():
     assert "lstm\\_bptt" in sd.latex(g)
 
 
+def test_explain_prints_bptt_in_textbook_form():
+    loss, params, x, y = _layer_loss(sd.nn.LSTM(3))
+    text = str(sd.explain(loss, params))
+    assert "lstm_bptt(" in text and "∂L/∂recurrent_kernel1 = shift(" in text
+    assert "δcₜ = G_c,ₜ + δhₜ₊₁ ⊙ [f*o*(1 - tanh(c)**2)]ₜ₊₁ + δcₜ₊₁ ⊙ [f]ₜ₊₁" in text  # the f carry
+    assert "δhₜ = G_h,ₜ + δUPₜ₊₁ Uᵀ" in text and "Σₜ hₜ₋₁ᵀ δUPₜ" in text
+
+
+def test_example_runs_and_learns(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SYMDL_QUICK": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "examples/sequence_classification.py"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lstm_bptt(" in out.stdout
+    before, after = (float(v) for v in out.stdout.split("training loss: ")[1].split()[0:3:2])
+    assert after < before
+
+
 def test_hvp_through_a_recurrence_is_a_clear_error():
     loss, params, x, y = _layer_loss(sd.nn.SimpleRNN(2))
     with pytest.raises(NotImplementedError, match="simple_rnn"):
