@@ -45,13 +45,13 @@ from ..autodiff.jvp import JVP, linear_in_first_operand
 from ..autodiff.vjp import VJP
 from ..formulas import activations as functions
 from ..graph.nodes import (
-    PRINT_RULES, VARS, Broadcast, Ops, Printable, ShapeMismatch, SumRows, name_of, shape_text,
+    PRINT_RULES, VARS, Ops, Printable, ShapeMismatch, SumRows, name_of, shape_text,
 )
 from ..ir import kernels as ir
 from ..ir.kernels import Operand
 from ..ir.lowering import LOWER, lower_expansion
 from .concat import Cols, Place
-from .conv import Reshape, _entry_of
+from .conv import Reshape
 
 
 # --------------------------------------------------------------------------- cells
@@ -142,7 +142,7 @@ _DEFERRED: dict = {}  # node -> its number, and number -> node (``_Entry``)
 
 class _Entry(sp.Function):
     """An entry of a recurrence node at a symbolic index (SymPy's sum over a product's inner index):
-    it evaluates to the entry once the indices are numbers. An explicit matrix there (``_entry_of``)
+    it evaluates to the entry once the indices are numbers. An explicit matrix there (``conv._entry_of``)
     would be expanded whole by ``Sum.doit``'s ``apart``, which stalls on a recurrence's long formulas."""
 
     @classmethod
@@ -565,11 +565,6 @@ def _grad_class(cell: Cell):
     text = (f"{cell.name}_bptt(G; XP, UP, S, U): backpropagation through time, [δXP | δUP | δS] of every step: "
             + bptt_text(cell))
     return type(f"{cell.name.title().replace('_', '')}BPTT", (ScanGrad,), {"notation": text, "__module__": __name__})
-
-
-def _flags(node) -> str:
-    flags = [f for f, on in (("reversed input", node.reverse_in), ("reversed", node.reverse_out)) if on]
-    return "" if not flags else " [" + ", ".join(flags) + "]"
 
 
 @PRINT_RULES.rule(Scan)
