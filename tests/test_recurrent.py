@@ -422,3 +422,19 @@ def test_embedding_feeds_an_lstm():
     _, grads = f(**arrays)
     for name in ("embeddings1", "kernel2"):
         assert_close(grads[name], finite_difference(f, arrays, name), 1e-6, what=name)
+
+
+def test_stacked_layers_and_save_load(tmp_path):
+    for kind in ("sequential", "bidirectional"):
+        if kind == "sequential":
+            model = sd.nn.Sequential([sd.nn.GRU(3, return_sequences=True), sd.nn.LSTM(2), sd.nn.Dense(2)],
+                                     input_shape=(5, 2))
+        else:
+            x = sd.nn.Input(shape=(5, 2))
+            model = sd.nn.Model(x, sd.nn.Dense(2)(sd.nn.Bidirectional(sd.nn.SimpleRNN(2), merge_mode="sum")(x)))
+        model.compile(loss="softmax_cross_entropy", optimizer=sd.optim.Adam(1e-2), backend="numpy")
+        X = np.random.default_rng(0).normal(size=(8, 5, 2))
+        model.fit(X, np.arange(8) % 2, epochs=1, verbose=0)
+        path = str(tmp_path / f"{kind}.symdl")
+        model.save(path)
+        np.testing.assert_array_equal(sd.nn.load(path).predict(X), model.predict(X))

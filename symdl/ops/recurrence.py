@@ -204,7 +204,7 @@ class _ScanBase(Printable, Ops, MatrixExpr):
     def units(self) -> int:
         return int(self._U.shape[0])
 
-    def rows(self, b, t):
+    def step_rows(self, b, t):
         """``(input row, output row, previous output row or None)`` of step ``t`` of sequence ``b``."""
         T = self.steps
         at = lambda rev, s: b * T + (T - 1 - s if rev else s)  # noqa: E731
@@ -292,7 +292,7 @@ def _forward(node: Scan, b: int, kw: tuple) -> dict:
     k, s = cell.gates, cell.states
     out, prev = {}, [sp.Integer(0)] * (s * u)
     for t in range(node.steps):
-        ri, ro, _ = node.rows(b, t)
+        ri, ro, _ = node.step_rows(b, t)
         up = [bu[c] + sp.Add(*(prev[m] * U._entry(m, c, **kw) for m in range(u))) for c in range(k * u)]
         row = [None] * (s * u)
         for j in range(u):
@@ -319,7 +319,7 @@ def _backward(node: ScanGrad, b: int, kw: tuple) -> dict:
     out = {}
     carry = [sp.Integer(0)] * (s * u)
     for t in reversed(range(node.steps)):
-        ri, ro, rp = node.rows(b, t)
+        ri, ro, rp = node.step_rows(b, t)
         D = [G._entry(ro, c, **kw) + carry[c] for c in range(s * u)]
         dx, dup, nxt = [None] * ku, [None] * ku, [sp.Integer(0)] * (s * u)
         for j in range(u):
