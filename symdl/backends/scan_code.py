@@ -62,9 +62,9 @@ def backward_exprs(k) -> tuple:
 
 def _rows(k, T) -> list:
     """Lines binding ``ri``, ``ro``, ``rp``: step ``t``'s input, output and previous output rows."""
-    return [f"ri = i * {T} + " + (f"({T} - 1 - t)" if k.reverse_in else "t"),
-            f"ro = i * {T} + " + (f"({T} - 1 - t)" if k.reverse_out else "t"),
-            "rp = ro + 1" if k.reverse_out else "rp = ro - 1"]
+    return [f"_ri = i * {T} + " + (f"({T} - 1 - _t)" if k.reverse_in else "_t"),
+            f"_ro = i * {T} + " + (f"({T} - 1 - _t)" if k.reverse_out else "_t"),
+            "_rp = _ro + 1" if k.reverse_out else "_rp = _ro - 1"]
 
 
 def _bias(k, program, at: int):
@@ -88,16 +88,16 @@ def _forward_lines(k, flavor, T, u, B, two) -> list:
     g_count, s_count = k.gates, k.states
     names = {VARS[v]: f"v{v}" for v in range(2 * g_count + s_count)}
     body, results = cell_code(list(k.cell), names, flavor)
-    lines = [f"for t in range({T}):", *("    " + r for r in _rows(k, T)), f"    for j in range({u}):"]
+    lines = [f"for _t in range({T}):", *("    " + r for r in _rows(k, T)), f"    for j in range({u}):"]
     plus = (lambda row, g: f" + {B}[{row}, {g} * {u} + j]") if B else (lambda row, g: "")  # noqa: E731
-    inner = [f"v{g} = {XP}[ri, {g} * {u} + j]{plus(0, g)}" for g in range(g_count)]
+    inner = [f"v{g} = {XP}[_ri, {g} * {u} + j]{plus(0, g)}" for g in range(g_count)]
     inner += [f"_a{g} = " + (f"{B}[1, {g} * {u} + j]" if two else "0.0") for g in range(g_count)]
-    inner += ["if t > 0:", f"    for m in range({u}):", f"        _h = {out}[rp, m]"]
-    inner += [f"        _a{g} += _h * {U}[m, {g} * {u} + j]" for g in range(g_count)]
-    inner += [f"    v{2 * g_count + c} = {out}[rp, {c} * {u} + j]" for c in range(s_count)]
+    inner += ["if _t > 0:", f"    for _m in range({u}):", f"        _h = {out}[_rp, _m]"]
+    inner += [f"        _a{g} += _h * {U}[_m, {g} * {u} + j]" for g in range(g_count)]
+    inner += [f"    v{2 * g_count + c} = {out}[_rp, {c} * {u} + j]" for c in range(s_count)]
     inner += ["else:"] + [f"    v{2 * g_count + c} = 0.0" for c in range(s_count)]
     inner += [f"v{g_count + g} = _a{g}" for g in range(g_count)]
-    inner += body + [f"{out}[ro, {c} * {u} + j] = {r}" for c, r in enumerate(results)]
+    inner += body + [f"{out}[_ro, {c} * {u} + j] = {r}" for c, r in enumerate(results)]
     return lines + ["        " + line for line in inner]
 
 
@@ -110,23 +110,23 @@ def _backward_lines(k, flavor, T, u, B, two) -> list:
     dx, du, carry = backward_exprs(k)
     body, results = cell_code(dx + du + carry, names, flavor)
     rx, ru, rc = results[:g_count], results[g_count: 2 * g_count], results[2 * g_count:]
-    lines = [f"for tt in range({T}):", f"    t = {T} - 1 - tt", *("    " + r for r in _rows(k, T)),
+    lines = [f"for _tt in range({T}):", f"    _t = {T} - 1 - _tt", *("    " + r for r in _rows(k, T)),
              f"    for j in range({u}):"]
     plus = (lambda row, g: f" + {B}[{row}, {g} * {u} + j]") if B else (lambda row, g: "")  # noqa: E731
-    inner = [f"v{g} = {XP}[ri, {g} * {u} + j]{plus(0, g)}" for g in range(g_count)]
-    inner += [f"v{g_count + g} = {UP}[ro, {g} * {u} + j]{plus(1, g) if two else ''}" for g in range(g_count)]
-    inner += ["if t > 0:"] + [f"    v{2 * g_count + c} = {S}[rp, {c} * {u} + j]" for c in range(s_count)]
+    inner = [f"v{g} = {XP}[_ri, {g} * {u} + j]{plus(0, g)}" for g in range(g_count)]
+    inner += [f"v{g_count + g} = {UP}[_ro, {g} * {u} + j]{plus(1, g) if two else ''}" for g in range(g_count)]
+    inner += ["if _t > 0:"] + [f"    v{2 * g_count + c} = {S}[_rp, {c} * {u} + j]" for c in range(s_count)]
     inner += ["else:"] + [f"    v{2 * g_count + c} = 0.0" for c in range(s_count)]
-    inner += [f"_d{c} = {G}[ro, {c} * {u} + j]" for c in range(s_count)]
-    inner += [f"if t < {T} - 1:"] + [f"    _d{c} += {out}[ro, {w2} + {c} * {u} + j]" for c in range(s_count)]
-    inner += [f"{out}[ro, {w2} + {c} * {u} + j] = _d{c}" for c in range(s_count)]
+    inner += [f"_d{c} = {G}[_ro, {c} * {u} + j]" for c in range(s_count)]
+    inner += [f"if _t < {T} - 1:"] + [f"    _d{c} += {out}[_ro, {w2} + {c} * {u} + j]" for c in range(s_count)]
+    inner += [f"{out}[_ro, {w2} + {c} * {u} + j] = _d{c}" for c in range(s_count)]
     inner += body
-    inner += [f"{out}[ri, {g} * {u} + j] = {r}" for g, r in enumerate(rx)]
-    inner += [f"{out}[ro, {ku} + {g} * {u} + j] = {r}" for g, r in enumerate(ru)]
-    inner += ["if t > 0:"] + [f"    {out}[rp, {w2} + {c} * {u} + j] = {r}" for c, r in enumerate(rc)]
-    tail = ["    if t > 0:", f"        for j in range({u}):", "            _acc = 0.0",
-            f"            for m in range({ku}):", f"                _acc += {out}[ro, {ku} + m] * {U}[j, m]",
-            f"            {out}[rp, {w2} + j] += _acc"]
+    inner += [f"{out}[_ri, {g} * {u} + j] = {r}" for g, r in enumerate(rx)]
+    inner += [f"{out}[_ro, {ku} + {g} * {u} + j] = {r}" for g, r in enumerate(ru)]
+    inner += ["if _t > 0:"] + [f"    {out}[_rp, {w2} + {c} * {u} + j] = {r}" for c, r in enumerate(rc)]
+    tail = ["    if _t > 0:", f"        for j in range({u}):", "            _acc = 0.0",
+            f"            for _m in range({ku}):", f"                _acc += {out}[_ro, {ku} + _m] * {U}[j, _m]",
+            f"            {out}[_rp, {w2} + j] += _acc"]
     return lines + ["        " + line for line in inner] + tail
 
 
@@ -147,36 +147,36 @@ def array_lines(k, program) -> list:
     bx = f" + {B}[0]" if B else ""
     bu = f" + {B}[1]" if two else ""
     names = {VARS[v]: f"v{v}" for v in range(2 * g_count + s_count)}
-    at = lambda rev: f"{T - 1} - t" if rev else "t"  # noqa: E731
+    at = lambda rev: f"{T - 1} - _t" if rev else "_t"  # noqa: E731
     lines = [f"_o = {out}.reshape(n, {T}, -1)", f"_x = ({XP}{bx}).reshape(n, {T}, {ku})"]
     if not isinstance(k, ScanGrad):
         body, results = cell_code(list(k.cell), names, "array")
-        lines += [f"_p = numpy.zeros((n, {s_count * u}), {out}.dtype)", f"for t in range({T}):",
-                  f"    ti, to = {at(k.reverse_in)}, {at(k.reverse_out)}",
+        lines += [f"_p = numpy.zeros((n, {s_count * u}), {out}.dtype)", f"for _t in range({T}):",
+                  f"    _ti, _to = {at(k.reverse_in)}, {at(k.reverse_out)}",
                   f"    _up = numpy.dot(_p[:, :{u}], {U}){bu}"]
-        inner = [f"v{g} = _x[:, ti, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
+        inner = [f"v{g} = _x[:, _ti, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
         inner += [f"v{g_count + g} = _up[:, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
         inner += [f"v{2 * g_count + c} = _p[:, {c * u}:{(c + 1) * u}]" for c in range(s_count)]
-        inner += body + [f"_o[:, to, {c * u}:{(c + 1) * u}] = {r}" for c, r in enumerate(results)]
-        inner += ["_p = _o[:, to, :].copy()"]
+        inner += body + [f"_o[:, _to, {c * u}:{(c + 1) * u}] = {r}" for c, r in enumerate(results)]
+        inner += ["_p = _o[:, _to, :].copy()"]
         return lines + ["    " + line for line in inner]
     dx, du, carry = backward_exprs(k)
     names.update({d: f"_d{c}" for c, d in enumerate(_delta_symbols(s_count))})
     body, results = cell_code(dx + du + carry, names, "array")
     lines += [f"_up = ({UP}{bu}).reshape(n, {T}, {ku})", f"_s = {S}.reshape(n, {T}, {s_count * u})",
               f"_g = {G}.reshape(n, {T}, {s_count * u})", f"_carry = numpy.zeros((n, {s_count * u}), {out}.dtype)",
-              f"for tt in range({T}):", f"    t = {T - 1} - tt", f"    ti, to = {at(k.reverse_in)}, {at(k.reverse_out)}",
-              f"    tp = to + 1 if {bool(k.reverse_out)} else to - 1"]
-    inner = [f"_D = _g[:, to, :] + _carry", f"_o[:, to, {2 * ku}:] = _D"]
+              f"for _tt in range({T}):", f"    _t = {T - 1} - _tt", f"    _ti, _to = {at(k.reverse_in)}, {at(k.reverse_out)}",
+              f"    _tp = _to + 1 if {bool(k.reverse_out)} else _to - 1"]
+    inner = [f"_D = _g[:, _to, :] + _carry", f"_o[:, _to, {2 * ku}:] = _D"]
     inner += [f"_d{c} = _D[:, {c * u}:{(c + 1) * u}]" for c in range(s_count)]
-    inner += [f"v{g} = _x[:, ti, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
-    inner += [f"v{g_count + g} = _up[:, to, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
-    inner += [f"v{2 * g_count + c} = _s[:, tp, {c * u}:{(c + 1) * u}] if t > 0 else numpy.zeros_like(_d0)"
+    inner += [f"v{g} = _x[:, _ti, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
+    inner += [f"v{g_count + g} = _up[:, _to, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
+    inner += [f"v{2 * g_count + c} = _s[:, _tp, {c * u}:{(c + 1) * u}] if _t > 0 else numpy.zeros_like(_d0)"
               for c in range(s_count)]
     inner += body
-    inner += [f"_o[:, ti, {g * u}:{(g + 1) * u}] = {r}" for g, r in enumerate(results[:g_count])]
-    inner += [f"_o[:, to, {ku + g * u}:{ku + (g + 1) * u}] = {r}" for g, r in enumerate(results[g_count: 2 * g_count])]
+    inner += [f"_o[:, _ti, {g * u}:{(g + 1) * u}] = {r}" for g, r in enumerate(results[:g_count])]
+    inner += [f"_o[:, _to, {ku + g * u}:{ku + (g + 1) * u}] = {r}" for g, r in enumerate(results[g_count: 2 * g_count])]
     inner += [f"_carry = numpy.empty((n, {s_count * u}), {out}.dtype)"]
     inner += [f"_carry[:, {c * u}:{(c + 1) * u}] = {r}" for c, r in enumerate(results[2 * g_count:])]
-    inner += [f"_carry[:, :{u}] += numpy.dot(_o[:, to, {ku}:{2 * ku}], {U}.T)"]
+    inner += [f"_carry[:, :{u}] += numpy.dot(_o[:, _to, {ku}:{2 * ku}], {U}.T)"]
     return lines + ["    " + line for line in inner]

@@ -130,7 +130,8 @@ class Model:
         self.input_names = self._in_keys or functional.unique_names([t.name for t in ins])
         self.input_dim = ins[0].features if len(ins) == 1 else [t.features for t in ins]
         single = len(ins) == 1
-        self.xs = [functional._probe("x" if single else f"x{j}", t) for j, t in enumerate(ins, start=1)]  # sequences too
+        # a leaf per input as its tensor declares it: features, images, token ids or sequences
+        self.xs = [functional._probe("x" if single else f"x{j}", t) for j, t in enumerate(ins, start=1)]
         self.x = self.xs[0] if single else None
         self.layers = list({id(t.layer): t.layer for t in order if t.layer is not None}.values())
         kinds = ["functional" if isinstance(layer, Model) else layer.kind for layer in self.layers]

@@ -214,6 +214,8 @@ class Bidirectional(Layer):
     kind = "bidirectional"
 
     def __init__(self, layer, merge_mode="concat", name=None):
+        if isinstance(layer, dict) and layer.get("class") in ("SimpleRNN", "LSTM", "GRU"):  # a saved config
+            layer = {"SimpleRNN": SimpleRNN, "LSTM": LSTM, "GRU": GRU}[layer["class"]](**layer.get("config", {}))
         if not isinstance(layer, _Recurrent):
             raise TypeError(f"Bidirectional wraps a recurrent layer (SimpleRNN, LSTM, GRU), got {layer!r}")
         if merge_mode not in MERGE_MODES:

@@ -45,13 +45,13 @@ from ..autodiff.jvp import JVP, linear_in_first_operand
 from ..autodiff.vjp import VJP
 from ..formulas import activations as functions
 from ..graph.nodes import (
-    PRINT_RULES, VARS, Broadcast, Ops, Printable, ShapeMismatch, SumRows, name_of, shape_text,
+    PRINT_RULES, VARS, Ops, Printable, ShapeMismatch, SumRows, name_of, shape_text,
 )
 from ..ir import kernels as ir
 from ..ir.kernels import Operand
 from ..ir.lowering import LOWER, lower_expansion
 from .concat import Cols, Place
-from .conv import Reshape, _entry_of
+from .conv import Reshape
 
 
 # --------------------------------------------------------------------------- cells
@@ -137,6 +137,30 @@ def _spec(cell: Cell, T: int, reverse_in: bool, reverse_out: bool) -> sp.Tuple:
                     sp.Tuple(*(Str(g) for g in cell.gate_names)), sp.Tuple(*(Str(s) for s in cell.state_names)))
 
 
+_DEFERRED: dict = {}  # node -> its number, and number -> node (``_Entry``)
+
+
+class _Entry(sp.Function):
+    """An entry of a recurrence node at a symbolic index (SymPy's sum over a product's inner index):
+    it evaluates to the entry once the indices are numbers. An explicit matrix there (``conv._entry_of``)
+    would be expanded whole by ``Sum.doit``'s ``apart``, which stalls on a recurrence's long formulas."""
+
+    @classmethod
+    def eval(cls, key, i, j):
+        if i.is_Integer and j.is_Integer:
+            return _DEFERRED[int(key)]._int_entry(int(i), int(j))
+        return None
+
+
+def _deferred_entry(node, i, j, **kw):
+    if isinstance(i, (int, sp.Integer)) and isinstance(j, (int, sp.Integer)):
+        return node._int_entry(int(i), int(j), **kw)
+    if node not in _DEFERRED:
+        key = len(_DEFERRED) // 2
+        _DEFERRED[node], _DEFERRED[key] = key, node
+    return _Entry(sp.Integer(_DEFERRED[node]), i, j)
+
+
 class _ScanBase(Printable, Ops, MatrixExpr):
     """Matrix operands, then the cell's spec (``_spec``) as the last argument."""
 
@@ -180,7 +204,7 @@ class _ScanBase(Printable, Ops, MatrixExpr):
     def units(self) -> int:
         return int(self._U.shape[0])
 
-    def rows(self, b, t):
+    def step_rows(self, b, t):
         """``(input row, output row, previous output row or None)`` of step ``t`` of sequence ``b``."""
         T = self.steps
         at = lambda rev, s: b * T + (T - 1 - s if rev else s)  # noqa: E731
@@ -188,7 +212,7 @@ class _ScanBase(Printable, Ops, MatrixExpr):
         return at(self.reverse_in, t), at(self.reverse_out, t), prev
 
     def _entry(self, i, j, **kw):
-        return _entry_of(self, i, j, **kw)
+        return _deferred_entry(self, i, j, **kw)
 
 
 @functools.lru_cache(maxsize=256)
@@ -268,7 +292,7 @@ def _forward(node: Scan, b: int, kw: tuple) -> dict:
     k, s = cell.gates, cell.states
     out, prev = {}, [sp.Integer(0)] * (s * u)
     for t in range(node.steps):
-        ri, ro, _ = node.rows(b, t)
+        ri, ro, _ = node.step_rows(b, t)
         up = [bu[c] + sp.Add(*(prev[m] * U._entry(m, c, **kw) for m in range(u))) for c in range(k * u)]
         row = [None] * (s * u)
         for j in range(u):
@@ -295,7 +319,7 @@ def _backward(node: ScanGrad, b: int, kw: tuple) -> dict:
     out = {}
     carry = [sp.Integer(0)] * (s * u)
     for t in reversed(range(node.steps)):
-        ri, ro, rp = node.rows(b, t)
+        ri, ro, rp = node.step_rows(b, t)
         D = [G._entry(ro, c, **kw) + carry[c] for c in range(s * u)]
         dx, dup, nxt = [None] * ku, [None] * ku, [sp.Integer(0)] * (s * u)
         for j in range(u):
@@ -352,7 +376,7 @@ class Shifted(Printable, Ops, MatrixExpr):
         return int(self.args[1])
 
     def _entry(self, i, j, **kw):
-        return _entry_of(self, i, j, **kw)
+        return _deferred_entry(self, i, j, **kw)
 
     def _int_entry(self, i, j, **kw):
         x, T, rev = self.args[0], int(self.args[1]), bool(self.args[2])
@@ -412,7 +436,7 @@ def _vjp_scan(node, G):
     bu, cell, T, u = node.bias, node.cell, node.steps, node.units
     ku = cell.gates * u
     H = shift(_hidden(node, cell, u), T, node.reverse_out)
-    R = ScanGrad(XP, H @ U, node, G, U, *((bu,) if bu is not None else ()), node.spec)
+    R = _grad_class(cell)(XP, H @ U, node, G, U, *((bu,) if bu is not None else ()), node.spec)
     dXP, dUP = Cols(R, 0, ku), Cols(R, ku, 2 * ku)
     out = [(XP, dXP), (U, H.T @ dUP)]
     if bu is not None:  # [1ᵀδXP | 1ᵀδUP] is the (2, k·u) bias's gradient read row by row
@@ -459,9 +483,88 @@ def _lower_scan_grad(lw, node):
                         node.reverse_in, node.reverse_out), node.shape)
 
 
-def _flags(node) -> str:
-    flags = [f for f, on in (("reversed input", node.reverse_in), ("reversed", node.reverse_out)) if on]
-    return "" if not flags else " [" + ", ".join(flags) + "]"
+# --------------------------------------------------------------------------- BPTT in textbook form
+
+_SUB = str.maketrans("0123456789+-", "₀₁₂₃₄₅₆₇₈₉₊₋")
+
+
+def _display(cell: Cell) -> tuple:
+    """``(rename, states)``: a function showing a cell formula with its gates named (``i``, ``f``,
+    ``g``, ``o``; ``z``, ``r``, ``ĥ``) and the previous states as ``h'``, ``c'``; the states' own
+    formulas as displayed (the LSTM's ``c`` is then named ``c`` inside ``h``'s derivatives)."""
+    k, s = cell.gates, cell.states
+    shown = {"lstm": ("i", "f", "g", "o"), "gru": ("z", "r", "ĥ"), "simple_rnn": ("h",)}.get(
+        cell.name, cell.gate_names or tuple(f"a{g}" for g in range(k)))
+    gates = [sp.Symbol(nm, real=True) for nm in shown]
+    prev = {cell.p(c): sp.Symbol(f"{cell.state_names[c]}'", real=True) for c in range(s)}
+    prev.update({cell.x(g): sp.Symbol(f"x_{shown[g]}", real=True) for g in range(k)})
+    prev.update({cell.u(g): sp.Symbol(f"u_{shown[g]}", real=True) for g in range(k)})
+    xs = {cell.x(g): g for g in range(k)}
+    definitions = {}
+
+    def rename(e):
+        e = sp.sympify(e)
+        while True:
+            hits = {}
+            for f in e.atoms(sp.Function):
+                own = f.free_symbols & set(xs)
+                if len(own) == 1:
+                    hits[f] = gates[xs[next(iter(own))]]
+            if not hits:
+                break
+            for f, g in hits.items():
+                definitions.setdefault(g, f.xreplace(prev))
+            e = e.xreplace(hits)
+        return e.xreplace(prev)
+
+    states = [rename(b) for b in cell.bodies]
+    return rename, states, definitions
+
+
+def bptt_text(cell: Cell) -> str:
+    """The recurrence a cell's ``bptt`` node computes, in textbook form: each state's δ at step ``t``
+    (its own ``G`` plus what step ``t+1`` sends back, the local derivatives ``sp.diff`` of the cell),
+    the gates' δ, and each weight's gradient as a sum over the steps."""
+    rename, states, definitions = _display(cell)
+    names = cell.state_names
+    k, s = cell.gates, cell.states
+    named = {}
+    for c in range(s):
+        if c > 0 and states[c].free_symbols:  # the LSTM's c inside h's formula reads as c
+            named[states[c]] = sp.Symbol(names[c], real=True)
+    show = lambda e: sp.sstr(sp.factor_terms(rename(e).xreplace(named)))  # noqa: E731
+    t, t1 = "ₜ", "ₜ₊₁"
+    lines = []
+    for c in range(s):
+        terms = [f"G_{names[c]},{t}"]
+        for c2 in range(s):
+            d = cell.derivatives[c2][2 * k + c]
+            if d != 0:
+                terms.append(f"δ{names[c2]}{t1} ⊙ [{show(d)}]{t1}")
+        if c == 0:
+            terms.append(f"δUP{t1} Uᵀ")
+        lines.append(f"δ{names[c]}{t} = " + " + ".join(terms))
+    gate_names = cell.gate_names or tuple(str(g) for g in range(k))
+    for g in range(k):
+        for kind, v in (("XP", g), ("UP", k + g)):
+            terms = [f"δ{names[c]}{t} ⊙ [{show(cell.derivatives[c][v])}]{t}" for c in range(s)
+                     if cell.derivatives[c][v] != 0]
+            lines.append(f"δ{kind}_{gate_names[g]},{t} = " + (" + ".join(terms) or "0"))
+    lines.append("∂L/∂kernel = Σₜ xₜᵀ δXPₜ,  ∂L/∂recurrent_kernel = Σₜ hₜ₋₁ᵀ δUPₜ,  ∂L/∂bias = Σₜ 1ᵀ δXPₜ"
+                 + (" (its recurrent row: Σₜ 1ᵀ δUPₜ)" if cell.name == "gru" else ""))
+    where = ", ".join(f"{nm}' = {nm}ₜ₋₁" for nm in names)
+    defs = [f"{g} = {sp.sstr(f)}" for g, f in definitions.items()]
+    defs += [f"{names[c]} = {sp.sstr(st)}" for c, st in enumerate(states) if st != sp.Symbol(names[c], real=True)]
+    return "; ".join(lines) + f" (steps from the last back; {where}; x = XP + b, u = UP; " + ", ".join(defs) + ")"
+
+
+@functools.lru_cache(maxsize=64)
+def _grad_class(cell: Cell):
+    """``ScanGrad`` for one cell, its ``notation`` (what ``explain`` prints under Notation) the cell's
+    BPTT recurrence (``bptt_text``)."""
+    text = (f"{cell.name}_bptt(G; XP, UP, S, U): backpropagation through time, [δXP | δUP | δS] of every step: "
+            + bptt_text(cell))
+    return type(f"{cell.name.title().replace('_', '')}BPTT", (ScanGrad,), {"notation": text, "__module__": __name__})
 
 
 @PRINT_RULES.rule(Scan)
@@ -488,5 +591,5 @@ def _print_shifted(node, printer, latex=False):
     return r"\operatorname{shift}\left(%s\right)" % inner if latex else f"shift({inner})"
 
 
-__all__ = ["Cell", "Scan", "ScanGrad", "Shifted", "gru_cell", "last_step", "lstm_cell", "scan",
+__all__ = ["Cell", "bptt_text", "Scan", "ScanGrad", "Shifted", "gru_cell", "last_step", "lstm_cell", "scan",
            "shift", "simple_rnn_cell"]

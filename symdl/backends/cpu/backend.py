@@ -464,8 +464,9 @@ def _helpers(program: Program, flavor: str) -> str:
 
 # --------------------------------------------------------------------------- recurrence
 # ``ir.Scan`` / ``ir.ScanGrad``: units are the sequences; each runs its steps in order (``scan_code``).
-# Numba compiles the Python loop (``kernel_ir`` prints no LLVM for them yet).
+# ``llvm_scan`` prints the same loops as LLVM IR.
 from ...ir.kernels import Scan, ScanGrad  # noqa: E402
+from . import llvm_scan  # noqa: E402,F401 - registers the LLVM printers of Scan and ScanGrad
 from ..scan_code import sequence_lines  # noqa: E402
 
 
