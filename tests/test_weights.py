@@ -652,3 +652,30 @@ def test_torch_recurrent_errors_list_every_offending_name():
             "rnn.weight_hh_l0_reverse (for bidirectional_1/recurrent_kernel1_backward (4, 12)), "
             "rnn.bias_ih_l0_reverse (for bidirectional_1/bias1_backward (2, 12)), "
             "rnn.bias_hh_l0_reverse (for bidirectional_1/bias1_backward (2, 12))") in text, text
+
+
+def test_torch_recurrent_without_bias_and_relu():
+    """``bias=False`` is ``use_bias=False``; ``nn.RNN(nonlinearity="relu")`` is ``SimpleRNN(activation="relu")``."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(4)
+    X, _ = _sequences(3, seed=5)
+    cases = [(torch.nn.GRU(RF, RU, bias=False, batch_first=True), nn.GRU(RU, use_bias=False, return_sequences=True)),
+             (torch.nn.RNN(RF, RU, nonlinearity="relu", batch_first=True),
+              nn.SimpleRNN(RU, activation="relu", return_sequences=True))]
+    for net, layer in cases:
+        model = nn.Sequential([layer, nn.Dense(RC)], input_shape=(RT, RF))
+        model.compile(backend="numpy", dtype="float32")
+        head = torch.nn.Linear(RU, RC)
+        load_torch_weights(model, {**{f"rnn.{k}": v for k, v in net.state_dict().items()},
+                                   **{f"fc.{k}": v for k, v in head.state_dict().items()}})
+        with torch.no_grad():
+            want = head(net(torch.from_numpy(X))[0]).numpy()  # every step: return_sequences=True
+        np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+        assert sorted(to_torch_state_dict(model, prefixes=["rnn", "fc"])) == sorted(
+            [f"rnn.{k}" for k in net.state_dict()] + ["fc.weight", "fc.bias"])
+    no_bias = nn.Sequential([nn.LSTM(RU, use_bias=False), nn.Dense(RC)], input_shape=(RT, RF))
+    no_bias.compile(backend="numpy")
+    with pytest.raises(WeightsError, match=r"lstm_1 \(LSTM\) has no place for rnn\.bias_ih_l0 \(16,\), "
+                                           r"rnn\.bias_hh_l0 \(16,\)"):
+        load_torch_weights(no_bias, {**{f"rnn.{k}": v for k, v in torch.nn.LSTM(RF, RU).state_dict().items()},
+                                     "fc.weight": np.zeros((RC, RU)), "fc.bias": np.zeros(RC)})
