@@ -627,19 +627,24 @@ def test_torch_recurrent_errors_list_every_offending_name():
     bad = dict(good)
     bad["rnn.weight_ih_l0"] = np.zeros((4 * RU, RF + 1))
     del bad["rnn.bias_hh_l0"]
-    stacked = torch.nn.LSTM(RF, RU, num_layers=2, batch_first=True).state_dict()  # a second layer: no place
-    bad.update({f"rnn.{k}": v.numpy() for k, v in stacked.items() if k.endswith("_l1")})
+    bad["rnn.weight_hr_l0"] = np.zeros((RU, RU))  # proj_size: no counterpart
     before = model.get_weights()
     with pytest.raises(WeightsError) as err:
         load_torch_weights(model, bad)
     text = str(err.value)
     for piece in ("rnn.weight_ih_l0 has shape (16, 4); lstm_1/kernel needs (3, 16) (PyTorch (16, 3))",
                   "missing rnn.bias_hh_l0 (for lstm_1/bias (16,))",
-                  "lstm_1 (LSTM) has no place for rnn.weight_ih_l1 (16, 4), rnn.weight_hh_l1 (16, 4), "
-                  "rnn.bias_ih_l1 (16,), rnn.bias_hh_l1 (16,)"):
+                  "lstm_1 (LSTM) has no place for rnn.weight_hr_l0 (4, 4)"):
         assert piece in text, text
     after = model.get_weights()
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing changed
+    # num_layers=2 is two symdl layers: one is too few
+    stacked = torch.nn.LSTM(RF, RU, num_layers=2, batch_first=True).state_dict()
+    with pytest.raises(WeightsError, match=r"the state dict has 3 modules with weights \(rnn\[l0\] \{weight_ih_l0: "
+                                           r"\(16, 3\), .*rnn\[l1\] \{weight_ih_l1: \(16, 4\), weight_hh_l1: \(16, 4\), "
+                                           r"bias_ih_l1: \(16,\), bias_hh_l1: \(16,\)\}, fc .*the model 2 layers"):
+        load_torch_weights(model, {**{f"rnn.{k}": v for k, v in stacked.items()},
+                                   "fc.weight": good["fc.weight"], "fc.bias": good["fc.bias"]})
     # a bidirectional model given one direction's weights: the backward layer's are missing
     both = recurrent_classifier("GRU", bidirectional=True)
     both.compile(backend="numpy")
@@ -679,3 +684,41 @@ def test_torch_recurrent_without_bias_and_relu():
                                            r"rnn\.bias_hh_l0 \(16,\)"):
         load_torch_weights(no_bias, {**{f"rnn.{k}": v for k, v in torch.nn.LSTM(RF, RU).state_dict().items()},
                                      "fc.weight": np.zeros((RC, RU)), "fc.bias": np.zeros(RC)})
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_stacked_recurrent_module_is_one_layer_each(tmp_path, bidirectional):
+    """``nn.LSTM(num_layers=2)``: ``..._l0`` and ``..._l1`` fill two symdl layers (``rnn[l0]``, ``rnn[l1]``
+    in a mapping), and two recurrent layers saved under one prefix are one stacked module again."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(9)
+
+    class Stacked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(RF, RU, num_layers=2, batch_first=True, bidirectional=bidirectional)
+            self.fc = torch.nn.Linear(RU * (2 if bidirectional else 1), RC)
+
+        def forward(self, x):
+            out, (h, _) = self.rnn(x)
+            return self.fc(torch.cat([h[-2], h[-1]], dim=1) if bidirectional else out[:, -1])
+
+    net = Stacked()
+    wrap = nn.Bidirectional if bidirectional else (lambda layer: layer)
+    model = nn.Sequential([wrap(nn.LSTM(RU, return_sequences=True)), wrap(nn.LSTM(RU)), nn.Dense(RC)],
+                          input_shape=(RT, RF))
+    model.compile(backend="numpy", dtype="float32")
+    X, _ = _sequences(5, seed=6)
+    with torch.no_grad():
+        want = net(torch.from_numpy(X)).numpy()
+    save_file(net.state_dict(), str(tmp_path / "stacked.safetensors"))
+    mapping = dict(zip(["rnn[l0]", "rnn[l1]", "fc"], model.layer_names))
+    for source, how in ((net.state_dict(), None), (tmp_path / "stacked.safetensors", mapping)):
+        model.set_weights({k: np.zeros_like(v) for k, v in model.get_weights().items()})
+        load_torch_weights(model, source, mapping=how)
+        np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+    state = to_torch_state_dict(model, prefixes=["rnn", "rnn", "fc"], tensors=True)
+    assert list(state) == list(net.state_dict())
+    net.load_state_dict(state, strict=True)

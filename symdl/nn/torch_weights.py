@@ -44,8 +44,9 @@ Layouts and conventions (PyTorch -> symdl, which holds Keras 3's layouts):
   ``Bidirectional(layer, merge_mode="concat")`` (PyTorch's final states ``h_n`` are Keras's
   ``return_sequences=False``; PyTorch's ``out[:, -1]`` holds the backward layer's first step).
   The activations match by default (``tanh``, ``sigmoid`` gates; ``nn.RNN(nonlinearity="relu")``
-  is ``SimpleRNN(activation="relu")``). ``num_layers > 1`` (``_l1``...) and ``proj_size``
-  (``weight_hr_l0``) have no place in one symdl layer (an error).
+  is ``SimpleRNN(activation="relu")``). ``num_layers > 1``: one symdl layer per PyTorch layer (the
+  module ``rnn``'s ``weight_ih_l1``... are the module ``rnn[l1]`` in a ``mapping``; on export, recurrent
+  layers given the same prefix are stacked). ``proj_size`` (``weight_hr_l0``) has no counterpart.
 
 By default the PyTorch modules with weights (the key prefixes before ``.weight``..., in state
 dict order) are matched in order with symdl's layers that have weights; ``mapping`` ``{torch
@@ -142,12 +143,45 @@ def read_state_dict(source) -> dict:
     return {str(k): _as_numpy(v) for k, v in source.items()}
 
 
+class Stacked(str):
+    """Layer ``k`` of a stacked PyTorch recurrent module (``num_layers > 1``), named ``rnn[l1]``:
+    its parameters are ``rnn.weight_ih_l1``..., held as ``weight_ih_l0``... (one symdl layer)."""
+
+    def __new__(cls, prefix: str, k: int):
+        self = super().__new__(cls, f"{prefix}[l{k}]")
+        self.module, self.k = prefix, k
+        return self
+
+
+#: A recurrent module's parameter: its name, layer and direction (``weight_ih_l1_reverse``).
+RECURRENT_PARAM = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?")
+
+
 def _key(prefix, leaf: str) -> str:
-    """The state dict key of parameter ``leaf`` of the module at ``prefix`` (a pair: two embeddings)."""
+    """The state dict key of parameter ``leaf`` of the module at ``prefix`` (a pair: two embeddings;
+    ``Stacked``: one layer of a stacked recurrent module)."""
     if isinstance(prefix, tuple):
         child, _, leaf = leaf.partition(".")
         prefix = prefix[child == "position_embedding"]
+    if isinstance(prefix, Stacked) and RECURRENT_PARAM.fullmatch(leaf):
+        prefix, leaf = prefix.module, re.sub(r"_l0(?=_|$)", f"_l{prefix.k}", leaf)
     return f"{prefix}.{leaf}" if prefix else leaf
+
+
+def _split_stacked(modules: dict) -> dict:
+    """A recurrent module with ``num_layers > 1`` (``weight_ih_l1``...) as one module per layer
+    (``rnn[l0]``, ``rnn[l1]``...: one symdl layer each), in layer order."""
+    out = {}
+    for prefix, params in modules.items():
+        found = [RECURRENT_PARAM.fullmatch(leaf) for leaf in params]
+        layers = sorted({int(m.group(2)) for m in found if m})
+        if not all(found) or layers[-1] == 0:
+            out[prefix] = params
+            continue
+        for k in layers:
+            out[Stacked(prefix, k)] = {f"{m.group(1)}_l0{m.group(3) or ''}": v for m, v in zip(found, params.values())
+                                       if int(m.group(2)) == k}
+    return out
 
 
 def _modules(state: dict) -> dict:
@@ -169,7 +203,7 @@ def _modules(state: dict) -> dict:
             modules.setdefault(parent, {}).update({f"{child}.{leaf}": v for leaf, v in params.items()})
         else:
             modules.setdefault(prefix, {}).update(params)
-    return modules
+    return _split_stacked(modules)
 
 
 def _leaf_layers(model):
@@ -396,13 +430,13 @@ def _pairs(model, modules: dict, mapping) -> tuple:
                 at += 1
         if at != len(prefixes) or len(pairs) != len(layers):
             problems.append(f"the state dict has {len(prefixes)} modules with weights "
-                            f"({', '.join(f'{p} {_shapes(modules[p])}' for p in prefixes)}), the model "
+                            f"({', '.join(f'{p} {_shapes(modules[p], p)}' for p in prefixes)}), the model "
                             f"{len(layers)} layers with weights ({', '.join(name for name, _, _ in layers)})")
         return pairs, problems
     by_name = {name: (name, layer, roles) for name, layer, roles in layers}
     unknown = [f"{layer_name} (for {prefix})" for prefix, layer_name in mapping.items() if layer_name not in by_name]
     missing_modules = [prefix for prefix in mapping if prefix not in modules]
-    unmapped = [f"{p} {_shapes(modules[p])}" for p in modules if p not in mapping]
+    unmapped = [f"{p} {_shapes(modules[p], p)}" for p in modules if p not in mapping]
     unfilled = [name for name in by_name if name not in mapping.values()]
     for what, items in (("mapping names layers the model does not have", unknown),
                         ("mapping names modules the state dict does not have", missing_modules),
@@ -426,8 +460,8 @@ def _pairs(model, modules: dict, mapping) -> tuple:
     return pairs, problems
 
 
-def _shapes(params: dict) -> str:
-    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in params.items()) + "}"
+def _shapes(params: dict, prefix="") -> str:
+    return "{" + ", ".join(f"{_key(prefix, k).rpartition('.')[2]}: {tuple(v.shape)}" for k, v in params.items()) + "}"
 
 
 def load_torch_weights(model, state_dict_or_safetensors_path, mapping=None, torch_flatten: bool = True) -> None:
@@ -483,7 +517,8 @@ def to_torch_state_dict(model, prefixes=None, torch_flatten: bool = True, tensor
     """``model``'s weights as a PyTorch state dict (``load_torch_weights``'s inverse): keys
     ``<prefix>.weight``... with the prefixes given (one per layer with weights, in order; default:
     the layer names), NumPy arrays, or torch tensors with ``tensors=True``; a batch norm also gets
-    ``num_batches_tracked`` (the steps trained)."""
+    ``num_batches_tracked`` (the steps trained). Recurrent layers given the same prefix are the
+    layers of one stacked PyTorch module (``num_layers``: ``weight_ih_l0``, ``weight_ih_l1``...)."""
     if getattr(model, "train_step", None) is None:
         raise RuntimeError("to_torch_state_dict: the model has no weights yet; call model.compile(...) first")
     layers = _layers(model)
@@ -491,6 +526,12 @@ def to_torch_state_dict(model, prefixes=None, torch_flatten: bool = True, tensor
     if len(prefixes) != len(layers):
         raise ValueError(f"to_torch_state_dict: {len(prefixes)} prefixes for {len(layers)} layers with weights "
                          f"({', '.join(name for name, _, _ in layers)})")
+    recurrent = [p for p, (_, layer, _) in zip(prefixes, layers) if isinstance(layer, (Bidirectional, *GATES))]
+    seen = {}
+    for j, ((_, layer, _), prefix) in enumerate(zip(layers, prefixes)):
+        if isinstance(layer, (Bidirectional, *GATES)) and recurrent.count(prefix) > 1:
+            prefixes[j] = Stacked(prefix, seen.setdefault(prefix, 0))
+            seen[prefix] += 1
     live = model_arrays(model)
     out = {}
     for (layer_name, layer, roles), prefix in zip(layers, prefixes):
