@@ -575,21 +575,42 @@ def test_torch_recurrent_predictions_and_gradients(tmp_path, kind, bidirectional
     model.compile(loss="softmax_cross_entropy", backend="numpy", dtype="float32")
     # the file's keys are sorted by name (fc before rnn): the modules are matched by name
     load_torch_weights(model, path, mapping=dict(zip(["rnn", "fc"], model.layer_names)))
+    _compare_with_torch(torch, model, reference, kind)
+
+
+def _compare_with_torch(torch, model, reference, kind, threads=(None,), monkeypatch=None):
+    """Logits to 1e-5, the cross-entropy and every gradient to 1e-6 (in PyTorch's layout)."""
+    from helpers import run_threaded
+
     X, labels = _sequences(7, seed=1)
     logits = reference(torch.from_numpy(X))
     np.testing.assert_allclose(model.predict(X), logits.detach().numpy(), atol=1e-5, rtol=0)
     loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels))
     loss.backward()
-    f = sd.value_and_grad(model.loss, model.params, backend="numpy", dtype="float32")
-    value, grads = f(x=X, y=np.eye(RC, dtype=np.float32)[labels], **model.get_weights())
-    assert abs(value - loss.item()) < 1e-6
-    converted = _gradients_as_torch(model, grads, ("rnn", "fc"))
     wanted = {k: p.grad.numpy() for k, p in reference.named_parameters()}
-    assert list(converted) == list(wanted)
-    for key, g in wanted.items():
-        # one symdl bias for PyTorch's two (LSTM, RNN): both have its gradient
-        got = converted[key.replace("bias_hh", "bias_ih") if kind != "GRU" else key]
-        np.testing.assert_allclose(got, g, atol=1e-6, rtol=0, err_msg=f"{kind} {key}")
+    for count in threads:
+        f = sd.value_and_grad(model.loss, model.params, backend=model.backend, dtype="float32")
+        if count is not None and os.environ.get("NUMBA_DISABLE_JIT") != "1":
+            run_threaded(f.runner, count, monkeypatch)
+        value, grads = f(x=X, y=np.eye(RC, dtype=np.float32)[labels], **model.get_weights())
+        assert abs(value - loss.item()) < 1e-6
+        converted = _gradients_as_torch(model, grads, ("rnn", "fc"))
+        assert list(converted) == list(wanted)
+        for key, g in wanted.items():
+            # one symdl bias for PyTorch's two (LSTM, RNN): both have its gradient
+            got = converted[key.replace("bias_hh", "bias_ih") if kind != "GRU" else key]
+            np.testing.assert_allclose(got, g, atol=1e-6, rtol=0, err_msg=f"{kind} {key} on {count} thread(s)")
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_torch_bidirectional_recurrent_on_the_cpu_backend_one_and_two_threads(kind, monkeypatch):
+    """The compiled CPU code on PyTorch's weights: the same logits and gradients, one and two threads."""
+    torch = pytest.importorskip("torch")
+    reference = _torch_recurrent(torch, kind, bidirectional=True, seed=2)
+    model = recurrent_classifier(kind, bidirectional=True)
+    model.compile(loss="softmax_cross_entropy", backend="cpu", dtype="float32")
+    load_torch_weights(model, reference)
+    _compare_with_torch(torch, model, reference, kind, threads=(1, 2), monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("kind,bidirectional", RECURRENT_CASES)
@@ -640,9 +661,10 @@ def test_torch_recurrent_errors_list_every_offending_name():
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing changed
     # num_layers=2 is two symdl layers: one is too few
     stacked = torch.nn.LSTM(RF, RU, num_layers=2, batch_first=True).state_dict()
-    with pytest.raises(WeightsError, match=r"the state dict has 3 modules with weights \(rnn\[l0\] \{weight_ih_l0: "
-                                           r"\(16, 3\), .*rnn\[l1\] \{weight_ih_l1: \(16, 4\), weight_hh_l1: \(16, 4\), "
-                                           r"bias_ih_l1: \(16,\), bias_hh_l1: \(16,\)\}, fc .*the model 2 layers"):
+    with pytest.raises(WeightsError, match=r"the state dict has 3 modules with weights \(rnn\[l0\] "
+                                           r"\{weight_ih_l0: \(16, 3\), .*rnn\[l1\] \{weight_ih_l1: \(16, 4\), "
+                                           r"weight_hh_l1: \(16, 4\), bias_ih_l1: \(16,\), bias_hh_l1: \(16,\)\}, "
+                                           r"fc .*the model 2 layers"):
         load_torch_weights(model, {**{f"rnn.{k}": v for k, v in stacked.items()},
                                    "fc.weight": good["fc.weight"], "fc.bias": good["fc.bias"]})
     # a bidirectional model given one direction's weights: the backward layer's are missing
