@@ -351,7 +351,7 @@ def _recurrent_entries(layer, roles: dict, live: dict) -> dict:
     the GRU both, as the rows of its ``(2, 3·u)`` bias (``bias_hh`` inside the reset gate's product,
     ``reset_after=True``: PyTorch's form)."""
     cell = layer.layer if isinstance(layer, Bidirectional) else layer
-    order = GATES[type(cell)]
+    order = next(blocks for kind, blocks in GATES.items() if isinstance(cell, kind))
     back = np.argsort(order)
     u = cell.units
 
