@@ -31,7 +31,7 @@ Layouts and conventions (PyTorch -> symdl, which holds Keras 3's layouts):
   transpose of its kernel). Both split a projection's ``E`` columns into heads contiguously
   (head ``h``: columns ``h·E/H .. (h+1)·E/H``) and scale scores by ``1/√(E/H)``, so nothing is
   permuted. ``add_bias_kv``'s ``bias_k``/``bias_v`` have no counterpart (an error).
-* ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (one layer; ``batch_first`` changes no weight) ->
+* ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (``batch_first`` changes no weight) ->
   ``SimpleRNN`` / ``LSTM`` / ``GRU`` (``k`` = 1, 4, 3 gate blocks of ``u`` units):
   ``weight_ih_l0 (k·u, f)`` is the ``kernel (f, k·u)`` transposed, ``weight_hh_l0 (k·u, u)`` the
   ``recurrent_kernel (u, k·u)`` transposed. LSTM gates ``i, f, g, o`` are Keras's ``i, f, c, o``;
@@ -175,7 +175,7 @@ def _split_stacked(modules: dict) -> dict:
     for prefix, params in modules.items():
         found = [RECURRENT_PARAM.fullmatch(leaf) for leaf in params]
         layers = sorted({int(m.group(2)) for m in found if m})
-        if not all(found) or layers[-1] == 0:
+        if not layers or not all(found) or layers[-1] == 0:
             out[prefix] = params
             continue
         for k in layers:
