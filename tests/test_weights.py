@@ -519,3 +519,228 @@ def test_gpt2_style_separate_token_and_position_embeddings():
             load_torch_weights(model, bad, mapping=how)
     with pytest.raises(WeightsError, match=r"mapping names 2 modules for layer_normalization_1 \(ln_f, lm_head\)"):
         load_torch_weights(model, state, mapping={**mapping, "lm_head": "layer_normalization_1"})
+
+
+# --------------------------------------------------------------------------- recurrent layers
+
+RT, RF, RU, RC = 6, 3, 4, 3  # steps, features, units, classes
+RECURRENT = {"RNN": "SimpleRNN", "LSTM": "LSTM", "GRU": "GRU"}  # PyTorch -> symdl
+
+
+def _torch_recurrent(torch, kind, bidirectional=False, seed=0):
+    """A sequence classifier: ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (batch_first) -> last step -> ``nn.Linear``.
+    Bidirectional: the last step is each direction's final state ``h_n`` (the backward one read the first
+    input last), as Keras's ``Bidirectional(return_sequences=False)``."""
+    tnn = torch.nn
+    torch.manual_seed(seed)
+
+    class Classifier(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(tnn, kind)(RF, RU, batch_first=True, bidirectional=bidirectional)
+            self.fc = tnn.Linear(RU * (2 if bidirectional else 1), RC)
+
+        def forward(self, x):
+            out, h = self.rnn(x)
+            h = h[0] if kind == "LSTM" else h  # LSTM: (h_n, c_n)
+            return self.fc(torch.cat([h[0], h[1]], dim=1) if bidirectional else out[:, -1])
+
+    return Classifier()
+
+
+def recurrent_classifier(kind, bidirectional=False):
+    layer = getattr(nn, RECURRENT[kind])(RU)
+    return nn.Sequential([nn.Bidirectional(layer) if bidirectional else layer, nn.Dense(RC)], input_shape=(RT, RF))
+
+
+def _sequences(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, RT, RF)).astype(np.float32), rng.integers(0, RC, size=n)
+
+
+RECURRENT_CASES = [("RNN", False), ("LSTM", False), ("GRU", False), ("LSTM", True), ("GRU", True)]
+
+
+@pytest.mark.parametrize("kind,bidirectional", RECURRENT_CASES)
+def test_torch_recurrent_predictions_and_gradients(tmp_path, kind, bidirectional):
+    """PyTorch's weights from a safetensors file: logits to 1e-5, every gradient to 1e-6 (float32); the
+    GRU's gate blocks reordered (r, z, n -> z, r, h), the LSTM's and RNN's two biases added."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    reference = _torch_recurrent(torch, kind, bidirectional)
+    path = tmp_path / "rnn.safetensors"
+    save_file(reference.state_dict(), str(path))
+    model = recurrent_classifier(kind, bidirectional)
+    model.compile(loss="softmax_cross_entropy", backend="numpy", dtype="float32")
+    # the file's keys are sorted by name (fc before rnn): the modules are matched by name
+    load_torch_weights(model, path, mapping=dict(zip(["rnn", "fc"], model.layer_names)))
+    _compare_with_torch(torch, model, reference, kind)
+
+
+def _compare_with_torch(torch, model, reference, kind, threads=(None,), monkeypatch=None):
+    """Logits to 1e-5, the cross-entropy and every gradient to 1e-6 (in PyTorch's layout)."""
+    from helpers import run_threaded
+
+    X, labels = _sequences(7, seed=1)
+    logits = reference(torch.from_numpy(X))
+    np.testing.assert_allclose(model.predict(X), logits.detach().numpy(), atol=1e-5, rtol=0)
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels))
+    loss.backward()
+    wanted = {k: p.grad.numpy() for k, p in reference.named_parameters()}
+    for count in threads:
+        f = sd.value_and_grad(model.loss, model.params, backend=model.backend, dtype="float32")
+        if count is not None and os.environ.get("NUMBA_DISABLE_JIT") != "1":
+            run_threaded(f.runner, count, monkeypatch)
+        value, grads = f(x=X, y=np.eye(RC, dtype=np.float32)[labels], **model.get_weights())
+        assert abs(value - loss.item()) < 1e-6
+        converted = _gradients_as_torch(model, grads, ("rnn", "fc"))
+        assert list(converted) == list(wanted)
+        for key, g in wanted.items():
+            # one symdl bias for PyTorch's two (LSTM, RNN): both have its gradient
+            got = converted[key.replace("bias_hh", "bias_ih") if kind != "GRU" else key]
+            np.testing.assert_allclose(got, g, atol=1e-6, rtol=0, err_msg=f"{kind} {key} on {count} thread(s)")
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_torch_bidirectional_recurrent_on_the_cpu_backend_one_and_two_threads(kind, monkeypatch):
+    """The compiled CPU code on PyTorch's weights: the same logits and gradients, one and two threads."""
+    torch = pytest.importorskip("torch")
+    reference = _torch_recurrent(torch, kind, bidirectional=True, seed=2)
+    model = recurrent_classifier(kind, bidirectional=True)
+    model.compile(loss="softmax_cross_entropy", backend="cpu", dtype="float32")
+    load_torch_weights(model, reference)
+    _compare_with_torch(torch, model, reference, kind, threads=(1, 2), monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("kind,bidirectional", RECURRENT_CASES)
+def test_torch_recurrent_round_trip_loads_strictly_into_pytorch(kind, bidirectional):
+    torch = pytest.importorskip("torch")
+    model = recurrent_classifier(kind, bidirectional)
+    model.compile(backend="numpy", seed=5, dtype="float32")
+    weights = model.get_weights()
+    rng = np.random.default_rng(3)  # biases away from zero (a GRU's recurrent bias row included)
+    model.set_weights({k: v + rng.normal(size=v.shape).astype(np.float32) * 0.3 if k.startswith("bias") else v
+                       for k, v in weights.items()})
+    reference = _torch_recurrent(torch, kind, bidirectional, seed=1)
+    state = to_torch_state_dict(model, prefixes=["rnn", "fc"], tensors=True)
+    assert list(state) == list(reference.state_dict())  # the same keys, in PyTorch's order
+    reference.load_state_dict(state, strict=True)
+    X, _ = _sequences(4, seed=2)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+    if kind != "GRU":  # one bias: PyTorch gets it as bias_ih, and zeros as bias_hh
+        assert not state["rnn.bias_hh_l0"].any()
+    again = recurrent_classifier(kind, bidirectional)
+    again.compile(backend="numpy", seed=8, dtype="float32")
+    load_torch_weights(again, reference)
+    after = again.get_weights()
+    for key, value in model.get_weights().items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_torch_recurrent_errors_list_every_offending_name():
+    torch = pytest.importorskip("torch")
+    model = recurrent_classifier("LSTM")
+    model.compile(backend="numpy")
+    good = {k: v.numpy() for k, v in _torch_recurrent(torch, "LSTM").state_dict().items()}
+    bad = dict(good)
+    bad["rnn.weight_ih_l0"] = np.zeros((4 * RU, RF + 1))
+    del bad["rnn.bias_hh_l0"]
+    bad["rnn.weight_hr_l0"] = np.zeros((RU, RU))  # proj_size: no counterpart
+    before = model.get_weights()
+    with pytest.raises(WeightsError) as err:
+        load_torch_weights(model, bad)
+    text = str(err.value)
+    for piece in ("rnn.weight_ih_l0 has shape (16, 4); lstm_1/kernel needs (3, 16) (PyTorch (16, 3))",
+                  "missing rnn.bias_hh_l0 (for lstm_1/bias (16,))",
+                  "lstm_1 (LSTM) has no place for rnn.weight_hr_l0 (4, 4)"):
+        assert piece in text, text
+    after = model.get_weights()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing changed
+    # num_layers=2 is two symdl layers: one is too few
+    stacked = torch.nn.LSTM(RF, RU, num_layers=2, batch_first=True).state_dict()
+    with pytest.raises(WeightsError, match=r"the state dict has 3 modules with weights \(rnn\[l0\] "
+                                           r"\{weight_ih_l0: \(16, 3\), .*rnn\[l1\] \{weight_ih_l1: \(16, 4\), "
+                                           r"weight_hh_l1: \(16, 4\), bias_ih_l1: \(16,\), bias_hh_l1: \(16,\)\}, "
+                                           r"fc .*the model 2 layers"):
+        load_torch_weights(model, {**{f"rnn.{k}": v for k, v in stacked.items()},
+                                   "fc.weight": good["fc.weight"], "fc.bias": good["fc.bias"]})
+    # a bidirectional model given one direction's weights: the backward layer's are missing
+    both = recurrent_classifier("GRU", bidirectional=True)
+    both.compile(backend="numpy")
+    one = {k: v.numpy() for k, v in _torch_recurrent(torch, "GRU").state_dict().items()}
+    one["fc.weight"] = np.zeros((RC, 2 * RU), np.float32)
+    with pytest.raises(WeightsError) as err:
+        load_torch_weights(both, one)
+    text = str(err.value)
+    assert ("missing rnn.weight_ih_l0_reverse (for bidirectional_1/kernel1_backward (3, 12)), "
+            "rnn.weight_hh_l0_reverse (for bidirectional_1/recurrent_kernel1_backward (4, 12)), "
+            "rnn.bias_ih_l0_reverse (for bidirectional_1/bias1_backward (2, 12)), "
+            "rnn.bias_hh_l0_reverse (for bidirectional_1/bias1_backward (2, 12))") in text, text
+
+
+def test_torch_recurrent_without_bias_and_relu():
+    """``bias=False`` is ``use_bias=False``; ``nn.RNN(nonlinearity="relu")`` is ``SimpleRNN(activation="relu")``."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(4)
+    X, _ = _sequences(3, seed=5)
+    cases = [(torch.nn.GRU(RF, RU, bias=False, batch_first=True), nn.GRU(RU, use_bias=False, return_sequences=True)),
+             (torch.nn.RNN(RF, RU, nonlinearity="relu", batch_first=True),
+              nn.SimpleRNN(RU, activation="relu", return_sequences=True))]
+    for net, layer in cases:
+        model = nn.Sequential([layer, nn.Dense(RC)], input_shape=(RT, RF))
+        model.compile(backend="numpy", dtype="float32")
+        head = torch.nn.Linear(RU, RC)
+        load_torch_weights(model, {**{f"rnn.{k}": v for k, v in net.state_dict().items()},
+                                   **{f"fc.{k}": v for k, v in head.state_dict().items()}})
+        with torch.no_grad():
+            want = head(net(torch.from_numpy(X))[0]).numpy()  # every step: return_sequences=True
+        np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+        assert sorted(to_torch_state_dict(model, prefixes=["rnn", "fc"])) == sorted(
+            [f"rnn.{k}" for k in net.state_dict()] + ["fc.weight", "fc.bias"])
+    no_bias = nn.Sequential([nn.LSTM(RU, use_bias=False), nn.Dense(RC)], input_shape=(RT, RF))
+    no_bias.compile(backend="numpy")
+    with pytest.raises(WeightsError, match=r"lstm_1 \(LSTM\) has no place for rnn\.bias_ih_l0 \(16,\), "
+                                           r"rnn\.bias_hh_l0 \(16,\)"):
+        load_torch_weights(no_bias, {**{f"rnn.{k}": v for k, v in torch.nn.LSTM(RF, RU).state_dict().items()},
+                                     "fc.weight": np.zeros((RC, RU)), "fc.bias": np.zeros(RC)})
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_stacked_recurrent_module_is_one_layer_each(tmp_path, bidirectional):
+    """``nn.LSTM(num_layers=2)``: ``..._l0`` and ``..._l1`` fill two symdl layers (``rnn[l0]``, ``rnn[l1]``
+    in a mapping), and two recurrent layers saved under one prefix are one stacked module again."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(9)
+
+    class Stacked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(RF, RU, num_layers=2, batch_first=True, bidirectional=bidirectional)
+            self.fc = torch.nn.Linear(RU * (2 if bidirectional else 1), RC)
+
+        def forward(self, x):
+            out, (h, _) = self.rnn(x)
+            return self.fc(torch.cat([h[-2], h[-1]], dim=1) if bidirectional else out[:, -1])
+
+    net = Stacked()
+    wrap = nn.Bidirectional if bidirectional else (lambda layer: layer)
+    model = nn.Sequential([wrap(nn.LSTM(RU, return_sequences=True)), wrap(nn.LSTM(RU)), nn.Dense(RC)],
+                          input_shape=(RT, RF))
+    model.compile(backend="numpy", dtype="float32")
+    X, _ = _sequences(5, seed=6)
+    with torch.no_grad():
+        want = net(torch.from_numpy(X)).numpy()
+    save_file(net.state_dict(), str(tmp_path / "stacked.safetensors"))
+    mapping = dict(zip(["rnn[l0]", "rnn[l1]", "fc"], model.layer_names))
+    for source, how in ((net.state_dict(), None), (tmp_path / "stacked.safetensors", mapping)):
+        model.set_weights({k: np.zeros_like(v) for k, v in model.get_weights().items()})
+        load_torch_weights(model, source, mapping=how)
+        np.testing.assert_allclose(model.predict(X), want, atol=1e-5, rtol=0)
+    state = to_torch_state_dict(model, prefixes=["rnn", "rnn", "fc"], tensors=True)
+    assert list(state) == list(net.state_dict())
+    net.load_state_dict(state, strict=True)

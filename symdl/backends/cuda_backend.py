@@ -434,3 +434,23 @@ class Runner(RunnerBase):
 
 def compile_program(program: Program, dtype) -> Runner:
     return Runner(program, dtype)
+
+
+# --------------------------------------------------------------------------- recurrence
+# ``ir.Scan`` / ``ir.ScanGrad``: one thread per sequence, looping over the steps in order (``scan_code``,
+# the same scalar loops as the CPU kernel's; the recurrent product a loop in each thread).
+from ..ir.kernels import Scan, ScanGrad  # noqa: E402
+from .scan_code import sequence_lines  # noqa: E402
+
+
+@emit.register(Scan)
+@emit.register(ScanGrad)
+def _scan(k, program, index):
+    name = f"k{index}_{k.kind}"
+    T = int(k.steps[0])
+    u = _dims(program.shape_of(k.operands[4 if isinstance(k, ScanGrad) else 1].buffer))[0]
+    args = list(dict.fromkeys([buf(k.out)] + [buf(o.buffer) for o in k.operands])) + ["R"]
+    body = ["i = cuda.grid(1)", "if i < R:"] + indent(sequence_lines(k, program, "scalar", str(T), u))
+    rows = f"({_dims(program.shape_of(k.out))[0]}) // {T}"
+    launch = [f"{name}[((({rows}) + TPB - 1) // TPB,), TPB]({', '.join(args[:-1])}, ({rows}))"]
+    return _kernel(name, args, body), launch

@@ -242,3 +242,15 @@ class Runner(RunnerBase):
 
 def compile_program(program: Program, dtype) -> Runner:
     return Runner(program, dtype)
+
+
+# --------------------------------------------------------------------------- recurrence
+# ``ir.Scan`` / ``ir.ScanGrad``: a Python loop over the steps, every sequence at once (``scan_code``).
+from ..ir.kernels import Scan, ScanGrad  # noqa: E402
+from .scan_code import array_lines  # noqa: E402
+
+
+@emit.register(Scan)
+@emit.register(ScanGrad)
+def _scan(k, program):
+    return array_lines(k, program)

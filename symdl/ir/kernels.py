@@ -458,6 +458,8 @@ class Program:
         if isinstance(kernel, ScatterAdd):  # zero the (V, d) table, then add every row of G
             (v, c), (r, _) = self.shape_of(kernel.out), self.shape_of(kernel.operands[1].buffer)
             return sp.sympify(v * c + r * c)
+        if hasattr(kernel, "work_expr"):  # a kernel that knows its own work (ops.recurrence's scans)
+            return kernel.work_expr(self)
         r, c = self.loop_shape(kernel)
         if isinstance(kernel, ImageKernel):  # each output entry reads one window
             return sp.sympify(r * c * kernel.window())
@@ -595,6 +597,110 @@ def _scatter_add_shapes(k: ScatterAdd, program, where):
     if not (same(ids[1], 1) and same(G[0], ids[0]) and same(out[1], G[1])):
         raise ProgramError(f"{where}: scatter_add of {G} at ids {ids} does not give {out}")
 
+
+# --------------------------------------------------------------------------- recurrence (ops.recurrence)
+
+
+@dataclass
+class _ScanKernel:
+    """What ``Scan`` and ``ScanGrad`` share: the cell's formulas and the scan's sizes and directions."""
+
+    out: str
+    operands: tuple
+    cell: tuple
+    gates: int
+    states: int
+    steps: tuple  # (T,): a size, so one compiled formula serves every sequence length
+    reverse_in: bool = False
+    reverse_out: bool = False
+    kind = ""  # (no ``reads``: not a kernel itself, as test_tables counts kernel classes by it)
+
+    def bodies(self) -> list:
+        """The cell's formulas with every cell variable read as ``v0``: what the checker, the work
+        estimate and the helper search see (the variables are not operands)."""
+        return [sp.sympify(b).xreplace({v: VARS[0] for v in VARS[: 2 * self.gates + self.states]})
+                for b in self.cell]
+
+    def __str__(self):
+        flags = "".join(f" {f}" for f, on in (("reverse_in", self.reverse_in), ("reverse_out", self.reverse_out)) if on)
+        return f"{self.kind}[{self.gates} gates, {self.states} states, T={self.steps[0]}{flags}]" \
+               f"({', '.join(map(str, self.operands))})"
+
+
+@dataclass
+class Scan(_ScanKernel):
+    """A recurrent cell run over the steps of each sequence (``ops.recurrence``).
+
+    ``operands = (XP, U)`` or ``(XP, U, B)``: the projected inputs ``(n·T, k·u)``, the recurrent
+    kernel ``(u, k·u)`` and a bias ``(r, k·u)`` (row 0 added to the input gates, row 1 when r = 2 to
+    the recurrent gates); ``out`` the states ``(n·T, s·u)``.
+    ``cell[c]`` is state ``c``'s scalar formula over ``VARS`` (input gates ``v0..v(k-1)``, recurrent
+    gates ``vk..v(2k-1)``, previous states ``v2k..``); ``steps = (T,)``. Step ``t`` of sequence ``b``
+    reads input row ``b·T + t`` (``b·T + T-1-t`` with ``reverse_in``) and writes row ``b·T + t``
+    (``reverse_out``: ``b·T + T-1-t``). Units: the sequences; one sequence's steps run in order.
+    """
+
+    kind = "scan"
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def work_expr(self, program) -> sp.Expr:
+        u = program.shape_of(self.operands[1].buffer)[0]
+        rows = program.shape_of(self.out)[0]
+        return sp.sympify(rows * u * (self.gates * u + self.states * operation_count(tuple(self.bodies()))))
+
+
+@dataclass
+class ScanGrad(_ScanKernel):
+    """``Scan``'s backpropagation through time: ``operands = (XP, UP, S, G, U[, B])`` (``UP = shift(h) U``
+    without the bias), ``out``
+    ``[δXP | δUP | δS]`` ``(n·T, 2·k·u + s·u)``: one reverse loop over the steps of each sequence,
+    the local derivatives ``sp.diff`` of ``cell``; ``δS`` each state's whole gradient (``G`` plus the
+    carry from the next step)."""
+
+    kind = "scan_grad"
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def work_expr(self, program) -> sp.Expr:
+        u = program.shape_of(self.operands[4].buffer)[0]
+        rows = program.shape_of(self.out)[0]
+        return sp.sympify(rows * u * (self.gates * u + 3 * self.states * operation_count(tuple(self.bodies()))))
+
+
+KERNELS = KERNELS + (Scan, ScanGrad)
+
+
+@_check_shapes.register(Scan)
+@_check_shapes.register(ScanGrad)
+def _scan_shapes(k, program, where):
+    if len(k.operands) not in ((5, 6) if isinstance(k, ScanGrad) else (2, 3)):
+        raise ProgramError(f"{where}: {k.kind} reads (XP, U[, B]) or (XP, UP, S, G, U[, B]), got {len(k.operands)}")
+    shapes = _whole_buffers(k, program, len(k.operands), where)
+    out = tuple(program.shape_of(k.out))
+    same = lambda a, b: sp.expand(sp.sympify(a) - b) == 0  # noqa: E731
+    U = shapes[4] if isinstance(k, ScanGrad) else shapes[1]
+    u = U[0]
+    ku = k.gates * u
+    want = {"XP": (out[0], ku), "U": (u, ku)}
+    if isinstance(k, ScanGrad):
+        want.update(UP=(out[0], ku), S=(out[0], k.states * u), G=(out[0], k.states * u))
+        names = ("XP", "UP", "S", "G", "U", "B")
+        wide = 2 * ku + k.states * u
+    else:
+        names = ("XP", "U", "B")
+        wide = k.states * u
+    if len(shapes) == len(names):
+        want["B"] = (shapes[-1][0], ku)
+        if not (same(shapes[-1][0], 1) or same(shapes[-1][0], 2)):
+            raise ProgramError(f"{where}: the bias has shape {shapes[-1]}, it needs 1 or 2 rows")
+    for name, shape in zip(names, shapes):
+        if not all(same(a, b) for a, b in zip(shape, want[name])):
+            raise ProgramError(f"{where}: {name} has shape {shape}, the cell needs {want[name]}")
+    if not same(out[1], wide):
+        raise ProgramError(f"{where}: the output {out} must be {wide} wide")
 
 @_check_shapes.register
 def _block_gemm_shapes(k: BlockGemm, program, where):

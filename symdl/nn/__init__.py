@@ -49,3 +49,9 @@ from .weights import load_weights, save_weights  # noqa: E402
 
 __all__ += ["CSVLogger", "PlotLosses", "TensorBoard", "curves", "load_torch_weights", "load_weights", "logging",
             "save_weights", "to_torch_state_dict", "torch_weights", "weights"]
+
+# Recurrent layers (issue 28): one scan node per layer (ops.recurrence).
+from . import recurrent  # noqa: E402
+from .recurrent import GRU, LSTM, Bidirectional, SimpleRNN  # noqa: E402
+
+__all__ += ["Bidirectional", "GRU", "LSTM", "SimpleRNN", "recurrent"]

@@ -155,13 +155,18 @@ def check_features(X, *, input_dim, what: str = "data", dtype=np.float64) -> np.
     >>> check_features(X, input_dim=2, dtype=np.float32) is X
     True
     """
-    X = np.asarray(X)
+    try:
+        X = np.asarray(X)
+    except ValueError as exc:  # NumPy refuses a ragged list (sequences of different lengths)
+        raise DataError(f"{what}: X is ragged (rows or sequences of different lengths: {exc}); pad them to one "
+                        "length") from None
     if X.dtype.kind not in "fiub":
         raise DataError(f"{what}: X has dtype {X.dtype}; expected numbers")
     if isinstance(input_dim, tuple):
-        X = X[..., None] if X.ndim == 3 and input_dim[2] == 1 else X
+        X = X[..., None] if X.ndim == len(input_dim) and input_dim[-1] == 1 else X
         if X.shape[1:] != input_dim:
-            raise DataError(f"{what}: X has shape {X.shape}, the model expects images (n, "
+            kind = "sequences" if len(input_dim) == 2 else "images"
+            raise DataError(f"{what}: X has shape {X.shape}, the model expects {kind} (n, "
                             f"{', '.join(map(str, input_dim))})")
         if len(X) == 0 or not np.isfinite(X).all():
             raise DataError(f"{what}: X is empty or contains NaN or Inf")

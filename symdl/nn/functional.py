@@ -127,12 +127,15 @@ def Input(shape, dtype=None, name=None) -> SymbolicTensor:  # noqa: N802 - Keras
             raise ValueError(f"Input: name must be a non-empty string, got {name!r}")
         dtype = str(np.dtype(dtype))
         return SymbolicTensor(shape, leaf=sd_input("x", shape, dtype=dtype), name=name or "input_layer", dtype=dtype)
-    if len(shape) not in (1, 3) or min(shape) < 1:
-        raise ValueError(f"Input: shape must be (features,) or (h, w, c) of positive ints, got {shape!r}")
+    if len(shape) not in (1, 2, 3) or min(shape) < 1:
+        raise ValueError(f"Input: shape must be (features,), sequences (steps, features) or (h, w, c) of positive "
+                         f"ints, got {shape!r}")
     if dtype is not None and np.dtype(dtype).kind != "f":
         raise ValueError(f"Input: symdl models read floating-point data or int32/int64 token ids, got dtype {dtype!r}")
     if name is not None and not (isinstance(name, str) and name):
         raise ValueError(f"Input: name must be a non-empty string, got {name!r}")
+    if len(shape) == 2:  # sequences (n, T, f), held as rows (n·T, f): recurrent layers read them
+        return SymbolicTensor(shape, leaf=sequence_input("x", shape), name=name or "input_layer")
     leaf = sd_input("x", shape[0] if len(shape) == 1 else shape)  # fit / predict pass the data as x
     return SymbolicTensor(shape, leaf=leaf, name=name or "input_layer")
 

@@ -130,7 +130,8 @@ class Model:
         self.input_names = self._in_keys or functional.unique_names([t.name for t in ins])
         self.input_dim = ins[0].features if len(ins) == 1 else [t.features for t in ins]
         single = len(ins) == 1
-        self.xs = [sd_input("x" if single else f"x{j}", t.features, dtype=t.dtype) for j, t in enumerate(ins, start=1)]
+        # a leaf per input as its tensor declares it: features, images, token ids or sequences
+        self.xs = [functional._probe("x" if single else f"x{j}", t) for j, t in enumerate(ins, start=1)]
         self.x = self.xs[0] if single else None
         self.layers = list({id(t.layer): t.layer for t in order if t.layer is not None}.values())
         kinds = ["functional" if isinstance(layer, Model) else layer.kind for layer in self.layers]
@@ -783,8 +784,8 @@ class Sequential(Model):
             if input_dim is not None:
                 raise ValueError("Sequential: give input_dim or input_shape, not both")
             input_dim = input_shape[0] if len(input_shape) == 1 else input_shape
-        if not (isinstance(input_dim, int) and input_dim > 0 or isinstance(input_dim, tuple) and len(input_dim) == 3):
-            raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c), "
+        if not (isinstance(input_dim, int) and input_dim > 0 or isinstance(input_dim, tuple) and len(input_dim) in (2, 3)):
+            raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c) or (steps, features), "
                              f"got {input_dim!r}")
         x = functional.Input(shape=input_dim if isinstance(input_dim, tuple) else (input_dim,))
         h = x

@@ -31,6 +31,22 @@ Layouts and conventions (PyTorch -> symdl, which holds Keras 3's layouts):
   transpose of its kernel). Both split a projection's ``E`` columns into heads contiguously
   (head ``h``: columns ``h·E/H .. (h+1)·E/H``) and scale scores by ``1/√(E/H)``, so nothing is
   permuted. ``add_bias_kv``'s ``bias_k``/``bias_v`` have no counterpart (an error).
+* ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (``batch_first`` changes no weight) ->
+  ``SimpleRNN`` / ``LSTM`` / ``GRU`` (``k`` = 1, 4, 3 gate blocks of ``u`` units):
+  ``weight_ih_l0 (k·u, f)`` is the ``kernel (f, k·u)`` transposed, ``weight_hh_l0 (k·u, u)`` the
+  ``recurrent_kernel (u, k·u)`` transposed. LSTM gates ``i, f, g, o`` are Keras's ``i, f, c, o``;
+  GRU gates ``r, z, n`` are Keras's ``z, r, h`` with the first two blocks swapped (in kernels and
+  biases). The RNN's and LSTM's ``bias_ih_l0`` and ``bias_hh_l0`` are added in every step: symdl's
+  ``bias (k·u,)`` is their sum (saved as ``bias_ih = bias``, ``bias_hh = 0``); the GRU's
+  ``bias_hh`` sits inside the reset gate's product, ``r ⊙ (h W_hn + b_hn)``, as in Keras's
+  ``GRU(reset_after=True)``, whose ``bias (2, 3·u)`` rows are ``bias_ih`` and ``bias_hh``.
+  ``bidirectional=True``: the ``_reverse`` parameters are the backward layer of
+  ``Bidirectional(layer, merge_mode="concat")`` (PyTorch's final states ``h_n`` are Keras's
+  ``return_sequences=False``; PyTorch's ``out[:, -1]`` holds the backward layer's first step).
+  The activations match by default (``tanh``, ``sigmoid`` gates; ``nn.RNN(nonlinearity="relu")``
+  is ``SimpleRNN(activation="relu")``). ``num_layers > 1``: one symdl layer per PyTorch layer (the
+  module ``rnn``'s ``weight_ih_l1``... are the module ``rnn[l1]`` in a ``mapping``; on export, recurrent
+  layers given the same prefix are stacked). ``proj_size`` (``weight_hr_l0``) has no counterpart.
 
 By default the PyTorch modules with weights (the key prefixes before ``.weight``..., in state
 dict order) are matched in order with symdl's layers that have weights; ``mapping`` ``{torch
@@ -52,10 +68,18 @@ its keys sorted by name, not in module order: numbered modules (``nn.Sequential`
 >>> load_torch_weights(tokens, {"emb.weight": np.arange(8.0).reshape(4, 2)})  # nn.Embedding(4, 2): as it is
 >>> tokens.predict(np.array([[3, 0, 1]]))[0].tolist()
 [[6.0, 7.0], [0.0, 1.0], [2.0, 3.0]]
+>>> gru = sd.nn.Sequential([sd.nn.GRU(1)], input_shape=(2, 1))  # nn.GRU(1, 1): gates r, z, n
+>>> gru.compile(loss="mse", backend="numpy")
+>>> load_torch_weights(gru, {"gru.weight_ih_l0": np.array([[1.0], [2.0], [3.0]]),
+...                          "gru.weight_hh_l0": np.array([[4.0], [5.0], [6.0]]),
+...                          "gru.bias_ih_l0": np.array([1.0, 2.0, 3.0]), "gru.bias_hh_l0": np.array([4.0, 5.0, 6.0])})
+>>> {k: v.tolist() for k, v in gru.get_weights().items()}  # Keras's z, r, h; the bias rows: input, recurrent
+{'kernel1': [[2.0, 1.0, 3.0]], 'recurrent_kernel1': [[5.0, 4.0, 6.0]], 'bias1': [[2.0, 1.0, 3.0], [5.0, 4.0, 6.0]]}
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -63,6 +87,7 @@ import numpy as np
 from .attention import MultiHeadAttention
 from .layers import (BatchNormalization, Conv2D, Dense, Embedding, Flatten, LayerNormalization,
                      TokenAndPositionEmbedding)
+from .recurrent import GRU, LSTM, Bidirectional, SimpleRNN
 from .weights import WeightsError, assign, model_arrays, read_safetensors, weight_names
 
 #: symdl role -> PyTorch parameter name, per layer class (a name with a dot lives in a child module).
@@ -85,6 +110,11 @@ MHA_SPLIT = ("q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", 
 #: the parent holds the input projections), the two ``nn.Embedding`` of a token-and-position embedding.
 CHILDREN = {"out_proj": ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
             "token_embedding": None, "position_embedding": None}
+#: ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``: for each of symdl's (Keras's) gate blocks, the PyTorch block
+#: that holds it (LSTM ``i, f, g, o`` as Keras's ``i, f, c, o``; GRU ``r, z, n`` for Keras's ``z, r, h``).
+GATES = {SimpleRNN: (0,), LSTM: (0, 1, 2, 3), GRU: (1, 0, 2)}
+#: ``Bidirectional``'s two layers: PyTorch's suffix for each (``weight_ih_l0_reverse``: the backward one).
+DIRECTIONS = {"forward": "", "backward": "_reverse"}
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -113,12 +143,45 @@ def read_state_dict(source) -> dict:
     return {str(k): _as_numpy(v) for k, v in source.items()}
 
 
+class Stacked(str):
+    """Layer ``k`` of a stacked PyTorch recurrent module (``num_layers > 1``), named ``rnn[l1]``:
+    its parameters are ``rnn.weight_ih_l1``..., held as ``weight_ih_l0``... (one symdl layer)."""
+
+    def __new__(cls, prefix: str, k: int):
+        self = super().__new__(cls, f"{prefix}[l{k}]")
+        self.module, self.k = prefix, k
+        return self
+
+
+#: A recurrent module's parameter: its name, layer and direction (``weight_ih_l1_reverse``).
+RECURRENT_PARAM = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?")
+
+
 def _key(prefix, leaf: str) -> str:
-    """The state dict key of parameter ``leaf`` of the module at ``prefix`` (a pair: two embeddings)."""
+    """The state dict key of parameter ``leaf`` of the module at ``prefix`` (a pair: two embeddings;
+    ``Stacked``: one layer of a stacked recurrent module)."""
     if isinstance(prefix, tuple):
         child, _, leaf = leaf.partition(".")
         prefix = prefix[child == "position_embedding"]
+    if isinstance(prefix, Stacked) and RECURRENT_PARAM.fullmatch(leaf):
+        prefix, leaf = prefix.module, re.sub(r"_l0(?=_|$)", f"_l{prefix.k}", leaf)
     return f"{prefix}.{leaf}" if prefix else leaf
+
+
+def _split_stacked(modules: dict) -> dict:
+    """A recurrent module with ``num_layers > 1`` (``weight_ih_l1``...) as one module per layer
+    (``rnn[l0]``, ``rnn[l1]``...: one symdl layer each), in layer order."""
+    out = {}
+    for prefix, params in modules.items():
+        found = [RECURRENT_PARAM.fullmatch(leaf) for leaf in params]
+        layers = sorted({int(m.group(2)) for m in found if m})
+        if not layers or not all(found) or layers[-1] == 0:
+            out[prefix] = params
+            continue
+        for k in layers:
+            out[Stacked(prefix, k)] = {f"{m.group(1)}_l0{m.group(3) or ''}": v for m, v in zip(found, params.values())
+                                       if int(m.group(2)) == k}
+    return out
 
 
 def _modules(state: dict) -> dict:
@@ -140,7 +203,7 @@ def _modules(state: dict) -> dict:
             modules.setdefault(parent, {}).update({f"{child}.{leaf}": v for leaf, v in params.items()})
         else:
             modules.setdefault(prefix, {}).update(params)
-    return modules
+    return _split_stacked(modules)
 
 
 def _leaf_layers(model):
@@ -213,11 +276,12 @@ def to_torch(layer, role: str, value: np.ndarray, image=None) -> np.ndarray:
 
 class Entry(NamedTuple):
     """One PyTorch parameter of a layer: its PyTorch shape, the symdl weights it fills (``names``,
-    ``shapes``), and the conversions both ways."""
+    ``shapes``), and the conversions both ways. Loading adds up what the entries give one symdl
+    weight (a recurrent layer's ``bias_ih`` and ``bias_hh`` are both parts of its ``bias``)."""
     shape: tuple
     names: list
     shapes: list
-    load: Callable  # PyTorch array -> {Keras-style name: array}
+    load: Callable  # PyTorch array -> {Keras-style name: array (its part of the weight)}
     save: Callable  # {Keras-style name: array} -> PyTorch array
 
 
@@ -226,6 +290,8 @@ def _entries(layer, roles: dict, live: dict, image=None, present=()) -> dict:
     dict has, to choose between ``nn.MultiheadAttention``'s packed and separate projections)."""
     if isinstance(layer, MultiHeadAttention):
         return _attention_entries(roles, live, present)
+    if isinstance(layer, (Bidirectional, *GATES)):
+        return _recurrent_entries(layer, roles, live)
     names = ROLES.get(type(layer))
     if names is None:
         return None
@@ -276,6 +342,64 @@ def _attention_entries(roles: dict, live: dict, present) -> dict:
     return entries
 
 
+def _recurrent_entries(layer, roles: dict, live: dict) -> dict:
+    """``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (one layer) <-> ``SimpleRNN`` / ``LSTM`` / ``GRU``, or with
+    ``bidirectional=True`` ``Bidirectional`` (its backward layer: the ``_reverse`` parameters).
+    ``weight_ih_l0 (k·u, f)`` is the ``kernel`` transposed and ``weight_hh_l0 (k·u, u)`` the
+    ``recurrent_kernel`` transposed, their gate blocks in PyTorch's order (``GATES``). PyTorch adds two
+    biases; symdl's LSTM and SimpleRNN hold their sum (saved as ``bias_ih = bias``, ``bias_hh = 0``),
+    the GRU both, as the rows of its ``(2, 3·u)`` bias (``bias_hh`` inside the reset gate's product,
+    ``reset_after=True``: PyTorch's form)."""
+    cell = layer.layer if isinstance(layer, Bidirectional) else layer
+    order = next(blocks for kind, blocks in GATES.items() if isinstance(cell, kind))
+    back = np.argsort(order)
+    u = cell.units
+
+    def gates(a, blocks):  # the gate blocks of the last axis, in the order ``blocks``
+        return np.concatenate([a[..., g * u:(g + 1) * u] for g in blocks], axis=-1)
+
+    def entry(keras, transpose=False, row=None):
+        """The PyTorch parameter holding ``keras`` (a kernel: ``transpose``), or its row ``row`` (a GRU bias)."""
+        shape = tuple(live[keras].shape)
+        torch_shape = shape[::-1] if transpose else shape[-1:]
+
+        def load(v):
+            v = gates(v.T if transpose else v, order)
+            if row is None:
+                return {keras: v}
+            part = np.zeros(shape, v.dtype)
+            part[row] = v
+            return {keras: part}
+
+        def save(w):
+            a = gates(w[keras] if row is None else w[keras][row], back)
+            return a.T if transpose else a
+
+        return Entry(torch_shape, [keras], [shape], load, save)
+
+    def hh_bias(keras):  # LSTM, SimpleRNN: ``bias_hh`` adds to the bias; saved as zeros
+        e = entry(keras)
+        return e._replace(save=lambda w: np.zeros_like(e.save(w)))
+
+    entries = {}
+    by_direction = {}
+    for role, keras in roles.items():
+        base, _, direction = re.fullmatch(r"([a-z_]+?)\d*(_(forward|backward))?", role).groups()
+        by_direction.setdefault(direction or "forward", {})[base] = keras
+    for direction, names in by_direction.items():
+        sfx = DIRECTIONS[direction]
+        entries[f"weight_ih_l0{sfx}"] = entry(names["kernel"], transpose=True)
+        entries[f"weight_hh_l0{sfx}"] = entry(names["recurrent_kernel"], transpose=True)
+        if "bias" in names:
+            if isinstance(cell, GRU):
+                entries[f"bias_ih_l0{sfx}"] = entry(names["bias"], row=0)
+                entries[f"bias_hh_l0{sfx}"] = entry(names["bias"], row=1)
+            else:
+                entries[f"bias_ih_l0{sfx}"] = entry(names["bias"])
+                entries[f"bias_hh_l0{sfx}"] = hh_bias(names["bias"])
+    return entries
+
+
 def _two_embeddings(layer, first: dict, second: dict) -> bool:
     """Whether ``layer`` (a token-and-position embedding) takes two separate ``nn.Embedding``
     modules (GPT-2's ``wte`` and ``wpe``): tokens first, then positions."""
@@ -306,13 +430,13 @@ def _pairs(model, modules: dict, mapping) -> tuple:
                 at += 1
         if at != len(prefixes) or len(pairs) != len(layers):
             problems.append(f"the state dict has {len(prefixes)} modules with weights "
-                            f"({', '.join(f'{p} {_shapes(modules[p])}' for p in prefixes)}), the model "
+                            f"({', '.join(f'{p} {_shapes(modules[p], p)}' for p in prefixes)}), the model "
                             f"{len(layers)} layers with weights ({', '.join(name for name, _, _ in layers)})")
         return pairs, problems
     by_name = {name: (name, layer, roles) for name, layer, roles in layers}
     unknown = [f"{layer_name} (for {prefix})" for prefix, layer_name in mapping.items() if layer_name not in by_name]
     missing_modules = [prefix for prefix in mapping if prefix not in modules]
-    unmapped = [f"{p} {_shapes(modules[p])}" for p in modules if p not in mapping]
+    unmapped = [f"{p} {_shapes(modules[p], p)}" for p in modules if p not in mapping]
     unfilled = [name for name in by_name if name not in mapping.values()]
     for what, items in (("mapping names layers the model does not have", unknown),
                         ("mapping names modules the state dict does not have", missing_modules),
@@ -336,8 +460,8 @@ def _pairs(model, modules: dict, mapping) -> tuple:
     return pairs, problems
 
 
-def _shapes(params: dict) -> str:
-    return "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in params.items()) + "}"
+def _shapes(params: dict, prefix="") -> str:
+    return "{" + ", ".join(f"{_key(prefix, k).rpartition('.')[2]}: {tuple(v.shape)}" for k, v in params.items()) + "}"
 
 
 def load_torch_weights(model, state_dict_or_safetensors_path, mapping=None, torch_flatten: bool = True) -> None:
@@ -368,7 +492,8 @@ def load_torch_weights(model, state_dict_or_safetensors_path, mapping=None, torc
                 continue
             value = params[torch_name]
             if tuple(value.shape) == entry.shape:
-                arrays.update(entry.load(value))
+                for keras, part in entry.load(value).items():
+                    arrays[keras] = arrays[keras] + part if keras in arrays else part
             else:
                 needs = ", ".join(entry.names) + (" needs " if len(entry.names) == 1 else " need ") + \
                     ", ".join(str(s) for s in entry.shapes)
@@ -392,7 +517,8 @@ def to_torch_state_dict(model, prefixes=None, torch_flatten: bool = True, tensor
     """``model``'s weights as a PyTorch state dict (``load_torch_weights``'s inverse): keys
     ``<prefix>.weight``... with the prefixes given (one per layer with weights, in order; default:
     the layer names), NumPy arrays, or torch tensors with ``tensors=True``; a batch norm also gets
-    ``num_batches_tracked`` (the steps trained)."""
+    ``num_batches_tracked`` (the steps trained). Recurrent layers given the same prefix are the
+    layers of one stacked PyTorch module (``num_layers``: ``weight_ih_l0``, ``weight_ih_l1``...)."""
     if getattr(model, "train_step", None) is None:
         raise RuntimeError("to_torch_state_dict: the model has no weights yet; call model.compile(...) first")
     layers = _layers(model)
@@ -400,6 +526,12 @@ def to_torch_state_dict(model, prefixes=None, torch_flatten: bool = True, tensor
     if len(prefixes) != len(layers):
         raise ValueError(f"to_torch_state_dict: {len(prefixes)} prefixes for {len(layers)} layers with weights "
                          f"({', '.join(name for name, _, _ in layers)})")
+    recurrent = [p for p, (_, layer, _) in zip(prefixes, layers) if isinstance(layer, (Bidirectional, *GATES))]
+    seen = {}
+    for j, ((_, layer, _), prefix) in enumerate(zip(layers, prefixes)):
+        if isinstance(layer, (Bidirectional, *GATES)) and recurrent.count(prefix) > 1:
+            prefixes[j] = Stacked(prefix, seen.setdefault(prefix, 0))
+            seen[prefix] += 1
     live = model_arrays(model)
     out = {}
     for (layer_name, layer, roles), prefix in zip(layers, prefixes):

@@ -8,3 +8,4 @@
 * ``attention`` products within each sequence (scores, mixes) and the causal mask.
 """
 from . import attention, concat, conv, embedding, padding  # noqa: F401 - registers the families' rules
+from . import recurrence  # noqa: F401,E402 - recurrent layers: one scan node per layer (its rules)

@@ -40,7 +40,7 @@ from ..graph.nodes import (
 from ..ir import kernels as ir
 from ..ir.kernels import Operand
 from ..ir.lowering import LOWER
-from .concat import Cols
+from .concat import Cols, Concat, Place
 from .conv import Reshape, _entry_of
 
 #: The largest vocabulary whose ids a float32 holds exactly (2**24).
@@ -148,6 +148,10 @@ def sequence_length(e):
     """
     if isinstance(e, Input):
         return getattr(e, "sequence_length", None)
+    if hasattr(type(e), "out_sequence"):  # other families' nodes (ops.recurrence's scans)
+        return e.out_sequence
+    if isinstance(e, (Cols, Concat, Place)):  # columns of sequences are sequences
+        return sequence_length(e.args[0])
     if isinstance(e, Gather):
         return sequence_length(e.args[1])
     if isinstance(e, (Map, MatAdd)):

@@ -460,3 +460,30 @@ def _helpers(program: Program, flavor: str) -> str:
     """The scalar helpers a formula's bodies call (dropout's uniform, float32 ``tanh``: see
     ``formulas.scalars``), defined in its module."""
     return helper_source(program, flavor, '@numba.njit(inline="always", error_model="numpy", cache=True)')
+
+
+# --------------------------------------------------------------------------- recurrence
+# ``ir.Scan`` / ``ir.ScanGrad``: units are the sequences; each runs its steps in order (``scan_code``).
+# ``llvm_scan`` prints the same loops as LLVM IR.
+from ...ir.kernels import Scan, ScanGrad  # noqa: E402
+from . import llvm_scan  # noqa: E402,F401 - registers the LLVM printers of Scan and ScanGrad
+from ..scan_code import sequence_lines  # noqa: E402
+
+
+def _scan_sizes(k, program) -> tuple:
+    """``(T, u)`` as code: the step count (a size of the formula) and the units (``U``'s rows)."""
+    U = k.operands[4 if isinstance(k, ScanGrad) else 1].buffer
+    return sp.pycode(sp.sympify(k.steps[0])), _dims(program.shape_of(U))[0]
+
+
+@emit.register(Scan)
+@emit.register(ScanGrad)
+def _scan(k, program, flavor):
+    T, u = _scan_sizes(k, program)
+    return [OUTER] + indent(sequence_lines(k, program, flavor, T, u))
+
+
+@units.register(Scan)
+@units.register(ScanGrad)
+def _scan_units(k, program):
+    return sp.sympify(program.shape_of(k.out)[0] / k.steps[0])

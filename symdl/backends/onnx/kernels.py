@@ -284,3 +284,137 @@ def _avg_pool_grad(k: AvgPoolGrad, ctx):
                                G.const([1, 1, g.kh * g.kw], np.int64)])
     return images.pixel_rows(G, images.scatter_sum(G, spread, dest, _entries(g)[0]), g.C)
 
+
+
+# --------------------------------------------------------------------------- recurrence
+# ``ir.Scan`` / ``ir.ScanGrad`` unrolled over the steps (T is static): per step, the gates are column
+# gathers of the step's rows, the recurrent product a ``MatMul``, the cell's formulas (and for the
+# backward their ``sp.diff``, ``scan_code.backward_exprs``) printed by ``Body``; the steps are stacked
+# along a step axis at the end.
+from ...ir.kernels import Scan, ScanGrad  # noqa: E402
+from ..scan_code import _delta_symbols, backward_exprs  # noqa: E402
+
+
+class _Steps:
+    """A ``(n·T, w)`` buffer as ``(n, T, w)``: a step's rows ``(n, w)`` and column blocks of them."""
+
+    def __init__(self, ctx, buffer, T):
+        self.ctx, self.T = ctx, T
+        w = ctx.program.shape_of(buffer)[1]
+        rows = ctx.program.shape_of(buffer)[0]
+        self.value = ctx.g.reshape(ctx.value(buffer), (rows / T, T, w))
+
+    def step(self, t) -> str:
+        g = self.ctx.g
+        return g.node("Gather", [self.value, g.const(np.array(t), np.int64)], axis=1)
+
+
+def _block(ctx, value, lo, hi) -> str:
+    g = ctx.g
+    return g.node("Gather", [value, g.const(np.arange(lo, hi), np.int64)], axis=1)
+
+
+def _stack(ctx, rows: list, shape) -> str:
+    """Per-step ``(n, w)`` values in step order, as the ``(n·T, w)`` buffer."""
+    g = ctx.g
+    steps = [g.node("Unsqueeze", [r, g.const(np.array([1]), np.int64)]) for r in rows]
+    return g.reshape(g.node("Concat", steps, axis=1) if len(steps) > 1 else steps[0], shape)
+
+
+def _scan_setup(k, ctx, U_at, B_at):
+    T = int(k.steps[0])
+    U = ctx.value(k.operands[U_at].buffer)
+    u = int(ctx.program.shape_of(k.operands[U_at].buffer)[0])
+    bx = bu = None
+    if len(k.operands) > B_at:
+        B = ctx.value(k.operands[B_at].buffer)
+        g = ctx.g
+        bx = g.node("Gather", [B, g.const(np.array([0]), np.int64)], axis=0)
+        if int(ctx.program.shape_of(k.operands[B_at].buffer)[0]) == 2:
+            bu = g.node("Gather", [B, g.const(np.array([1]), np.int64)], axis=0)
+    order = lambda rev, t: T - 1 - t if rev else t  # noqa: E731
+    return T, U, u, bx, bu, order
+
+
+@emit.register
+def _scan(k: Scan, ctx):
+    g = ctx.g
+    T, U, u, bx, bu, order = _scan_setup(k, ctx, 1, 2)
+    XP = _Steps(ctx, k.operands[0].buffer, T)
+    kk, s = k.gates, k.states
+    cell = [expand_activations(sp.sympify(b), use_impl=True) for b in k.cell]
+    rows, prev = [None] * T, None
+    for t in range(T):
+        x = XP.step(order(k.reverse_in, t))
+        if bx is not None:
+            x = g.node("Add", [x, bx])
+        symbols = {VARS[gi]: _block(ctx, x, gi * u, (gi + 1) * u) for gi in range(kk)}
+        env = {}
+        if prev is None:
+            for gi in range(kk):
+                if bu is None:
+                    env[VARS[kk + gi]] = sp.Integer(0)
+                else:
+                    symbols[VARS[kk + gi]] = _block(ctx, bu, gi * u, (gi + 1) * u)
+            env.update({VARS[2 * kk + c]: sp.Integer(0) for c in range(s)})
+        else:
+            up = g.node("MatMul", [_block(ctx, prev, 0, u), U])
+            if bu is not None:
+                up = g.node("Add", [up, bu])
+            symbols.update({VARS[kk + gi]: _block(ctx, up, gi * u, (gi + 1) * u) for gi in range(kk)})
+            symbols.update({VARS[2 * kk + c]: _block(ctx, prev, c * u, (c + 1) * u) for c in range(s)})
+        body = Body(g, symbols)
+        states = [body.value(b.xreplace(env)) for b in cell]
+        prev = g.node("Concat", states, axis=1) if s > 1 else states[0]
+        rows[order(k.reverse_out, t)] = prev
+    return _stack(ctx, rows, ctx.program.shape_of(k.out))
+
+
+@emit.register
+def _scan_grad(k: ScanGrad, ctx):
+    g = ctx.g
+    T, U, u, bx, bu, order = _scan_setup(k, ctx, 4, 5)
+    XP, UP, S, G = (_Steps(ctx, o.buffer, T) for o in k.operands[:4])
+    kk, s = k.gates, k.states
+    dx, du, carry_exprs = (
+        [expand_activations(e, use_impl=True) for e in part] for part in backward_exprs(k))
+    deltas = _delta_symbols(s)
+    dxp, dup, dss = [None] * T, [None] * T, [None] * T
+    Ut = g.node("Transpose", [U], perm=[1, 0])
+    carry = None
+    for t in reversed(range(T)):
+        ri, ro = order(k.reverse_in, t), order(k.reverse_out, t)
+        D = G.step(ro) if carry is None else g.node("Add", [G.step(ro), carry])
+        x = XP.step(ri) if bx is None else g.node("Add", [XP.step(ri), bx])
+        up = UP.step(ro) if bu is None else g.node("Add", [UP.step(ro), bu])
+        symbols = {VARS[gi]: _block(ctx, x, gi * u, (gi + 1) * u) for gi in range(kk)}
+        symbols.update({VARS[kk + gi]: _block(ctx, up, gi * u, (gi + 1) * u) for gi in range(kk)})
+        symbols.update({d: _block(ctx, D, c * u, (c + 1) * u) for c, d in enumerate(deltas)})
+        env = {}
+        if t > 0:
+            prev = S.step(order(k.reverse_out, t - 1))
+            symbols.update({VARS[2 * kk + c]: _block(ctx, prev, c * u, (c + 1) * u) for c in range(s)})
+        else:
+            env = {VARS[2 * kk + c]: sp.Integer(0) for c in range(s)}
+        body = Body(g, symbols)
+        batch = ctx.program.shape_of(k.out)[0] / T
+        width = lambda e: _full(ctx, body, e.xreplace(env), (batch, u))  # noqa: E731
+        gx = [width(e) for e in dx]
+        gu = [width(e) for e in du]
+        dxp[ri] = g.node("Concat", gx, axis=1) if kk > 1 else gx[0]
+        dup[ro] = g.node("Concat", gu, axis=1) if kk > 1 else gu[0]
+        dss[ro] = D
+        if t > 0:
+            parts = [width(e) for e in carry_exprs]
+            parts[0] = g.node("Add", [parts[0], g.node("MatMul", [dup[ro], Ut])])
+            carry = g.node("Concat", parts, axis=1) if s > 1 else parts[0]
+    rows = [g.node("Concat", [a, b, c], axis=1) for a, b, c in zip(dxp, dup, dss)]
+    return _stack(ctx, rows, ctx.program.shape_of(k.out))
+
+
+def _full(ctx, body, e, shape) -> str:
+    """``e``'s value as a full ``(n, u)`` block (a constant, such as a zero derivative, expanded)."""
+    v = body.value(e)
+    if not (sp.sympify(e).free_symbols & set(body.symbols)):
+        v = ctx.g.node("Expand", [v, ctx.g.shape(shape)])
+    return v

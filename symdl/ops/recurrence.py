@@ -1,0 +1,595 @@
+"""Recurrence as one scan node: SimpleRNN, LSTM and GRU cells, backpropagation through time.
+
+Sequences are rows: a batch ``(n, T, f)`` is the matrix ``(n·T, f)``, row ``b·T + t``. A recurrent
+layer is
+
+* ``XP = X W + b``: the input projection of every step, one ordinary product;
+* ``S = scan(cell, XP, U, bu)``: the states of every step ``(n·T, s·u)`` (LSTM ``[h | c]``, s = 2;
+  GRU, SimpleRNN ``h``). At step ``t`` of sequence ``b``, ``UP_t = h_{t-1} U (+ bu)`` (``h_{-1} = 0``)
+  and per unit ``j`` a *scalar* SymPy cell formula maps the ``k`` input gates, the ``k`` recurrent
+  gates and the ``s`` previous states to the ``s`` new states (``Cell``).
+* its gradient: ``bptt(cell, G; XP, UP, S, U)`` (``ScanGrad``), one backward scan over ``t`` giving
+  ``[δXP | δUP | δS]`` (``δS`` the total gradient of every state, the carried one included). The
+  per-unit local derivatives are ``sp.diff`` of the cell formula; the carry is
+  ``δp_{t-1} = Σ_c δS_t,c ∂c/∂p + [h] δUP_t Uᵀ``. Then ``δW = Xᵀ δXP``, ``δU = Shift(h)ᵀ δUP``,
+  ``δbu = 1ᵀ δUP``, ``δX = δXP Wᵀ``: ordinary nodes, ``UP = Shift(h) U + bu`` one ordinary product.
+
+``reverse_in`` reads the inputs from the last step to the first (Keras's ``go_backwards``: the
+states are stored in the order they are computed); ``reverse_out`` also stores them at their
+input's row (the backward half of ``Bidirectional``, aligned with the forward half).
+``Shift`` moves rows one step within each sequence (zeros at the first step) and is built from
+``Reshape``, ``Cols`` and ``Place``: no kernel of its own.
+
+>>> import symdl as sd
+>>> from symdl.graph.nodes import sequence_input
+>>> x = sequence_input("x", (3, 2)); W = sd.param("W", (2, 4)); U = sd.param("U", (1, 4))
+>>> S = scan(lstm_cell(), x @ W, U, None, 3)
+>>> S.shape
+(3*n, 2)
+>>> print(S)
+lstm_scan(x*W, U)
+>>> print(sd.grad(sd.total(S), [U])[U])
+shift(cols(lstm_scan(x*W, U), 0, 1)).T*cols(lstm_bptt(1; x*W, shift(cols(lstm_scan(x*W, U), 0, 1))*U, lstm_scan(x*W, U), U), 4, 8)
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import sympy as sp
+from sympy.core.symbol import Str
+from sympy.matrices.expressions import MatrixExpr
+from sympy.printing.precedence import PRECEDENCE
+
+from ..autodiff.jvp import JVP, linear_in_first_operand
+from ..autodiff.vjp import VJP
+from ..formulas import activations as functions
+from ..graph.nodes import (
+    PRINT_RULES, VARS, Ops, Printable, ShapeMismatch, SumRows, name_of, shape_text,
+)
+from ..ir import kernels as ir
+from ..ir.kernels import Operand
+from ..ir.lowering import LOWER, lower_expansion
+from .concat import Cols, Place
+from .conv import Reshape
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A recurrent cell: ``gates`` input gates ``x_g`` and recurrent gates ``u_g`` per unit, ``states``
+    carried states ``p_c``; ``bodies[c]`` the new state ``c`` as a SymPy scalar formula over
+    ``VARS``: ``x_g = VARS[g]``, ``u_g = VARS[gates + g]``, ``p_c = VARS[2·gates + c]``. State 0 is
+    ``h``, the output (and the one the recurrent product reads)."""
+
+    name: str
+    gates: int
+    states: int
+    bodies: tuple
+    gate_names: tuple = ()
+    state_names: tuple = ("h",)
+
+    def x(self, g):
+        return VARS[g]
+
+    def u(self, g):
+        return VARS[self.gates + g]
+
+    def p(self, c):
+        return VARS[2 * self.gates + c]
+
+    @property
+    def variables(self) -> tuple:
+        return tuple(VARS[: 2 * self.gates + self.states])
+
+    @functools.cached_property
+    def derivatives(self) -> tuple:
+        """``derivatives[c][v]``: ``∂ body_c / ∂ VARS[v]`` by ``sp.diff`` (SymPy derives them)."""
+        return tuple(tuple(sp.diff(b, v) for v in self.variables) for b in self.bodies)
+
+
+def _fn(activation, what):
+    """A scalar function from an activation name (``None``/``"linear"``: the identity)."""
+    applied = functions.get(activation)
+    if applied is None:
+        return lambda t: t
+    fn = getattr(applied, "function", None)
+    if fn is None:
+        raise ValueError(f"{what}: unknown activation {activation!r}")
+    return fn
+
+
+def simple_rnn_cell(activation="tanh") -> Cell:
+    """``h = act(x + u)`` (Keras's ``SimpleRNN``: one gate)."""
+    act = _fn(activation, "SimpleRNN")
+    return Cell("simple_rnn", 1, 1, (act(VARS[0] + VARS[1]),), ("h",))
+
+
+def lstm_cell(activation="tanh", recurrent_activation="sigmoid") -> Cell:
+    """Keras's LSTM, gates ``i, f, c, o``: ``c = f·c' + i·g``, ``h = o·act(c)`` with
+    ``i = σ(x_i + u_i)``, ``f = σ(x_f + u_f)``, ``g = act(x_c + u_c)``, ``o = σ(x_o + u_o)``. States ``[h, c]``."""
+    act, rec = _fn(activation, "LSTM"), _fn(recurrent_activation, "LSTM")
+    x, u = VARS[0:4], VARS[4:8]
+    c_prev = VARS[9]
+    i, f, g, o = rec(x[0] + u[0]), rec(x[1] + u[1]), act(x[2] + u[2]), rec(x[3] + u[3])
+    c = f * c_prev + i * g
+    return Cell("lstm", 4, 2, (o * act(c), c), ("i", "f", "c", "o"), ("h", "c"))
+
+
+def gru_cell(activation="tanh", recurrent_activation="sigmoid") -> Cell:
+    """Keras's GRU with ``reset_after=True`` (PyTorch's form), gates ``z, r, h``:
+    ``z = σ(x_z + u_z)``, ``r = σ(x_r + u_r)``, ``ĥ = act(x_h + r·u_h)``, ``h = z·h' + (1 − z)·ĥ``."""
+    act, rec = _fn(activation, "GRU"), _fn(recurrent_activation, "GRU")
+    x, u, h_prev = VARS[0:3], VARS[3:6], VARS[6]
+    z, r = rec(x[0] + u[0]), rec(x[1] + u[1])
+    hh = act(x[2] + r * u[2])
+    return Cell("gru", 3, 1, (z * h_prev + (1 - z) * hh,), ("z", "r", "h"))
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def _spec(cell: Cell, T: int, reverse_in: bool, reverse_out: bool) -> sp.Tuple:
+    return sp.Tuple(Str(cell.name), sp.Tuple(*cell.bodies), sp.Integer(cell.gates), sp.Integer(cell.states),
+                    sp.Integer(T), sp.Integer(int(reverse_in)), sp.Integer(int(reverse_out)),
+                    sp.Tuple(*(Str(g) for g in cell.gate_names)), sp.Tuple(*(Str(s) for s in cell.state_names)))
+
+
+_DEFERRED: dict = {}  # node -> its number, and number -> node (``_Entry``)
+
+
+class _Entry(sp.Function):
+    """An entry of a recurrence node at a symbolic index (SymPy's sum over a product's inner index):
+    it evaluates to the entry once the indices are numbers. An explicit matrix there (``conv._entry_of``)
+    would be expanded whole by ``Sum.doit``'s ``apart``, which stalls on a recurrence's long formulas."""
+
+    @classmethod
+    def eval(cls, key, i, j):
+        if i.is_Integer and j.is_Integer:
+            return _DEFERRED[int(key)]._int_entry(int(i), int(j))
+        return None
+
+
+def _deferred_entry(node, i, j, **kw):
+    if isinstance(i, (int, sp.Integer)) and isinstance(j, (int, sp.Integer)):
+        return node._int_entry(int(i), int(j), **kw)
+    if node not in _DEFERRED:
+        key = len(_DEFERRED) // 2
+        _DEFERRED[node], _DEFERRED[key] = key, node
+    return _Entry(sp.Integer(_DEFERRED[node]), i, j)
+
+
+class _ScanBase(Printable, Ops, MatrixExpr):
+    """Matrix operands, then the cell's spec (``_spec``) as the last argument."""
+
+    precedence = PRECEDENCE["Atom"]
+
+    def __new__(cls, *args):
+        return MatrixExpr.__new__(cls, *args)
+
+    @property
+    def mats(self) -> tuple:
+        return self.args[:-1]
+
+    @property
+    def spec(self):
+        return self.args[-1]
+
+    @property
+    def cell(self) -> Cell:
+        name, bodies, k, s, _, _, _, gates, states = self.spec
+        return _cell_of(str(name), tuple(bodies), int(k), int(s), tuple(str(g) for g in gates),
+                        tuple(str(c) for c in states))
+
+    @property
+    def steps(self) -> int:
+        return int(self.spec[4])
+
+    @property
+    def reverse_in(self) -> bool:
+        return bool(self.spec[5])
+
+    @property
+    def reverse_out(self) -> bool:
+        return bool(self.spec[6])
+
+    @property
+    def out_sequence(self) -> int:
+        """``T``: the rows are ``n`` sequences of ``T`` steps (``embedding.sequence_length``)."""
+        return self.steps
+
+    @property
+    def units(self) -> int:
+        return int(self._U.shape[0])
+
+    def step_rows(self, b, t):
+        """``(input row, output row, previous output row or None)`` of step ``t`` of sequence ``b``."""
+        T = self.steps
+        at = lambda rev, s: b * T + (T - 1 - s if rev else s)  # noqa: E731
+        prev = at(self.reverse_out, t - 1) if t > 0 else None
+        return at(self.reverse_in, t), at(self.reverse_out, t), prev
+
+    def _entry(self, i, j, **kw):
+        return _deferred_entry(self, i, j, **kw)
+
+
+@functools.lru_cache(maxsize=256)
+def _cell_of(name, bodies, k, s, gates, states) -> Cell:
+    return Cell(name, k, s, bodies, gates, states)
+
+
+class Scan(_ScanBase):
+    """``cell_scan(XP, U[, bu])``: the states of every step ``(n·T, s·u)`` (see the module)."""
+
+    notation = "cell_scan(XP, U): the recurrent cell run over the steps of each sequence, states of every step"
+
+    @property
+    def _U(self):
+        return self.args[1]
+
+    @property
+    def shape(self):
+        return (self.args[0].shape[0], self.cell.states * self._U.shape[0])
+
+    @property
+    def bias(self):
+        """``B`` ``(r, k·u)`` or None: row 0 added to the input gates, row 1 (r = 2) to the recurrent ones."""
+        return self.args[2] if len(self.mats) == 3 else None
+
+    def _int_entry(self, i, j, **kw):
+        T = self.steps
+        return _forward(self, i // T, tuple(sorted(kw.items())))[i][j]
+
+
+class ScanGrad(_ScanBase):
+    """``cell_bptt(G; XP, UP, S, U)``: backpropagation through time, ``[δXP | δUP | δS]``
+    ``(n·T, 2·k·u + s·u)``, from one reverse loop over the steps (see the module)."""
+
+    notation = ("cell_bptt(G; XP, UP, S, U): backpropagation through time, [δXP | δUP | δS] of every step "
+                "(δS: each state's whole gradient, the carry from the next step included)")
+
+    @property
+    def _U(self):
+        return self.args[4]
+
+    @property
+    def bias(self):
+        return self.args[5] if len(self.mats) == 6 else None
+
+    @property
+    def shape(self):
+        c = self.cell
+        return (self.args[0].shape[0], (2 * c.gates + c.states) * self._U.shape[0])
+
+    def _int_entry(self, i, j, **kw):
+        T = self.steps
+        return _backward(self, i // T, tuple(sorted(kw.items())))[i][j]
+
+
+# --------------------------------------------------------------------------- scalar unrolling (prove)
+
+
+def _bias_rows(node, kw) -> tuple:
+    """The input and recurrent biases as lists of ``k·u`` scalars (zeros where there is none)."""
+    ku = node.cell.gates * node.units
+    B = node.bias
+    zero = [sp.Integer(0)] * ku
+    if B is None:
+        return zero, zero
+    bx = [B._entry(0, c, **kw) for c in range(ku)]
+    return bx, ([B._entry(1, c, **kw) for c in range(ku)] if int(B.shape[0]) == 2 else zero)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward(node: Scan, b: int, kw: tuple) -> dict:
+    """``{row: [state entries]}`` of sequence ``b``: the scan unrolled with SymPy scalars."""
+    kw = dict(kw)
+    XP, U = node.args[:2]
+    bx, bu = _bias_rows(node, kw)
+    cell, u = node.cell, node.units
+    k, s = cell.gates, cell.states
+    out, prev = {}, [sp.Integer(0)] * (s * u)
+    for t in range(node.steps):
+        ri, ro, _ = node.step_rows(b, t)
+        up = [bu[c] + sp.Add(*(prev[m] * U._entry(m, c, **kw) for m in range(u))) for c in range(k * u)]
+        row = [None] * (s * u)
+        for j in range(u):
+            env = {cell.x(g): XP._entry(ri, g * u + j, **kw) + bx[g * u + j] for g in range(k)}
+            env.update({cell.u(g): up[g * u + j] for g in range(k)})
+            env.update({cell.p(c): prev[c * u + j] for c in range(s)})
+            for c in range(s):
+                row[c * u + j] = cell.bodies[c].xreplace(env)
+        out[ro] = row
+        prev = row
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _backward(node: ScanGrad, b: int, kw: tuple) -> dict:
+    """``{row: [δXP..., δUP..., δS...]}`` of sequence ``b``: the BPTT recurrence with SymPy scalars
+    (local derivatives ``sp.diff`` of the cell; the carry through ``f``, ``z`` and ``U``)."""
+    kw = dict(kw)
+    XP, UP, S, G, U = node.args[:5]
+    bx, bu = _bias_rows(node, kw)
+    cell, u = node.cell, node.units
+    k, s = cell.gates, cell.states
+    ku = k * u
+    out = {}
+    carry = [sp.Integer(0)] * (s * u)
+    for t in reversed(range(node.steps)):
+        ri, ro, rp = node.step_rows(b, t)
+        D = [G._entry(ro, c, **kw) + carry[c] for c in range(s * u)]
+        dx, dup, nxt = [None] * ku, [None] * ku, [sp.Integer(0)] * (s * u)
+        for j in range(u):
+            env = {cell.x(g): XP._entry(ri, g * u + j, **kw) + bx[g * u + j] for g in range(k)}
+            env.update({cell.u(g): UP._entry(ro, g * u + j, **kw) + bu[g * u + j] for g in range(k)})
+            env.update({cell.p(c): S._entry(rp, c * u + j, **kw) if rp is not None else sp.Integer(0)
+                        for c in range(s)})
+
+            def through(v):
+                return sp.Add(*(D[c * u + j] * cell.derivatives[c][v].xreplace(env) for c in range(s)))
+
+            for g in range(k):
+                dx[g * u + j] = through(g)
+                dup[g * u + j] = through(k + g)
+            for c in range(s):
+                nxt[c * u + j] = through(2 * k + c)
+        for j in range(u):  # h_{t-1} also feeds every recurrent gate of step t
+            nxt[j] += sp.Add(*(dup[col] * U._entry(j, col, **kw) for col in range(ku)))
+        rows = out.setdefault(ri, [None] * (2 * ku + s * u))
+        rows[:ku] = dx
+        rows_o = out.setdefault(ro, [None] * (2 * ku + s * u))
+        rows_o[ku: 2 * ku] = dup
+        rows_o[2 * ku:] = D
+        carry = nxt
+    return out
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def shift(x, T: int, reverse: bool = False):
+    """Rows moved one step later within each sequence of ``T`` rows (``reverse``: one step earlier),
+    zeros where nothing comes in: the previous step's values ``(n·T, w)`` (``Shifted``)."""
+    return Shifted(x, sp.Integer(T), sp.Integer(int(reverse)))
+
+
+class Shifted(Printable, Ops, MatrixExpr):
+    """``shift(h)``: each sequence's rows moved one step (the previous step's ``h``; zeros at the first
+    step). Linear; its adjoint is the shift the other way. It lowers as its ``expansion`` (``Reshape``,
+    ``Cols``, ``Place``): no kernel of its own."""
+
+    precedence = PRECEDENCE["Atom"]
+    notation = "shift(h): each sequence's rows moved one step (the previous step's h; zeros at the first)"
+
+    def __new__(cls, x, T, reverse):
+        return MatrixExpr.__new__(cls, x, sp.Integer(T), sp.Integer(int(reverse)))
+
+    @property
+    def shape(self):
+        return self.args[0].shape
+
+    @property
+    def out_sequence(self) -> int:
+        return int(self.args[1])
+
+    def _entry(self, i, j, **kw):
+        return _deferred_entry(self, i, j, **kw)
+
+    def _int_entry(self, i, j, **kw):
+        x, T, rev = self.args[0], int(self.args[1]), bool(self.args[2])
+        t = i % T
+        if (t == T - 1) if rev else (t == 0):
+            return sp.Integer(0)
+        return x._entry(i + 1 if rev else i - 1, j, **kw)
+
+    @property
+    def expansion(self):
+        x, T, rev = self.args[0], int(self.args[1]), bool(self.args[2])
+        rows, w = x.shape[0], int(x.shape[1])
+        if T == 1:
+            return x * 0
+        flat = Reshape(x, rows / T, T * w)
+        moved = Place(Cols(flat, w, T * w), 0, T * w) if rev else Place(Cols(flat, 0, (T - 1) * w), w, T * w)
+        return Reshape(moved, rows, w)
+
+
+def scan(cell: Cell, XP, U, bu, T: int, *, reverse_in=False, reverse_out=False, where="recurrent layer"):
+    """The states of every step: ``Scan`` over the projected inputs ``XP`` ``(n·T, k·u)`` with the
+    recurrent kernel ``U`` ``(u, k·u)`` and an optional bias ``bu``: ``(1, k·u)`` (added to the input
+    gates: Keras's LSTM and SimpleRNN ``bias``) or ``(2, k·u)`` (row 1 added to the recurrent gates
+    inside the cell: Keras's GRU with ``reset_after``)."""
+    for m in (XP, U) + ((bu,) if bu is not None else ()):
+        if not isinstance(m, MatrixExpr):
+            raise TypeError(f"{where}: scan takes matrix expressions, got {m!r}")
+    u = int(U.shape[0])
+    ku = cell.gates * u
+    if U.shape[1] != ku or XP.shape[1] != ku:
+        raise ShapeMismatch(f"{where}: the {cell.name} cell with {u} units needs the projected inputs and the "
+                            f"recurrent kernel {cell.gates}·{u} = {ku} wide, got {name_of(XP)} {shape_text(XP)} and "
+                            f"{name_of(U)} {shape_text(U)}")
+    if bu is not None and tuple(bu.shape) not in ((1, ku), (2, ku)):
+        raise ShapeMismatch(f"{where}: the bias {name_of(bu)} {shape_text(bu)} must be (1, {ku}) or (2, {ku})")
+    mats = (XP, U) + ((bu,) if bu is not None else ())
+    return Scan(*mats, _spec(cell, T, reverse_in, reverse_out))
+
+
+def last_step(h, T: int, first: bool = False):
+    """Each sequence's last row ``(n, w)`` of ``h`` ``(n·T, w)`` (``first``: its first row)."""
+    w = int(h.shape[1])
+    flat = Reshape(h, h.shape[0] / T, T * w)
+    return Cols(flat, 0, w) if first else Cols(flat, (T - 1) * w, T * w)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _hidden(S, cell, u):
+    return Cols(S, 0, u) if cell.states > 1 else S
+
+
+@VJP.rule(Scan)
+def _vjp_scan(node, G):
+    XP, U = node.args[:2]
+    bu, cell, T, u = node.bias, node.cell, node.steps, node.units
+    ku = cell.gates * u
+    H = shift(_hidden(node, cell, u), T, node.reverse_out)
+    R = _grad_class(cell)(XP, H @ U, node, G, U, *((bu,) if bu is not None else ()), node.spec)
+    dXP, dUP = Cols(R, 0, ku), Cols(R, ku, 2 * ku)
+    out = [(XP, dXP), (U, H.T @ dUP)]
+    if bu is not None:  # [1ᵀδXP | 1ᵀδUP] is the (2, k·u) bias's gradient read row by row
+        r = int(bu.shape[0])
+        out.append((bu, SumRows(Cols(R, 0, r * ku)) if r == 1 else Reshape(SumRows(Cols(R, 0, r * ku)), r, ku)))
+    return out
+
+
+@VJP.rule(ScanGrad)
+def _vjp_scan_grad(node, G):
+    raise NotImplementedError(f"the {node.cell.name} recurrence's gradient has no gradient of its own yet: "
+                              "second derivatives (hvp) through a recurrent layer are not supported")
+
+
+@JVP.rule(Scan, ScanGrad)
+def _jvp_scan(node, tan):
+    raise NotImplementedError(f"forward mode (explain_hvp, hvp) through the {node.cell.name} recurrence is not "
+                              "supported yet")
+
+
+@VJP.rule(Shifted)
+def _vjp_shifted(node, G):
+    x, T, rev = node.args
+    return [(x, Shifted(G, T, 1 - rev))]
+
+
+JVP.rule(Shifted)(linear_in_first_operand)
+LOWER.rule(Shifted)(lower_expansion)
+
+
+@LOWER.rule(Scan)
+def _lower_scan(lw, node):
+    cell = node.cell
+    ops = tuple(Operand(lw.buffer_of(m)) for m in node.mats)
+    lw.emit(ir.Scan(lw.name(node), ops, tuple(cell.bodies), cell.gates, cell.states, (sp.Integer(node.steps),),
+                    node.reverse_in, node.reverse_out), node.shape)
+
+
+@LOWER.rule(ScanGrad)
+def _lower_scan_grad(lw, node):
+    cell = node.cell
+    ops = tuple(Operand(lw.buffer_of(m)) for m in node.mats)
+    lw.emit(ir.ScanGrad(lw.name(node), ops, tuple(cell.bodies), cell.gates, cell.states, (sp.Integer(node.steps),),
+                        node.reverse_in, node.reverse_out), node.shape)
+
+
+# --------------------------------------------------------------------------- BPTT in textbook form
+
+_SUB = str.maketrans("0123456789+-", "₀₁₂₃₄₅₆₇₈₉₊₋")
+
+
+def _display(cell: Cell) -> tuple:
+    """``(rename, states)``: a function showing a cell formula with its gates named (``i``, ``f``,
+    ``g``, ``o``; ``z``, ``r``, ``ĥ``) and the previous states as ``h'``, ``c'``; the states' own
+    formulas as displayed (the LSTM's ``c`` is then named ``c`` inside ``h``'s derivatives)."""
+    k, s = cell.gates, cell.states
+    shown = {"lstm": ("i", "f", "g", "o"), "gru": ("z", "r", "ĥ"), "simple_rnn": ("h",)}.get(
+        cell.name, cell.gate_names or tuple(f"a{g}" for g in range(k)))
+    gates = [sp.Symbol(nm, real=True) for nm in shown]
+    prev = {cell.p(c): sp.Symbol(f"{cell.state_names[c]}'", real=True) for c in range(s)}
+    prev.update({cell.x(g): sp.Symbol(f"x_{shown[g]}", real=True) for g in range(k)})
+    prev.update({cell.u(g): sp.Symbol(f"u_{shown[g]}", real=True) for g in range(k)})
+    xs = {cell.x(g): g for g in range(k)}
+    definitions = {}
+
+    def rename(e):
+        e = sp.sympify(e)
+        while True:
+            hits = {}
+            for f in e.atoms(sp.Function):
+                own = f.free_symbols & set(xs)
+                if len(own) == 1:
+                    hits[f] = gates[xs[next(iter(own))]]
+            if not hits:
+                break
+            for f, g in hits.items():
+                definitions.setdefault(g, f.xreplace(prev))
+            e = e.xreplace(hits)
+        return e.xreplace(prev)
+
+    states = [rename(b) for b in cell.bodies]
+    return rename, states, definitions
+
+
+def bptt_text(cell: Cell) -> str:
+    """The recurrence a cell's ``bptt`` node computes, in textbook form: each state's δ at step ``t``
+    (its own ``G`` plus what step ``t+1`` sends back, the local derivatives ``sp.diff`` of the cell),
+    the gates' δ, and each weight's gradient as a sum over the steps."""
+    rename, states, definitions = _display(cell)
+    names = cell.state_names
+    k, s = cell.gates, cell.states
+    named = {}
+    for c in range(s):
+        if c > 0 and states[c].free_symbols:  # the LSTM's c inside h's formula reads as c
+            named[states[c]] = sp.Symbol(names[c], real=True)
+    show = lambda e: sp.sstr(sp.factor_terms(rename(e).xreplace(named)))  # noqa: E731
+    t, t1 = "ₜ", "ₜ₊₁"
+    lines = []
+    for c in range(s):
+        terms = [f"G_{names[c]},{t}"]
+        for c2 in range(s):
+            d = cell.derivatives[c2][2 * k + c]
+            if d != 0:
+                terms.append(f"δ{names[c2]}{t1} ⊙ [{show(d)}]{t1}")
+        if c == 0:
+            terms.append(f"δUP{t1} Uᵀ")
+        lines.append(f"δ{names[c]}{t} = " + " + ".join(terms))
+    gate_names = cell.gate_names or tuple(str(g) for g in range(k))
+    for g in range(k):
+        for kind, v in (("XP", g), ("UP", k + g)):
+            terms = [f"δ{names[c]}{t} ⊙ [{show(cell.derivatives[c][v])}]{t}" for c in range(s)
+                     if cell.derivatives[c][v] != 0]
+            lines.append(f"δ{kind}_{gate_names[g]},{t} = " + (" + ".join(terms) or "0"))
+    lines.append("∂L/∂kernel = Σₜ xₜᵀ δXPₜ,  ∂L/∂recurrent_kernel = Σₜ hₜ₋₁ᵀ δUPₜ,  ∂L/∂bias = Σₜ 1ᵀ δXPₜ"
+                 + (" (its recurrent row: Σₜ 1ᵀ δUPₜ)" if cell.name == "gru" else ""))
+    where = ", ".join(f"{nm}' = {nm}ₜ₋₁" for nm in names)
+    defs = [f"{g} = {sp.sstr(f)}" for g, f in definitions.items()]
+    defs += [f"{names[c]} = {sp.sstr(st)}" for c, st in enumerate(states) if st != sp.Symbol(names[c], real=True)]
+    return "; ".join(lines) + f" (steps from the last back; {where}; x = XP + b, u = UP; " + ", ".join(defs) + ")"
+
+
+@functools.lru_cache(maxsize=64)
+def _grad_class(cell: Cell):
+    """``ScanGrad`` for one cell, its ``notation`` (what ``explain`` prints under Notation) the cell's
+    BPTT recurrence (``bptt_text``)."""
+    text = (f"{cell.name}_bptt(G; XP, UP, S, U): backpropagation through time, [δXP | δUP | δS] of every step: "
+            + bptt_text(cell))
+    return type(f"{cell.name.title().replace('_', '')}BPTT", (ScanGrad,), {"notation": text, "__module__": __name__})
+
+
+@PRINT_RULES.rule(Scan)
+def _print_scan(node, printer, latex=False):
+    inner = ", ".join(printer._print(a) for a in node.mats)
+    label = f"{node.cell.name}_scan"
+    if latex:
+        return r"\operatorname{%s}\left(%s\right)" % (label.replace("_", r"\_"), inner)
+    return f"{label}({inner})"
+
+
+@PRINT_RULES.rule(ScanGrad)
+def _print_scan_grad(node, printer, latex=False):
+    XP, UP, S, G, U = (printer._print(a) for a in node.mats[:5])
+    label = f"{node.cell.name}_bptt"
+    if latex:
+        return r"\operatorname{%s}\left(%s; %s, %s, %s, %s\right)" % (label.replace("_", r"\_"), G, XP, UP, S, U)
+    return f"{label}({G}; {XP}, {UP}, {S}, {U})"
+
+
+@PRINT_RULES.rule(Shifted)
+def _print_shifted(node, printer, latex=False):
+    inner = printer._print(node.args[0])
+    return r"\operatorname{shift}\left(%s\right)" % inner if latex else f"shift({inner})"
+
+
+__all__ = ["Cell", "bptt_text", "Scan", "ScanGrad", "Shifted", "gru_cell", "last_step", "lstm_cell", "scan",
+           "shift", "simple_rnn_cell"]
