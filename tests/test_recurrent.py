@@ -438,3 +438,18 @@ def test_stacked_layers_and_save_load(tmp_path):
         path = str(tmp_path / f"{kind}.symdl")
         model.save(path)
         np.testing.assert_array_equal(sd.nn.load(path).predict(X), model.predict(X))
+
+
+def test_model_exports_to_onnx(tmp_path):
+    """A stacked LSTM -> GRU -> Dense model exported as ONNX (the scans unrolled) predicts as symdl
+    does. The exported graph takes the sequences as their rows ``(n·T, features)``."""
+    ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the export")
+    pytest.importorskip("onnx", reason="the export needs onnx")
+    model = sd.nn.Sequential([sd.nn.LSTM(3, return_sequences=True), sd.nn.GRU(2), sd.nn.Dense(2)], input_shape=(5, 2))
+    model.compile(loss="softmax_cross_entropy", optimizer=sd.optim.Adam(1e-2), backend="numpy")
+    X = np.random.default_rng(0).normal(size=(4, 5, 2)).astype(np.float32)
+    path = str(tmp_path / "rnn.onnx")
+    model.export(path, format="onnx")
+    session = ort.InferenceSession(path)
+    out = session.run(None, {session.get_inputs()[0].name: X.reshape(-1, 2)})[0]
+    np.testing.assert_allclose(out, model.predict(X), rtol=1e-5, atol=1e-6)

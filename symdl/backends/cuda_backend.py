@@ -448,7 +448,8 @@ from .scan_code import sequence_lines  # noqa: E402
 def _scan(k, program, index):
     name = f"k{index}_{k.kind}"
     T = int(k.steps[0])
-    u = _dims(program.shape_of(k.operands[4 if isinstance(k, ScanGrad) else 1].buffer))[0]
+    u = (_dims(program.shape_of(k.operands[4].buffer))[0] if isinstance(k, ScanGrad)
+         else _dims(program.shape_of(k.operands[1].buffer))[1])  # a Scan reads Uᵀ
     args = list(dict.fromkeys([buf(k.out)] + [buf(o.buffer) for o in k.operands])) + ["R"]
     body = ["i = cuda.grid(1)", "if i < R:"] + indent(sequence_lines(k, program, "scalar", str(T), u))
     rows = f"({_dims(program.shape_of(k.out))[0]}) // {T}"

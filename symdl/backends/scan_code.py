@@ -93,7 +93,7 @@ def _forward_lines(k, flavor, T, u, B, two) -> list:
     inner = [f"v{g} = {XP}[_ri, {g} * {u} + j]{plus(0, g)}" for g in range(g_count)]
     inner += [f"_a{g} = " + (f"{B}[1, {g} * {u} + j]" if two else "0.0") for g in range(g_count)]
     inner += ["if _t > 0:", f"    for _m in range({u}):", f"        _h = {out}[_rp, _m]"]
-    inner += [f"        _a{g} += _h * {U}[_m, {g} * {u} + j]" for g in range(g_count)]
+    inner += [f"        _a{g} += _h * {U}[{g} * {u} + j, _m]" for g in range(g_count)]  # U is Uᵀ here
     inner += [f"    v{2 * g_count + c} = {out}[_rp, {c} * {u} + j]" for c in range(s_count)]
     inner += ["else:"] + [f"    v{2 * g_count + c} = 0.0" for c in range(s_count)]
     inner += [f"v{g_count + g} = _a{g}" for g in range(g_count)]
@@ -141,7 +141,7 @@ def array_lines(k, program) -> list:
         B, two = _bias(k, program, 5)
     else:
         XP, U = buf(k.operands[0].buffer), buf(k.operands[1].buffer)
-        u = int(program.shape_of(k.operands[1].buffer)[0])
+        u = int(program.shape_of(k.operands[1].buffer)[1])  # Uᵀ (k·u, u)
         B, two = _bias(k, program, 2)
     ku = g_count * u
     bx = f" + {B}[0]" if B else ""
@@ -153,7 +153,7 @@ def array_lines(k, program) -> list:
         body, results = cell_code(list(k.cell), names, "array")
         lines += [f"_p = numpy.zeros((n, {s_count * u}), {out}.dtype)", f"for _t in range({T}):",
                   f"    _ti, _to = {at(k.reverse_in)}, {at(k.reverse_out)}",
-                  f"    _up = numpy.dot(_p[:, :{u}], {U}){bu}"]
+                  f"    _up = numpy.dot(_p[:, :{u}], {U}.T){bu}"]
         inner = [f"v{g} = _x[:, _ti, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
         inner += [f"v{g_count + g} = _up[:, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
         inner += [f"v{2 * g_count + c} = _p[:, {c * u}:{(c + 1) * u}]" for c in range(s_count)]

@@ -631,8 +631,8 @@ class _ScanKernel:
 class Scan(_ScanKernel):
     """A recurrent cell run over the steps of each sequence (``ops.recurrence``).
 
-    ``operands = (XP, U)`` or ``(XP, U, B)``: the projected inputs ``(n·T, k·u)``, the recurrent
-    kernel ``(u, k·u)`` and a bias ``(r, k·u)`` (row 0 added to the input gates, row 1 when r = 2 to
+    ``operands = (XP, Uᵀ)`` or ``(XP, Uᵀ, B)``: the projected inputs ``(n·T, k·u)``, the recurrent
+    kernel transposed ``(k·u, u)`` (each gate's weights a contiguous row) and a bias ``(r, k·u)`` (row 0 added to the input gates, row 1 when r = 2 to
     the recurrent gates); ``out`` the states ``(n·T, s·u)``.
     ``cell[c]`` is state ``c``'s scalar formula over ``VARS`` (input gates ``v0..v(k-1)``, recurrent
     gates ``vk..v(2k-1)``, previous states ``v2k..``); ``steps = (T,)``. Step ``t`` of sequence ``b``
@@ -646,7 +646,7 @@ class Scan(_ScanKernel):
         return list(self.operands)
 
     def work_expr(self, program) -> sp.Expr:
-        u = program.shape_of(self.operands[1].buffer)[0]
+        u = program.shape_of(self.operands[1].buffer)[1]
         rows = program.shape_of(self.out)[0]
         return sp.sympify(rows * u * (self.gates * u + self.states * operation_count(tuple(self.bodies()))))
 
@@ -681,10 +681,9 @@ def _scan_shapes(k, program, where):
     shapes = _whole_buffers(k, program, len(k.operands), where)
     out = tuple(program.shape_of(k.out))
     same = lambda a, b: sp.expand(sp.sympify(a) - b) == 0  # noqa: E731
-    U = shapes[4] if isinstance(k, ScanGrad) else shapes[1]
-    u = U[0]
+    u = shapes[4][0] if isinstance(k, ScanGrad) else shapes[1][1]
     ku = k.gates * u
-    want = {"XP": (out[0], ku), "U": (u, ku)}
+    want = {"XP": (out[0], ku), "U": (u, ku) if isinstance(k, ScanGrad) else (ku, u)}
     if isinstance(k, ScanGrad):
         want.update(UP=(out[0], ku), S=(out[0], k.states * u), G=(out[0], k.states * u))
         names = ("XP", "UP", "S", "G", "U", "B")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 from sympy.core.symbol import Str
-from sympy.matrices.expressions import MatrixExpr
+from sympy.matrices.expressions import MatrixExpr, Transpose
 from sympy.printing.precedence import PRECEDENCE
 
 from ..autodiff.jvp import JVP, linear_in_first_operand
@@ -470,7 +470,8 @@ LOWER.rule(Shifted)(lower_expansion)
 @LOWER.rule(Scan)
 def _lower_scan(lw, node):
     cell = node.cell
-    ops = tuple(Operand(lw.buffer_of(m)) for m in node.mats)
+    XP, U = node.args[:2]  # the kernel reads Uᵀ (k·u, u): each gate's column of U is a contiguous row
+    ops = tuple(Operand(lw.buffer_of(m)) for m in (XP, Transpose(U)) + tuple(node.mats[2:]))
     lw.emit(ir.Scan(lw.name(node), ops, tuple(cell.bodies), cell.gates, cell.states, (sp.Integer(node.steps),),
                     node.reverse_in, node.reverse_out), node.shape)
 

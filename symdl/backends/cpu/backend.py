@@ -472,8 +472,9 @@ from ..scan_code import sequence_lines  # noqa: E402
 
 def _scan_sizes(k, program) -> tuple:
     """``(T, u)`` as code: the step count (a size of the formula) and the units (``U``'s rows)."""
-    U = k.operands[4 if isinstance(k, ScanGrad) else 1].buffer
-    return sp.pycode(sp.sympify(k.steps[0])), _dims(program.shape_of(U))[0]
+    if isinstance(k, ScanGrad):
+        return sp.pycode(sp.sympify(k.steps[0])), _dims(program.shape_of(k.operands[4].buffer))[0]
+    return sp.pycode(sp.sympify(k.steps[0])), _dims(program.shape_of(k.operands[1].buffer))[1]  # Uᵀ
 
 
 @emit.register(Scan)

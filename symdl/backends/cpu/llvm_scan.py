@@ -34,7 +34,7 @@ class _Scan:
         self.k, self.frame, self.b = k, frame, frame.b
         self.T = frame.size(k.steps[0])
         self.U = _slot(k.operands[U_at].buffer)
-        self.u = frame.slots[self.U][1]
+        self.u = frame.slots[self.U][1 if isinstance(k, ScanGrad) else 2]  # a Scan reads Uᵀ (k·u, u)
         self.B = _slot(k.operands[B_at].buffer) if len(k.operands) > B_at else None
         self.zero = llvm_code._const(frame.dtype, 0.0)
         # a bias of two rows adds its second to the recurrent gates (the formula's rows are a runtime
@@ -100,7 +100,7 @@ def _scan(k: Scan, frame: Frame) -> None:
                     h = s.load(out, rp, m)
                     h64 = h if h.type == F64 else b.fpext(h, F64)
                     for g in range(kk):
-                        w = s.load(s.U, m, s.column(g, j))
+                        w = s.load(s.U, s.column(g, j), m)  # Uᵀ: a contiguous row per gate column
                         w64 = w if w.type == F64 else b.fpext(w, F64)
                         b.store(b.fadd(b.load(accs[g]), b.fmul(h64, w64)), accs[g])
 

@@ -325,6 +325,9 @@ def _scan_setup(k, ctx, U_at, B_at):
     T = int(k.steps[0])
     U = ctx.value(k.operands[U_at].buffer)
     u = int(ctx.program.shape_of(k.operands[U_at].buffer)[0])
+    if isinstance(k, Scan):  # it reads Uᵀ (k·u, u)
+        u = int(ctx.program.shape_of(k.operands[U_at].buffer)[1])
+        U = ctx.g.node("Transpose", [U], perm=[1, 0])
     bx = bu = None
     if len(k.operands) > B_at:
         B = ctx.value(k.operands[B_at].buffer)
