@@ -442,7 +442,7 @@ def test_stacked_layers_and_save_load(tmp_path):
 
 def test_model_exports_to_onnx(tmp_path):
     """A stacked LSTM -> GRU -> Dense model exported as ONNX (the scans unrolled) predicts as symdl
-    does. The exported graph takes the sequences as their rows ``(n·T, features)``."""
+    does. The exported graph takes the sequences as Keras does, ``(n, T, features)``."""
     ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the export")
     pytest.importorskip("onnx", reason="the export needs onnx")
     model = sd.nn.Sequential([sd.nn.LSTM(3, return_sequences=True), sd.nn.GRU(2), sd.nn.Dense(2)], input_shape=(5, 2))
@@ -451,5 +451,6 @@ def test_model_exports_to_onnx(tmp_path):
     path = str(tmp_path / "rnn.onnx")
     model.export(path, format="onnx")
     session = ort.InferenceSession(path)
-    out = session.run(None, {session.get_inputs()[0].name: X.reshape(-1, 2)})[0]
+    assert [d for d in session.get_inputs()[0].shape][1:] == [5, 2]
+    out = session.run(None, {session.get_inputs()[0].name: X})[0]
     np.testing.assert_allclose(out, model.predict(X), rtol=1e-5, atol=1e-6)

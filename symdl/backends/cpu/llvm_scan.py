@@ -23,6 +23,14 @@ from .llvm_code import F64, I64, Frame, for_range, local
 _slot = llvm_code._slot
 
 
+def _reassociable(instruction):
+    """A dot product's multiply or add marked ``reassoc contract``: LLVM may then sum it in vector lanes
+    (and fuse into FMAs), which a strict left-to-right sum forbids. Every thread runs the same code,
+    so results stay identical across thread counts; they differ from a serial sum by rounding only."""
+    instruction.flags.extend(["reassoc", "contract"])
+    return instruction
+
+
 def _const(v) -> ir.Constant:
     return ir.Constant(I64, v)
 
@@ -102,7 +110,7 @@ def _scan(k: Scan, frame: Frame) -> None:
                     for g in range(kk):
                         w = s.load(s.U, s.column(g, j), m)  # Uᵀ: a contiguous row per gate column
                         w64 = w if w.type == F64 else b.fpext(w, F64)
-                        b.store(b.fadd(b.load(accs[g]), b.fmul(h64, w64)), accs[g])
+                        b.store(_reassociable(b.fadd(b.load(accs[g]), _reassociable(b.fmul(h64, w64)))), accs[g])
 
                 for_range(b, count, product, "m")
                 for g in range(kk):
@@ -176,7 +184,7 @@ def _scan_grad(k: ScanGrad, frame: Frame) -> None:
                     w = s.load(s.U, j, m)
                     a64 = a if a.type == F64 else b.fpext(a, F64)
                     w64 = w if w.type == F64 else b.fpext(w, F64)
-                    b.store(b.fadd(b.load(acc), b.fmul(a64, w64)), acc)
+                    b.store(_reassociable(b.fadd(b.load(acc), _reassociable(b.fmul(a64, w64)))), acc)
 
                 for_range(b, ku, term, "m")
                 where = frame.at(out, rp, b.add(w2, j))
