@@ -324,6 +324,7 @@ def test_explain_prints_bptt_in_textbook_form():
     loss, params, x, y = _layer_loss(sd.nn.LSTM(3))
     text = str(sd.explain(loss, params))
     assert "lstm_bptt(" in text and "∂L/∂recurrent_kernel1 = shift(" in text
+    assert "H1 = lstm_scan(" in text and "lstm_bptt(δH1;" in text  # the scan's states named, and their δ
     assert "δcₜ = G_c,ₜ + δhₜ₊₁ ⊙ [f*o*(1 - tanh(c)**2)]ₜ₊₁ + δcₜ₊₁ ⊙ [f]ₜ₊₁" in text  # the f carry
     assert "δhₜ = G_h,ₜ + δUPₜ₊₁ Uᵀ" in text and "Σₜ hₜ₋₁ᵀ δUPₜ" in text
 

@@ -105,6 +105,7 @@ class Explanation:
         self.order = order = derivation.order
         self.zs, self.names = [], {}
         layer = norms = heads = 0
+        counts = {}
         self.attention = {}  # {S: P}: attention's scores and their softmax, δS printed in textbook form
         inside_linear = {o for p in order if isinstance(p, Map) and _is_linear(p) for o in p.operands}
         for node in order:
@@ -119,6 +120,10 @@ class Explanation:
             elif node in ROLES:  # a normalisation's μ, σ, x̂, numbered by normalisation
                 norms += ROLES[node] == "μ"
                 self.names[node] = (ROLES[node], max(norms, 1))
+            elif getattr(type(node), "explain_role", None):  # a node family's named value (a scan's states: H)
+                role = type(node).explain_role
+                counts[role] = counts.get(role, 0) + 1
+                self.names[node] = (role, counts[role])
             elif getattr(type(node), "is_sequence_product", False) and _attention_softmax(node.args[0]) is not None:
                 # attention's mix O = P V within each sequence: name S, P and O (numbered by head)
                 P = node.args[0]
@@ -133,7 +138,8 @@ class Explanation:
         self.textbook = self._textbook_norms(order)
         # δ lines: each pre-activation, each normalised x̂ (δx̂k = ∂L/∂x̂k) and each normalisation's
         # input (its δ in textbook form), in graph order
-        self.deltas = [nd for nd in order if nd in self.zs or self.names.get(nd, ("",))[0] in ("x̂", "S", "P", "O")
+        roles = {"x̂", "S", "P", "O", *counts}
+        self.deltas = [nd for nd in order if nd in self.zs or self.names.get(nd, ("",))[0] in roles
                        or nd in self.textbook]
 
     def _textbook_norms(self, order) -> dict:

@@ -224,6 +224,7 @@ class Scan(_ScanBase):
     """``cell_scan(XP, U[, bu])``: the states of every step ``(n·T, s·u)`` (see the module)."""
 
     notation = "cell_scan(XP, U): the recurrent cell run over the steps of each sequence, states of every step"
+    explain_role = "H"  # sd.explain names each scan's states Hk and its δ δHk
 
     @property
     def _U(self):
