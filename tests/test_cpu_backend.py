@@ -646,8 +646,10 @@ def _every_kind_programs():
     q = sequence_input("q", (4, 5))  # products within sequences (BlockGemm), every orientation, a causal mask
     P = sd.softmax(causal(scores(q @ W, q @ W, 4), 4))
     attention, _ = gradient_program(sd.sum_squares(mix(P, q @ W, 4)), [W])
+    lstm = sd.nn.LSTM(3, return_sequences=True).build_both(1, q, q)  # a scan and its BPTT
+    recurrent, _ = gradient_program(sd.sum_squares(lstm.train), lstm.params)
     return [(_image_program(), 3, {}), (dense, 9, {}), (update, 1, {"W": ("W", (5, 4)), "b": ("b", (1, 4))}),
-            (tokens, 9, {}), (attention, 5, {})]
+            (tokens, 9, {}), (attention, 5, {}), (recurrent, 5, {})]
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="threads need the compiled driver")
