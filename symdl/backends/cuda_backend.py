@@ -24,7 +24,7 @@ import numpy as np
 
 from . import cache
 from ..ir.kernels import (
-    BlockGemm, Elementwise, Gather, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape,
+    BlockGemm, ColumnCopy, Elementwise, Gather, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape,
     ScatterAdd, Update,
 )
 from .base import Runner as RunnerBase, buf, concrete_shape, indent
@@ -217,6 +217,19 @@ def _scatter_add(k: ScatterAdd, program, index):
             "    for i in range(R):", f"        {out}[int({ids}[i, 0]), j] += {G}[i, j]"]
     launch = [f"{name}[((({cols}) + TPB - 1) // TPB,), TPB]({', '.join(args[:-3])}, ({vocab}), ({rows}), ({cols}))"]
     return _kernel(name, args, body), launch
+
+
+@emit.register
+def _column_copy(k: ColumnCopy, program, index):
+    """One thread per output entry: its source entry, or 0 outside the copied columns."""
+    name = f"k{index}_{k.kind}"
+    rows, cols = _dims(program.shape_of(k.out))
+    out, x = buf(k.out), buf(k.operands[0].buffer)
+    args = list(dict.fromkeys([out, x])) + ["R", "C"]
+    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C",
+            f"    if {k.at} <= j < {k.at + k.width}:", f"        {out}[i, j] = {x}[i, j - {k.at} + {k.start}]",
+            "    else:", f"        {out}[i, j] = 0.0"]
+    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
 
 
 @emit.register

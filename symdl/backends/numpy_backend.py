@@ -10,7 +10,7 @@ from functools import singledispatch
 import numpy as np
 
 from ..ir.kernels import (
-    AvgPool, AvgPoolGrad, BlockGemm, Col2Im, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
+    AvgPool, AvgPoolGrad, BlockGemm, Col2Im, ColumnCopy, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program, ReduceAll,
     ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, ScatterAdd, Update,
 )
 from .base import Runner as RunnerBase, buf, indent
@@ -44,6 +44,13 @@ def _gemm(k: Gemm, program):
     if k.alpha != 1:
         lines.append(f"{buf(k.out)} *= {float(k.alpha)!r}")
     return lines
+
+
+@emit.register
+def _column_copy(k: ColumnCopy, program):
+    out, x = buf(k.out), buf(k.operands[0].buffer)
+    lines = [] if k.at == 0 and k.width == program.shape_of(k.out)[1] else [f"{out}[...] = 0.0"]
+    return lines + [f"{out}[:, {k.at}:{k.at + k.width}] = {x}[:, {k.start}:{k.start + k.width}]"]
 
 
 @emit.register

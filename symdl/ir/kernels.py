@@ -13,7 +13,9 @@ lists them; a backend has one handler per class):
                    ``MaxPool``, ``MaxPoolGrad``, ``AvgPool``, ``AvgPoolGrad``;
 * ``Reshape``      the same row-major memory read as another ``(rows, cols)``;
 * ``Gather``       a row lookup ``table[ids]`` (embeddings) and ``ScatterAdd``, its adjoint;
-* ``BlockGemm``    a product per block of ``block`` rows (a sequence): attention's scores and mixes.
+* ``BlockGemm``    a product per block of ``block`` rows (a sequence): attention's scores and mixes;
+* ``ColumnCopy``   columns of a matrix copied into columns of another, zero elsewhere (a column slice,
+                   its adjoint placement; concat is a sum of them).
 
 An ``Operand`` reads a buffer at ``(i, j)`` through a ``Pattern``. Shapes are SymPy
 expressions in the batch symbol ``n``. ``check(program)`` validates a program: every
@@ -141,6 +143,29 @@ class BlockGemm:
         alpha = "" if self.alpha == 1 else f"{self.alpha}*"
         return (f"{alpha}block_gemm[{','.join(map(str, self.rows))}]({self.a}{'.T' if self.trans_a else ''}, "
                 f"{self.b}{'.T' if self.trans_b else ''})")
+
+
+@dataclass
+class ColumnCopy:
+    """``out[i, at + j] = x[i, start + j]`` for ``j < width``, every other column of ``out`` zero: a
+    column slice (``cols``: ``at`` 0, ``out`` ``width`` wide) or its adjoint (``place``: ``start`` 0).
+    ``operands = (x,)`` read whole; a loop's units are the rows."""
+
+    out: str
+    operands: tuple  # (x,): an Operand (Pattern.SAME)
+    start: int
+    at: int
+    width: int
+    kind = "column_copy"  # how generated code, train.kernels and CUDA kernel names spell it
+
+    def reads(self) -> list:
+        return list(self.operands)
+
+    def bodies(self) -> list:
+        return []
+
+    def __str__(self):
+        return f"column_copy[{self.start}:{self.start + self.width} -> {self.at}]({self.operands[0]})"
 
 
 @dataclass
@@ -400,7 +425,8 @@ class ScatterAdd:
 
 #: Every kernel class a program may hold (``check`` refuses anything else).
 KERNELS = (Gemm, Elementwise, ReduceRows, ReduceCols, ReduceAll, ReduceLogSumExp, Update,
-           Im2Col, Col2Im, MaxPool, MaxPoolGrad, AvgPool, AvgPoolGrad, Reshape, Gather, ScatterAdd, BlockGemm)
+           Im2Col, Col2Im, MaxPool, MaxPoolGrad, AvgPool, AvgPoolGrad, Reshape, Gather, ScatterAdd, BlockGemm,
+           ColumnCopy)
 
 
 @dataclass
@@ -455,6 +481,9 @@ class Program:
         if isinstance(kernel, BlockGemm):  # rows x cols outputs, each a k-long dot product
             r, c = self.shape_of(kernel.out)
             return sp.sympify(r * c * kernel.inner(self))
+        if isinstance(kernel, ColumnCopy):  # every entry of out written once
+            r, c = self.shape_of(kernel.out)
+            return sp.sympify(r * c)
         if isinstance(kernel, ScatterAdd):  # zero the (V, d) table, then add every row of G
             (v, c), (r, _) = self.shape_of(kernel.out), self.shape_of(kernel.operands[1].buffer)
             return sp.sympify(v * c + r * c)
@@ -700,6 +729,15 @@ def _scan_shapes(k, program, where):
             raise ProgramError(f"{where}: {name} has shape {shape}, the cell needs {want[name]}")
     if not same(out[1], wide):
         raise ProgramError(f"{where}: the output {out} must be {wide} wide")
+
+@_check_shapes.register
+def _column_copy_shapes(k: ColumnCopy, program, where):
+    (x,) = _whole_buffers(k, program, 1, where)
+    out = tuple(program.shape_of(k.out))
+    if sp.expand(sp.sympify(x[0]) - out[0]) != 0 or k.start + k.width > x[1] or k.at + k.width > out[1] \
+            or min(k.start, k.at, k.width) < 0:
+        raise ProgramError(f"{where}: columns {k.start}..{k.start + k.width} of {x} into columns {k.at}.. of {out}")
+
 
 @_check_shapes.register
 def _block_gemm_shapes(k: BlockGemm, program, where):

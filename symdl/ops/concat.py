@@ -29,7 +29,8 @@ from sympy.matrices.expressions import MatrixExpr
 from ..autodiff.jvp import JVP, linear_in_first_operand
 from ..autodiff.vjp import VJP
 from ..graph.nodes import PRINT_RULES, VARS, n as N, Ops, Printable, ShapeMismatch, make_map, name_of, shape_text
-from ..ir.kernels import Geometry
+from ..ir import kernels as ir
+from ..ir.kernels import Geometry, Operand
 from ..ir.lowering import LOWER, lower_expansion
 from .conv import Patches, PatchesAdjoint, Reshape, _entry_of, image_shape
 
@@ -202,7 +203,19 @@ def _jvp_concat(node, tan):
 JVP.rule(Cols, Place)(linear_in_first_operand)
 
 
-LOWER.rule(Concat, Cols, Place)(lower_expansion)  # the copy kernels of each one's expansion
+LOWER.rule(Concat)(lower_expansion)  # the sum of its parts placed
+
+
+@LOWER.rule(Cols)
+def _lower_cols(lw, node):
+    x, (lo, hi) = node.args[0], _ints(*node.args[1:])
+    lw.emit(ir.ColumnCopy(lw.name(node), (Operand(lw.buffer_of(x)),), lo, 0, hi - lo), node.shape)
+
+
+@LOWER.rule(Place)
+def _lower_place(lw, node):
+    x, lo = node.args[0], int(node.args[1])
+    lw.emit(ir.ColumnCopy(lw.name(node), (Operand(lw.buffer_of(x)),), 0, lo, int(x.shape[1])), node.shape)
 
 
 @PRINT_RULES.rule(Concat, Cols, Place)

@@ -36,7 +36,7 @@ from .. import cache, threads
 from . import runtime as cpu_runtime, llvm_code, llvm_gather, llvm_image  # noqa: F401 - llvm_image, llvm_gather register their printers
 from ...graph.nodes import n as N
 from ...ir.kernels import (
-    BlockGemm, Elementwise, Gather, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape,
+    BlockGemm, ColumnCopy, Elementwise, Gather, Gemm, ImageKernel, Program, ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape,
     ScatterAdd, Update, at_batch,
 )
 from ..base import Runner as RunnerBase, Workspace, buf, indent
@@ -197,6 +197,20 @@ def _scatter_add(k: ScatterAdd, program, flavor):
 @units.register
 def _scatter_add_units(k: ScatterAdd, program):
     return sp.sympify(program.shape_of(k.out)[1])
+
+
+@emit.register
+def _column_copy(k: ColumnCopy, program, flavor):
+    """One iteration per row: the row's other columns zeroed, then its slice copied."""
+    out, x = buf(k.out), buf(k.operands[0].buffer)
+    cols = _dims(program.shape_of(k.out))[1]
+    return [OUTER, f"    for j in range({cols}):", f"        {out}[i, j] = 0.0", f"    for j in range({k.width}):",
+            f"        {out}[i, {k.at} + j] = {x}[i, {k.start} + j]"]
+
+
+@units.register
+def _column_copy_units(k: ColumnCopy, program):
+    return sp.sympify(program.shape_of(k.out)[0])
 
 
 @units.register

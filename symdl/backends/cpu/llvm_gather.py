@@ -1,4 +1,5 @@
-"""The embedding kernels (``ir.Gather``, ``ir.ScatterAdd``) printed as LLVM IR.
+"""The embedding kernels (``ir.Gather``, ``ir.ScatterAdd``) and the column copy (``ir.ColumnCopy``)
+printed as LLVM IR.
 
 Each handler follows its Python loop in ``cpu.backend`` (``_gather``, ``_scatter_add``) line by
 line: the same iterations, an id read as the float it is stored as and truncated to an ``i64``
@@ -24,7 +25,7 @@ Importing this module registers the handlers in ``llvm_code.emit`` (``cpu.backen
 """
 from __future__ import annotations
 
-from ...ir.kernels import Gather, ScatterAdd
+from ...ir.kernels import ColumnCopy, Gather, ScatterAdd
 from . import llvm_code
 from .llvm_code import I64, Frame, for_range
 
@@ -69,3 +70,20 @@ def _scatter_add(k: ScatterAdd, frame: Frame) -> None:
         for_range(b, end, add, "j", first=begin)
 
     for_range(b, rows, add_row)
+
+
+@llvm_code.emit.register
+def _column_copy(k: ColumnCopy, frame: Frame) -> None:
+    """Row ``i`` (units: the rows): its columns zeroed, then columns ``start..`` of ``x`` copied to ``at..``
+    (``cpu.backend._column_copy``'s loops)."""
+    b = frame.b
+    x = _slot(k.operands[0].buffer)
+    cols = frame.slots[0][2]
+    zero = llvm_code._const(frame.dtype, 0.0)
+
+    def row(i):
+        for_range(b, cols, lambda j: b.store(zero, frame.at(0, i, j)), "j0")
+        for_range(b, I64(k.width), lambda j: b.store(b.load(frame.at(x, i, b.add(j, I64(k.start)))),
+                                                     frame.at(0, i, b.add(j, I64(k.at)))), "j")
+
+    frame.each(row)

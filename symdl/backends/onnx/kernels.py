@@ -23,7 +23,7 @@ import sympy as sp
 from ...formulas.activations import expand_activations
 from ...graph.nodes import COL_INDEX, ROW_INDEX, VARS
 from ...ir.kernels import (
-    AvgPool, AvgPoolGrad, BlockGemm, Col2Im, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program,
+    AvgPool, AvgPoolGrad, BlockGemm, Col2Im, ColumnCopy, Elementwise, Gather, Gemm, Im2Col, MaxPool, MaxPoolGrad, Pattern, Program,
     ReduceAll, ReduceCols, ReduceLogSumExp, ReduceRows, Reshape, ScatterAdd, Update,
 )
 from . import images
@@ -122,6 +122,20 @@ def _gemm(k: Gemm, ctx):
             return out
     return ctx.g.node("Gemm", [ctx.value(k.a), ctx.value(k.b)], transA=int(k.trans_a), transB=int(k.trans_b),
                       alpha=float(k.alpha))
+
+
+@emit.register
+def _column_copy(k: ColumnCopy, ctx):
+    """``Slice`` of the columns, then ``Pad`` with zero columns to the output's width."""
+    g = ctx.g
+    x = ctx.value(k.operands[0].buffer)
+    width = int(ctx.program.shape_of(k.out)[1])
+    if k.start or k.width != int(ctx.program.shape_of(k.operands[0].buffer)[1]):
+        x = g.node("Slice", [x, g.const([k.start], np.int64), g.const([k.start + k.width], np.int64),
+                             g.const([1], np.int64)])
+    if k.at or k.at + k.width != width:
+        x = g.node("Pad", [x, g.const([0, k.at, 0, width - k.at - k.width], np.int64)])
+    return x
 
 
 @emit.register
