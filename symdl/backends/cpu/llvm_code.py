@@ -346,6 +346,15 @@ def _emit_loop(frame: Frame, k, flat: bool):
         frame.each(lambda i: for_range(b, cols, lambda j: iteration(i, j), "j"))
 
 
+def _lanes(instruction):
+    """A float32 loop's float64 running sum marked ``reassoc``: LLVM may keep it in vector lanes (a
+    strict left-to-right sum forbids vectorising). Every row is summed by one thread with the same
+    code, so results do not depend on the thread count; they differ from a serial sum by rounding
+    in float64, far below float32's. float64 loops keep the serial order (NumPy's bits)."""
+    instruction.flags.append("reassoc")
+    return instruction
+
+
 class _Sums:
     """What a reduction's loops share: its sizes, a float64 accumulator ``acc``, the body's value
     at ``(i, j)`` and the store of a result into the output."""
@@ -363,9 +372,10 @@ class _Sums:
         body = _body(self.frame, _operand_env(self.frame, self.operands, i, j, False))
         return body, body.value(self.expr)
 
-    def add_term(self, i, j):
+    def add_term(self, i, j, lanes: bool = False):
         body, v = self.term(i, j)
-        self.b.store(self.b.fadd(self.b.load(self.acc), body.cast(v, F64)), self.acc)
+        total = self.b.fadd(self.b.load(self.acc), body.cast(v, F64))
+        self.b.store(_lanes(total) if lanes and self.frame.dtype == F32 else total, self.acc)
 
     def put(self, index, value):
         dtype = self.frame.dtype
@@ -395,9 +405,9 @@ def _reduce_all(k: ReduceAll, s: _Sums):
 def _reduce_cols(k: ReduceCols, s: _Sums):
     b = s.b
 
-    def row(i):
+    def row(i):  # float32: a row's sum in vector lanes (each row one thread's: any thread count, same bits)
         b.store(s.zero, s.acc)
-        for_range(b, s.cols, lambda j: s.add_term(i, j), "j")
+        for_range(b, s.cols, lambda j: s.add_term(i, j, lanes=True), "j")
         s.put(i, b.load(s.acc))
 
     s.frame.each(row)
@@ -422,7 +432,11 @@ def _reduce_log_sum_exp(k: ReduceLogSumExp, s: _Sums):
         def add_exp(j):
             body, v = s.term(i, j)
             shifted = b.fsub(body.cast(v, F64), b.load(largest))
-            b.store(b.fadd(b.load(s.acc), intrinsic(b, "exp", [shifted])), s.acc)
+            if s.frame.dtype == F32:  # float32's exp as arithmetic, summed in vector lanes (scalars.EXP32)
+                term = b.fpext(SCALARS[sp.exp].llvm(body, b.fptrunc(shifted, F32)), F64)
+                b.store(_lanes(b.fadd(b.load(s.acc), term)), s.acc)
+            else:
+                b.store(b.fadd(b.load(s.acc), intrinsic(b, "exp", [shifted])), s.acc)
 
         for_range(b, s.cols, add_exp, "j")
         m = b.load(largest)
