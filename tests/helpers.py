@@ -50,3 +50,25 @@ def run_threaded(runner, count: int, monkeypatch) -> None:
     monkeypatch.setattr(threads, "get_num_threads", lambda: count)
     runner.uses_parallel = lambda n: count > 1
     runner._ready.clear()
+
+
+def assert_backend_matches_numpy(loss, params, arrays, backend, dtype="float64", tol=1e-10, threads=(None,),
+                                 monkeypatch=None):
+    """``sd.value_and_grad`` of ``loss`` on ``backend`` equals the NumPy reference's (value and every
+    gradient within ``tol``); for the CPU backend on each count of ``threads`` (``run_threaded``)."""
+    import os
+
+    import pytest
+
+    import symdl as sd
+
+    want_v, want = sd.value_and_grad(loss, params, backend="numpy", dtype=dtype)(**arrays)
+    for count in threads:
+        f = sd.value_and_grad(loss, params, backend=backend, dtype=dtype)
+        if count is not None and os.environ.get("NUMBA_DISABLE_JIT") != "1":
+            run_threaded(f.runner, count, monkeypatch)
+        value, grads = f(**arrays)
+        where = f"{backend}" + (f" on {count} thread(s)" if count is not None else "")
+        assert value == pytest.approx(want_v, rel=tol, abs=tol), where
+        for k in want:
+            assert_close(grads[k], want[k], tol, what=f"{k}, {where}")

@@ -14,7 +14,7 @@ import pytest
 import sympy as sp
 
 import symdl as sd
-from helpers import assert_close, finite_difference, run_threaded
+from helpers import assert_backend_matches_numpy, assert_close, finite_difference
 from symdl.graph.nodes import ShapeMismatch, sequence_input
 from symdl.ir import kernels as ir
 from symdl.ops.attention import MASK, Causal, SeqMatMul, causal, mix, scores, seq_matmul
@@ -208,16 +208,8 @@ def test_multi_head_attention_errors_name_the_layer_and_shapes():
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_cpu_backend_matches_numpy_on_one_two_and_three_threads(dtype, monkeypatch):
     loss, params, arrays = _products()
-    want_v, want = sd.value_and_grad(loss, params, backend="numpy", dtype=dtype)(**arrays)
-    tol = 1e-12 if dtype == "float64" else 3e-5
-    for count in (1, 2, 3):
-        f = sd.value_and_grad(loss, params, backend="cpu", dtype=dtype)
-        if os.environ.get("NUMBA_DISABLE_JIT") != "1":
-            run_threaded(f.runner, count, monkeypatch)
-        value, grads = f(**arrays)
-        assert value == pytest.approx(want_v, rel=tol, abs=tol)
-        for k in want:
-            assert_close(grads[k], want[k], tol, what=f"{k} on {count} thread(s)")
+    assert_backend_matches_numpy(loss, params, arrays, "cpu", dtype, 1e-12 if dtype == "float64" else 3e-5,
+                                 threads=(1, 2, 3), monkeypatch=monkeypatch)
 
 
 def test_block_products_use_blas_sized_blocks_and_nan_inf_propagate():
@@ -279,11 +271,7 @@ def test_onnx_backend_matches_numpy():
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs NUMBA_ENABLE_CUDASIM=1")
 def test_cuda_simulator_matches_numpy():
     loss, params, arrays = _products(T=3, D=2)
-    want_v, want = sd.value_and_grad(loss, params, backend="numpy")(**arrays)
-    v, got = sd.value_and_grad(loss, params, backend="cuda")(**arrays)
-    assert v == pytest.approx(want_v, rel=1e-10)
-    for k in want:
-        assert_close(got[k], want[k], 1e-10, what=k)
+    assert_backend_matches_numpy(loss, params, arrays, "cuda")
 
 
 def test_explain_prints_the_attention_backward_in_textbook_form_and_it_is_the_gradient():

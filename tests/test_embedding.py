@@ -15,7 +15,7 @@ import sympy as sp
 
 import symdl as sd
 from symdl.graph.nodes import sequence_input
-from helpers import assert_close, finite_difference, run_threaded
+from helpers import assert_backend_matches_numpy, assert_close, finite_difference, run_threaded
 from symdl.ir import kernels as ir
 from symdl.ir.lowering import lower
 from symdl.ops.embedding import Gather, ScatterAdd, embedding, position_rows, sequence_length
@@ -188,16 +188,8 @@ def _gradient_case(seed=0):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_cpu_backend_matches_numpy_on_one_and_two_threads(dtype, monkeypatch):
     loss, params, arrays = _gradient_case()
-    want_v, want = sd.value_and_grad(loss, params, backend="numpy", dtype=dtype)(**arrays)
-    tol = 1e-12 if dtype == "float64" else 2e-5
-    for count in (1, 2):
-        f = sd.value_and_grad(loss, params, backend="cpu", dtype=dtype)
-        if os.environ.get("NUMBA_DISABLE_JIT") != "1":
-            run_threaded(f.runner, count, monkeypatch)
-        value, grads = f(**arrays)
-        assert value == pytest.approx(want_v, rel=tol, abs=tol)
-        for k in want:
-            assert_close(grads[k], want[k], tol, what=f"{k} on {count} thread(s)")
+    assert_backend_matches_numpy(loss, params, arrays, "cpu", dtype, 1e-12 if dtype == "float64" else 2e-5,
+                                 threads=(1, 2), monkeypatch=monkeypatch)
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="LLVM IR needs the JIT")
@@ -260,11 +252,7 @@ def test_onnx_backend_matches_numpy():
 def test_cuda_simulator_matches_numpy():
     loss, params, _ = _per_token_classifier(T=3, V=5, D=3, C=2)
     arrays = _arrays(n=3, seed=1, T=3, V=5, D=3, C=2)
-    want_v, want = sd.value_and_grad(loss, params, backend="numpy")(**arrays)
-    v, got = sd.value_and_grad(loss, params, backend="cuda")(**arrays)
-    assert v == pytest.approx(want_v, rel=1e-10)
-    for k in want:
-        assert_close(got[k], want[k], 1e-10, what=k)
+    assert_backend_matches_numpy(loss, params, arrays, "cuda")
 
 
 # --------------------------------------------------------------------------- checking the ids

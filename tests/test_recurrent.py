@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import symdl as sd
-from helpers import assert_close, finite_difference, run_threaded
+from helpers import assert_backend_matches_numpy, assert_close, finite_difference, run_threaded
 from symdl.graph.nodes import sequence_input
 from symdl.ir import kernels as ir
 from symdl.ops.concat import Cols
@@ -197,16 +197,8 @@ def _backend_case(kind="LSTM", sequences=True, n=4, seed=0):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_cpu_backend_matches_numpy_on_one_and_two_threads(kind, dtype, monkeypatch):
     loss, params, arrays = _backend_case(kind)
-    want_v, want = sd.value_and_grad(loss, params, backend="numpy", dtype=dtype)(**arrays)
-    tol = 1e-12 if dtype == "float64" else 2e-5
-    for count in (1, 2):
-        f = sd.value_and_grad(loss, params, backend="cpu", dtype=dtype)
-        if os.environ.get("NUMBA_DISABLE_JIT") != "1":
-            run_threaded(f.runner, count, monkeypatch)
-        value, grads = f(**arrays)
-        assert value == pytest.approx(want_v, rel=tol, abs=tol)
-        for k in want:
-            assert_close(grads[k], want[k], tol, what=f"{k} on {count} thread(s)")
+    assert_backend_matches_numpy(loss, params, arrays, "cpu", dtype, 1e-12 if dtype == "float64" else 2e-5,
+                                 threads=(1, 2), monkeypatch=monkeypatch)
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="LLVM IR needs the JIT")
@@ -284,11 +276,7 @@ def test_cuda_simulator_matches_numpy(kind):
     loss, params, x, y = _layer_loss(layer, T=3, F=2)
     params = params + [x]
     arrays = _arrays(params[:-1], x, y, n=2, seed=5)
-    want_v, want = sd.value_and_grad(loss, params, backend="numpy")(**arrays)
-    v, got = sd.value_and_grad(loss, params, backend="cuda")(**arrays)
-    assert v == pytest.approx(want_v, rel=1e-10)
-    for k in want:
-        assert_close(got[k], want[k], 1e-10, what=k)
+    assert_backend_matches_numpy(loss, params, arrays, "cuda")
 
 
 # --------------------------------------------------------------------------- graph and program
