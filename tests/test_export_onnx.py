@@ -697,3 +697,13 @@ def test_gpt_block_loss_and_gradients(tmp_path):
             key = f"grad/{names[str(p.name)]}"
             assert got[key].shape == grads[str(p.name)].shape, key
             np.testing.assert_allclose(got[key], grads[str(p.name)], atol=1e-5, rtol=0, err_msg=key)
+
+
+def test_recurrent_model_forward_and_gradients(tmp_path):
+    """An LSTM feeding a bidirectional GRU (scans unrolled over T in the graph): ONNX Runtime's outputs
+    equal ``predict`` at two batch sizes, and with ``gradients=True`` its loss and every weight's
+    gradient (backpropagation through time as ONNX nodes) equal ``sd.value_and_grad``."""
+    model = _compiled(nn.Sequential([nn.LSTM(5, return_sequences=True), nn.Bidirectional(nn.GRU(3)), nn.Dense(4)],
+                                    input_shape=(6, 3)))
+    _check_forward(model, tmp_path)
+    _check_gradients(model, tmp_path)
