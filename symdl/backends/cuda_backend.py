@@ -191,16 +191,20 @@ def _image(k, program, index):
     return _kernel(name, args, body), launch
 
 
+def _entry_kernel(k, program, index, reads, lines):
+    """A kernel with one thread per output entry ``(i, j)``: ``lines`` compute it from ``reads``."""
+    name = f"k{index}_{k.kind}"
+    rows, cols = _dims(program.shape_of(k.out))
+    args = list(dict.fromkeys([buf(k.out), *reads])) + ["R", "C"]
+    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C"] + indent(lines)
+    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
+
+
 @emit.register
 def _gather(k: Gather, program, index):
     """One thread per output entry ``(i, j)``: entry ``j`` of table row ``ids[i]``."""
-    name = f"k{index}_{k.kind}"
-    rows, cols = _dims(program.shape_of(k.out))
     table, ids = (buf(o.buffer) for o in k.operands)
-    args = list(dict.fromkeys([buf(k.out), table, ids])) + ["R", "C"]
-    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C",
-            f"    {buf(k.out)}[i, j] = {table}[int({ids}[i, 0]), j]"]
-    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
+    return _entry_kernel(k, program, index, [table, ids], [f"{buf(k.out)}[i, j] = {table}[int({ids}[i, 0]), j]"])
 
 
 @emit.register
@@ -222,31 +226,23 @@ def _scatter_add(k: ScatterAdd, program, index):
 @emit.register
 def _column_copy(k: ColumnCopy, program, index):
     """One thread per output entry: its source entry, or 0 outside the copied columns."""
-    name = f"k{index}_{k.kind}"
-    rows, cols = _dims(program.shape_of(k.out))
     out, x = buf(k.out), buf(k.operands[0].buffer)
-    args = list(dict.fromkeys([out, x])) + ["R", "C"]
-    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C",
-            f"    if {k.at} <= j < {k.at + k.width}:", f"        {out}[i, j] = {x}[i, j - {k.at} + {k.start}]",
-            "    else:", f"        {out}[i, j] = 0.0"]
-    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
+    return _entry_kernel(k, program, index, [x], [
+        f"if {k.at} <= j < {k.at + k.width}:", f"    {out}[i, j] = {x}[i, j - {k.at} + {k.start}]",
+        "else:", f"    {out}[i, j] = 0.0"])
 
 
 @emit.register
 def _block_gemm(k: BlockGemm, program, index):
     """One thread per output entry ``(i, j)``: the dot product within row ``i``'s block (sequence)."""
-    name = f"k{index}_{k.kind}"
-    rows, cols = _dims(program.shape_of(k.out))
     inner = _dims((k.inner(program),))[0]
     ro, ra, rb = k.rows
     a, b, out = buf(k.a), buf(k.b), buf(k.out)
     left = f"{a}[s * {ra} + q, t]" if k.trans_a else f"{a}[s * {ra} + t, q]"
     right = f"{b}[s * {rb} + j, q]" if k.trans_b else f"{b}[s * {rb} + q, j]"
-    args = list(dict.fromkeys([out, a, b])) + ["R", "C"]
-    body = ["idx = cuda.grid(1)", "if idx < R * C:", "    i = idx // C", "    j = idx - i * C",
-            f"    s = i // {ro}", f"    t = i - s * {ro}", "    acc = 0.0", f"    for q in range({inner}):",
-            f"        acc += {left} * {right}", f"    {out}[i, j] = {float(k.alpha)!r} * acc"]
-    return _kernel(name, args, body), _launch_1d(name, args, rows, cols)
+    return _entry_kernel(k, program, index, [a, b], [
+        f"s = i // {ro}", f"t = i - s * {ro}", "acc = 0.0", f"for q in range({inner}):",
+        f"    acc += {left} * {right}", f"{out}[i, j] = {float(k.alpha)!r} * acc"])
 
 
 def _tree(combine):

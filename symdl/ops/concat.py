@@ -6,11 +6,9 @@ zero-padding: three nodes that fill every rule table.
 * ``cols(x, lo, hi)``: columns ``lo..hi-1``; its adjoint ``place(G, lo, width)`` puts ``G`` at
   columns ``lo..`` of a ``width``-wide zero matrix, whose adjoint is ``cols`` again.
 
-They lower to existing copy kernels, so no backend needs a new handler: a batch ``(n·r, w)`` read
-as ``n`` images ``r x w x 1``, each image row zero-padded to ``width`` pixels with ``lo`` on the
-left, is ``place`` (``ir.Im2Col`` with a 1x1 window); ``col2im`` of that
-geometry is its adjoint, ``cols``; ``concat`` is the sum of its parts ``place``d (one fused
-elementwise sum). Everything is linear in the entries (no products with selection matrices).
+``cols`` and ``place`` lower to one ``ir.ColumnCopy`` each (a row loop: the slice copied, the
+other columns zero); ``concat`` is the sum of its parts ``place``d (one fused elementwise sum).
+Everything is linear in the entries (no products with selection matrices).
 
 >>> import symdl as sd
 >>> a = sd.input("a", 2); b = sd.input("b", 3)
@@ -30,9 +28,9 @@ from ..autodiff.jvp import JVP, linear_in_first_operand
 from ..autodiff.vjp import VJP
 from ..graph.nodes import PRINT_RULES, VARS, n as N, Ops, Printable, ShapeMismatch, make_map, name_of, shape_text
 from ..ir import kernels as ir
-from ..ir.kernels import Geometry, Operand
+from ..ir.kernels import Operand
 from ..ir.lowering import LOWER, lower_expansion
-from .conv import Patches, PatchesAdjoint, Reshape, _entry_of, image_shape
+from .conv import _entry_of, image_shape
 
 
 def _ints(*values):
@@ -102,14 +100,6 @@ class Cols(Printable, Ops, MatrixExpr):
     def _entry(self, i, j, **kw):
         return self.args[0]._entry(i, j + self.args[1], **kw)
 
-    @property
-    def expansion(self):
-        """``col2im`` of the padding geometry: each kept pixel sums the one window that holds it."""
-        x, (lo, hi) = self.args[0], _ints(*self.args[1:])
-        rows, width = x.shape[0], int(x.shape[1])
-        tall = Reshape(x, rows * width, 1, (_per_sample(x), width, 1))
-        return Reshape(PatchesAdjoint(tall, _padding(_per_sample(x), hi - lo, lo, width)), rows, hi - lo)
-
 
 class Place(Printable, Ops, MatrixExpr):
     """``place(x, lo, width)``: ``x`` at columns ``lo..`` of a ``width``-wide zero matrix."""
@@ -131,14 +121,6 @@ class Place(Printable, Ops, MatrixExpr):
         x, (lo, width) = self.args[0], _ints(*self.args[1:])
         return x._entry(i, j - lo, **kw) if lo <= j < lo + int(x.shape[1]) else sp.Integer(0)
 
-    @property
-    def expansion(self):
-        """``im2col`` with a 1x1 window of one-pixel-high images padded by ``lo`` pixels on the left."""
-        x, (lo, width) = self.args[0], _ints(*self.args[1:])
-        rows, w = x.shape[0], int(x.shape[1])
-        tall = Reshape(x, rows * w, 1, (_per_sample(x), w, 1))
-        return Reshape(Patches(tall, _padding(_per_sample(x), w, lo, width)), rows, width)
-
 
 def _per_sample(x) -> int:
     """The rows of ``x`` per batch entry (1 for features, h·w for images): ``x.shape[0] / n``."""
@@ -146,12 +128,6 @@ def _per_sample(x) -> int:
     if not (per.is_Integer and per > 0):
         raise ShapeMismatch(f"concat: {name_of(x)} {shape_text(x)} is not a batch (its rows are not a multiple of n)")
     return int(per)
-
-
-def _padding(rows, w, lo, width) -> Geometry:
-    """Images ``rows x w x 1`` read by a 1x1 window into ``rows x width`` outputs, each image row
-    getting ``lo`` pixels of zeros first (so the image batch is ``n``, as every image kernel's)."""
-    return Geometry((rows, w, 1, 1, 1, 1, 1, 0, lo, rows, width))
 
 
 def concat(*parts):
@@ -169,7 +145,7 @@ def concat(*parts):
         desc = " and ".join(f"{name_of(p)} {shape_text(p)}" for p in parts)
         raise ShapeMismatch(f"concat: the parts must have the same rows (and image size): {desc}")
     for p in parts:
-        _per_sample(p)  # lowering reads each part as a batch of one-pixel-high image rows
+        _per_sample(p)  # a part is a batch: its rows a multiple of n
     return parts[0] if len(parts) == 1 else Concat(*parts)
 
 

@@ -176,11 +176,6 @@ def _gather(k: Gather, program, flavor):
             f"        {buf(k.out)}[i, j] = {table}[_r, j]"]
 
 
-@units.register
-def _gather_units(k: Gather, program):
-    return sp.sympify(program.shape_of(k.out)[0])
-
-
 @emit.register
 def _scatter_add(k: ScatterAdd, program, flavor):
     """Units: the output's columns; a thread zeroes its columns, then adds every row of ``G`` into
@@ -208,14 +203,11 @@ def _column_copy(k: ColumnCopy, program, flavor):
             f"        {out}[i, {k.at} + j] = {x}[i, {k.start} + j]"]
 
 
-@units.register
-def _column_copy_units(k: ColumnCopy, program):
-    return sp.sympify(program.shape_of(k.out)[0])
-
-
-@units.register
-def _gemm_units(k: Gemm, program):
-    return sp.sympify(program.shape_of(k.out)[0])  # rows of the product
+@units.register(Gemm)
+@units.register(Gather)
+@units.register(ColumnCopy)
+def _output_row_units(k, program):
+    return sp.sympify(program.shape_of(k.out)[0])  # rows of the output (of a product: split by rows)
 
 
 @units.register
