@@ -26,9 +26,9 @@ from .scalar_code import PRINTERS, prepared
 
 
 @functools.lru_cache(maxsize=64)
-def cell_derivatives(cell: tuple, gates: int, states: int) -> tuple:
+def cell_derivatives(cell: tuple, gates: int, states: int, extras: int = 0) -> tuple:
     """``d[c][v] = ∂ cell[c] / ∂ VARS[v]`` (``sp.diff``: SymPy derives them)."""
-    variables = VARS[: 2 * gates + states]
+    variables = VARS[: 2 * gates + states + extras]
     return tuple(tuple(sp.diff(sp.sympify(b), v) for v in variables) for b in cell)
 
 
@@ -49,15 +49,26 @@ def _delta_symbols(states: int) -> list:
 
 def backward_exprs(k) -> tuple:
     """``(δx per gate, δu per gate, carry per state)``: ``Σ_c δ_c ∂c/∂v`` for every cell variable."""
-    d = cell_derivatives(tuple(k.cell), k.gates, k.states)
+    dx, du, carry, _ = _through_all(k)
+    return dx, du, carry
+
+
+def extras_exprs(k) -> list:
+    """``δ`` of each extra input (``EI``'s then ``EO``'s): ``Σ_c δ_c ∂c/∂e``."""
+    return _through_all(k)[3]
+
+
+def _through_all(k) -> tuple:
+    d = cell_derivatives(tuple(k.cell), k.gates, k.states, k.extras_in + k.extras_out)
     deltas = _delta_symbols(k.states)
 
     def through(v):
         return sp.Add(*(deltas[c] * d[c][v] for c in range(k.states)))
 
-    kk = k.gates
+    kk, base = k.gates, 2 * k.gates + k.states
     return ([through(g) for g in range(kk)], [through(kk + g) for g in range(kk)],
-            [through(2 * kk + c) for c in range(k.states)])
+            [through(2 * kk + c) for c in range(k.states)],
+            [through(base + m) for m in range(k.extras_in + k.extras_out)])
 
 
 def _rows(k, T) -> list:
@@ -67,19 +78,26 @@ def _rows(k, T) -> list:
             "_rp = _ro + 1" if k.reverse_out else "_rp = _ro - 1"]
 
 
-def _bias(k, program, at: int):
+def _bias(k, program, at: int = 0):
     """``(B, two rows)``: the bias operand's code name (None: no bias) and whether it has a recurrent row."""
-    if len(k.operands) <= at:
+    B = k.optional()["B"]
+    if B is None:
         return None, False
-    B = k.operands[at].buffer
-    return buf(B), sp.sympify(program.shape_of(B)[0]) != 1
+    return buf(B.buffer), sp.sympify(program.shape_of(B.buffer)[0]) != 1
+
+
+def extras_of(k) -> list:
+    """``[(code name, count, at the output row)]``: the extra-input operands (``EI``, ``EO``) present."""
+    o = k.optional()
+    return [(buf(o[name].buffer), count, name == "EO") for name, count in (("EI", k.extras_in), ("EO", k.extras_out))
+            if o[name] is not None]
 
 
 def sequence_lines(k, program, flavor: str, T: str, u: str) -> list:
     """The scalar loops of sequence ``i`` (``T``, ``u``: the step count and the units, as code)."""
     if isinstance(k, ScanGrad):
-        return _backward_lines(k, flavor, T, u, *_bias(k, program, 5))
-    return _forward_lines(k, flavor, T, u, *_bias(k, program, 2))
+        return _backward_lines(k, flavor, T, u, *_bias(k, program))
+    return _forward_lines(k, flavor, T, u, *_bias(k, program))
 
 
 def _forward_lines(k, flavor, T, u, B, two) -> list:
@@ -138,17 +156,22 @@ def array_lines(k, program) -> list:
     if isinstance(k, ScanGrad):
         XP, UP, S, G, U = (buf(o.buffer) for o in k.operands[:5])
         u = int(program.shape_of(k.operands[4].buffer)[0])
-        B, two = _bias(k, program, 5)
     else:
         XP, U = buf(k.operands[0].buffer), buf(k.operands[1].buffer)
         u = int(program.shape_of(k.operands[1].buffer)[1])  # Uᵀ (k·u, u)
-        B, two = _bias(k, program, 2)
+    B, two = _bias(k, program)
     ku = g_count * u
     bx = f" + {B}[0]" if B else ""
     bu = f" + {B}[1]" if two else ""
-    names = {VARS[v]: f"v{v}" for v in range(2 * g_count + s_count)}
+    names = {VARS[v]: f"v{v}" for v in range(k.variables)}
     at = lambda rev: f"{T - 1} - _t" if rev else "_t"  # noqa: E731
     lines = [f"_o = {out}.reshape(n, {T}, -1)", f"_x = ({XP}{bx}).reshape(n, {T}, {ku})"]
+    extras, first = [], 2 * g_count + s_count
+    for e, (name, count, at_out) in enumerate(extras_of(k)):  # extra m of unit j: column m·u + j
+        lines.append(f"_e{e} = {name}.reshape(n, {T}, {count * u})")
+        row = "_to" if at_out else "_ti"
+        extras += [f"v{first + m} = _e{e}[:, {row}, {m * u}:{(m + 1) * u}]" for m in range(count)]
+        first += count
     if not isinstance(k, ScanGrad):
         body, results = cell_code(list(k.cell), names, "array")
         lines += [f"_p = numpy.zeros((n, {s_count * u}), {out}.dtype)", f"for _t in range({T}):",
@@ -157,26 +180,34 @@ def array_lines(k, program) -> list:
         inner = [f"v{g} = _x[:, _ti, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
         inner += [f"v{g_count + g} = _up[:, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
         inner += [f"v{2 * g_count + c} = _p[:, {c * u}:{(c + 1) * u}]" for c in range(s_count)]
+        inner += extras
         inner += body + [f"_o[:, _to, {c * u}:{(c + 1) * u}] = {r}" for c, r in enumerate(results)]
         inner += ["_p = _o[:, _to, :].copy()"]
         return lines + ["    " + line for line in inner]
     dx, du, carry = backward_exprs(k)
+    dextra = extras_exprs(k)
     names.update({d: f"_d{c}" for c, d in enumerate(_delta_symbols(s_count))})
-    body, results = cell_code(dx + du + carry, names, "array")
+    body, results = cell_code(dx + du + carry + dextra, names, "array")
     lines += [f"_up = ({UP}{bu}).reshape(n, {T}, {ku})", f"_s = {S}.reshape(n, {T}, {s_count * u})",
               f"_g = {G}.reshape(n, {T}, {s_count * u})", f"_carry = numpy.zeros((n, {s_count * u}), {out}.dtype)",
               f"for _tt in range({T}):", f"    _t = {T - 1} - _tt", f"    _ti, _to = {at(k.reverse_in)}, {at(k.reverse_out)}",
               f"    _tp = _to + 1 if {bool(k.reverse_out)} else _to - 1"]
-    inner = [f"_D = _g[:, _to, :] + _carry", f"_o[:, _to, {2 * ku}:] = _D"]
+    ws = (2 * g_count + s_count) * u
+    inner = [f"_D = _g[:, _to, :] + _carry", f"_o[:, _to, {2 * ku}:{ws}] = _D"]
     inner += [f"_d{c} = _D[:, {c * u}:{(c + 1) * u}]" for c in range(s_count)]
     inner += [f"v{g} = _x[:, _ti, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
     inner += [f"v{g_count + g} = _up[:, _to, {g * u}:{(g + 1) * u}]" for g in range(g_count)]
     inner += [f"v{2 * g_count + c} = _s[:, _tp, {c * u}:{(c + 1) * u}] if _t > 0 else numpy.zeros_like(_d0)"
               for c in range(s_count)]
+    inner += extras
     inner += body
     inner += [f"_o[:, _ti, {g * u}:{(g + 1) * u}] = {r}" for g, r in enumerate(results[:g_count])]
     inner += [f"_o[:, _to, {ku + g * u}:{ku + (g + 1) * u}] = {r}" for g, r in enumerate(results[g_count: 2 * g_count])]
+    done = 2 * g_count + s_count
+    for m, r in enumerate(results[done:]):  # δ of the extras, at the rows they were read
+        row = "_to" if m >= k.extras_in else "_ti"
+        inner.append(f"_o[:, {row}, {ws + m * u}:{ws + (m + 1) * u}] = {r}")
     inner += [f"_carry = numpy.empty((n, {s_count * u}), {out}.dtype)"]
-    inner += [f"_carry[:, {c * u}:{(c + 1) * u}] = {r}" for c, r in enumerate(results[2 * g_count:])]
+    inner += [f"_carry[:, {c * u}:{(c + 1) * u}] = {r}" for c, r in enumerate(results[2 * g_count: done])]
     inner += [f"_carry[:, :{u}] += numpy.dot(_o[:, _to, {ku}:{2 * ku}], {U}.T)"]
     return lines + ["    " + line for line in inner]

@@ -642,12 +642,27 @@ class _ScanKernel:
     steps: tuple  # (T,): a size, so one compiled formula serves every sequence length
     reverse_in: bool = False
     reverse_out: bool = False
+    extras_in: int = 0  # per-step extra inputs per unit read at the input row (operand EI), then
+    extras_out: int = 0  # those read at the output row (EO): the cell's variables after the states
     kind = ""  # (no ``reads``: not a kernel itself, as test_tables counts kernel classes by it)
+    base = 0  # the operands before the optional B, EI, EO
+
+    @property
+    def variables(self) -> int:
+        """How many cell variables: ``k`` input gates, ``k`` recurrent gates, ``s`` states, the extras."""
+        return 2 * self.gates + self.states + self.extras_in + self.extras_out
+
+    def optional(self) -> dict:
+        """``{"B": operand or None, "EI": ..., "EO": ...}``: the operands after the first ``base``."""
+        rest = list(self.operands[self.base:])
+        eo = rest.pop() if self.extras_out and rest else None
+        ei = rest.pop() if self.extras_in and rest else None
+        return {"B": rest[0] if rest else None, "EI": ei, "EO": eo}
 
     def bodies(self) -> list:
         """The cell's formulas with every cell variable read as ``v0``: what the checker, the work
         estimate and the helper search see (the variables are not operands)."""
-        return [sp.sympify(b).xreplace({v: VARS[0] for v in VARS[: 2 * self.gates + self.states]})
+        return [sp.sympify(b).xreplace({v: VARS[0] for v in VARS[: self.variables]})
                 for b in self.cell]
 
     def __str__(self):
@@ -664,12 +679,15 @@ class Scan(_ScanKernel):
     kernel transposed ``(k·u, u)`` (each gate's weights a contiguous row) and a bias ``(r, k·u)`` (row 0 added to the input gates, row 1 when r = 2 to
     the recurrent gates); ``out`` the states ``(n·T, s·u)``.
     ``cell[c]`` is state ``c``'s scalar formula over ``VARS`` (input gates ``v0..v(k-1)``, recurrent
-    gates ``vk..v(2k-1)``, previous states ``v2k..``); ``steps = (T,)``. Step ``t`` of sequence ``b``
+    gates ``vk..v(2k-1)``, previous states ``v2k..``, then ``extras_in`` values per unit read from
+    ``EI`` at the input row and ``extras_out`` from ``EO`` at the output row: ``operands = (XP, Uᵀ[,
+    B][, EI][, EO])``, extra ``m`` of unit ``j`` in column ``m·u + j``); ``steps = (T,)``. Step ``t`` of sequence ``b``
     reads input row ``b·T + t`` (``b·T + T-1-t`` with ``reverse_in``) and writes row ``b·T + t``
     (``reverse_out``: ``b·T + T-1-t``). Units: the sequences; one sequence's steps run in order.
     """
 
     kind = "scan"
+    base = 2
 
     def reads(self) -> list:
         return list(self.operands)
@@ -686,9 +704,11 @@ class ScanGrad(_ScanKernel):
     without the bias), ``out``
     ``[δXP | δUP | δS]`` ``(n·T, 2·k·u + s·u)``: one reverse loop over the steps of each sequence,
     the local derivatives ``sp.diff`` of ``cell``; ``δS`` each state's whole gradient (``G`` plus the
-    carry from the next step)."""
+    carry from the next step). With extras (``operands = (XP, UP, S, G, U[, B][, EI][, EO])``) the
+    output adds ``[δEI | δEO]``, read and written at the rows ``Scan`` reads them."""
 
     kind = "scan_grad"
+    base = 5
 
     def reads(self) -> list:
         return list(self.operands)
@@ -705,30 +725,38 @@ KERNELS = KERNELS + (Scan, ScanGrad)
 @_check_shapes.register(Scan)
 @_check_shapes.register(ScanGrad)
 def _scan_shapes(k, program, where):
-    if len(k.operands) not in ((5, 6) if isinstance(k, ScanGrad) else (2, 3)):
-        raise ProgramError(f"{where}: {k.kind} reads (XP, U[, B]) or (XP, UP, S, G, U[, B]), got {len(k.operands)}")
+    grad = isinstance(k, ScanGrad)
+    extras = (k.extras_in > 0) + (k.extras_out > 0)
+    if len(k.operands) - extras not in ((5, 6) if grad else (2, 3)):
+        raise ProgramError(f"{where}: {k.kind} reads (XP, U[, B][, EI][, EO]) or (XP, UP, S, G, U[, B][, EI][, EO]), "
+                           f"got {len(k.operands)}")
     shapes = _whole_buffers(k, program, len(k.operands), where)
     out = tuple(program.shape_of(k.out))
     same = lambda a, b: sp.expand(sp.sympify(a) - b) == 0  # noqa: E731
-    u = shapes[4][0] if isinstance(k, ScanGrad) else shapes[1][1]
+    u = shapes[4][0] if grad else shapes[1][1]
     ku = k.gates * u
-    want = {"XP": (out[0], ku), "U": (u, ku) if isinstance(k, ScanGrad) else (ku, u)}
-    if isinstance(k, ScanGrad):
+    want = {"XP": (out[0], ku), "U": (u, ku) if grad else (ku, u),
+            "EI": (out[0], k.extras_in * u), "EO": (out[0], k.extras_out * u)}
+    if grad:
         want.update(UP=(out[0], ku), S=(out[0], k.states * u), G=(out[0], k.states * u))
-        names = ("XP", "UP", "S", "G", "U", "B")
-        wide = 2 * ku + k.states * u
+        names = ["XP", "UP", "S", "G", "U"]
+        wide = (2 * k.gates + k.states + k.extras_in + k.extras_out) * u
     else:
-        names = ("XP", "U", "B")
+        names = ["XP", "U"]
         wide = k.states * u
-    if len(shapes) == len(names):
-        want["B"] = (shapes[-1][0], ku)
-        if not (same(shapes[-1][0], 1) or same(shapes[-1][0], 2)):
-            raise ProgramError(f"{where}: the bias has shape {shapes[-1]}, it needs 1 or 2 rows")
+    optional = k.optional()
+    names += [name for name in ("B", "EI", "EO") if optional[name] is not None]
+    if optional["B"] is not None:
+        b = shapes[names.index("B")]
+        want["B"] = (b[0], ku)
+        if not (same(b[0], 1) or same(b[0], 2)):
+            raise ProgramError(f"{where}: the bias has shape {b}, it needs 1 or 2 rows")
     for name, shape in zip(names, shapes):
         if not all(same(a, b) for a, b in zip(shape, want[name])):
             raise ProgramError(f"{where}: {name} has shape {shape}, the cell needs {want[name]}")
     if not same(out[1], wide):
         raise ProgramError(f"{where}: the output {out} must be {wide} wide")
+
 
 @_check_shapes.register
 def _column_copy_shapes(k: ColumnCopy, program, where):

@@ -45,12 +45,12 @@ from ..autodiff.jvp import JVP, linear_in_first_operand
 from ..autodiff.vjp import VJP
 from ..formulas import activations as functions
 from ..graph.nodes import (
-    PRINT_RULES, VARS, Ops, Printable, ShapeMismatch, SumRows, name_of, shape_text,
+    PRINT_RULES, VARS, Broadcast, Ops, Printable, ShapeMismatch, SumRows, name_of, shape_text,
 )
 from ..ir import kernels as ir
 from ..ir.kernels import Operand
 from ..ir.lowering import LOWER, lower_expansion
-from .concat import Cols, Place
+from .concat import Cols, Place, concat
 from .conv import Reshape
 
 
@@ -70,6 +70,8 @@ class Cell:
     bodies: tuple
     gate_names: tuple = ()
     state_names: tuple = ("h",)
+    extras_in: int = 0  # per-step inputs read at the input row (``EI``), variables after the states
+    extras_out: int = 0  # per-step inputs read at the output row (``EO``), after ``EI``'s
 
     def x(self, g):
         return VARS[g]
@@ -80,9 +82,15 @@ class Cell:
     def p(self, c):
         return VARS[2 * self.gates + c]
 
+    def ein(self, m):
+        return VARS[2 * self.gates + self.states + m]
+
+    def eout(self, m):
+        return VARS[2 * self.gates + self.states + self.extras_in + m]
+
     @property
     def variables(self) -> tuple:
-        return tuple(VARS[: 2 * self.gates + self.states])
+        return tuple(VARS[: 2 * self.gates + self.states + self.extras_in + self.extras_out])
 
     @functools.cached_property
     def derivatives(self) -> tuple:
@@ -134,7 +142,8 @@ def gru_cell(activation="tanh", recurrent_activation="sigmoid") -> Cell:
 def _spec(cell: Cell, T: int, reverse_in: bool, reverse_out: bool) -> sp.Tuple:
     return sp.Tuple(Str(cell.name), sp.Tuple(*cell.bodies), sp.Integer(cell.gates), sp.Integer(cell.states),
                     sp.Integer(T), sp.Integer(int(reverse_in)), sp.Integer(int(reverse_out)),
-                    sp.Tuple(*(Str(g) for g in cell.gate_names)), sp.Tuple(*(Str(s) for s in cell.state_names)))
+                    sp.Tuple(*(Str(g) for g in cell.gate_names)), sp.Tuple(*(Str(s) for s in cell.state_names)),
+                    sp.Integer(cell.extras_in), sp.Integer(cell.extras_out))
 
 
 _DEFERRED: dict = {}  # node -> its number, and number -> node (``_Entry``)
@@ -179,9 +188,9 @@ class _ScanBase(Printable, Ops, MatrixExpr):
 
     @property
     def cell(self) -> Cell:
-        name, bodies, k, s, _, _, _, gates, states = self.spec
+        name, bodies, k, s, _, _, _, gates, states, ei, eo = self.spec
         return _cell_of(str(name), tuple(bodies), int(k), int(s), tuple(str(g) for g in gates),
-                        tuple(str(c) for c in states))
+                        tuple(str(c) for c in states), int(ei), int(eo))
 
     @property
     def steps(self) -> int:
@@ -204,6 +213,27 @@ class _ScanBase(Printable, Ops, MatrixExpr):
     def units(self) -> int:
         return int(self._U.shape[0])
 
+    base = 2  # the matrix operands before the optional ones: (XP, U) or (XP, UP, S, G, U)
+
+    def _optional(self) -> dict:
+        """``{"B": bias, "EI": extras read at input rows, "EO": at output rows}``, each or None: the
+        operands after the first ``base``, in that order."""
+        cell, rest = self.cell, list(self.mats[self.base:])
+        eo = rest.pop() if cell.extras_out else None
+        ei = rest.pop() if cell.extras_in else None
+        return {"B": rest[0] if rest else None, "EI": ei, "EO": eo}
+
+    @property
+    def bias(self):
+        """``B`` ``(r, k·u)`` or None: row 0 added to the input gates, row 1 (r = 2) to the recurrent ones."""
+        return self._optional()["B"]
+
+    @property
+    def extras(self) -> tuple:
+        """``(EI, EO)``: the per-step extra inputs read at the input rows and at the output rows (or None)."""
+        o = self._optional()
+        return o["EI"], o["EO"]
+
     def step_rows(self, b, t):
         """``(input row, output row, previous output row or None)`` of step ``t`` of sequence ``b``."""
         T = self.steps
@@ -216,8 +246,8 @@ class _ScanBase(Printable, Ops, MatrixExpr):
 
 
 @functools.lru_cache(maxsize=256)
-def _cell_of(name, bodies, k, s, gates, states) -> Cell:
-    return Cell(name, k, s, bodies, gates, states)
+def _cell_of(name, bodies, k, s, gates, states, ei=0, eo=0) -> Cell:
+    return Cell(name, k, s, bodies, gates, states, ei, eo)
 
 
 class Scan(_ScanBase):
@@ -225,6 +255,7 @@ class Scan(_ScanBase):
 
     notation = "cell_scan(XP, U): the recurrent cell run over the steps of each sequence, states of every step"
     explain_role = "H"  # sd.explain names each scan's states Hk and its δ δHk
+    hvp_by_tangent = True  # sd.hvp differentiates the loss's tangent (a scan) rather than ScanGrad
 
     @property
     def _U(self):
@@ -234,11 +265,6 @@ class Scan(_ScanBase):
     def shape(self):
         return (self.args[0].shape[0], self.cell.states * self._U.shape[0])
 
-    @property
-    def bias(self):
-        """``B`` ``(r, k·u)`` or None: row 0 added to the input gates, row 1 (r = 2) to the recurrent ones."""
-        return self.args[2] if len(self.mats) == 3 else None
-
     def _int_entry(self, i, j, **kw):
         T = self.steps
         return _forward(self, i // T, tuple(sorted(kw.items())))[i][j]
@@ -246,23 +272,22 @@ class Scan(_ScanBase):
 
 class ScanGrad(_ScanBase):
     """``cell_bptt(G; XP, UP, S, U)``: backpropagation through time, ``[δXP | δUP | δS]``
-    ``(n·T, 2·k·u + s·u)``, from one reverse loop over the steps (see the module)."""
+    ``(n·T, 2·k·u + s·u)``, from one reverse loop over the steps (see the module); a cell with extra
+    inputs adds ``[δEI | δEO]``."""
 
     notation = ("cell_bptt(G; XP, UP, S, U): backpropagation through time, [δXP | δUP | δS] of every step "
                 "(δS: each state's whole gradient, the carry from the next step included)")
+
+    base = 5
 
     @property
     def _U(self):
         return self.args[4]
 
     @property
-    def bias(self):
-        return self.args[5] if len(self.mats) == 6 else None
-
-    @property
     def shape(self):
         c = self.cell
-        return (self.args[0].shape[0], (2 * c.gates + c.states) * self._U.shape[0])
+        return (self.args[0].shape[0], (2 * c.gates + c.states + c.extras_in + c.extras_out) * self._U.shape[0])
 
     def _int_entry(self, i, j, **kw):
         T = self.steps
@@ -283,6 +308,15 @@ def _bias_rows(node, kw) -> tuple:
     return bx, ([B._entry(1, c, **kw) for c in range(ku)] if int(B.shape[0]) == 2 else zero)
 
 
+def _extras_env(node, ri: int, ro: int, j: int, kw: dict) -> dict:
+    """The extra inputs of unit ``j`` at a step: ``EI`` read at its input row, ``EO`` at its output row."""
+    cell, u = node.cell, node.units
+    EI, EO = node.extras
+    env = {cell.ein(m): EI._entry(ri, m * u + j, **kw) for m in range(cell.extras_in)}
+    env.update({cell.eout(m): EO._entry(ro, m * u + j, **kw) for m in range(cell.extras_out)})
+    return env
+
+
 @functools.lru_cache(maxsize=64)
 def _forward(node: Scan, b: int, kw: tuple) -> dict:
     """``{row: [state entries]}`` of sequence ``b``: the scan unrolled with SymPy scalars."""
@@ -300,6 +334,7 @@ def _forward(node: Scan, b: int, kw: tuple) -> dict:
             env = {cell.x(g): XP._entry(ri, g * u + j, **kw) + bx[g * u + j] for g in range(k)}
             env.update({cell.u(g): up[g * u + j] for g in range(k)})
             env.update({cell.p(c): prev[c * u + j] for c in range(s)})
+            env.update(_extras_env(node, ri, ro, j, kw))
             for c in range(s):
                 row[c * u + j] = cell.bodies[c].xreplace(env)
         out[ro] = row
@@ -316,18 +351,21 @@ def _backward(node: ScanGrad, b: int, kw: tuple) -> dict:
     bx, bu = _bias_rows(node, kw)
     cell, u = node.cell, node.units
     k, s = cell.gates, cell.states
-    ku = k * u
+    ei, eo = cell.extras_in, cell.extras_out
+    ku, ws = k * u, (2 * k + s) * u
     out = {}
     carry = [sp.Integer(0)] * (s * u)
     for t in reversed(range(node.steps)):
         ri, ro, rp = node.step_rows(b, t)
         D = [G._entry(ro, c, **kw) + carry[c] for c in range(s * u)]
         dx, dup, nxt = [None] * ku, [None] * ku, [sp.Integer(0)] * (s * u)
+        dei, deo = [None] * (ei * u), [None] * (eo * u)
         for j in range(u):
             env = {cell.x(g): XP._entry(ri, g * u + j, **kw) + bx[g * u + j] for g in range(k)}
             env.update({cell.u(g): UP._entry(ro, g * u + j, **kw) + bu[g * u + j] for g in range(k)})
             env.update({cell.p(c): S._entry(rp, c * u + j, **kw) if rp is not None else sp.Integer(0)
                         for c in range(s)})
+            env.update(_extras_env(node, ri, ro, j, kw))
 
             def through(v):
                 return sp.Add(*(D[c * u + j] * cell.derivatives[c][v].xreplace(env) for c in range(s)))
@@ -337,13 +375,20 @@ def _backward(node: ScanGrad, b: int, kw: tuple) -> dict:
                 dup[g * u + j] = through(k + g)
             for c in range(s):
                 nxt[c * u + j] = through(2 * k + c)
+            for m in range(ei):
+                dei[m * u + j] = through(2 * k + s + m)
+            for m in range(eo):
+                deo[m * u + j] = through(2 * k + s + ei + m)
         for j in range(u):  # h_{t-1} also feeds every recurrent gate of step t
             nxt[j] += sp.Add(*(dup[col] * U._entry(j, col, **kw) for col in range(ku)))
-        rows = out.setdefault(ri, [None] * (2 * ku + s * u))
+        width = ws + (ei + eo) * u
+        rows = out.setdefault(ri, [None] * width)
         rows[:ku] = dx
-        rows_o = out.setdefault(ro, [None] * (2 * ku + s * u))
+        rows[ws: ws + ei * u] = dei
+        rows_o = out.setdefault(ro, [None] * width)
         rows_o[ku: 2 * ku] = dup
-        rows_o[2 * ku:] = D
+        rows_o[2 * ku: ws] = D
+        rows_o[ws + ei * u:] = deo
         carry = nxt
     return out
 
@@ -397,12 +442,16 @@ class Shifted(Printable, Ops, MatrixExpr):
         return Reshape(moved, rows, w)
 
 
-def scan(cell: Cell, XP, U, bu, T: int, *, reverse_in=False, reverse_out=False, where="recurrent layer"):
+def scan(cell: Cell, XP, U, bu, T: int, *, reverse_in=False, reverse_out=False, extras_in=None, extras_out=None,
+         where="recurrent layer"):
     """The states of every step: ``Scan`` over the projected inputs ``XP`` ``(n·T, k·u)`` with the
     recurrent kernel ``U`` ``(u, k·u)`` and an optional bias ``bu``: ``(1, k·u)`` (added to the input
     gates: Keras's LSTM and SimpleRNN ``bias``) or ``(2, k·u)`` (row 1 added to the recurrent gates
-    inside the cell: Keras's GRU with ``reset_after``)."""
-    for m in (XP, U) + ((bu,) if bu is not None else ()):
+    inside the cell: Keras's GRU with ``reset_after``). A cell with extra per-step inputs (a scan's
+    tangent, ``_jvp_scan``) reads them from ``extras_in`` ``(n·T, cell.extras_in·u)`` at each step's
+    input row and ``extras_out`` ``(n·T, cell.extras_out·u)`` at its output row, unit ``j`` of extra
+    ``m`` in column ``m·u + j``."""
+    for m in (XP, U) + tuple(e for e in (bu, extras_in, extras_out) if e is not None):
         if not isinstance(m, MatrixExpr):
             raise TypeError(f"{where}: scan takes matrix expressions, got {m!r}")
     u = int(U.shape[0])
@@ -413,7 +462,14 @@ def scan(cell: Cell, XP, U, bu, T: int, *, reverse_in=False, reverse_out=False, 
                             f"{name_of(U)} {shape_text(U)}")
     if bu is not None and tuple(bu.shape) not in ((1, ku), (2, ku)):
         raise ShapeMismatch(f"{where}: the bias {name_of(bu)} {shape_text(bu)} must be (1, {ku}) or (2, {ku})")
-    mats = (XP, U) + ((bu,) if bu is not None else ())
+    for what, E, count in (("extras_in", extras_in, cell.extras_in), ("extras_out", extras_out, cell.extras_out)):
+        if (E is None) != (count == 0):
+            raise ValueError(f"{where}: the {cell.name} cell reads {count} extra input(s) per unit ({what}), "
+                             f"got {'none' if E is None else name_of(E)}")
+        if E is not None and (sp.expand(E.shape[0] - XP.shape[0]) != 0 or E.shape[1] != count * u):
+            raise ShapeMismatch(f"{where}: {what} {name_of(E)} {shape_text(E)} must have the rows of "
+                                f"{name_of(XP)} and {count}·{u} = {count * u} columns")
+    mats = (XP, U) + tuple(e for e in (bu, extras_in, extras_out) if e is not None)
     return Scan(*mats, _spec(cell, T, reverse_in, reverse_out))
 
 
@@ -431,31 +487,113 @@ def _hidden(S, cell, u):
     return Cols(S, 0, u) if cell.states > 1 else S
 
 
+def _reads(cell: Cell, variables) -> bool:
+    """Whether any of the cell's formulas reads one of ``variables``."""
+    return any(b.free_symbols & set(variables) for b in cell.bodies)
+
+
 @VJP.rule(Scan)
 def _vjp_scan(node, G):
     XP, U = node.args[:2]
-    bu, cell, T, u = node.bias, node.cell, node.steps, node.units
-    ku = cell.gates * u
+    bu, (EI, EO), cell, T, u = node.bias, node.extras, node.cell, node.steps, node.units
+    k, s = cell.gates, cell.states
+    ku, ws, wi = k * u, (2 * k + s) * u, cell.extras_in * u
     H = shift(_hidden(node, cell, u), T, node.reverse_out)
-    R = _grad_class(cell)(XP, H @ U, node, G, U, *((bu,) if bu is not None else ()), node.spec)
-    dXP, dUP = Cols(R, 0, ku), Cols(R, ku, 2 * ku)
-    out = [(XP, dXP), (U, H.T @ dUP)]
+    optional = tuple(m for m in (bu, EI, EO) if m is not None)
+    R = _grad_class(cell)(XP, H @ U, node, G, U, *optional, node.spec)
+    dUP = Cols(R, ku, 2 * ku)
+    out = [(U, H.T @ dUP)]
+    if _reads(cell, [cell.x(g) for g in range(k)]):  # a tangent scan with no input tangent reads no x
+        out.append((XP, Cols(R, 0, ku)))
     if bu is not None:  # [1ᵀδXP | 1ᵀδUP] is the (2, k·u) bias's gradient read row by row
         r = int(bu.shape[0])
         out.append((bu, SumRows(Cols(R, 0, r * ku)) if r == 1 else Reshape(SumRows(Cols(R, 0, r * ku)), r, ku)))
+    if EI is not None:
+        out.append((EI, Cols(R, ws, ws + wi)))
+    if EO is not None:
+        out.append((EO, Cols(R, ws + wi, int(R.shape[1]))))
     return out
 
 
 @VJP.rule(ScanGrad)
 def _vjp_scan_grad(node, G):
-    raise NotImplementedError(f"the {node.cell.name} recurrence's gradient has no gradient of its own yet: "
-                              "second derivatives (hvp) through a recurrent layer are not supported")
+    raise NotImplementedError(f"the {node.cell.name} recurrence's gradient has no gradient of its own: a gradient "
+                              "of a gradient through a recurrent layer (reverse over reverse) is not supported; "
+                              "sd.hvp and sd.hessian go through the scan's tangent instead (reverse over forward)")
 
 
-@JVP.rule(Scan, ScanGrad)
+@JVP.rule(ScanGrad)
+def _jvp_scan_grad(node, tan):
+    raise NotImplementedError(f"forward mode through the {node.cell.name} recurrence's gradient (explain_hvp: forward "
+                              "over reverse) is not supported; sd.hvp and sd.hessian work through recurrent layers "
+                              "(reverse over forward: the gradient of the loss's tangent)")
+
+
+def _bias_row(B, r: int, ku: int):
+    """Row ``r`` of a ``(1, k·u)`` or ``(2, k·u)`` bias as a ``(1, k·u)`` row."""
+    if int(B.shape[0]) == 1:
+        return B if r == 0 else None
+    return Cols(Reshape(B, 1, 2 * ku), r * ku, (r + 1) * ku)
+
+
+def _plus(*terms):
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return None
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+@JVP.rule(Scan)
 def _jvp_scan(node, tan):
-    raise NotImplementedError(f"forward mode (explain_hvp, hvp) through the {node.cell.name} recurrence is not "
-                              "supported yet")
+    """The tangent of a scan is a scan: ``ṡ_t = Σ_g ∂c/∂x_g ẋ_g + Σ_g ∂c/∂u_g u̇_g + Σ_c' ∂c/∂p_c' ṗ_c'
+    (+ Σ_e ∂c/∂e ė)``, with ``u̇_t = ḣ_{t-1} U + h_{t-1} U̇ + ḃu``: a linear recurrence through the same
+    ``U``. Its cell (``sp.diff`` of this one) reads the point ``(x, u, p)`` where the derivatives are
+    taken, and the known part of ``u̇`` (``K = shift(h) U̇ + ḃu``), as per-step extra inputs."""
+    XP, U = node.args[:2]
+    B, (EI, EO), cell, T, u = node.bias, node.extras, node.cell, node.steps, node.units
+    k, s, ei, eo = cell.gates, cell.states, cell.extras_in, cell.extras_out
+    ku = k * u
+    tangent = lambda m: None if m is None else tan(m)  # noqa: E731
+    dXP, dU, dB, dEI, dEO = (tangent(m) for m in (XP, U, B, EI, EO))
+    if all(d is None for d in (dXP, dU, dB, dEI, dEO)):
+        return None
+    H = shift(_hidden(node, cell, u), T, node.reverse_out)
+    rows = XP.shape[0]
+    row = lambda M, r: None if M is None else _bias_row(M, r, ku)  # noqa: E731
+    xdot = _plus(dXP, None if row(dB, 0) is None else Broadcast(row(dB, 0), rows, ku))
+    K = _plus(None if dU is None else H @ dU, None if row(dB, 1) is None else Broadcast(row(dB, 1), rows, ku))
+    point_x = _plus(XP, row(B, 0))
+    point_u = _plus(H @ U, row(B, 1))
+    ins = [point_x] + [m for m in (EI, dEI) if m is not None]
+    outs = [point_u, shift(node, T, node.reverse_out)] + [m for m in (EO, K, dEO) if m is not None]
+    tc_in = k + ei * (1 + (dEI is not None))
+    tc_out = k + s + eo * (1 + (dEO is not None)) + k * (K is not None)
+    base = 2 * k + s
+    at_in = lambda m: VARS[base + m]  # noqa: E731
+    at_out = lambda m: VARS[base + tc_in + m]  # noqa: E731
+    point = {cell.x(g): at_in(g) for g in range(k)}  # the original cell's variables -> the extras
+    point.update({cell.ein(m): at_in(k + m) for m in range(ei)})
+    point.update({cell.u(g): at_out(g) for g in range(k)})
+    point.update({cell.p(c): at_out(k + c) for c in range(s)})
+    point.update({cell.eout(m): at_out(k + s + m) for m in range(eo)})
+    moves = [(cell.x(g), VARS[g] if xdot is not None else 0) for g in range(k)]
+    moves += [(cell.u(g), VARS[k + g] + (at_out(k + s + eo + g) if K is not None else 0)) for g in range(k)]
+    moves += [(cell.p(c), VARS[2 * k + c]) for c in range(s)]
+    if dEI is not None:
+        moves += [(cell.ein(m), at_in(k + ei + m)) for m in range(ei)]
+    if dEO is not None:
+        moves += [(cell.eout(m), at_out(k + s + eo + k * (K is not None) + m)) for m in range(eo)]
+    index = {v: i for i, v in enumerate(cell.variables)}
+    bodies = tuple(sp.Add(*(cell.derivatives[c][index[v]].xreplace(point) * d for v, d in moves))
+                   for c in range(s))
+    tc = Cell(f"{cell.name}_tangent", k, s, bodies, cell.gate_names,
+              tuple(f"{nm}\u0307" for nm in cell.state_names), tc_in, tc_out)
+    return scan(tc, XP if xdot is None else xdot, U, None, T, reverse_in=node.reverse_in,
+                reverse_out=node.reverse_out, extras_in=concat(*ins), extras_out=concat(*outs),
+                where=f"the tangent of {cell.name}_scan")
 
 
 @VJP.rule(Shifted)
@@ -474,7 +612,7 @@ def _lower_scan(lw, node):
     XP, U = node.args[:2]  # the kernel reads Uᵀ (k·u, u): each gate's column of U is a contiguous row
     ops = tuple(Operand(lw.buffer_of(m)) for m in (XP, Transpose(U)) + tuple(node.mats[2:]))
     lw.emit(ir.Scan(lw.name(node), ops, tuple(cell.bodies), cell.gates, cell.states, (sp.Integer(node.steps),),
-                    node.reverse_in, node.reverse_out), node.shape)
+                    node.reverse_in, node.reverse_out, cell.extras_in, cell.extras_out), node.shape)
 
 
 @LOWER.rule(ScanGrad)
@@ -482,7 +620,7 @@ def _lower_scan_grad(lw, node):
     cell = node.cell
     ops = tuple(Operand(lw.buffer_of(m)) for m in node.mats)
     lw.emit(ir.ScanGrad(lw.name(node), ops, tuple(cell.bodies), cell.gates, cell.states, (sp.Integer(node.steps),),
-                        node.reverse_in, node.reverse_out), node.shape)
+                        node.reverse_in, node.reverse_out, cell.extras_in, cell.extras_out), node.shape)
 
 
 # --------------------------------------------------------------------------- BPTT in textbook form
@@ -564,8 +702,12 @@ def bptt_text(cell: Cell) -> str:
 def _grad_class(cell: Cell):
     """``ScanGrad`` for one cell, its ``notation`` (what ``explain`` prints under Notation) the cell's
     BPTT recurrence (``bptt_text``)."""
-    text = (f"{cell.name}_bptt(G; XP, UP, S, U): backpropagation through time, [δXP | δUP | δS] of every step: "
-            + bptt_text(cell))
+    if cell.extras_in or cell.extras_out:  # a tangent cell: its formulas are second derivatives
+        text = (f"{cell.name}_bptt(G; XP, UP, S, U; EI, EO): backpropagation through time of a cell with per-step "
+                "extra inputs, [δXP | δUP | δS | δEI | δEO] of every step (local derivatives: sp.diff of the cell)")
+    else:
+        text = (f"{cell.name}_bptt(G; XP, UP, S, U): backpropagation through time, [δXP | δUP | δS] of every step: "
+                + bptt_text(cell))
     return type(f"{cell.name.title().replace('_', '')}BPTT", (ScanGrad,), {"notation": text, "__module__": __name__})
 
 

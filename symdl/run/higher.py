@@ -31,8 +31,8 @@ import sympy as sp
 
 from ..autodiff.vjp import grad
 from ..backends.base import as_dtype
-from ..graph.nodes import Input, MatrixExpr, Param, SumAll, VectorParam, hadamard, leaves, n as N
-from ..autodiff.jvp import check_directions
+from ..graph.nodes import Input, MatrixExpr, Param, SumAll, VectorParam, hadamard, leaves, n as N, topological
+from ..autodiff.jvp import check_directions, tangents
 from .pipeline import compile_outputs
 from .validate import check_arrays
 
@@ -58,12 +58,22 @@ def _directional(grads: dict, vectors: dict):
     return total
 
 
+def _by_tangent(loss) -> bool:
+    """Whether ``loss`` holds a node whose gradient node has no gradient rule but whose tangent is
+    an ordinary node (a recurrence: ``hvp_by_tangent``): then ``H·v`` is reverse over forward."""
+    return any(getattr(type(node), "hvp_by_tangent", False) for node in topological([loss]))
+
+
 def hvp(loss, params, vectors) -> dict:
     """``{param: (H·v) for that param}``: the Hessian of ``loss`` times the directions.
 
     ``vectors`` holds one leaf per parameter, shaped like it (usually ``sd.param``s,
     passed at call time like any array). The result is the gradient of ``⟨∇L, v⟩``,
     so it shares every forward and gradient node with ``sd.grad(loss, params)``.
+
+    Through a recurrent layer it is reverse over forward instead: the gradient of the loss's
+    tangent ``L̇ = dL(θ + εv)/dε`` (``autodiff.jvp``), ``H·v = ∇_θ L̇``. A scan's tangent is a scan
+    (the cell's ``sp.diff``), so no gradient of the backpropagation-through-time node is needed.
 
     >>> import symdl as sd
     >>> x = sd.input("x", 2); W = sd.param("W", (2, 3)); V = sd.param("V", (2, 3))
@@ -72,6 +82,10 @@ def hvp(loss, params, vectors) -> dict:
     """
     params = _check_wrt(params, "hvp")
     vectors = check_directions(params, vectors, "hvp")
+    if _by_tangent(loss):
+        rate = tangents([loss], dict(zip(params, vectors))).get(loss)
+        if rate is not None:
+            return grad(rate, params)
     g = grad(loss, params)
     return grad(_directional(g, dict(zip(params, vectors))), params)
 
