@@ -1,0 +1,303 @@
+"""Second derivatives through recurrent layers: ``sd.hvp`` and ``sd.hessian`` through SimpleRNN, LSTM,
+GRU (``go_backwards``, ``return_sequences``, ``Bidirectional``).
+
+``hvp`` there is reverse over forward: the gradient of the loss's tangent, the tangent of a scan a scan
+whose cell is ``sp.diff`` of the original (``ops.recurrence._jvp_scan``). Oracles: finite differences
+of the gradient (float64), PyTorch's double backward (``torch.autograd.functional.hvp`` on
+``nn.RNN``/``nn.LSTM``/``nn.GRU`` with the Keras weights mapped, float64, 1e-8), and SymPy: the
+unrolled scalar loss at T = 2 differentiated twice by ``sp.diff``; every backend against NumPy.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import symdl as sd
+from helpers import assert_close, run_threaded
+from symdl.graph.nodes import Input, Param, VectorParam, leaves, sequence_input
+from symdl.ops.concat import Cols
+from symdl.ops.recurrence import Scan, gru_cell, last_step, lstm_cell, scan, simple_rnn_cell
+from symdl.run.validate import check_arrays
+
+LAYERS = {"SimpleRNN": sd.nn.SimpleRNN, "LSTM": sd.nn.LSTM, "GRU": sd.nn.GRU}
+T, F, UNITS = 4, 3, 2
+
+
+def _model(layer, T=T, F=F):
+    """``layer`` on sequences ``x`` (n, T, F), its output against ``y`` (mse)."""
+    x = sequence_input("x", (T, F))
+    built = layer.build_both(1, x, x)
+    out = built.train
+    width = int(out.shape[1])
+    y = sequence_input("y", (T, width)) if out.shape[0] != sd.n else sd.input("y", width)
+    return sd.losses.mse(out, y), built.params, x, y
+
+
+def _direction(p):
+    cls = VectorParam if isinstance(p, VectorParam) else Param
+    return cls(f"v__{p.name}", *p.shape)
+
+
+def _arrays(loss, params, n=3, seed=0, scale=0.5):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for leaf in leaves(loss):
+        if isinstance(leaf, Param):
+            out[str(leaf.name)] = rng.normal(size=leaf.value_shape) * scale
+        else:
+            shape = tuple(getattr(leaf, "sequence_shape", None) or (int(leaf.shape[1]),))
+            out[str(leaf.name)] = rng.normal(size=(n,) + shape)
+    for p in params:
+        out[f"v__{p.name}"] = rng.normal(size=p.value_shape)
+    return out
+
+
+class _Hvp:
+    """``sd.hvp`` of ``loss`` compiled on ``backend``: ``self(arrays) -> {param name: H·v}``."""
+
+    def __init__(self, loss, params, backend="numpy", dtype="float64"):
+        self.params = list(params)
+        self.directions = [_direction(p) for p in self.params]
+        hv = sd.hvp(loss, self.params, self.directions)
+        self.exprs = hv
+        self.runner = sd.pipeline.compile_outputs({f"hvp_{p.name}": hv[p] for p in self.params}, backend, dtype)
+        known = list(leaves(loss)) + self.directions
+        self.inputs = [l for l in known if isinstance(l, Input)]
+        self.leaves = [l for l in known if isinstance(l, Param)]
+        self.dtype = dtype
+
+    def __call__(self, arrays):
+        converted, n = check_arrays(arrays, self.inputs, self.leaves, np.dtype(self.dtype))
+        out = self.runner.run({k: v for k, v in converted.items() if k in self.runner.program.externals}, {}, n)
+        return {str(p.name): np.asarray(out[f"hvp_{p.name}"]).reshape(p.value_shape) for p in self.params}
+
+
+def _fd_hvp(loss, params, arrays, eps=1e-5):
+    """Central differences of the gradient along the directions (float64)."""
+    f = sd.value_and_grad(loss, params, backend="numpy", dtype="float64")
+    plain = {k: v for k, v in arrays.items() if not k.startswith("v__")}
+
+    def moved(sign):
+        a = dict(plain)
+        for p in params:
+            a[str(p.name)] = plain[str(p.name)] + sign * eps * arrays[f"v__{p.name}"]
+        return f(**a)[1]
+
+    plus, minus = moved(1), moved(-1)
+    return {k: (plus[k] - minus[k]) / (2 * eps) for k in plus}
+
+
+# --------------------------------------------------------------------------- finite differences
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("sequences,backwards", [(False, False), (True, True)])
+def test_hvp_matches_finite_differences_of_the_gradient(kind, sequences, backwards):
+    loss, params, x, y = _model(LAYERS[kind](UNITS, return_sequences=sequences, go_backwards=backwards))
+    arrays = _arrays(loss, params, seed=1)
+    got = _Hvp(loss, params)(arrays)
+    want = _fd_hvp(loss, params, arrays)
+    for name, g in want.items():
+        assert np.abs(g).max() > 1e-3
+        assert_close(got[name], g.reshape(got[name].shape), 1e-6, what=f"{kind} {name}")
+
+
+def test_bidirectional_and_a_stack_match_finite_differences():
+    x = sequence_input("x", (T, F))
+    first = sd.nn.Bidirectional(sd.nn.GRU(2, return_sequences=True)).build_both(1, x, x)
+    second = sd.nn.LSTM(2, go_backwards=True).build_both(2, first.train, first.train)
+    y = sd.input("y", 2)
+    loss = sd.losses.mse(second.train, y)
+    params = first.params + second.params
+    arrays = _arrays(loss, params, seed=2)
+    got = _Hvp(loss, params)(arrays)
+    want = _fd_hvp(loss, params, arrays)
+    for name, g in want.items():
+        assert_close(got[name], g.reshape(got[name].shape), 1e-6, what=name)
+
+
+def test_hessian_is_symmetric_and_its_columns_are_hvps():
+    loss, params, x, y = _model(sd.nn.GRU(1), T=3, F=1)
+    arrays = _arrays(loss, params, n=2, seed=3)
+    plain = {k: v for k, v in arrays.items() if not k.startswith("v__")}
+    H = sd.hessian(loss, params, backend="numpy")(**plain)
+    assert H.shape == (3 + 3 + 6, 3 + 3 + 6)
+    np.testing.assert_allclose(H, H.T, rtol=1e-10, atol=1e-12)
+    hv = _Hvp(loss, params)(arrays)
+    v = np.concatenate([arrays[f"v__{p.name}"].reshape(-1) for p in params])
+    mine = np.concatenate([hv[str(p.name)].reshape(-1) for p in params])
+    assert_close(mine, H @ v, 1e-10, what="H v")
+
+
+def test_hvp_with_respect_to_some_parameters():
+    """Directions on a subset (the input projection has no tangent: the tangent cell reads no x)."""
+    loss, params, x, y = _model(sd.nn.LSTM(UNITS, return_sequences=True))
+    some = [params[1], params[2]]  # recurrent_kernel, bias
+    arrays = _arrays(loss, some, seed=4)
+    got = _Hvp(loss, some)(arrays)
+    want = _fd_hvp(loss, some, arrays)
+    for name, g in want.items():
+        assert_close(got[name], g.reshape(got[name].shape), 1e-6, what=name)
+    only_u = [params[1]]
+    arrays = _arrays(loss, only_u, seed=5)
+    got = _Hvp(loss, only_u)(arrays)
+    want = _fd_hvp(loss, only_u, arrays)
+    assert_close(got["recurrent_kernel1"], want["recurrent_kernel1"], 1e-6, what="U alone")
+
+
+# --------------------------------------------------------------------------- PyTorch double backward
+
+
+def _torch_loss(kind, units, sequences, backwards, bidirectional, arrays, index=1):
+    """The mse loss of torch's module as a function of the Keras-layout weights (float64 tensors)."""
+    torch = pytest.importorskip("torch", reason="PyTorch is the double-backward oracle")
+    cls = {"SimpleRNN": torch.nn.RNN, "LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}[kind]
+    F_ = arrays["x"].shape[2]
+    m = cls(F_, units, batch_first=True, bidirectional=bidirectional).double()
+    suffixes = ["", "_reverse"] if bidirectional else [""]
+    x = torch.from_numpy(arrays["x"])
+    x = torch.flip(x, [1]) if backwards else x
+    y = torch.from_numpy(arrays["y"])
+    u = units
+
+    def perm(a):  # Keras (z, r, h) -> torch (r, z, n); the other cells share the gate order
+        return torch.cat([a[..., u: 2 * u], a[..., :u], a[..., 2 * u:]], dim=-1) if kind == "GRU" else a
+
+    def fn(*keras):
+        weights = {}
+        for i, sfx in enumerate(suffixes):
+            W, Uk, b = keras[3 * i: 3 * i + 3]
+            weights[f"weight_ih_l0{sfx}"] = perm(W).T
+            weights[f"weight_hh_l0{sfx}"] = perm(Uk).T
+            weights[f"bias_ih_l0{sfx}"] = perm(b[0]) if kind == "GRU" else b
+            weights[f"bias_hh_l0{sfx}"] = perm(b[1]) if kind == "GRU" else torch.zeros_like(b)
+        out, _ = torch.func.functional_call(m, weights, (x,))
+        if not sequences:
+            out = torch.cat([out[:, -1, :u], out[:, 0, u:]], dim=1) if bidirectional else out[:, -1]
+        return ((out - y) ** 2).mean()
+
+    return fn, torch
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("sequences,backwards,bidirectional", [
+    (False, False, False), (True, False, False), (False, True, False), (True, True, False),
+    (False, False, True), (True, False, True)])
+def test_hvp_matches_pytorch_double_backward(kind, sequences, backwards, bidirectional):
+    layer = LAYERS[kind](UNITS, return_sequences=sequences, go_backwards=backwards)
+    if bidirectional:
+        layer = sd.nn.Bidirectional(layer)
+    loss, params, x, y = _model(layer)
+    arrays = _arrays(loss, params, seed=6)
+    got = _Hvp(loss, params)(arrays)
+    fn, torch = _torch_loss(kind, UNITS, sequences, backwards, bidirectional, arrays)
+    theta = tuple(torch.from_numpy(arrays[str(p.name)]) for p in params)
+    v = tuple(torch.from_numpy(arrays[f"v__{p.name}"]) for p in params)
+    _, want = torch.autograd.functional.hvp(fn, theta, v)
+    for p, w in zip(params, want):
+        assert_close(got[str(p.name)], w.numpy(), 1e-8, what=f"{kind} {p.name}")
+
+
+# --------------------------------------------------------------------------- SymPy: the unrolled scalar loss
+
+
+@pytest.mark.parametrize("cell,units,bias_rows,reverse_in,reverse_out", [
+    (simple_rnn_cell(), 2, 2, True, False),  # go_backwards, a recurrent bias row
+    (lstm_cell(), 1, 1, True, True),  # Bidirectional's backward half: c's carry through f
+    (gru_cell(), 1, 2, False, False),  # u = 2 takes SymPy minutes here
+])
+def test_hvp_equals_sympy_second_derivatives_of_the_unrolled_loss(cell, units, bias_rows, reverse_in, reverse_out):
+    """T = 2, one feature, n = 1: the loss unrolled into scalars (``as_explicit``), ``Σ_b ∂²L/∂θ_a∂θ_b v_b``
+    by ``sp.diff`` at a random point, against the compiled hvp (NumPy backend)."""
+    steps = 2
+    x = sequence_input("x", (steps, 1)); y = sd.input("y", units)
+    k = cell.gates
+    W = sd.param("W", (1, k * units)); Uk = sd.param("U", (units, k * units)); B = sd.param("B", (bias_rows, k * units))
+    S = scan(cell, x @ W, Uk, B, steps, reverse_in=reverse_in, reverse_out=reverse_out)
+    h = Cols(S, 0, units) if cell.states > 1 else S
+    loss = sd.losses.mse(last_step(h, steps, first=reverse_out), y)
+    params = [W, Uk, B]
+    arrays = _arrays(loss, params, n=1, seed=7)
+    got = _Hvp(loss, params)(arrays)
+
+    from symdl.formulas.activations import expand_activations
+
+    concrete = loss.xreplace({sd.n: 1})
+    entries, values = {}, {}
+    for leaf in leaves(concrete):
+        a = np.asarray(arrays[str(leaf.name)], dtype=float).reshape(tuple(int(d) for d in leaf.shape))
+        for i in range(int(leaf.shape[0])):
+            for j in range(int(leaf.shape[1])):
+                s = sp.Symbol(f"{leaf.name}_{i}_{j}", real=True)
+                entries[leaf[i, j]] = s
+                values[s] = sp.Float(a[i, j], 30)
+    scalar = expand_activations(concrete.as_explicit()[0, 0], use_impl=False).xreplace(entries)
+    inputs = {s: v for s, v in values.items() if str(s)[0] in "xy"}
+    scalar = scalar.xreplace(inputs)  # only the weights stay symbols
+    thetas = [(p, i, j, entries[p[i, j]]) for p in params for i in range(int(p.shape[0])) for j in range(int(p.shape[1]))]
+    vs = {s: np.asarray(arrays[f"v__{p.name}"]).reshape(tuple(int(d) for d in p.shape))[i, j] for p, i, j, s in thetas}
+    rate = sp.Add(*(sp.diff(scalar, s) * sp.Float(vs[s], 30) for _, _, _, s in thetas))  # L̇ = Σ_b ∂L/∂θ_b v_b
+    at = {s: values[s] for _, _, _, s in thetas}
+    for p, i, j, s in thetas:
+        want = float(sp.diff(rate, s).xreplace(at).evalf(30))
+        mine = got[str(p.name)].reshape(tuple(int(d) for d in p.shape))[i, j]
+        assert abs(mine - want) <= 1e-10 * max(1.0, abs(want)), (str(p.name), i, j, mine, want)
+
+
+def test_the_tangent_cell_is_sp_diff_of_the_cell():
+    """The tangent scan's cell: the original's first derivatives at the point (read as extras) times the
+    tangents; its own ``sp.diff`` (what its BPTT uses) are the original's second derivatives."""
+    from symdl.autodiff.jvp import tangents
+
+    x = sequence_input("x", (3, 1))
+    W = sd.param("W", (1, 1)); Uk = sd.param("U", (1, 1)); V = sd.param("V", (1, 1))
+    S = scan(simple_rnn_cell(), x @ W, Uk, None, 3)
+    tan = tangents([S], {Uk: V})[S]
+    assert isinstance(tan, Scan) and tan.cell.name == "simple_rnn_tangent"
+    assert str(tan).startswith("simple_rnn_tangent_scan(x*W, U, ")
+    c = tan.cell
+    xp, up = c.ein(0), c.eout(0)  # the point: x and u of the original step; K = h_{t-1} U̇ after p
+    K = c.eout(2)
+    assert sp.simplify(c.bodies[0] - (1 - sp.tanh(xp + up) ** 2) * (c.u(0) + K)) == 0
+    assert sp.simplify(sp.diff(c.bodies[0], up) - sp.diff(sp.tanh(xp + up), up, 2) * (c.u(0) + K)) == 0
+
+
+# --------------------------------------------------------------------------- errors and explanations
+
+
+def test_explain_hvp_through_a_recurrence_is_a_clear_error():
+    loss, params, x, y = _model(sd.nn.SimpleRNN(2))
+    with pytest.raises(NotImplementedError, match="explain_hvp.*sd.hvp and sd.hessian work"):
+        sd.explain_hvp(loss, [params[0]], [_direction(params[0])])
+
+
+def test_a_gradient_of_a_gradient_through_a_recurrence_is_a_clear_error():
+    loss, params, x, y = _model(sd.nn.SimpleRNN(2))
+    g = sd.grad(loss, [params[0]])[params[0]]
+    with pytest.raises(NotImplementedError, match="simple_rnn recurrence's gradient has no gradient"):
+        sd.grad(sd.sum_squares(g), [params[0]])
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _backend_case(kind="LSTM"):
+    layer = sd.nn.Bidirectional(LAYERS[kind](2, return_sequences=True)) if kind == "GRU" else \
+        LAYERS[kind](2, return_sequences=True, go_backwards=True)
+    loss, params, x, y = _model(layer, T=3, F=2)
+    return loss, params, _arrays(loss, params, n=3, seed=8)
+
+
+def _matches_numpy(kind, backend, dtype="float64", tol=1e-12, threads=(None,), monkeypatch=None):
+    loss, params, arrays = _backend_case(kind)
+    want = _Hvp(loss, params)(arrays)
+    for count in threads:
+        h = _Hvp(loss, params, backend, dtype)
+        if count is not None and os.environ.get("NUMBA_DISABLE_JIT") != "1":
+            run_threaded(h.runner, count, monkeypatch)
+        got = h(arrays)
+        for name, w in want.items():
+            assert_close(got[name], w, tol, what=f"{kind} {name} on {backend} ({count} threads)")
