@@ -333,12 +333,6 @@ def test_example_runs_and_learns(tmp_path):
     assert after < before
 
 
-def test_hvp_through_a_recurrence_is_a_clear_error():
-    loss, params, x, y = _layer_loss(sd.nn.SimpleRNN(2))
-    with pytest.raises(NotImplementedError, match="simple_rnn"):
-        sd.hvp(loss, [params[0]], [sd.param("V", params[0].value_shape)])
-
-
 # --------------------------------------------------------------------------- layers
 
 

@@ -301,3 +301,21 @@ def _matches_numpy(kind, backend, dtype="float64", tol=1e-12, threads=(None,), m
         got = h(arrays)
         for name, w in want.items():
             assert_close(got[name], w, tol, what=f"{kind} {name} on {backend} ({count} threads)")
+
+
+def test_onnx_backend_matches_numpy():
+    pytest.importorskip("onnx", reason="the ONNX printer needs onnx")
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the printed graph")
+    from symdl.backends.onnx import compile_program
+    from symdl.ir.lowering import lower
+
+    for kind in ("LSTM", "GRU", "SimpleRNN"):
+        loss, params, arrays = _backend_case(kind)
+        h = _Hvp(loss, params)
+        want = h(arrays)
+        runner = compile_program(lower({f"hvp_{p.name}": h.exprs[p] for p in params}), "float64")
+        converted, n = check_arrays(arrays, h.inputs, h.leaves, np.dtype("float64"))
+        out = runner.run({k: v for k, v in converted.items() if k in runner.program.externals}, {}, n)
+        for p in params:
+            got = np.asarray(out[f"hvp_{p.name}"]).reshape(p.value_shape)
+            assert_close(got, want[str(p.name)], 1e-10, what=f"{kind} {p.name} on onnx")

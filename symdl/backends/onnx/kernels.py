@@ -306,7 +306,7 @@ def _avg_pool_grad(k: AvgPoolGrad, ctx):
 # backward their ``sp.diff``, ``scan_code.backward_exprs``) printed by ``Body``; the steps are stacked
 # along a step axis at the end.
 from ...ir.kernels import Scan, ScanGrad  # noqa: E402
-from ..scan_code import _delta_symbols, backward_exprs  # noqa: E402
+from ..scan_code import _delta_symbols, backward_exprs, extras_exprs  # noqa: E402
 
 
 class _Steps:
@@ -343,14 +343,36 @@ def _scan_setup(k, ctx, U_at, B_at):
         u = int(ctx.program.shape_of(k.operands[U_at].buffer)[1])
         U = ctx.g.node("Transpose", [U], perm=[1, 0])
     bx = bu = None
-    if len(k.operands) > B_at:
-        B = ctx.value(k.operands[B_at].buffer)
+    B_op = k.optional()["B"]
+    if B_op is not None:
+        B = ctx.value(B_op.buffer)
         g = ctx.g
         bx = g.node("Gather", [B, g.const(np.array([0]), np.int64)], axis=0)
-        if int(ctx.program.shape_of(k.operands[B_at].buffer)[0]) == 2:
+        if int(ctx.program.shape_of(B_op.buffer)[0]) == 2:
             bu = g.node("Gather", [B, g.const(np.array([1]), np.int64)], axis=0)
     order = lambda rev, t: T - 1 - t if rev else t  # noqa: E731
     return T, U, u, bx, bu, order
+
+
+def _extras(k, ctx, T, u):
+    """``symbols(ri, ro)``: the extra inputs' variables of a step, ``EI`` at its input row, ``EO`` at its
+    output row (extra ``m`` of unit ``j`` in column ``m·u + j``)."""
+    o = k.optional()
+    first = 2 * k.gates + k.states
+    parts = []
+    for name, count in (("EI", k.extras_in), ("EO", k.extras_out)):
+        if o[name] is not None:
+            parts.append((_Steps(ctx, o[name].buffer, T), count, name == "EO", first))
+            first += count
+
+    def symbols(ri, ro):
+        out = {}
+        for steps, count, at_out, at in parts:
+            row = steps.step(ro if at_out else ri)
+            out.update({VARS[at + m]: _block(ctx, row, m * u, (m + 1) * u) for m in range(count)})
+        return out
+
+    return symbols
 
 
 @emit.register
@@ -358,6 +380,7 @@ def _scan(k: Scan, ctx):
     g = ctx.g
     T, U, u, bx, bu, order = _scan_setup(k, ctx, 1, 2)
     XP = _Steps(ctx, k.operands[0].buffer, T)
+    extras = _extras(k, ctx, T, u)
     kk, s = k.gates, k.states
     cell = [expand_activations(sp.sympify(b), use_impl=True) for b in k.cell]
     rows, prev = [None] * T, None
@@ -366,6 +389,7 @@ def _scan(k: Scan, ctx):
         if bx is not None:
             x = g.node("Add", [x, bx])
         symbols = {VARS[gi]: _block(ctx, x, gi * u, (gi + 1) * u) for gi in range(kk)}
+        symbols.update(extras(order(k.reverse_in, t), order(k.reverse_out, t)))
         env = {}
         if prev is None:
             for gi in range(kk):
@@ -393,10 +417,12 @@ def _scan_grad(k: ScanGrad, ctx):
     T, U, u, bx, bu, order = _scan_setup(k, ctx, 4, 5)
     XP, UP, S, G = (_Steps(ctx, o.buffer, T) for o in k.operands[:4])
     kk, s = k.gates, k.states
-    dx, du, carry_exprs = (
-        [expand_activations(e, use_impl=True) for e in part] for part in backward_exprs(k))
+    dx, du, carry_exprs, dextra = (
+        [expand_activations(e, use_impl=True) for e in part] for part in backward_exprs(k) + (extras_exprs(k),))
+    extras = _extras(k, ctx, T, u)
     deltas = _delta_symbols(s)
     dxp, dup, dss = [None] * T, [None] * T, [None] * T
+    dei, deo = [None] * T, [None] * T
     Ut = g.node("Transpose", [U], perm=[1, 0])
     carry = None
     for t in reversed(range(T)):
@@ -407,6 +433,7 @@ def _scan_grad(k: ScanGrad, ctx):
         symbols = {VARS[gi]: _block(ctx, x, gi * u, (gi + 1) * u) for gi in range(kk)}
         symbols.update({VARS[kk + gi]: _block(ctx, up, gi * u, (gi + 1) * u) for gi in range(kk)})
         symbols.update({d: _block(ctx, D, c * u, (c + 1) * u) for c, d in enumerate(deltas)})
+        symbols.update(extras(ri, ro))
         env = {}
         if t > 0:
             prev = S.step(order(k.reverse_out, t - 1))
@@ -421,11 +448,16 @@ def _scan_grad(k: ScanGrad, ctx):
         dxp[ri] = g.node("Concat", gx, axis=1) if kk > 1 else gx[0]
         dup[ro] = g.node("Concat", gu, axis=1) if kk > 1 else gu[0]
         dss[ro] = D
+        ge = [width(e) for e in dextra]
+        if k.extras_in:
+            dei[ri] = g.node("Concat", ge[:k.extras_in], axis=1) if k.extras_in > 1 else ge[0]
+        if k.extras_out:
+            deo[ro] = g.node("Concat", ge[k.extras_in:], axis=1) if k.extras_out > 1 else ge[k.extras_in]
         if t > 0:
             parts = [width(e) for e in carry_exprs]
             parts[0] = g.node("Add", [parts[0], g.node("MatMul", [dup[ro], Ut])])
             carry = g.node("Concat", parts, axis=1) if s > 1 else parts[0]
-    rows = [g.node("Concat", [a, b, c], axis=1) for a, b, c in zip(dxp, dup, dss)]
+    rows = [g.node("Concat", [a for a in parts if a is not None], axis=1) for parts in zip(dxp, dup, dss, dei, deo)]
     return _stack(ctx, rows, ctx.program.shape_of(k.out))
 
 
