@@ -319,3 +319,23 @@ def test_onnx_backend_matches_numpy():
         for p in params:
             got = np.asarray(out[f"hvp_{p.name}"]).reshape(p.value_shape)
             assert_close(got, want[str(p.name)], 1e-10, what=f"{kind} {p.name} on onnx")
+
+
+def test_embedding_lstm_dense_softmax_cross_entropy():
+    """Token ids -> Embedding -> LSTM -> Dense -> softmax cross-entropy: the tangent goes through the
+    gather, the scan and the log-sum-exp; the hvp of every weight against differences of the gradient."""
+    ids = sd.input("ids", (4,), dtype="int32")
+    emb = sd.nn.Embedding(5, 3).build_both(1, ids, ids)
+    lstm = sd.nn.LSTM(2).build_both(2, emb.train, emb.train)
+    dense = sd.nn.Dense(3).build_both(3, lstm.train, lstm.train)
+    y = sd.input("y", 3)
+    loss = sd.losses.softmax_cross_entropy(dense.train, y)
+    params = emb.params + lstm.params + dense.params
+    rng = np.random.default_rng(9)
+    arrays = {"ids": rng.integers(0, 5, size=(3, 4)), "y": np.eye(3)[rng.integers(0, 3, size=3)]}
+    arrays.update({str(p.name): rng.normal(size=p.value_shape) * 0.5 for p in params})
+    arrays.update({f"v__{p.name}": rng.normal(size=p.value_shape) for p in params})
+    got = _Hvp(loss, params)(arrays)
+    want = _fd_hvp(loss, params, arrays)
+    for name, g in want.items():
+        assert_close(got[name], g.reshape(got[name].shape), 1e-6, what=name)

@@ -79,6 +79,14 @@ def hvp(loss, params, vectors) -> dict:
     >>> x = sd.input("x", 2); W = sd.param("W", (2, 3)); V = sd.param("V", (2, 3))
     >>> print(sd.hvp(sd.total(sd.tanh(x @ W)), [W], [V])[W])
     x.T*(-2*tanh(x*W)⊙(x*V)⊙(1 - tanh(x*W)**2))
+
+    >>> from symdl.graph.nodes import sequence_input
+    >>> from symdl.ops.recurrence import scan, simple_rnn_cell
+    >>> x = sequence_input("x", (3, 2)); W = sd.param("W", (2, 1)); R = sd.param("R", (1, 1))
+    >>> loss = sd.total(scan(simple_rnn_cell(), x @ W, R, None, 3))
+    >>> hv = sd.hvp(loss, [W, R], [sd.param("V", (2, 1)), sd.param("Q", (1, 1))])
+    >>> "simple_rnn_tangent_scan(x*V, R, " in str(hv[R])
+    True
     """
     params = _check_wrt(params, "hvp")
     vectors = check_directions(params, vectors, "hvp")
