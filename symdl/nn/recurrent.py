@@ -236,6 +236,19 @@ class Bidirectional(Layer):
         half = len(params) // 2
         return params[:half], params[half:]
 
+    def sublayer_names(self) -> tuple:
+        """Keras's names of the two copies: ``forward_<layer name>`` and ``backward_<layer name>`` (an
+        unnamed layer by its kind, as Keras names the first one: ``forward_lstm``)."""
+        name = self.layer.name or self.layer.kind
+        return tuple(f"{d}_{name.removeprefix(d + '_')}" for d in ("forward", "backward"))
+
+    def weight_roles(self, params) -> dict:
+        """``{parameter name: its Keras path within this layer}``: ``forward_lstm/kernel``,
+        ``backward_lstm/recurrent_kernel``... (``weights.weight_names`` puts the layer's name first)."""
+        roles = ("kernel", "recurrent_kernel", "bias")
+        return {str(p.name): f"{sub}/{role}" for sub, half in zip(self.sublayer_names(), self._halves(params))
+                for p, role in zip(half, roles)}
+
     def run(self, params, h, where):
         fwd, bwd = self._halves(params)
         # Keras: the backward copy reads the other way round and its steps are flipped back to align
