@@ -341,3 +341,29 @@ def test_weights_saved_under_the_older_names_still_load(tmp_path):
     model.load_weights(str(tmp_path / "new.safetensors"))
     for k, v in model.get_weights().items():
         np.testing.assert_array_equal(v, got[k])
+
+
+def test_plot_model_shows_each_state_once(tmp_path):
+    from symdl.show.graphs import model_graph
+
+    x = sd.nn.Input(shape=(T, F))
+    out, h, c = sd.nn.LSTM(U, return_state=True)(x)
+    model = sd.nn.Model(x, [out, sd.nn.Dense(1)(c)])
+    labels, edges, kinds, names = model_graph(model)
+    assert "lstm_1[2]" in names and names.count("lstm_1") == 1
+    counts = [line for lines in labels for line in lines if line.startswith("params")]
+    assert len(counts) == 2  # the LSTM's and the Dense's: a state is no second copy of the weights
+
+
+def test_model_with_states_exports_to_onnx(tmp_path):
+    """Output and states as three ONNX outputs, equal to predict (ONNX Runtime)."""
+    ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the export")
+    pytest.importorskip("onnx", reason="the export needs onnx")
+    model = _three_outputs()
+    path = str(tmp_path / "states.onnx")
+    model.export(path, format="onnx", dtype="float64")
+    session = ort.InferenceSession(path)
+    X = np.random.default_rng(6).normal(size=(3, T, F))
+    got = session.run(None, {session.get_inputs()[0].name: X})
+    for a, b in zip(got, model.predict(X)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
