@@ -13,6 +13,15 @@ Gate order as Keras stores them: LSTM ``i, f, c, o``; GRU ``z, r, h``.
 (<SymbolicTensor shape=(None, 4) from LSTM>, <SymbolicTensor shape=(None, 5, 4) from GRU>)
 >>> sd.nn.Bidirectional(sd.nn.SimpleRNN(2))(x)
 <SymbolicTensor shape=(None, 4) from Bidirectional>
+
+``return_state=True`` returns Keras's list: the output, then the final states (``h``; the LSTM's
+``h, c``; a ``Bidirectional``'s forward states, then its backward ones):
+
+>>> out, h, c = sd.nn.LSTM(4, return_sequences=True, return_state=True)(x)
+>>> out, c
+(<SymbolicTensor shape=(None, 5, 4) from LSTM>, <SymbolicTensor shape=(None, 4) from LSTM, output 2>)
+>>> len(sd.nn.Bidirectional(sd.nn.GRU(2, return_state=True))(x))
+3
 >>> sd.nn.LSTM(4)(sd.nn.Input(shape=(3,)))
 Traceback (most recent call last):
 ...
