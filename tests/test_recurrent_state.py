@@ -367,3 +367,24 @@ def test_model_with_states_exports_to_onnx(tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: X})
     for a, b in zip(got, model.predict(X)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_keras_returns_the_same_states(bidirectional):
+    """Keras 3 itself, where it is installed: the same weights (in Keras's order), the same list."""
+    keras = pytest.importorskip("keras", reason="Keras is the oracle where installed")
+    x = sd.nn.Input(shape=(T, F))
+    make = lambda lib: lib.LSTM(U, return_sequences=True, return_state=True)  # noqa: E731
+    ours = sd.nn.Bidirectional(make(sd.nn)) if bidirectional else make(sd.nn)
+    model = sd.nn.Model(x, ours(x))
+    model.compile(loss="mse", backend="numpy", dtype="float64")
+    theirs = keras.layers.Bidirectional(make(keras.layers)) if bidirectional else make(keras.layers)
+    theirs.build((None, T, F))
+    weights = model.get_weights()
+    theirs.set_weights([weights[str(p.name)] for p in model.params])
+    X = np.random.default_rng(9).normal(size=(2, T, F))
+    want = [keras.ops.convert_to_numpy(a) for a in theirs(X.astype("float32"))]
+    got = model.predict(X)
+    assert len(got) == len(want) == (5 if bidirectional else 3)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
