@@ -53,9 +53,11 @@ def _arrays(params, x, leaves, n=3, seed=0, scale=0.5):
 
 def _keras_grads(m, kind, units, sfx_idx):
     """PyTorch's parameter gradients in Keras's layout (GRU gates ``r, z, n`` -> ``z, r, h``)."""
-    perm = lambda a: a  # noqa: E731
-    if kind == "GRU":
-        perm = lambda a: np.concatenate([a[..., units: 2 * units], a[..., :units], a[..., 2 * units:]], axis=-1)  # noqa: E731
+    def perm(a):
+        if kind != "GRU":
+            return a
+        return np.concatenate([a[..., units: 2 * units], a[..., :units], a[..., 2 * units:]], axis=-1)
+
     grads = {}
     for sfx, idx in sfx_idx:
         grads[f"kernel{idx}"] = perm(getattr(m, f"weight_ih_l0{sfx}").grad.numpy().T)
@@ -254,7 +256,7 @@ def test_only_the_states_as_outputs_and_a_shared_layer():
     shared = sd.nn.GRU(U, return_state=True)
     _, ha = shared(a)
     _, hb = shared(b)
-    two = sd.nn.Model([a, b], sd.nn.Subtract()([ha, hb]) if hasattr(sd.nn, "Subtract") else ha - hb)
+    two = sd.nn.Model([a, b], ha - hb)
     two.compile(loss="mse", backend="numpy", dtype="float64")
     assert len(two.params) == 3
     same = two.predict([X, X])
@@ -343,7 +345,7 @@ def test_weights_saved_under_the_older_names_still_load(tmp_path):
         np.testing.assert_array_equal(v, got[k])
 
 
-def test_plot_model_shows_each_state_once(tmp_path):
+def test_plot_model_shows_each_state_once():
     from symdl.show.graphs import model_graph
 
     x = sd.nn.Input(shape=(T, F))

@@ -18,8 +18,10 @@ Gate order as Keras stores them: LSTM ``i, f, c, o``; GRU ``z, r, h``.
 ``h, c``; a ``Bidirectional``'s forward states, then its backward ones):
 
 >>> out, h, c = sd.nn.LSTM(4, return_sequences=True, return_state=True)(x)
->>> out, c
-(<SymbolicTensor shape=(None, 5, 4) from LSTM>, <SymbolicTensor shape=(None, 4) from LSTM, output 2>)
+>>> out
+<SymbolicTensor shape=(None, 5, 4) from LSTM>
+>>> c
+<SymbolicTensor shape=(None, 4) from LSTM, output 2>
 >>> len(sd.nn.Bidirectional(sd.nn.GRU(2, return_state=True))(x))
 3
 >>> sd.nn.LSTM(4)(sd.nn.Input(shape=(3,)))
