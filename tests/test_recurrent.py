@@ -232,6 +232,38 @@ def test_cpu_kernels_are_llvm_ir_and_split_by_sequence_without_races(monkeypatch
             np.testing.assert_array_equal(other[name], value, err_msg=name)
 
 
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="LLVM IR needs the JIT")
+@pytest.mark.parametrize("cell,gates,bias_rows", [(lstm_cell, 4, 1), (gru_cell, 3, 2), (simple_rnn_cell, 1, 1)])
+@pytest.mark.parametrize("units,reverse", [(13, (False, False)), (9, (True, False)), (17, (True, True))])
+def test_cpu_tiles_and_tails_give_one_thread_bits(cell, gates, bias_rows, units, reverse, monkeypatch):
+    """The CPU kernels compute the recurrent products in tiles of sequences x units, their dot products
+    in vector lanes: units that do not fill a vector or a tile, and a thread's last sequences that do not
+    fill a tile, take the same chain, so 1, 2 and 3 threads give the same bits, and NumPy's values.
+    (Three sequences of two to four steps keep every other product below BLAS's size, whose bits
+    depend on how threads split rows.)"""
+    rng = np.random.default_rng(units)
+    T, n = (4, 3) if units < 15 else (2, 3)
+    x = sequence_input("x", (T, 2))
+    W, U = sd.param("W", (2, gates * units)), sd.param("U", (units, gates * units))
+    B = sd.param("B", (bias_rows, gates * units))
+    S = scan(cell(), x @ W, U, B, T, reverse_in=reverse[0], reverse_out=reverse[1])
+    loss = sd.total(sd.hadamard(S, S))
+    arrays = {"x": rng.normal(size=(n, T, 2)), "W": rng.normal(size=(2, gates * units)),
+              "U": 0.3 * rng.normal(size=(units, gates * units)), "B": rng.normal(size=(bias_rows, gates * units))}
+    for dtype, tol in (("float64", 1e-10), ("float32", 2e-4)):
+        _, want = sd.value_and_grad(loss, [W, U, B], backend="numpy", dtype=dtype)(**arrays)
+        bits = None
+        for count in (1, 2, 3):
+            f = sd.value_and_grad(loss, [W, U, B], backend="cpu", dtype=dtype)
+            run_threaded(f.runner, count, monkeypatch)
+            value, grads = f(**arrays)
+            for name, w in want.items():
+                assert_close(grads[name], w, tol, what=f"{dtype} {name} on {count} thread(s)")
+            got = [np.float64(value).tobytes()] + [grads[name].tobytes() for name in sorted(grads)]
+            assert bits is None or got == bits, (dtype, count)
+            bits = got
+
+
 def test_nan_and_inf_propagate_as_in_numpy():
     loss, params, arrays = _backend_case("GRU", n=2)
     arrays["x"][0, 2, 1] = np.nan

@@ -675,10 +675,10 @@ def test_torch_recurrent_errors_list_every_offending_name():
     with pytest.raises(WeightsError) as err:
         load_torch_weights(both, one)
     text = str(err.value)
-    assert ("missing rnn.weight_ih_l0_reverse (for bidirectional_1/kernel1_backward (3, 12)), "
-            "rnn.weight_hh_l0_reverse (for bidirectional_1/recurrent_kernel1_backward (4, 12)), "
-            "rnn.bias_ih_l0_reverse (for bidirectional_1/bias1_backward (2, 12)), "
-            "rnn.bias_hh_l0_reverse (for bidirectional_1/bias1_backward (2, 12))") in text, text
+    assert ("missing rnn.weight_ih_l0_reverse (for bidirectional_1/backward_gru/kernel (3, 12)), "
+            "rnn.weight_hh_l0_reverse (for bidirectional_1/backward_gru/recurrent_kernel (4, 12)), "
+            "rnn.bias_ih_l0_reverse (for bidirectional_1/backward_gru/bias (2, 12)), "
+            "rnn.bias_hh_l0_reverse (for bidirectional_1/backward_gru/bias (2, 12))") in text, text
 
 
 def test_torch_recurrent_without_bias_and_relu():

@@ -38,12 +38,14 @@ class SymbolicTensor:
 
     ``shape`` has no batch axis (``(features,)`` or ``(h, w, c)``), as Keras's ``KerasTensor``;
     ``layer`` made it from ``inputs`` (a list when the layer was called on a list); an ``Input``
-    has no layer and holds its graph ``leaf``.
+    has no layer and holds its graph ``leaf``. A layer that returns several tensors (a recurrent
+    layer with ``return_state=True``: ``[output, state_h, state_c]``) makes its first output as
+    any call does; output ``index`` k > 0 is that call's k-th result (``inputs``: the first output).
     """
 
-    def __init__(self, shape, layer=None, inputs=(), many=False, leaf=None, name=None, dtype=None):
+    def __init__(self, shape, layer=None, inputs=(), many=False, leaf=None, name=None, dtype=None, index=None):
         self.shape, self.layer, self.inputs, self.many = tuple(shape), layer, list(inputs), many
-        self.leaf, self.name, self.serial = leaf, name, next(_serial)
+        self.leaf, self.name, self.serial, self.index = leaf, name, next(_serial), index
         self.dtype = dtype  # "int32" / "int64": token ids (sd.nn.Input(shape=(T,), dtype="int32")), else None
 
     @property
@@ -55,6 +57,7 @@ class SymbolicTensor:
 
     def __repr__(self):
         origin = f"input {self.name}" if self.layer is None else label(self.layer)
+        origin += f", output {self.index}" if self.index else ""
         return f"<SymbolicTensor shape={shape_text(self.shape)} from {origin}>"
 
     # arithmetic builds merge layers, as Keras's operators on KerasTensors build operations
@@ -140,11 +143,13 @@ def Input(shape, dtype=None, name=None) -> SymbolicTensor:  # noqa: N802 - Keras
     return SymbolicTensor(shape, leaf=leaf, name=name or "input_layer")
 
 
-def call_layer(layer, inputs) -> SymbolicTensor:
+def call_layer(layer, inputs):
     """``layer(inputs)``: check, build on placeholders for the output shape, record the call.
 
     A layer called twice in one model shares its weights; ``Model`` checks that the calls take
     the same shapes (one layer object may also serve several models, each with its own weights).
+    A layer whose build gives several outputs (a tuple: ``return_state=True``) returns a list of
+    symbolic tensors, as Keras does.
     """
     many = isinstance(inputs, (list, tuple))
     tensors = list(inputs) if many else [inputs]
@@ -160,9 +165,16 @@ def call_layer(layer, inputs) -> SymbolicTensor:
     built = layer.build_both(len(upstream_layers(tensors)) + 1, probes if many else probes[0],
                              probes if many else probes[0])
     out = built.train
+    if not isinstance(out, tuple):
+        return SymbolicTensor(_shape_of(out), layer, tensors, many)
+    first = SymbolicTensor(_shape_of(out[0]), layer, tensors, many)
+    return [first] + [SymbolicTensor(_shape_of(o), layer, [first], index=k) for k, o in enumerate(out[1:], start=1)]
+
+
+def _shape_of(out) -> tuple:
+    """A graph expression's shape without the batch axis: images, sequences (T, d) or features."""
     T = sequence_length(out)  # token rows (n·T, d): the tensor is (T, d), as Keras's (None, T, d)
-    return SymbolicTensor(image_shape(out) or ((T, int(out.shape[1])) if T else (int(out.shape[1]),)), layer,
-                          tensors, many)
+    return image_shape(out) or ((T, int(out.shape[1])) if T else (int(out.shape[1]),))
 
 
 def _probe(name, t: SymbolicTensor):
@@ -292,10 +304,17 @@ def replay(calls, layers, values, index_of, names=None, layer_names=None, given=
     out.values.update(values)
     names = dict(names or {})
     first = [None] * len(layers)
+    results = {}  # id(first output) -> (train, infer) tuples of a call with several outputs
     for t in calls:
         if t.layer is None:
             continue
         k, layer = place[id(t.layer)], t.layer
+        if t.index:  # output k of a call with several: picked from the call's results
+            train, infer = results[id(t.inputs[0])]
+            out.values[id(t)] = (train[t.index], infer[t.index])
+            if layer_names is not None:
+                names[id(t)] = f"{layer_names[k]}[{t.index}]"
+            continue
         parts = [out.values[id(p)] for p in t.inputs]
         h = [a for a, _ in parts] if t.many else parts[0][0]
         h_infer = [b for _, b in parts] if t.many else parts[0][1]
@@ -313,6 +332,12 @@ def replay(calls, layers, values, index_of, names=None, layer_names=None, given=
         else:  # a shared layer's later call: the same parameters on another input
             check_shared(layer, first[k].inputs, t.inputs)
             out.values[id(t)] = (layer.apply(out.params[k], h), layer.apply(out.params[k], h_infer))
+        train, infer = out.values[id(t)]
+        if isinstance(train, tuple):  # several outputs: the first is this tensor's value
+            results[id(t)] = (train, infer)
+            out.values[id(t)] = (train[0], infer[0])
+            if out.outputs[k] is train:
+                out.outputs[k] = train[0]
         if layer_names is not None:
             names[id(t)] = layer_names[k]
     return out

@@ -669,7 +669,8 @@ class Model:
         position = {id(t): i for i, t in enumerate(self.calls)}
         graph = [{"input": t.name, "shape": list(t.shape), **({"dtype": t.dtype} if t.dtype else {})}
                  if t.layer is None else
-                 {"layer": place[id(t.layer)], "inputs": [position[id(p)] for p in t.inputs], "many": t.many}
+                 {"layer": place[id(t.layer)], "inputs": [position[id(p)] for p in t.inputs], "many": t.many,
+                  **({"output": t.index} if t.index else {})}  # output k > 0 of a call: inputs its first
                  for t in self.calls]
         return {**arch, "name": self.name, "graph": graph, "output": position[id(self.outputs[0])],
                 "inputs": [position[id(t)] for t in self.inputs], "outputs": [position[id(t)] for t in self.outputs],
@@ -772,10 +773,7 @@ class Sequential(Model):
                 raise ValueError("Sequential: give an sd.nn.Input first or input_dim / input_shape, not both")
             if not layers:
                 raise ValueError("Sequential needs at least one layer after its Input")
-            h = x
-            for layer in layers:
-                h = layer(h)
-            super().__init__(x, h, name=name)
+            super().__init__(x, _chain(x, layers), name=name)
             return
         if not layers:
             raise ValueError("Sequential needs at least one layer")
@@ -788,10 +786,20 @@ class Sequential(Model):
             raise ValueError(f"Sequential: input_dim must be a positive integer or input_shape (h, w, c) or (steps, features), "
                              f"got {input_dim!r}")
         x = functional.Input(shape=input_dim if isinstance(input_dim, tuple) else (input_dim,))
-        h = x
-        for layer in layers:
-            h = layer(h)
-        super().__init__(x, h, name=name)
+        super().__init__(x, _chain(x, layers), name=name)
+
+
+def _chain(x, layers):
+    """Each layer called on the last one's output; a layer that returns several tensors is an error."""
+    h = x
+    for i, layer in enumerate(layers, start=1):
+        h = layer(h)
+        if isinstance(h, list):
+            raise ValueError(f"Sequential: layer {i} ({functional.label(layer)}) returns {len(h)} tensors "
+                             "(return_state=True: the output and the final states); a Sequential model passes one "
+                             "tensor from layer to layer: build it with the functional API, sd.nn.Model(inputs, "
+                             "[output, *states]), or set return_state=False")
+    return h
 
 
 def load(path, backend: str | None = None) -> Model:
@@ -845,13 +853,18 @@ def from_architecture(arch: dict, path="the checkpoint") -> Model:
         if arch.get("input_dtype"):
             return Sequential([functional.Input(shape=tuple(dim), dtype=arch["input_dtype"]), *layers])
         return Sequential(layers, input_dim=tuple(dim) if isinstance(dim, list) else dim)
-    tensors = []
+    tensors, several = [], {}  # several: {position of a call's first output: all its outputs}
     for call in arch["graph"]:  # a functional model: replay its calls
         if "input" in call:
             tensors.append(functional.Input(shape=tuple(call["shape"]), dtype=call.get("dtype"), name=call["input"]))
+        elif call.get("output"):  # output k of a call with several (return_state=True)
+            tensors.append(several[call["inputs"][0]][call["output"]])
         else:
             ins = [tensors[i] for i in call["inputs"]]
-            tensors.append(layers[call["layer"]](ins if call["many"] else ins[0]))
+            made = layers[call["layer"]](ins if call["many"] else ins[0])
+            if isinstance(made, list):
+                several[len(tensors)], made = made, made[0]
+            tensors.append(made)
     ins = [tensors[i] for i in arch.get("inputs", [0])]
     outs = [tensors[i] for i in arch.get("outputs", [arch["output"]])]
     in_keys, out_keys = arch.get("input_keys"), arch.get("output_keys")

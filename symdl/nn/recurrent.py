@@ -13,6 +13,17 @@ Gate order as Keras stores them: LSTM ``i, f, c, o``; GRU ``z, r, h``.
 (<SymbolicTensor shape=(None, 4) from LSTM>, <SymbolicTensor shape=(None, 5, 4) from GRU>)
 >>> sd.nn.Bidirectional(sd.nn.SimpleRNN(2))(x)
 <SymbolicTensor shape=(None, 4) from Bidirectional>
+
+``return_state=True`` returns Keras's list: the output, then the final states (``h``; the LSTM's
+``h, c``; a ``Bidirectional``'s forward states, then its backward ones):
+
+>>> out, h, c = sd.nn.LSTM(4, return_sequences=True, return_state=True)(x)
+>>> out
+<SymbolicTensor shape=(None, 5, 4) from LSTM>
+>>> c
+<SymbolicTensor shape=(None, 4) from LSTM, output 2>
+>>> len(sd.nn.Bidirectional(sd.nn.GRU(2, return_state=True))(x))
+3
 >>> sd.nn.LSTM(4)(sd.nn.Input(shape=(3,)))
 Traceback (most recent call last):
 ...
@@ -52,11 +63,9 @@ class _Recurrent(Layer):
         kind = type(self).__name__
         if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units < 1:
             raise ValueError(f"{kind}: units must be a positive integer, got {units!r}")
-        if return_state:
-            raise NotImplementedError(f"{kind}: return_state=True is not supported yet (a layer has one output); "
-                                      "use return_sequences=True and take the last step")
         self.units, self.use_bias, self.name = int(units), bool(use_bias), name
-        self.return_sequences, self.return_state, self.go_backwards = bool(return_sequences), False, bool(go_backwards)
+        self.return_sequences, self.return_state = bool(return_sequences), bool(return_state)
+        self.go_backwards = bool(go_backwards)
         self.activation, self.recurrent_activation = activation, recurrent_activation
         self.cell = self.make_cell()  # raises on unknown activations
 
@@ -95,7 +104,9 @@ class _Recurrent(Layer):
         return b
 
     def run(self, params, h, where, *, reverse_in=None, reverse_out=False, sequences=None):
-        """The layer's output on ``h`` (``Bidirectional`` runs its backward copy with ``reverse_out``)."""
+        """The layer's output on ``h`` (``Bidirectional`` runs its backward copy with ``reverse_out``);
+        with ``return_state`` the tuple ``(output, h_T)`` (LSTM: ``(output, h_T, c_T)``), each final
+        state the scan's state block after the last processed step (``last_step`` of its columns)."""
         T = self._sequences(h, where)
         features = int(params[0].shape[0])
         if int(h.shape[1]) != features:
@@ -105,11 +116,15 @@ class _Recurrent(Layer):
         B = params[2] if self.use_bias else None
         reverse_in = self.go_backwards if reverse_in is None else reverse_in
         S = scan(self.cell, h @ W, U, B, T, reverse_in=reverse_in, reverse_out=reverse_out, where=where)
-        out = Cols(S, 0, self.units) if self.cell.states > 1 else S
+        u = self.units
+        out = Cols(S, 0, u) if self.cell.states > 1 else S
         sequences = self.return_sequences if sequences is None else sequences
-        if sequences:
-            return out
-        return last_step(out, T, first=reverse_out)
+        last = last_step(out, T, first=reverse_out)  # the last processed step: row 0 when stored reversed
+        result = out if sequences else last
+        if not self.return_state:
+            return result
+        states = [last_step(Cols(S, c * u, (c + 1) * u), T, first=reverse_out) for c in range(1, self.cell.states)]
+        return (result, last, *states)
 
     def build_both(self, index, h, h_infer) -> Built:
         where = self.where(index)
@@ -126,11 +141,12 @@ class _Recurrent(Layer):
     def describe(self) -> str:
         seq = ", sequences" if self.return_sequences else ""
         back = ", backwards" if self.go_backwards else ""
-        return f"{self.units} units{seq}{back}"
+        state = ", states" if self.return_state else ""
+        return f"{self.units} units{seq}{back}{state}"
 
     def config(self, name=None) -> dict:
         return {"units": self.units, "activation": self.activation, "recurrent_activation": self.recurrent_activation,
-                "use_bias": self.use_bias, "return_sequences": self.return_sequences, "return_state": False,
+                "use_bias": self.use_bias, "return_sequences": self.return_sequences, "return_state": self.return_state,
                 "go_backwards": self.go_backwards, "name": name or self.name}
 
 
@@ -231,12 +247,31 @@ class Bidirectional(Layer):
         half = len(params) // 2
         return params[:half], params[half:]
 
+    def sublayer_names(self) -> tuple:
+        """Keras's names of the two copies: ``forward_<layer name>`` and ``backward_<layer name>`` (an
+        unnamed layer by its kind, as Keras names the first one: ``forward_lstm``)."""
+        name = self.layer.name or self.layer.kind
+        return tuple(f"{d}_{name.removeprefix(d + '_')}" for d in ("forward", "backward"))
+
+    def weight_roles(self, params) -> dict:
+        """``{parameter name: its Keras path within this layer}``: ``forward_lstm/kernel``,
+        ``backward_lstm/recurrent_kernel``... (``weights.weight_names`` puts the layer's name first)."""
+        roles = ("kernel", "recurrent_kernel", "bias")
+        return {str(p.name): f"{sub}/{role}" for sub, half in zip(self.sublayer_names(), self._halves(params))
+                for p, role in zip(half, roles)}
+
     def run(self, params, h, where):
         fwd, bwd = self._halves(params)
         # Keras: the backward copy reads the other way round and its steps are flipped back to align
         gb = self.layer.go_backwards
         a = self.layer.run(fwd, h, where, reverse_in=gb, reverse_out=False)
         b = self.layer.run(bwd, h, where, reverse_in=not gb, reverse_out=True)
+        if not self.layer.return_state:
+            return self.merge(a, b)
+        # Keras: [merged output, the forward layer's final states..., the backward layer's...]
+        return (self.merge(a[0], b[0]), *a[1:], *b[1:])
+
+    def merge(self, a, b):
         if self.merge_mode == "concat":
             return concat(a, b)
         if self.merge_mode == "sum":

@@ -218,11 +218,16 @@ def _leaf_layers(model):
 
 def _layers(model) -> list:
     """``[(layer path, layer, {role: Keras-style weight name})]`` for the layers with weights, in order."""
+    leaves = list(_leaf_layers(model))
+    paths = {path for path, _ in leaves}
     by_layer = {}
     for keras in weight_names(model).values():
         path, _, role = keras.rpartition("/")
+        while path not in paths and "/" in path:  # a sublayer's weight: bidirectional_1/forward_lstm/kernel
+            path, _, inner = path.rpartition("/")
+            role = f"{inner}/{role}"
         by_layer.setdefault(path, {})[role] = keras
-    return [(path, layer, by_layer[path]) for path, layer in _leaf_layers(model) if path in by_layer]
+    return [(path, layer, by_layer[path]) for path, layer in leaves if path in by_layer]
 
 
 def _flattened_image(model, layer):
@@ -384,7 +389,8 @@ def _recurrent_entries(layer, roles: dict, live: dict) -> dict:
     entries = {}
     by_direction = {}
     for role, keras in roles.items():
-        base, _, direction = re.fullmatch(r"([a-z_]+?)\d*(_(forward|backward))?", role).groups()
+        # a Bidirectional's roles are its sublayers' paths: forward_lstm/kernel, backward_lstm/bias
+        direction, base = re.fullmatch(r"(?:(forward|backward)_[^/]*/)?([a-z_]+)", role).groups()
         by_direction.setdefault(direction or "forward", {})[base] = keras
     for direction, names in by_direction.items():
         sfx = DIRECTIONS[direction]

@@ -50,10 +50,13 @@ def _require_weights(model, what: str):
         raise RuntimeError(f"{what}: the model has no weights yet; call model.compile(...) first")
 
 
-def weight_names(model) -> dict:
+def weight_names(model, legacy: bool = False) -> dict:
     """``{internal name: Keras-style name}`` for every parameter and running statistic of ``model``
     (internal names are what ``get_weights`` returns: ``W1``, ``b1``, ``K2``, ``moving_mean3``; a
-    model used as a layer prefixes its own names with its layer name: ``functional_1/dense_1/kernel``)."""
+    model used as a layer prefixes its own names with its layer name: ``functional_1/dense_1/kernel``).
+    A layer with sublayers names its weights by their paths (``weight_roles``: a ``Bidirectional``'s
+    ``bidirectional_1/forward_lstm/kernel``); ``legacy=True`` gives the names files saved before had
+    (``bidirectional_1/kernel1_forward``)."""
     names = {}
     stats = [str(s.name) for s in model.writes]
     per_layer = getattr(model, "layer_writes", None) or [None] * len(model.layers)
@@ -62,14 +65,17 @@ def weight_names(model) -> dict:
         if hasattr(layer, "layer_params"):  # a nested model: its own names, matched in build order
             ours = dict(zip((str(p.name) for p in layer.params), (str(p.name) for p in params)))
             ours.update(zip((str(s.name) for s in layer.writes), (str(s.name) for s in writes or ())))
-            names.update({ours[inner]: f"{layer_name}/{keras}" for inner, keras in weight_names(layer).items()})
+            names.update({ours[inner]: f"{layer_name}/{keras}"
+                          for inner, keras in weight_names(layer, legacy).items()})
             continue
         own = [str(s.name) for s in writes] if writes is not None else \
             [s for s in stats if re.fullmatch(rf"[a-z_]+{k}", s)]
+        paths = {} if legacy or not hasattr(layer, "weight_roles") else layer.weight_roles(params)
         for name in [str(p.name) for p in params] + own:
             stem = re.fullmatch(r"(.*?)\d+", name)
             stem = name if stem is None else stem.group(1)
-            names[name] = f"{layer_name}/{ROLES.get(stem, stem)}"  # a stem ROLES does not know names itself
+            # a stem ROLES does not know names itself
+            names[name] = f"{layer_name}/{paths.get(name) or ROLES.get(stem, stem)}"
     return names
 
 
@@ -135,11 +141,20 @@ def assign(model, arrays: dict, where: str) -> None:
         live[k][...] = np.asarray(v, dtype=live[k].dtype)
 
 
+def _current_names(model, arrays: dict) -> dict:
+    """``arrays`` with the names older files used (``weight_names(legacy=True)``) renamed to today's."""
+    now = weight_names(model)
+    renamed = {old: now[internal] for internal, old in weight_names(model, legacy=True).items() if old != now[internal]}
+    return {k if k in now.values() else renamed.get(k, k): v for k, v in arrays.items()}
+
+
 def load_weights(model, path) -> None:
     """Load a file written by ``save_weights`` (or any safetensors file with the model's names and
-    shapes) into ``model``; nothing changes unless every weight fits."""
+    shapes) into ``model``; nothing changes unless every weight fits. Files saved before a layer's
+    weights got their Keras paths (a ``Bidirectional``'s ``bidirectional_1/kernel1_forward``, now
+    ``bidirectional_1/forward_lstm/kernel``) load too."""
     _require_weights(model, "load_weights")
-    assign(model, read_safetensors(path), f"load_weights({os.fspath(path)!r})")
+    assign(model, _current_names(model, read_safetensors(path)), f"load_weights({os.fspath(path)!r})")
 
 
 __all__ = ["save_weights", "load_weights", "weight_names", "WeightsError"]

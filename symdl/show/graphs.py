@@ -55,6 +55,8 @@ def model_graph(model, show_shapes=True, show_layer_names=True, show_layer_activ
             k = place[id(t.layer)]
             name, cls = model.layer_names[k], type(t.layer).__name__
             kind = "merge" if getattr(t.layer, "merges", False) else "layer"
+            if getattr(t, "index", None):  # output k of a call with several outputs (return_state=True)
+                name = f"{name}[{t.index}]"
             lines = [f"{name} ({cls})" if show_layer_names else cls]
             if show_layer_activations:
                 described = getattr(t.layer, "describe", lambda: "")()
@@ -62,7 +64,7 @@ def model_graph(model, show_shapes=True, show_layer_names=True, show_layer_activ
                     lines.append(described)
         if show_shapes:
             lines.append(f"out {shape_text(t.shape)}")
-        if show_param_counts and t.layer is not None:
+        if show_param_counts and t.layer is not None and not getattr(t, "index", None):
             k = place[id(t.layer)]
             lines.append(f"params {counts[k]:,}" + (" (shared)" if k in seen else ""))
             seen.add(k)

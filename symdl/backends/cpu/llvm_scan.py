@@ -1,11 +1,20 @@
 """The recurrence kernels (``ir.Scan``, ``ir.ScanGrad``) printed as LLVM IR.
 
-Each handler follows the Python loops of ``scan_code.sequence_lines`` line by line: the kernel's
-units are the sequences (``frame.each``); one sequence runs its steps in order; at each step and
-unit the cell's formulas (the backward: their ``sp.diff``, ``scan_code.backward_exprs``) are
-printed by ``llvm_code.Body``. The recurrent product is a loop accumulating in float64, as the
-Python loop's ``0.0`` accumulator does. The first step reads no previous row: its count and
-previous states are ``select``ed to zero (never a load before the buffer).
+The kernels compute what the Python loops of ``scan_code.sequence_lines`` compute, in another
+order: the kernel's units are still the sequences (``frame.each``: a thread's share), but the steps
+are the outer loop and, at each step, the recurrent product of all the thread's sequences runs in
+*tiles*: ``R`` sequences against the ``k`` gate columns of one unit (the forward ``UP_t = h_{t-1} U``)
+or against ``C`` units (the backward ``δh_{t-1} += δUP_t Uᵀ``), each entry a dot product in vector
+lanes (``_Dots``). A tile reads each row of ``U`` once for ``R`` sequences and each state row once
+for ``k`` columns: about a GEMM's work per load, where one sequence at a time read all of ``U`` for
+every row. Then, per unit, the cell's formulas (the backward: their ``sp.diff``,
+``scan_code.backward_exprs``) are printed by ``llvm_code.Body``.
+
+Every entry of a product is the same chain whatever tile computes it (a lane-wise ``fma`` over the
+chunks of ``V`` entries, one fixed tree over the lanes, then the last ``K mod V`` terms in order), so a
+sequence's bits do not depend on how the threads split the sequences. The first step reads no
+previous row: its product has no terms and its previous states are ``select``ed to zero (never a
+load before the buffer).
 
 Importing this module registers the handlers in ``llvm_code.emit`` (``cpu.backend`` does).
 """
@@ -18,21 +27,94 @@ from ...ir.kernels import Scan, ScanGrad
 from ..scalar_code import prepared
 from ..scan_code import _delta_symbols, backward_exprs
 from . import llvm_code
-from .llvm_code import F64, I64, Frame, for_range, local
+from .llvm_code import F32, F64, I64, Frame, for_range, local
 
 _slot = llvm_code._slot
 
 
-def _reassociable(instruction):
-    """A dot product's multiply or add marked ``reassoc contract``: LLVM may then sum it in vector lanes
-    (and fuse into FMAs), which a strict left-to-right sum forbids. Every thread runs the same code,
-    so results stay identical across thread counts; they differ from a serial sum by rounding only."""
-    instruction.flags.extend(["reassoc", "contract"])
-    return instruction
+#: Bytes in a vector register the dot products fill (AVX2's 256 bits; wider machines run them as is).
+VECTOR_BYTES = 32
+
+#: A forward tile's sequences: its ``R·k`` accumulators (``k`` gates) stay in registers up to ``R·k = 8``.
+FORWARD_TILE = 8
+
+#: A backward tile: ``BACKWARD_ROWS`` sequences x ``BACKWARD_UNITS`` units.
+BACKWARD_ROWS, BACKWARD_UNITS = 2, 4
 
 
 def _const(v) -> ir.Constant:
     return ir.Constant(I64, v)
+
+
+def _array(b: ir.IRBuilder, t: ir.Type, count: int, name: str):
+    """``count`` values of type ``t`` on the stack (an ``alloca`` in the entry block)."""
+    here = b.block
+    b.position_at_start(b.function.entry_basic_block)
+    slot = b.alloca(t, size=_const(count), name=name)
+    b.position_at_end(here)
+    return slot
+
+
+class _Dots:
+    """Tiles of dot products ``out[r][c] = Σ_q a_r[q] b_c[q]`` over ``K`` contiguous entries: ``V``
+    lanes of ``fma`` over the chunks, one fixed tree over the lanes, then the last ``K mod V`` terms
+    in order. Every entry is the same chain in any tile: results do not depend on the tiling."""
+
+    def __init__(self, b: ir.IRBuilder, dtype: ir.Type):
+        self.b, self.t = b, dtype
+        self.V = VECTOR_BYTES // (4 if dtype == F32 else 8)
+        self.vt = ir.VectorType(dtype, self.V)
+        kind = "f32" if dtype == F32 else "f64"
+        self.fma_vector, self.fma_scalar = f"llvm.fma.v{self.V}{kind}", f"llvm.fma.{kind}"
+        self.size = 4 if dtype == F32 else 8
+
+    def load(self, pointer):
+        return self.b.load(self.b.bitcast(pointer, self.vt.as_pointer()), align=self.size)
+
+    def _half(self, v, lanes, upper):
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [upper * lanes + i for i in range(lanes)])
+        return self.b.shuffle_vector(v, v, mask)
+
+    def total(self, v):
+        """The lanes' sum: halves added until one lane is left (a fixed tree)."""
+        b, lanes = self.b, self.V
+        while lanes > 1:
+            lanes //= 2
+            v = b.fadd(self._half(v, lanes, 0), self._half(v, lanes, 1))
+        return b.extract_element(v, _const(0))
+
+    def tile(self, K, rows_a, rows_b, name: str) -> list:
+        """``[[Σ_q a_r[q] b_c[q] for c] for r]``: ``rows_a``, ``rows_b`` pointers to each row's first entry."""
+        b, V = self.b, self.V
+        accs = [[local(b, self.vt, f"{name}{r}.{c}") for c in range(len(rows_b))] for r in range(len(rows_a))]
+        for row in accs:
+            for acc in row:
+                b.store(ir.Constant(self.vt, None), acc)
+        chunks = b.sdiv(K, _const(V))
+
+        def chunk(q):
+            at = b.mul(q, _const(V))
+            av = [self.load(b.gep(p, [at])) for p in rows_a]
+            bv = [self.load(b.gep(p, [at])) for p in rows_b]
+            for r, row in enumerate(accs):
+                for c, acc in enumerate(row):
+                    b.store(llvm_code.call(b, self.fma_vector, [av[r], bv[c], b.load(acc)], self.vt), acc)
+
+        for_range(b, chunks, chunk, name + "q")
+        sums = [[local(b, self.t, f"{name}s{r}.{c}") for c in range(len(rows_b))] for r in range(len(rows_a))]
+        for r, row in enumerate(accs):
+            for c, acc in enumerate(row):
+                b.store(self.total(b.load(acc)), sums[r][c])
+
+        def tail(q):
+            av = [b.load(b.gep(p, [q])) for p in rows_a]
+            bv = [b.load(b.gep(p, [q])) for p in rows_b]
+            for r, row in enumerate(sums):
+                for c, acc in enumerate(row):
+                    b.store(llvm_code.call(b, self.fma_scalar, [av[r], bv[c], b.load(acc)], self.t), acc)
+
+        for_range(b, K, tail, name + "t", first=b.mul(chunks, _const(V)))
+        return [[b.load(acc) for acc in row] for row in sums]
 
 
 class _Scan:
@@ -45,6 +127,7 @@ class _Scan:
         self.u = frame.slots[self.U][1 if isinstance(k, ScanGrad) else 2]  # a Scan reads Uᵀ (k·u, u)
         self.B = _slot(k.operands[B_at].buffer) if len(k.operands) > B_at else None
         self.zero = llvm_code._const(frame.dtype, 0.0)
+        self.dots = _Dots(frame.b, frame.dtype)
         # a bias of two rows adds its second to the recurrent gates (the formula's rows are a runtime
         # value: row 1 is read only when there is one, and selected away otherwise)
         self.two = None
@@ -77,8 +160,105 @@ class _Scan:
             return self.zero
         return self.b.select(self.two, self.load(self.B, self.recurrent_row, self.column(g, j)), self.zero)
 
-    def to_work(self, v):
-        return v if v.type == self.frame.dtype else self.b.fptrunc(v, self.frame.dtype)
+    def tiles(self, size: int, body) -> None:
+        """The thread's sequences ``begin:end`` in tiles of ``size``: ``body(first sequence, count)``."""
+        b, begin, end = self.b, self.frame.begin, self.frame.end
+        count = b.sub(end, begin)
+        tiles = b.sdiv(b.add(count, _const(size - 1)), _const(size))
+
+        def tile(q):
+            r0 = b.add(begin, b.mul(q, _const(size)))
+            left = b.sub(end, r0)
+            body(r0, b.select(b.icmp_signed("<", left, _const(size)), left, _const(size)))
+
+        for_range(b, tiles, tile, "tile")
+
+    def full_or_single(self, count, size: int, whole, one) -> None:
+        """``whole()`` when ``count == size`` (the tile is full), else ``one(r)`` for each ``r < count``."""
+        b = self.b
+        with b.if_else(b.icmp_signed("==", count, _const(size))) as (then, otherwise):
+            with then:
+                whole()
+            with otherwise:
+                for_range(b, count, one, "single")
+
+
+def _row_function(b: ir.IRBuilder, name: str, dtype: ir.Type, pointers: int, integers: int) -> tuple:
+    """``(function, builder)``: an internal function of ``b``'s module over ``pointers`` rows (each
+    ``noalias``: the rows a kernel passes never overlap, so LLVM vectorises the loop over the units
+    without runtime checks, which it would otherwise hoist over every row and fail) and ``integers``
+    ``i64`` values."""
+    t = ir.FunctionType(ir.VoidType(), [dtype.as_pointer()] * pointers + [I64] * integers)
+    fn = ir.Function(b.module, t, name)
+    fn.linkage = "internal"
+    for a in fn.args[:pointers]:
+        a.add_attribute("noalias")
+    return fn, ir.IRBuilder(fn.append_basic_block("entry"))
+
+
+def _zeros(b: ir.IRBuilder, dtype: ir.Type, count):
+    """``count`` zeros on the stack (what the first step reads as its previous states, and a row the
+    first step's carry is written to and never read)."""
+    zeros = b.alloca(dtype, size=count, name="zeros")
+    for_range(b, count, lambda j: b.store(llvm_code._const(dtype, 0.0), b.gep(zeros, [j])), "z")
+    return zeros
+
+
+def _forward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
+    """``cell(xp, gates, bx, bu, prev, out, u)``: one sequence's step, every unit: input gates
+    ``xp[g·u + j] + bx[..]``, recurrent gates ``gates[..] + bu[..]``, previous states ``prev[c·u + j]``,
+    new states into ``out[c·u + j]``."""
+    kk, states = k.gates, k.states
+    fn, fb = _row_function(b, "symdl_scan_cell", dtype, 6, 1)
+    xp, gates, bx, bu, prev, out, u = fn.args
+    cell = [prepared(c) for c in k.cell]
+
+    def unit(j):
+        at = lambda g: fb.add(fb.mul(_const(g), u), j)  # noqa: E731
+        env = {VARS[g]: fb.fadd(fb.load(fb.gep(xp, [at(g)])), fb.load(fb.gep(bx, [at(g)]))) for g in range(kk)}
+        env.update({VARS[kk + g]: fb.fadd(fb.load(fb.gep(gates, [at(g)])), fb.load(fb.gep(bu, [at(g)])))
+                    for g in range(kk)})
+        env.update({VARS[2 * kk + c]: fb.load(fb.gep(prev, [at(c)])) for c in range(states)})
+        body = llvm_code.Body(fb, dtype, env)
+        for c, e in enumerate(cell):
+            fb.store(body.cast(body.value(e), dtype), fb.gep(out, [at(c)]))
+
+    for_range(fb, u, unit, "j")
+    fb.ret_void()
+    return fn
+
+
+def _backward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
+    """``cell(xp, bx, up, bu, prev, g, dxp, dup, ds, carry, u, last)``: one sequence's step backwards,
+    every unit: ``δS = G + ds`` (the carry the next step stored there, unless ``last``) back into
+    ``ds``, then ``δXP``, ``δUP`` and the carry into the previous step's states."""
+    kk, states = k.gates, k.states
+    fn, fb = _row_function(b, "symdl_scan_grad_cell", dtype, 10, 2)
+    xp, bx, up, bu, prev, g_row, dxp, dup, ds, carry, u, last = fn.args
+    dx, du, back = ([prepared(e) for e in part] for part in backward_exprs(k))
+    deltas = _delta_symbols(states)
+    is_last = fb.icmp_signed("!=", last, _const(0))
+
+    def unit(j):
+        at = lambda g: fb.add(fb.mul(_const(g), u), j)  # noqa: E731
+        env = {VARS[g]: fb.fadd(fb.load(fb.gep(xp, [at(g)])), fb.load(fb.gep(bx, [at(g)]))) for g in range(kk)}
+        env.update({VARS[kk + g]: fb.fadd(fb.load(fb.gep(up, [at(g)])), fb.load(fb.gep(bu, [at(g)])))
+                    for g in range(kk)})
+        env.update({VARS[2 * kk + c]: fb.load(fb.gep(prev, [at(c)])) for c in range(states)})
+        for c in range(states):
+            where = fb.gep(ds, [at(c)])
+            d = fb.load(fb.gep(g_row, [at(c)]))
+            d = fb.select(is_last, d, fb.fadd(d, fb.load(where)))
+            fb.store(d, where)
+            env[deltas[c]] = d
+        body = llvm_code.Body(fb, dtype, env)
+        for part, row in ((dx, dxp), (du, dup), (back, carry)):
+            for c, e in enumerate(part):
+                fb.store(body.cast(body.value(e), dtype), fb.gep(row, [at(c)]))
+
+    for_range(fb, u, unit, "j")
+    fb.ret_void()
+    return fn
 
 
 @llvm_code.emit.register
@@ -86,47 +266,46 @@ def _scan(k: Scan, frame: Frame) -> None:
     s = _Scan(k, frame, 1, 2)
     b, kk, states = s.b, k.gates, k.states
     XP, out = _slot(k.operands[0].buffer), 0
-    accs = [local(b, F64, f"a{g}") for g in range(kk)]
-    cell = [prepared(c) for c in k.cell]
+    R = max(1, FORWARD_TILE // kk)
+    ku = b.mul(_const(kk), s.u)
+    up = b.alloca(frame.dtype, size=b.mul(_const(R), ku), name="up")  # a tile's recurrent gates: up[r·k·u + c]
+    zeros = _zeros(b, frame.dtype, b.add(ku, b.mul(_const(states), s.u)))
+    bx, bu = zeros, zeros
+    if s.B is not None:
+        bx = frame.at(s.B, _const(0), _const(0))
+        bu = b.select(s.two, frame.at(s.B, _const(1), _const(0)), zeros)
+    cell = _forward_cell(k, b, frame.dtype)
 
-    def sequence(i):
-        def step(t):
-            ri, ro, rp, first = s.rows(i, t)
+    def step(t):
+        first = b.icmp_signed("==", t, _const(0))
+        K = b.select(first, _const(0), s.u)  # the first step's product has no terms
+
+        def tile(r0, count):
+            def product(rows, j, at):  # UP_t[i, g·u + j] = h_{t-1}[i] · Uᵀ[g·u + j] for the tile's rows
+                rows_a = [frame.at(out, s.rows(i, t)[2], _const(0)) for i in rows]
+                rows_b = [frame.at(s.U, s.column(g, j), _const(0)) for g in range(kk)]
+                for r, values in enumerate(s.dots.tile(K, rows_a, rows_b, "up")):
+                    for g, v in enumerate(values):
+                        b.store(v, b.gep(up, [b.add(b.mul(at(r), ku), s.column(g, j))]))
 
             def unit(j):
-                env = {}
-                for g in range(kk):
-                    x = s.load(XP, ri, s.column(g, j))
-                    if s.B is not None:
-                        x = b.fadd(x, s.bias(0, g, j))
-                    env[VARS[g]] = x
-                    start = s.recurrent_bias(g, j)
-                    b.store(start if start.type == F64 else b.fpext(start, F64), accs[g])
-                count = b.select(first, _const(0), s.u)
-
-                def product(m):
-                    h = s.load(out, rp, m)
-                    h64 = h if h.type == F64 else b.fpext(h, F64)
-                    for g in range(kk):
-                        w = s.load(s.U, s.column(g, j), m)  # Uᵀ: a contiguous row per gate column
-                        w64 = w if w.type == F64 else b.fpext(w, F64)
-                        b.store(_reassociable(b.fadd(b.load(accs[g]), _reassociable(b.fmul(h64, w64)))), accs[g])
-
-                for_range(b, count, product, "m")
-                for g in range(kk):
-                    env[VARS[kk + g]] = s.to_work(b.load(accs[g]))
-                for c in range(states):
-                    env[VARS[2 * kk + c]] = b.select(first, s.zero, s.load(out, rp, s.column(c, j)))
-                body = llvm_code._body(frame, env)
-                values = [body.value(e) for e in cell]
-                for c, v in enumerate(values):
-                    llvm_code._store(frame, body, v, frame.at(out, ro, s.column(c, j)))
+                s.full_or_single(count, R, lambda: product([b.add(r0, _const(r)) for r in range(R)], j,
+                                                           lambda r: _const(r)),
+                                 lambda r: product([b.add(r0, r)], j, lambda _: r))
 
             for_range(b, s.u, unit, "j")
 
-        for_range(b, s.T, step, "t")
+            def row(r):  # the cell on every unit of one sequence
+                ri, ro, rp, _ = s.rows(b.add(r0, r), t)
+                prev = b.select(first, zeros, frame.at(out, rp, _const(0)))
+                b.call(cell, [frame.at(XP, ri, _const(0)), b.gep(up, [b.mul(r, ku)]), bx, bu, prev,
+                              frame.at(out, ro, _const(0)), s.u])
 
-    frame.each(sequence)
+            for_range(b, count, row, "r")
+
+        s.tiles(R, tile)
+
+    for_range(b, s.T, step, "t")
 
 
 @llvm_code.emit.register
@@ -135,66 +314,56 @@ def _scan_grad(k: ScanGrad, frame: Frame) -> None:
     b, kk, states = s.b, k.gates, k.states
     XP, UP, S, G = (_slot(o.buffer) for o in k.operands[:4])
     out = 0
-    dx, du, carry = ([prepared(e) for e in part] for part in backward_exprs(k))
-    deltas = _delta_symbols(states)
-    acc = local(b, F64, "acc")
     ku = b.mul(_const(kk), s.u)
     w2 = b.mul(_const(2 * kk), s.u)
+    R, C = BACKWARD_ROWS, BACKWARD_UNITS
+    zeros = _zeros(b, frame.dtype, b.add(ku, b.mul(_const(states), s.u)))
+    sink = b.alloca(frame.dtype, size=b.mul(_const(states), s.u), name="sink")  # the first step's carry
+    bx, bu = zeros, zeros
+    if s.B is not None:
+        bx = frame.at(s.B, _const(0), _const(0))
+        bu = b.select(s.two, frame.at(s.B, _const(1), _const(0)), zeros)
+    cell = _backward_cell(k, b, frame.dtype)
 
-    def sequence(i):
-        def step(tt):
-            t = b.sub(b.sub(s.T, _const(1)), tt)
+    def step(tt):
+        t = b.sub(b.sub(s.T, _const(1)), tt)
+        last = b.zext(b.icmp_signed("==", tt, _const(0)), I64)
+
+        def sequence(i):
             ri, ro, rp, first = s.rows(i, t)
-            last = b.icmp_signed("==", tt, _const(0))
+            row = lambda slot, r, c=_const(0): frame.at(slot, r, c)  # noqa: E731
+            b.call(cell, [row(XP, ri), bx, row(UP, ro), bu, b.select(first, zeros, row(S, rp)), row(G, ro),
+                          row(out, ri), row(out, ro, ku), row(out, ro, w2),
+                          b.select(first, sink, row(out, rp, w2)), s.u, last])
 
-            def unit(j):
-                env = {}
-                for g in range(kk):
-                    x = s.load(XP, ri, s.column(g, j))
-                    up = s.load(UP, ro, s.column(g, j))
-                    if s.B is not None:
-                        x = b.fadd(x, s.bias(0, g, j))
-                    if s.B is not None:
-                        up = b.fadd(up, s.recurrent_bias(g, j))
-                    env[VARS[g]], env[VARS[kk + g]] = x, up
-                for c in range(states):
-                    env[VARS[2 * kk + c]] = b.select(first, s.zero, s.load(S, rp, s.column(c, j)))
-                for c in range(states):
-                    where = frame.at(out, ro, b.add(w2, s.column(c, j)))
-                    d = s.load(G, ro, s.column(c, j))
-                    d = b.select(last, d, b.fadd(d, b.load(where)))  # the carry the next step stored
-                    b.store(d, where)
-                    env[deltas[c]] = d
-                body = llvm_code._body(frame, env)
-                vx, vu, vc = ([body.value(e) for e in part] for part in (dx, du, carry))
-                for g in range(kk):
-                    llvm_code._store(frame, body, vx[g], frame.at(out, ri, s.column(g, j)))
-                    llvm_code._store(frame, body, vu[g], frame.at(out, ro, b.add(ku, s.column(g, j))))
-                with b.if_then(b.not_(first)):
-                    for c in range(states):
-                        llvm_code._store(frame, body, vc[c], frame.at(out, rp, b.add(w2, s.column(c, j))))
+        frame.each(sequence)
 
-            for_range(b, s.u, unit, "j")
+        # h_{t-1} feeds every recurrent gate of step t: δh_{t-1} += δUP_t Uᵀ, in tiles of R sequences x C units
+        def tile(r0, count):
+            def product(rows, j0, units):
+                rows_a = [frame.at(out, s.rows(i, t)[1], ku) for i in rows]
+                rows_b = [frame.at(s.U, b.add(j0, _const(c)), _const(0)) for c in range(units)]
+                for i, values in zip(rows, s.dots.tile(ku, rows_a, rows_b, "dh")):
+                    rp = s.rows(i, t)[2]
+                    for c, v in enumerate(values):
+                        where = frame.at(out, rp, b.add(w2, b.add(j0, _const(c))))
+                        b.store(b.fadd(b.load(where), v), where)
 
-            def back_into_h(j):  # h_{t-1} feeds every recurrent gate of step t: δUP_t Uᵀ
-                b.store(ir.Constant(F64, 0.0), acc)
+            def units(jt):
+                j0 = b.mul(jt, _const(C))
+                whole = b.and_(b.icmp_signed("==", count, _const(R)), b.icmp_signed("<=", b.add(j0, _const(C)), s.u))
+                with b.if_else(whole) as (then, otherwise):
+                    with then:
+                        product([b.add(r0, _const(r)) for r in range(R)], j0, C)
+                    with otherwise:  # the last rows or units: one entry at a time, the same chain
+                        width = b.sub(s.u, j0)
+                        width = b.select(b.icmp_signed("<", width, _const(C)), width, _const(C))
+                        for_range(b, count, lambda r: for_range(
+                            b, width, lambda c: product([b.add(r0, r)], b.add(j0, c), 1), "c"), "r")
 
-                def term(m):
-                    a = s.load(out, ro, b.add(ku, m))
-                    w = s.load(s.U, j, m)
-                    a64 = a if a.type == F64 else b.fpext(a, F64)
-                    w64 = w if w.type == F64 else b.fpext(w, F64)
-                    b.store(_reassociable(b.fadd(b.load(acc), _reassociable(b.fmul(a64, w64)))), acc)
+            for_range(b, b.sdiv(b.add(s.u, _const(C - 1)), _const(C)), units, "jt")
 
-                for_range(b, ku, term, "m")
-                where = frame.at(out, rp, b.add(w2, j))
-                old = b.load(where)
-                total = b.fadd(old if old.type == F64 else b.fpext(old, F64), b.load(acc))
-                b.store(s.to_work(total), where)
+        with b.if_then(b.icmp_signed("!=", t, _const(0))):
+            s.tiles(R, tile)
 
-            with b.if_then(b.not_(first)):
-                for_range(b, s.u, back_into_h, "jh")
-
-        for_range(b, s.T, step, "tt")
-
-    frame.each(sequence)
+    for_range(b, s.T, step, "tt")
