@@ -648,8 +648,13 @@ def _every_kind_programs():
     attention, _ = gradient_program(sd.sum_squares(mix(P, q @ W, 4)), [W])
     lstm = sd.nn.LSTM(3, return_sequences=True).build_both(1, q, q)  # a scan and its BPTT
     recurrent, _ = gradient_program(sd.sum_squares(lstm.train), lstm.params)
+    from symdl.ir.lowering import lower
+
+    directions = [sd.param(f"v{i}", p.shape) for i, p in enumerate(lstm.params)]  # scans with extra inputs
+    hv = sd.hvp(sd.sum_squares(lstm.train), lstm.params, directions)
+    tangent = lower({f"hvp{i}": hv[p] for i, p in enumerate(lstm.params)})
     return [(_image_program(), 3, {}), (dense, 9, {}), (update, 1, {"W": ("W", (5, 4)), "b": ("b", (1, 4))}),
-            (tokens, 9, {}), (attention, 5, {}), (recurrent, 5, {})]
+            (tokens, 9, {}), (attention, 5, {}), (recurrent, 5, {}), (tangent, 5, {})]
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="threads need the compiled driver")

@@ -339,3 +339,66 @@ def test_embedding_lstm_dense_softmax_cross_entropy():
     want = _fd_hvp(loss, params, arrays)
     for name, g in want.items():
         assert_close(got[name], g.reshape(got[name].shape), 1e-6, what=name)
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="LLVM IR needs the JIT")
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_cpu_backend_matches_numpy_with_the_same_bits_on_one_two_and_three_threads(kind, monkeypatch):
+    """The hvp program's scans (the tangent ones read extras) print as LLVM IR; 1, 2 and 3 threads
+    write every buffer to the same bits, and match NumPy (float64 and float32)."""
+    from symdl.backends import threads as symdl_threads
+    from symdl.backends.cpu import llvm_code
+    from symdl.backends.formulas import formula
+    from symdl.ir import kernels as ir
+
+    loss, params, arrays = _backend_case(kind)
+    want = _Hvp(loss, params)(arrays)
+    for dtype, tol in (("float64", 1e-12), ("float32", 2e-4)):
+        bits = None
+        for count in (1, 2, 3):
+            h = _Hvp(loss, params, "cpu", dtype)
+            program = h.runner.program
+            scans = [k for k in program.kernels if isinstance(k, (ir.Scan, ir.ScanGrad))]
+            assert sum(bool(k.extras_in or k.extras_out) for k in scans) >= 2
+            for k in scans:
+                assert llvm_code.kernel_ir(formula(k, program), dtype) is not None, k
+            run_threaded(h.runner, count, monkeypatch)
+            with symdl_threads.blas_single_threaded():
+                got = h(arrays)
+            for name, w in want.items():
+                assert_close(got[name], w, tol, what=f"{kind} {name} {dtype} on {count} thread(s)")
+            buffers = h.runner.buffers(3)
+            now = {k.out: np.array(buffers[k.out]).tobytes() for k in program.kernels}
+            assert bits is None or now == bits, (dtype, count)
+            bits = now
+
+
+def test_nan_and_inf_propagate_as_in_numpy():
+    from symdl.ir.lowering import lower
+
+    loss, params, arrays = _backend_case("GRU")
+    arrays["x"][0, 1, 1] = np.nan
+    arrays["x"][2, 0, 0] = np.inf
+    h = _Hvp(loss, params)
+    converted, n = check_arrays(arrays, h.inputs, h.leaves, np.dtype("float64"), check_finite=False)
+    from symdl.backends import get
+
+    program = lower({f"hvp_{p.name}": h.exprs[p] for p in params})
+    external = {k: v for k, v in converted.items() if k in program.externals}
+    with np.errstate(all="ignore"):
+        want = get("numpy").compile_program(program, "float64").run(external, {}, n)
+    got = get("cpu").compile_program(program, "float64").run(external, {}, n)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=name)
+    assert any(np.isnan(v).any() for v in want.values())
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs NUMBA_ENABLE_CUDASIM=1")
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_cuda_simulator_matches_numpy(kind):
+    loss, params, arrays = _backend_case(kind)
+    want = _Hvp(loss, params)(arrays)
+    got = _Hvp(loss, params, "cuda")(arrays)
+    for name, w in want.items():
+        assert_close(got[name], w, 1e-10, what=f"{kind} {name} on the CUDA simulator")

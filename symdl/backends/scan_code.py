@@ -100,11 +100,21 @@ def sequence_lines(k, program, flavor: str, T: str, u: str) -> list:
     return _forward_lines(k, flavor, T, u, *_bias(k, program))
 
 
+def _extra_lines(k, u) -> list:
+    """Unit ``j``'s extra inputs: ``EI`` at the step's input row, ``EO`` at its output row."""
+    lines, first = [], 2 * k.gates + k.states
+    for name, count, at_out in extras_of(k):
+        row = "_ro" if at_out else "_ri"
+        lines += [f"v{first + m} = {name}[{row}, {m} * {u} + j]" for m in range(count)]
+        first += count
+    return lines
+
+
 def _forward_lines(k, flavor, T, u, B, two) -> list:
     out = buf(k.out)
     XP, U = buf(k.operands[0].buffer), buf(k.operands[1].buffer)
     g_count, s_count = k.gates, k.states
-    names = {VARS[v]: f"v{v}" for v in range(2 * g_count + s_count)}
+    names = {VARS[v]: f"v{v}" for v in range(k.variables)}
     body, results = cell_code(list(k.cell), names, flavor)
     lines = [f"for _t in range({T}):", *("    " + r for r in _rows(k, T)), f"    for j in range({u}):"]
     plus = (lambda row, g: f" + {B}[{row}, {g} * {u} + j]") if B else (lambda row, g: "")  # noqa: E731
@@ -115,6 +125,7 @@ def _forward_lines(k, flavor, T, u, B, two) -> list:
     inner += [f"    v{2 * g_count + c} = {out}[_rp, {c} * {u} + j]" for c in range(s_count)]
     inner += ["else:"] + [f"    v{2 * g_count + c} = 0.0" for c in range(s_count)]
     inner += [f"v{g_count + g} = _a{g}" for g in range(g_count)]
+    inner += _extra_lines(k, u)
     inner += body + [f"{out}[_ro, {c} * {u} + j] = {r}" for c, r in enumerate(results)]
     return lines + ["        " + line for line in inner]
 
@@ -124,10 +135,11 @@ def _backward_lines(k, flavor, T, u, B, two) -> list:
     XP, UP, S, G, U = (buf(o.buffer) for o in k.operands[:5])
     g_count, s_count = k.gates, k.states
     ku, w2 = f"({g_count} * {u})", f"({2 * g_count} * {u})"
-    names = {VARS[v]: f"v{v}" for v in range(2 * g_count + s_count)}
+    names = {VARS[v]: f"v{v}" for v in range(k.variables)}
     dx, du, carry = backward_exprs(k)
-    body, results = cell_code(dx + du + carry, names, flavor)
-    rx, ru, rc = results[:g_count], results[g_count: 2 * g_count], results[2 * g_count:]
+    body, results = cell_code(dx + du + carry + extras_exprs(k), names, flavor)
+    done = 2 * g_count + s_count
+    rx, ru, rc = results[:g_count], results[g_count: 2 * g_count], results[2 * g_count: done]
     lines = [f"for _tt in range({T}):", f"    _t = {T} - 1 - _tt", *("    " + r for r in _rows(k, T)),
              f"    for j in range({u}):"]
     plus = (lambda row, g: f" + {B}[{row}, {g} * {u} + j]") if B else (lambda row, g: "")  # noqa: E731
@@ -138,7 +150,11 @@ def _backward_lines(k, flavor, T, u, B, two) -> list:
     inner += [f"_d{c} = {G}[_ro, {c} * {u} + j]" for c in range(s_count)]
     inner += [f"if _t < {T} - 1:"] + [f"    _d{c} += {out}[_ro, {w2} + {c} * {u} + j]" for c in range(s_count)]
     inner += [f"{out}[_ro, {w2} + {c} * {u} + j] = _d{c}" for c in range(s_count)]
+    inner += _extra_lines(k, u)
     inner += body
+    for m, r in enumerate(results[done:]):  # δ of the extras after [δXP | δUP | δS], at the rows read
+        row = "_ro" if m >= k.extras_in else "_ri"
+        inner.append(f"{out}[{row}, ({done} + {m}) * {u} + j] = {r}")
     inner += [f"{out}[_ri, {g} * {u} + j] = {r}" for g, r in enumerate(rx)]
     inner += [f"{out}[_ro, {ku} + {g} * {u} + j] = {r}" for g, r in enumerate(ru)]
     inner += ["if _t > 0:"] + [f"    {out}[_rp, {w2} + {c} * {u} + j] = {r}" for c, r in enumerate(rc)]

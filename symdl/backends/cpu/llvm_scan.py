@@ -25,7 +25,7 @@ from llvmlite import ir
 from ...graph.nodes import VARS
 from ...ir.kernels import Scan, ScanGrad
 from ..scalar_code import prepared
-from ..scan_code import _delta_symbols, backward_exprs
+from ..scan_code import _delta_symbols, backward_exprs, extras_exprs
 from . import llvm_code
 from .llvm_code import F32, F64, I64, Frame, for_range, local
 
@@ -125,7 +125,11 @@ class _Scan:
         self.T = frame.size(k.steps[0])
         self.U = _slot(k.operands[U_at].buffer)
         self.u = frame.slots[self.U][1 if isinstance(k, ScanGrad) else 2]  # a Scan reads Uᵀ (k·u, u)
-        self.B = _slot(k.operands[B_at].buffer) if len(k.operands) > B_at else None
+        optional = k.optional()
+        self.B = _slot(optional["B"].buffer) if optional["B"] is not None else None
+        # extra per-step inputs (a tangent scan's): EI read at the step's input row, EO at its output row
+        self.EI = _slot(optional["EI"].buffer) if optional["EI"] is not None else None
+        self.EO = _slot(optional["EO"].buffer) if optional["EO"] is not None else None
         self.zero = llvm_code._const(frame.dtype, 0.0)
         self.dots = _Dots(frame.b, frame.dtype)
         # a bias of two rows adds its second to the recurrent gates (the formula's rows are a runtime
@@ -159,6 +163,10 @@ class _Scan:
         if self.B is None:
             return self.zero
         return self.b.select(self.two, self.load(self.B, self.recurrent_row, self.column(g, j)), self.zero)
+
+    def extra_rows(self, ri, ro) -> list:
+        """Pointers to the step's rows of the extras present (``EI`` at ``ri``, ``EO`` at ``ro``)."""
+        return [self.frame.at(slot, r, _const(0)) for slot, r in ((self.EI, ri), (self.EO, ro)) if slot is not None]
 
     def tiles(self, size: int, body) -> None:
         """The thread's sequences ``begin:end`` in tiles of ``size``: ``body(first sequence, count)``."""
@@ -204,13 +212,31 @@ def _zeros(b: ir.IRBuilder, dtype: ir.Type, count):
     return zeros
 
 
+def _extras(k) -> list:
+    """``[(first variable, count)]`` of the extra inputs present: ``EI``'s, then ``EO``'s."""
+    first, out = 2 * k.gates + k.states, []
+    for count in (k.extras_in, k.extras_out):
+        if count:
+            out.append((first, count))
+            first += count
+    return out
+
+
+def _extras_env(fb: ir.IRBuilder, extras, rows, at) -> dict:
+    """The extras' variables of one unit: extra ``m`` of a row at column ``m·u + j`` (``at(m)``)."""
+    return {VARS[first + m]: fb.load(fb.gep(row, [at(m)])) for (first, count), row in zip(extras, rows)
+            for m in range(count)}
+
+
 def _forward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
-    """``cell(xp, gates, bx, bu, prev, out, u)``: one sequence's step, every unit: input gates
+    """``cell(xp, gates, bx, bu, prev, out[, ei][, eo], u)``: one sequence's step, every unit: input gates
     ``xp[g·u + j] + bx[..]``, recurrent gates ``gates[..] + bu[..]``, previous states ``prev[c·u + j]``,
-    new states into ``out[c·u + j]``."""
+    the extras ``ei[m·u + j]``, ``eo[m·u + j]``, new states into ``out[c·u + j]``."""
     kk, states = k.gates, k.states
-    fn, fb = _row_function(b, "symdl_scan_cell", dtype, 6, 1)
-    xp, gates, bx, bu, prev, out, u = fn.args
+    extras = _extras(k)
+    fn, fb = _row_function(b, "symdl_scan_cell", dtype, 6 + len(extras), 1)
+    xp, gates, bx, bu, prev, out = fn.args[:6]
+    rows, u = fn.args[6:-1], fn.args[-1]
     cell = [prepared(c) for c in k.cell]
 
     def unit(j):
@@ -219,6 +245,7 @@ def _forward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
         env.update({VARS[kk + g]: fb.fadd(fb.load(fb.gep(gates, [at(g)])), fb.load(fb.gep(bu, [at(g)])))
                     for g in range(kk)})
         env.update({VARS[2 * kk + c]: fb.load(fb.gep(prev, [at(c)])) for c in range(states)})
+        env.update(_extras_env(fb, extras, rows, at))
         body = llvm_code.Body(fb, dtype, env)
         for c, e in enumerate(cell):
             fb.store(body.cast(body.value(e), dtype), fb.gep(out, [at(c)]))
@@ -229,13 +256,22 @@ def _forward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
 
 
 def _backward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
-    """``cell(xp, bx, up, bu, prev, g, dxp, dup, ds, carry, u, last)``: one sequence's step backwards,
-    every unit: ``δS = G + ds`` (the carry the next step stored there, unless ``last``) back into
-    ``ds``, then ``δXP``, ``δUP`` and the carry into the previous step's states."""
+    """``cell(xp, bx, up, bu, prev, g, dxp, dup, ds, carry[, ei, dei][, eo, deo], u, last)``: one
+    sequence's step backwards, every unit: ``δS = G + ds`` (the carry the next step stored there,
+    unless ``last``) back into ``ds``, then ``δXP``, ``δUP``, the carry into the previous step's
+    states and the extras' δ."""
     kk, states = k.gates, k.states
-    fn, fb = _row_function(b, "symdl_scan_grad_cell", dtype, 10, 2)
-    xp, bx, up, bu, prev, g_row, dxp, dup, ds, carry, u, last = fn.args
+    extras = _extras(k)
+    fn, fb = _row_function(b, "symdl_scan_grad_cell", dtype, 10 + 2 * len(extras), 2)
+    xp, bx, up, bu, prev, g_row, dxp, dup, ds, carry = fn.args[:10]
+    rows, u, last = fn.args[10:-2], fn.args[-2], fn.args[-1]
     dx, du, back = ([prepared(e) for e in part] for part in backward_exprs(k))
+    dextra = [prepared(e) for e in extras_exprs(k)]
+    outputs = [(dx, dxp), (du, dup), (back, carry)]
+    done = 0
+    for (first, count), row in zip(extras, rows[1::2]):
+        outputs.append((dextra[done: done + count], row))
+        done += count
     deltas = _delta_symbols(states)
     is_last = fb.icmp_signed("!=", last, _const(0))
 
@@ -245,6 +281,7 @@ def _backward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
         env.update({VARS[kk + g]: fb.fadd(fb.load(fb.gep(up, [at(g)])), fb.load(fb.gep(bu, [at(g)])))
                     for g in range(kk)})
         env.update({VARS[2 * kk + c]: fb.load(fb.gep(prev, [at(c)])) for c in range(states)})
+        env.update(_extras_env(fb, extras, rows[0::2], at))
         for c in range(states):
             where = fb.gep(ds, [at(c)])
             d = fb.load(fb.gep(g_row, [at(c)]))
@@ -252,7 +289,7 @@ def _backward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
             fb.store(d, where)
             env[deltas[c]] = d
         body = llvm_code.Body(fb, dtype, env)
-        for part, row in ((dx, dxp), (du, dup), (back, carry)):
+        for part, row in outputs:
             for c, e in enumerate(part):
                 fb.store(body.cast(body.value(e), dtype), fb.gep(row, [at(c)]))
 
@@ -299,7 +336,7 @@ def _scan(k: Scan, frame: Frame) -> None:
                 ri, ro, rp, _ = s.rows(b.add(r0, r), t)
                 prev = b.select(first, zeros, frame.at(out, rp, _const(0)))
                 b.call(cell, [frame.at(XP, ri, _const(0)), b.gep(up, [b.mul(r, ku)]), bx, bu, prev,
-                              frame.at(out, ro, _const(0)), s.u])
+                              frame.at(out, ro, _const(0)), *s.extra_rows(ri, ro), s.u])
 
             for_range(b, count, row, "r")
 
@@ -316,6 +353,8 @@ def _scan_grad(k: ScanGrad, frame: Frame) -> None:
     out = 0
     ku = b.mul(_const(kk), s.u)
     w2 = b.mul(_const(2 * kk), s.u)
+    ws = b.mul(_const(2 * kk + states), s.u)  # δEI's first column, then δEO's
+    wo = b.mul(_const(2 * kk + states + k.extras_in), s.u)
     R, C = BACKWARD_ROWS, BACKWARD_UNITS
     zeros = _zeros(b, frame.dtype, b.add(ku, b.mul(_const(states), s.u)))
     sink = b.alloca(frame.dtype, size=b.mul(_const(states), s.u), name="sink")  # the first step's carry
@@ -332,9 +371,13 @@ def _scan_grad(k: ScanGrad, frame: Frame) -> None:
         def sequence(i):
             ri, ro, rp, first = s.rows(i, t)
             row = lambda slot, r, c=_const(0): frame.at(slot, r, c)  # noqa: E731
+            extras = []  # each extra's row, then where its δ goes: [δEI | δEO] after [δXP | δUP | δS]
+            for slot, r, at in ((s.EI, ri, ws), (s.EO, ro, wo)):
+                if slot is not None:
+                    extras += [row(slot, r), row(out, r, at)]
             b.call(cell, [row(XP, ri), bx, row(UP, ro), bu, b.select(first, zeros, row(S, rp)), row(G, ro),
                           row(out, ri), row(out, ro, ku), row(out, ro, w2),
-                          b.select(first, sink, row(out, rp, w2)), s.u, last])
+                          b.select(first, sink, row(out, rp, w2)), *extras, s.u, last])
 
         frame.each(sequence)
 
