@@ -402,3 +402,19 @@ def test_cuda_simulator_matches_numpy(kind):
     got = _Hvp(loss, params, "cuda")(arrays)
     for name, w in want.items():
         assert_close(got[name], w, 1e-10, what=f"{kind} {name} on the CUDA simulator")
+
+
+def test_extras_of_the_wrong_shape_are_clear_errors():
+    from symdl.ops.recurrence import Cell
+    from symdl.graph.nodes import VARS
+
+    x = sequence_input("x", (3, 1))
+    W = sd.param("W", (1, 2)); Uk = sd.param("U", (2, 2))
+    cell = Cell("with_extra", 1, 1, (sp.tanh(VARS[0] + VARS[1]) * VARS[3],), extras_out=1)
+    with pytest.raises(ValueError, match="with_extra cell reads 1 extra input"):
+        scan(cell, x @ W, Uk, None, 3)
+    with pytest.raises(sd.graph.nodes.ShapeMismatch, match=r"extras_out E \(n, 3\) must have the rows of x\*W and "
+                                                               r"1·2 = 2 columns"):
+        scan(cell, x @ W, Uk, None, 3, extras_out=sd.input("E", 3))
+    S = scan(cell, x @ W, Uk, None, 3, extras_out=sequence_input("E", (3, 2)))
+    assert S.extras[1] is not None and S.extras[0] is None and S.bias is None

@@ -14,6 +14,11 @@ layer is
   ``δp_{t-1} = Σ_c δS_t,c ∂c/∂p + [h] δUP_t Uᵀ``. Then ``δW = Xᵀ δXP``, ``δU = Shift(h)ᵀ δUP``,
   ``δbu = 1ᵀ δUP``, ``δX = δXP Wᵀ``: ordinary nodes, ``UP = Shift(h) U + bu`` one ordinary product.
 
+Second derivatives (``sd.hvp``) differentiate the loss's tangent: the tangent of a scan is a scan
+(``_jvp_scan``) whose cell, ``sp.diff`` of the original at the point where it is taken, reads that
+point and the known part of ``u̇`` as *extra per-step inputs*: ``EI`` at each step's input row, ``EO``
+at its output row (``scan(..., extras_in=, extras_out=)``); its ``ScanGrad`` gives ``[δEI | δEO]`` too.
+
 ``reverse_in`` reads the inputs from the last step to the first (Keras's ``go_backwards``: the
 states are stored in the order they are computed); ``reverse_out`` also stores them at their
 input's row (the backward half of ``Bidirectional``, aligned with the forward half).
