@@ -247,6 +247,32 @@ def test_hvp_equals_sympy_second_derivatives_of_the_unrolled_loss(cell, units, b
         assert abs(mine - want) <= 1e-10 * max(1.0, abs(want)), (str(p.name), i, j, mine, want)
 
 
+def test_the_hvp_graph_unrolled_into_scalars_equals_the_compiled_hvp():
+    """``as_explicit`` of the hvp expressions (what ``sd.prove`` unrolls: the tangent scan and its BPTT
+    written with SymPy scalars, extras included) at the point, against the compiled program."""
+    from symdl.formulas.activations import expand_activations
+
+    steps, units = 2, 2
+    x = sequence_input("x", (steps, 1)); y = sd.input("y", units)
+    W = sd.param("W", (1, units)); Uk = sd.param("U", (units, units)); B = sd.param("B", (2, units))
+    S = scan(simple_rnn_cell(), x @ W, Uk, B, steps, reverse_in=True)
+    loss = sd.losses.mse(last_step(S, steps), y)
+    params = [W, Uk, B]
+    arrays = _arrays(loss, params, n=1, seed=10)
+    h = _Hvp(loss, params)
+    got = h(arrays)
+    point = {}
+    for leaf in list(leaves(loss)) + h.directions:
+        one = leaf.xreplace({sd.n: 1})
+        a = np.asarray(arrays[str(leaf.name)], dtype=float).reshape(int(one.shape[0]), int(one.shape[1]))
+        point.update({one[i, j]: a[i, j] for i in range(a.shape[0]) for j in range(a.shape[1])})
+    for p in params:
+        e = h.exprs[p].xreplace({sd.n: 1}).as_explicit()
+        mine = np.array([[float(expand_activations(e[i, j], use_impl=False).xreplace(point).evalf())
+                          for j in range(e.shape[1])] for i in range(e.shape[0])])
+        assert_close(mine.reshape(got[str(p.name)].shape), got[str(p.name)], 1e-12, what=str(p.name))
+
+
 def test_the_tangent_cell_is_sp_diff_of_the_cell():
     """The tangent scan's cell: the original's first derivatives at the point (read as extras) times the
     tangents; its own ``sp.diff`` (what its BPTT uses) are the original's second derivatives."""
