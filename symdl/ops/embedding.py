@@ -28,6 +28,8 @@ scatter_add(ids, 2*(E[ids]))
 """
 from __future__ import annotations
 
+import weakref
+
 import sympy as sp
 from sympy.matrices.expressions import MatAdd, MatMul, MatrixExpr, MatrixSymbol
 from sympy.printing.precedence import PRECEDENCE
@@ -96,8 +98,9 @@ class ScatterAdd(Printable, Ops, MatrixExpr):
 # --------------------------------------------------------------------------- builders and checks
 
 #: ``{ids leaf: [(vocabulary size, who), ...]}``: every embedding built on a token input,
-#: so ``run.validate`` can check the ids passed for it (``id_limits``).
-_LOOKUPS: dict = {}
+#: so ``run.validate`` can check the ids passed for it (``id_limits``); held weakly, so a model a
+#: session drops does not stay alive here.
+_LOOKUPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def embedding(E, ids, *, where: str = "embedding"):

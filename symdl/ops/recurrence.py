@@ -39,6 +39,8 @@ shift(cols(lstm_scan(x*W, U), 0, 1)).T*cols(lstm_bptt(1; x*W, shift(cols(lstm_sc
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import sympy as sp
@@ -151,7 +153,10 @@ def _spec(cell: Cell, T: int, reverse_in: bool, reverse_out: bool) -> sp.Tuple:
                     sp.Integer(cell.extras_in), sp.Integer(cell.extras_out))
 
 
-_DEFERRED: dict = {}  # node -> its number, and number -> node (``_Entry``)
+#: node -> its number, and number -> node (``_Entry``), held weakly: a graph a session drops is freed.
+_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_NODES: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
 
 
 class _Entry(sp.Function):
@@ -162,17 +167,18 @@ class _Entry(sp.Function):
     @classmethod
     def eval(cls, key, i, j):
         if i.is_Integer and j.is_Integer:
-            return _DEFERRED[int(key)]._int_entry(int(i), int(j))
+            return _NODES[int(key)]._int_entry(int(i), int(j))
         return None
 
 
 def _deferred_entry(node, i, j, **kw):
     if isinstance(i, (int, sp.Integer)) and isinstance(j, (int, sp.Integer)):
         return node._int_entry(int(i), int(j), **kw)
-    if node not in _DEFERRED:
-        key = len(_DEFERRED) // 2
-        _DEFERRED[node], _DEFERRED[key] = key, node
-    return _Entry(sp.Integer(_DEFERRED[node]), i, j)
+    key = _KEYS.get(node)
+    if key is None:
+        key = _KEYS[node] = next(_NUMBERS)
+        _NODES[key] = node
+    return _Entry(sp.Integer(key), i, j)
 
 
 class _ScanBase(Printable, Ops, MatrixExpr):
