@@ -40,8 +40,8 @@ def _lstm_weights():
     import numpy as np
 
     rng = np.random.default_rng(1)
-    w = {"kernel1": rng.normal(size=(F, 4 * UNITS)) * 0.2, "recurrent_kernel1": rng.normal(size=(UNITS, 4 * UNITS)) * 0.1,
-         "bias1": rng.normal(size=(4 * UNITS,)) * 0.1, "Wd": rng.normal(size=(UNITS, CLASSES)) * 0.2,
+    w = {"kernel1": rng.normal(size=(F, 4 * UNITS)) * 0.2,
+         "recurrent_kernel1": rng.normal(size=(UNITS, 4 * UNITS)) * 0.1, "bias1": rng.normal(size=(4 * UNITS,)) * 0.1, "Wd": rng.normal(size=(UNITS, CLASSES)) * 0.2,
          "bd": rng.normal(size=(CLASSES,)) * 0.1}
     v = {k: rng.normal(size=a.shape) for k, a in w.items()}
     return w, v

@@ -237,7 +237,8 @@ def test_hvp_equals_sympy_second_derivatives_of_the_unrolled_loss(cell, units, b
     scalar = expand_activations(concrete.as_explicit()[0, 0], use_impl=False).xreplace(entries)
     inputs = {s: v for s, v in values.items() if str(s)[0] in "xy"}
     scalar = scalar.xreplace(inputs)  # only the weights stay symbols
-    thetas = [(p, i, j, entries[p[i, j]]) for p in params for i in range(int(p.shape[0])) for j in range(int(p.shape[1]))]
+    thetas = [(p, i, j, entries[p[i, j]])
+              for p in params for i in range(int(p.shape[0])) for j in range(int(p.shape[1]))]
     vs = {s: np.asarray(arrays[f"v__{p.name}"]).reshape(tuple(int(d) for d in p.shape))[i, j] for p, i, j, s in thetas}
     rate = sp.Add(*(sp.diff(scalar, s) * sp.Float(vs[s], 30) for _, _, _, s in thetas))  # L̇ = Σ_b ∂L/∂θ_b v_b
     at = {s: values[s] for _, _, _, s in thetas}
