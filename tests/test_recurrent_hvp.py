@@ -445,3 +445,18 @@ def test_extras_of_the_wrong_shape_are_clear_errors():
         scan(cell, x @ W, Uk, None, 3, extras_out=sd.input("E", 3))
     S = scan(cell, x @ W, Uk, None, 3, extras_out=sequence_input("E", (3, 2)))
     assert S.extras[1] is not None and S.extras[0] is None and S.bias is None
+
+
+def test_two_scans_and_two_bptt_kernels_whatever_T():
+    """The hvp program: the scan, its tangent scan, and their two BPTT kernels; its size does not grow
+    with T."""
+    from symdl.ir import kernels as ir
+
+    sizes = []
+    for steps in (3, 30):
+        loss, params, x, y = _model(sd.nn.LSTM(3), T=steps)
+        program = _Hvp(loss, params).runner.program
+        kinds = [type(k) for k in program.kernels]
+        assert kinds.count(ir.Scan) == 2 and kinds.count(ir.ScanGrad) == 2
+        sizes.append(len(program.kernels))
+    assert sizes[0] == sizes[1]
