@@ -460,3 +460,29 @@ def test_two_scans_and_two_bptt_kernels_whatever_T():
         assert kinds.count(ir.Scan) == 2 and kinds.count(ir.ScanGrad) == 2
         sizes.append(len(program.kernels))
     assert sizes[0] == sizes[1]
+
+
+def test_hvp_with_respect_to_the_input_sequences():
+    """Directions on the input sequences and the recurrent kernel: the tangent of ``X W`` is ``V_x W``."""
+    from symdl.run.pipeline import compile_outputs
+
+    loss, params, x, y = _model(sd.nn.GRU(2, return_sequences=True), T=3, F=2)
+    vx, vu = Input("v__x", *x.shape), sd.param("v__U", params[1].shape)
+    hv = sd.hvp(loss, [x, params[1]], [vx, vu])
+    arrays = _arrays(loss, params, n=2, seed=3)
+    rng = np.random.default_rng(4)
+    X, VX, VU = arrays["x"], rng.normal(size=arrays["x"].shape), rng.normal(size=params[1].value_shape)
+    runner = compile_outputs({"hx": hv[x], "hu": hv[params[1]]})
+    external = {"x": X.reshape(-1, 2), "y": arrays["y"].reshape(-1, 2), "v__x": VX.reshape(-1, 2), "v__U": VU,
+                **{str(p.name): arrays[str(p.name)].reshape(tuple(int(d) for d in p.shape)) for p in params}}
+    out = runner.run({k: v for k, v in external.items() if k in runner.program.externals}, {}, 2)
+    f = sd.value_and_grad(loss, [x, params[1]], backend="numpy", dtype="float64")
+    plain = {k: v for k, v in arrays.items() if not k.startswith("v__")}
+
+    def moved(sign, eps=1e-5):
+        return f(**{**plain, "x": X + sign * eps * VX,
+                    "recurrent_kernel1": plain["recurrent_kernel1"] + sign * eps * VU})[1]
+
+    plus, minus = moved(1), moved(-1)
+    assert_close(out["hx"].reshape(X.shape), ((plus["x"] - minus["x"]) / 2e-5).reshape(X.shape), 1e-6, what="x")
+    assert_close(out["hu"], (plus["recurrent_kernel1"] - minus["recurrent_kernel1"]) / 2e-5, 1e-6, what="U")
