@@ -486,3 +486,27 @@ def test_hvp_with_respect_to_the_input_sequences():
     plus, minus = moved(1), moved(-1)
     assert_close(out["hx"].reshape(X.shape), ((plus["x"] - minus["x"]) / 2e-5).reshape(X.shape), 1e-6, what="x")
     assert_close(out["hu"], (plus["recurrent_kernel1"] - minus["recurrent_kernel1"]) / 2e-5, 1e-6, what="U")
+
+
+def test_hvp_exports_to_onnx(tmp_path):
+    """``export_onnx`` of the hvp expressions (graph level): the scans unrolled, ONNX Runtime's values
+    equal the NumPy backend's (float32)."""
+    onnx = pytest.importorskip("onnx", reason="the export needs onnx")
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime runs the export")
+    from symdl.backends.onnx import session
+    from symdl.export import export_onnx
+
+    loss, params, arrays = _backend_case("LSTM")
+    h = _Hvp(loss, params)
+    want = h(arrays)
+    path = tmp_path / "hvp.onnx"  # the directions, given no values, are the graph's inputs too
+    export_onnx({f"hvp_{p.name}": h.exprs[p] for p in params}, path, inputs=list(h.inputs),
+                params={str(p.name): arrays[str(p.name)] for p in params})
+    model = onnx.load(str(path))
+    names = [o.name for o in model.graph.output]
+    feed = {"x": arrays["x"].astype(np.float32), "y": arrays["y"].astype(np.float32)}
+    feed.update({f"v__{p.name}": arrays[f"v__{p.name}"].astype(np.float32) for p in params})
+    wanted = {i.name for i in model.graph.input}
+    got = dict(zip(names, session(model).run(None, {k: v for k, v in feed.items() if k in wanted})))
+    for p in params:
+        assert_close(got[f"hvp_{p.name}"].reshape(p.value_shape), want[str(p.name)], 1e-4, what=str(p.name))
