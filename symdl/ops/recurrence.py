@@ -262,7 +262,8 @@ def _cell_of(name, bodies, k, s, gates, states, ei=0, eo=0) -> Cell:
 
 
 class Scan(_ScanBase):
-    """``cell_scan(XP, U[, bu])``: the states of every step ``(n·T, s·u)`` (see the module)."""
+    """``cell_scan(XP, U[, bu][, EI][, EO])``: the states of every step ``(n·T, s·u)`` (see the module;
+    ``EI``, ``EO``: a cell's extra per-step inputs, read at each step's input and output rows)."""
 
     notation = "cell_scan(XP, U): the recurrent cell run over the steps of each sequence, states of every step"
     explain_role = "H"  # sd.explain names each scan's states Hk and its δ δHk
