@@ -301,6 +301,20 @@ def test_explain_hvp_through_a_recurrence_is_a_clear_error():
         sd.explain_hvp(loss, [params[0]], [_direction(params[0])])
 
 
+def test_explain_prints_the_reverse_over_forward_derivation():
+    """What the error above points to: ``sd.explain`` of the loss's tangent prints H·v as ``sd.hvp``
+    derives it (the tangent scan, its BPTT, the original's), and its gradient is ``sd.hvp``'s."""
+    from symdl.autodiff.jvp import tangents
+
+    loss, params, x, y = _model(sd.nn.LSTM(2))
+    directions = [_direction(p) for p in params]
+    rate = tangents([loss], dict(zip(params, directions)))[loss]
+    text = str(sd.explain(rate, params))
+    assert "lstm_tangent_scan(" in text and "lstm_tangent_bptt(" in text and "lstm_bptt(" in text
+    hv = sd.hvp(loss, params, directions)
+    assert all(hv[p] == sd.grad(rate, params)[p] for p in params)
+
+
 def test_a_gradient_of_a_gradient_through_a_recurrence_is_a_clear_error():
     loss, params, x, y = _model(sd.nn.SimpleRNN(2))
     g = sd.grad(loss, [params[0]])[params[0]]

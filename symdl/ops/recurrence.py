@@ -538,7 +538,9 @@ def _vjp_scan_grad(node, G):
 def _jvp_scan_grad(node, tan):
     raise NotImplementedError(f"forward mode through the {node.cell.name} recurrence's gradient (explain_hvp: forward "
                               "over reverse) is not supported; sd.hvp and sd.hessian work through recurrent layers "
-                              "(reverse over forward: the gradient of the loss's tangent)")
+                              "(reverse over forward: the gradient of the loss's tangent), and "
+                              "sd.explain(symdl.autodiff.jvp.tangents([loss], {param: direction})[loss], params) "
+                              "prints that derivation")
 
 
 def _bias_row(B, r: int, ku: int):
