@@ -80,6 +80,13 @@ class Cell:
     extras_in: int = 0  # per-step inputs read at the input row (``EI``), variables after the states
     extras_out: int = 0  # per-step inputs read at the output row (``EO``), after ``EI``'s
 
+    def __post_init__(self):
+        if len(self.bodies) != self.states:
+            raise ValueError(f"cell {self.name}: {self.states} state(s) but {len(self.bodies)} formula(s)")
+        if len(self.state_names) != self.states:  # unnamed states: h, then s1, s2, ...
+            names = tuple(self.state_names[:1] or ("h",)) + tuple(f"s{c}" for c in range(1, self.states))
+            object.__setattr__(self, "state_names", names)
+
     def x(self, g):
         return VARS[g]
 
