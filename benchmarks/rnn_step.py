@@ -7,12 +7,14 @@ Each timing is its own process (``--one``); the table prints ratios. Run it when
 
     python benchmarks/rnn_step.py             # the table
     python benchmarks/rnn_step.py --steps 20  # fewer timed steps
+    python benchmarks/rnn_step.py --rounds 5  # five turns each
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,6 +172,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every framework, taking turns")
     ap.add_argument("--one", nargs="*")
     a = ap.parse_args()
     if a.one:
@@ -183,14 +186,26 @@ def main():
         return
     env = {"NUMBA_NUM_THREADS": str(a.threads), "OMP_NUM_THREADS": str(a.threads)}
     print(f"LSTM({UNITS}), T={T}, {F} features, batch {N}, Adam, float32, {a.threads} threads: one step (median of "
-          f"{a.steps})")
-    rows = {}
-    for fw in ("symdl", "torch", "jax"):
-        r = _run([fw, a.steps, a.threads], env)
-        rows[fw] = r.get("step")
-        print(f"  {fw:6s} " + (f"{1e3 * r['step']:9.2f} ms" if "step" in r else f"skipped ({r['error'][:80]})"))
-    if rows.get("symdl") and rows.get("torch"):
-        print(f"  symdl / torch = {rows['symdl'] / rows['torch']:.2f}x")
+          f"{a.steps}), {a.rounds} round(s) taking turns; OPENBLAS_CORETYPE="
+          f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    runs = {"symdl": [], "torch": [], "jax": []}
+    skipped = {}
+    for _ in range(a.rounds):  # the frameworks take turns, so a change in the machine's load hits both
+        for fw in runs:
+            if fw in skipped:
+                continue
+            r = _run([fw, a.steps, a.threads], env)
+            if "step" in r:
+                runs[fw].append(r["step"])
+            else:
+                skipped[fw] = r["error"][:80]
+    for fw, times in runs.items():
+        shown = "  ".join(f"{1e3 * t:8.2f}" for t in times)
+        print(f"  {fw:6s} " + (f"{shown} ms" if times else f"skipped ({skipped.get(fw, '')})"))
+    if runs["symdl"] and runs["torch"]:
+        ratios = [s_ / t_ for s_, t_ in zip(runs["symdl"], runs["torch"])]
+        print("  symdl / torch by round: " + "  ".join(f"{r:.2f}x" for r in ratios)
+              + f"; median {statistics.median(ratios):.2f}x")
     print("\nderive + lower (in process), first step cold (empty caches) and warm (caches filled)")
     print(f"  {'T':>4s} {'derive+lower s':>15s} {'cold first s':>13s} {'warm first s':>13s}")
     results = {}
