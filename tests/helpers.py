@@ -72,3 +72,17 @@ def assert_backend_matches_numpy(loss, params, arrays, backend, dtype="float64",
         assert value == pytest.approx(want_v, rel=tol, abs=tol), where
         for k in want:
             assert_close(grads[k], want[k], tol, what=f"{k}, {where}")
+
+
+def recurrent_layer_loss(layer, T: int, F: int):
+    """``(loss, params, x, y)``: a recurrent ``layer`` on sequences ``x`` ``(n, T, F)``, its output
+    (the last step, or every step with ``return_sequences``) against targets ``y`` (mse)."""
+    import symdl as sd
+    from symdl.graph.nodes import sequence_input
+
+    x = sequence_input("x", (T, F))
+    built = layer.build_both(1, x, x)
+    out = built.train
+    width = int(out.shape[1])
+    y = sequence_input("y", (T, width)) if out.shape[0] != sd.n else sd.input("y", width)
+    return sd.losses.mse(out, y), built.params, x, y

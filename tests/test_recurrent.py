@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import symdl as sd
-from helpers import assert_backend_matches_numpy, assert_close, finite_difference, run_threaded
+from helpers import recurrent_layer_loss, assert_backend_matches_numpy, assert_close, finite_difference, run_threaded
 from symdl.graph.nodes import sequence_input
 from symdl.ir import kernels as ir
 from symdl.ops.concat import Cols
@@ -25,14 +25,8 @@ T, F, U = 5, 3, 4  # steps, features, units
 LAYERS = {"SimpleRNN": sd.nn.SimpleRNN, "LSTM": sd.nn.LSTM, "GRU": sd.nn.GRU}
 
 
-def _layer_loss(layer, T=T, F=F, out_width=None):
-    """A recurrent layer on sequences ``x`` (n, T, F), its output against targets ``y`` (mse)."""
-    x = sequence_input("x", (T, F))
-    built = layer.build_both(1, x, x)
-    out = built.train
-    width = int(out.shape[1])
-    y = sequence_input("y", (T, width)) if out.shape[0] != sd.n else sd.input("y", width)
-    return sd.losses.mse(out, y), built.params, x, y
+def _loss_of(layer, T=T, F=F):
+    return recurrent_layer_loss(layer, T, F)
 
 
 def _arrays(params, x, y, n=3, seed=0, scale=0.5):
@@ -101,7 +95,7 @@ def _torch_grads(m, torch, kind, arrays, index, units, sequences, backwards=Fals
 @pytest.mark.parametrize("sequences,backwards", [(False, False), (True, False), (False, True), (True, True)])
 def test_matches_pytorch_autograd(kind, sequences, backwards):
     layer = LAYERS[kind](U, return_sequences=sequences, go_backwards=backwards)
-    loss, params, x, y = _layer_loss(layer)
+    loss, params, x, y = _loss_of(layer)
     arrays = _arrays(params, x, y, seed=3)
     value, grads = sd.value_and_grad(loss, params + [x], backend="numpy", dtype="float64")(**arrays)
     m, torch = _torch_module(kind, arrays, 1, U)
@@ -115,7 +109,7 @@ def test_matches_pytorch_autograd(kind, sequences, backwards):
 @pytest.mark.parametrize("sequences", [False, True])
 def test_bidirectional_matches_pytorch(kind, sequences):
     layer = sd.nn.Bidirectional(LAYERS[kind](U, return_sequences=sequences))
-    loss, params, x, y = _layer_loss(layer)
+    loss, params, x, y = _loss_of(layer)
     assert [str(p.name) for p in params][:3] == ["kernel1_forward", "recurrent_kernel1_forward", "bias1_forward"]
     arrays = _arrays(params, x, y, seed=4)
     value, grads = sd.value_and_grad(loss, params + [x], backend="numpy", dtype="float64")(**arrays)
@@ -157,7 +151,7 @@ def test_bidirectional_merge_modes(mode):
 
 def test_gradients_match_finite_differences():
     layer = sd.nn.GRU(3, return_sequences=True)
-    loss, params, x, y = _layer_loss(layer, T=4)
+    loss, params, x, y = _loss_of(layer, T=4)
     arrays = _arrays(params, x, y, seed=1)
     f = sd.value_and_grad(loss, params, backend="numpy", dtype="float64")
     _, grads = f(**arrays)
@@ -189,7 +183,7 @@ def test_sympy_scalar_proof(cell, steps, bias_rows, reverse_in, reverse_out):
 
 def _backend_case(kind="LSTM", sequences=True, n=4, seed=0):
     layer = LAYERS[kind](3, return_sequences=sequences)
-    loss, params, x, y = _layer_loss(layer, T=6, F=2)
+    loss, params, x, y = _loss_of(layer, T=6, F=2)
     return loss, params + [x], _arrays(params, x, y, n=n, seed=seed)
 
 
@@ -305,7 +299,7 @@ def test_onnx_backend_matches_numpy():
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_cuda_simulator_matches_numpy(kind):
     layer = LAYERS[kind](2, return_sequences=True)
-    loss, params, x, y = _layer_loss(layer, T=3, F=2)
+    loss, params, x, y = _loss_of(layer, T=3, F=2)
     params = params + [x]
     arrays = _arrays(params[:-1], x, y, n=2, seed=5)
     assert_backend_matches_numpy(loss, params, arrays, "cuda")
@@ -318,7 +312,7 @@ def test_one_scan_node_and_one_kernel_each_way_whatever_T():
     """The graph and the program do not grow with T: one Scan, one ScanGrad."""
     sizes = []
     for steps in (3, 30):
-        loss, params, x, y = _layer_loss(sd.nn.LSTM(4), T=steps)
+        loss, params, x, y = _loss_of(sd.nn.LSTM(4), T=steps)
         program, _ = gradient_program(loss, params)
         kinds = [type(k) for k in program.kernels]
         assert kinds.count(ir.Scan) == 1 and kinds.count(ir.ScanGrad) == 1
@@ -341,7 +335,7 @@ def test_gradient_prints_the_bptt_node():
 
 
 def test_explain_prints_bptt_in_textbook_form():
-    loss, params, x, y = _layer_loss(sd.nn.LSTM(3))
+    loss, params, x, y = _loss_of(sd.nn.LSTM(3))
     text = str(sd.explain(loss, params))
     assert "lstm_bptt(" in text and "∂L/∂recurrent_kernel1 = shift(" in text
     assert "H1 = lstm_scan(" in text and "lstm_bptt(δH1;" in text  # the scan's states named, and their δ

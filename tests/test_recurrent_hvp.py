@@ -16,7 +16,7 @@ import pytest
 import sympy as sp
 
 import symdl as sd
-from helpers import assert_close, run_threaded
+from helpers import recurrent_layer_loss, assert_close, run_threaded
 from symdl.graph.nodes import Input, Param, VectorParam, leaves, sequence_input
 from symdl.ops.concat import Cols
 from symdl.ops.recurrence import Scan, gru_cell, last_step, lstm_cell, scan, simple_rnn_cell
@@ -26,14 +26,8 @@ LAYERS = {"SimpleRNN": sd.nn.SimpleRNN, "LSTM": sd.nn.LSTM, "GRU": sd.nn.GRU}
 T, F, UNITS = 4, 3, 2
 
 
-def _model(layer, T=T, F=F):
-    """``layer`` on sequences ``x`` (n, T, F), its output against ``y`` (mse)."""
-    x = sequence_input("x", (T, F))
-    built = layer.build_both(1, x, x)
-    out = built.train
-    width = int(out.shape[1])
-    y = sequence_input("y", (T, width)) if out.shape[0] != sd.n else sd.input("y", width)
-    return sd.losses.mse(out, y), built.params, x, y
+def _loss_of(layer, T=T, F=F):
+    return recurrent_layer_loss(layer, T, F)
 
 
 def _direction(p):
@@ -96,7 +90,7 @@ def _fd_hvp(loss, params, arrays, eps=1e-5):
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("sequences,backwards", [(False, False), (True, True)])
 def test_hvp_matches_finite_differences_of_the_gradient(kind, sequences, backwards):
-    loss, params, x, y = _model(LAYERS[kind](UNITS, return_sequences=sequences, go_backwards=backwards))
+    loss, params, x, y = _loss_of(LAYERS[kind](UNITS, return_sequences=sequences, go_backwards=backwards))
     arrays = _arrays(loss, params, seed=1)
     got = _Hvp(loss, params)(arrays)
     want = _fd_hvp(loss, params, arrays)
@@ -120,7 +114,7 @@ def test_bidirectional_and_a_stack_match_finite_differences():
 
 
 def test_hessian_is_symmetric_and_its_columns_are_hvps():
-    loss, params, x, y = _model(sd.nn.GRU(1), T=3, F=1)
+    loss, params, x, y = _loss_of(sd.nn.GRU(1), T=3, F=1)
     arrays = _arrays(loss, params, n=2, seed=3)
     plain = {k: v for k, v in arrays.items() if not k.startswith("v__")}
     H = sd.hessian(loss, params, backend="numpy")(**plain)
@@ -134,7 +128,7 @@ def test_hessian_is_symmetric_and_its_columns_are_hvps():
 
 def test_hvp_with_respect_to_some_parameters():
     """Directions on a subset (the input projection has no tangent: the tangent cell reads no x)."""
-    loss, params, x, y = _model(sd.nn.LSTM(UNITS, return_sequences=True))
+    loss, params, x, y = _loss_of(sd.nn.LSTM(UNITS, return_sequences=True))
     some = [params[1], params[2]]  # recurrent_kernel, bias
     arrays = _arrays(loss, some, seed=4)
     got = _Hvp(loss, some)(arrays)
@@ -190,7 +184,7 @@ def test_hvp_matches_pytorch_double_backward(kind, sequences, backwards, bidirec
     layer = LAYERS[kind](UNITS, return_sequences=sequences, go_backwards=backwards)
     if bidirectional:
         layer = sd.nn.Bidirectional(layer)
-    loss, params, x, y = _model(layer)
+    loss, params, x, y = _loss_of(layer)
     arrays = _arrays(loss, params, seed=6)
     got = _Hvp(loss, params)(arrays)
     fn, torch = _torch_loss(kind, UNITS, sequences, backwards, bidirectional, arrays)
@@ -296,7 +290,7 @@ def test_the_tangent_cell_is_sp_diff_of_the_cell():
 
 
 def test_explain_hvp_through_a_recurrence_is_a_clear_error():
-    loss, params, x, y = _model(sd.nn.SimpleRNN(2))
+    loss, params, x, y = _loss_of(sd.nn.SimpleRNN(2))
     with pytest.raises(NotImplementedError, match="explain_hvp.*sd.hvp and sd.hessian work"):
         sd.explain_hvp(loss, [params[0]], [_direction(params[0])])
 
@@ -306,7 +300,7 @@ def test_explain_prints_the_reverse_over_forward_derivation():
     derives it (the tangent scan, its BPTT, the original's), and its gradient is ``sd.hvp``'s."""
     from symdl.autodiff.jvp import tangents
 
-    loss, params, x, y = _model(sd.nn.LSTM(2))
+    loss, params, x, y = _loss_of(sd.nn.LSTM(2))
     directions = [_direction(p) for p in params]
     rate = tangents([loss], dict(zip(params, directions)))[loss]
     text = str(sd.explain(rate, params))
@@ -316,7 +310,7 @@ def test_explain_prints_the_reverse_over_forward_derivation():
 
 
 def test_a_gradient_of_a_gradient_through_a_recurrence_is_a_clear_error():
-    loss, params, x, y = _model(sd.nn.SimpleRNN(2))
+    loss, params, x, y = _loss_of(sd.nn.SimpleRNN(2))
     g = sd.grad(loss, [params[0]])[params[0]]
     with pytest.raises(NotImplementedError, match="simple_rnn recurrence's gradient has no gradient"):
         sd.grad(sd.sum_squares(g), [params[0]])
@@ -328,7 +322,7 @@ def test_a_gradient_of_a_gradient_through_a_recurrence_is_a_clear_error():
 def _backend_case(kind="LSTM"):
     layer = sd.nn.Bidirectional(LAYERS[kind](2, return_sequences=True)) if kind == "GRU" else \
         LAYERS[kind](2, return_sequences=True, go_backwards=True)
-    loss, params, x, y = _model(layer, T=3, F=2)
+    loss, params, x, y = _loss_of(layer, T=3, F=2)
     return loss, params, _arrays(loss, params, n=3, seed=8)
 
 
@@ -468,7 +462,7 @@ def test_two_scans_and_two_bptt_kernels_whatever_T():
 
     sizes = []
     for steps in (3, 30):
-        loss, params, x, y = _model(sd.nn.LSTM(3), T=steps)
+        loss, params, x, y = _loss_of(sd.nn.LSTM(3), T=steps)
         program = _Hvp(loss, params).runner.program
         kinds = [type(k) for k in program.kernels]
         assert kinds.count(ir.Scan) == 2 and kinds.count(ir.ScanGrad) == 2
@@ -480,7 +474,7 @@ def test_hvp_with_respect_to_the_input_sequences():
     """Directions on the input sequences and the recurrent kernel: the tangent of ``X W`` is ``V_x W``."""
     from symdl.run.pipeline import compile_outputs
 
-    loss, params, x, y = _model(sd.nn.GRU(2, return_sequences=True), T=3, F=2)
+    loss, params, x, y = _loss_of(sd.nn.GRU(2, return_sequences=True), T=3, F=2)
     vx, vu = Input("v__x", *x.shape), sd.param("v__U", params[1].shape)
     hv = sd.hvp(loss, [x, params[1]], [vx, vu])
     arrays = _arrays(loss, params, n=2, seed=3)

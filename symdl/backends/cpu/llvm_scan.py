@@ -168,6 +168,16 @@ class _Scan:
         """Pointers to the step's rows of the extras present (``EI`` at ``ri``, ``EO`` at ``ro``)."""
         return [self.frame.at(slot, r, _const(0)) for slot, r in ((self.EI, ri), (self.EO, ro)) if slot is not None]
 
+    def zeros_and_bias_rows(self, ku, states: int) -> tuple:
+        """``(zeros, bx, bu)``: ``k·u + s·u`` zeros (the first step's previous states, a missing bias),
+        and the rows the cell adds to its input and recurrent gates (bias rows 0 and 1, or zeros)."""
+        b, frame = self.b, self.frame
+        zeros = _zeros(b, frame.dtype, b.add(ku, b.mul(_const(states), self.u)))
+        if self.B is None:
+            return zeros, zeros, zeros
+        return (zeros, frame.at(self.B, _const(0), _const(0)),
+                b.select(self.two, frame.at(self.B, _const(1), _const(0)), zeros))
+
     def tiles(self, size: int, body) -> None:
         """The thread's sequences ``begin:end`` in tiles of ``size``: ``body(first sequence, count)``."""
         b, begin, end = self.b, self.frame.begin, self.frame.end
@@ -228,11 +238,23 @@ def _extras_env(fb: ir.IRBuilder, extras, rows, at) -> dict:
             for m in range(count)}
 
 
+def _unit_env(fb: ir.IRBuilder, k, u, j, xp, bx, up, bu, prev, extras, rows) -> tuple:
+    """``(at, env)``: column ``g·u + j`` of a row (``at(g)``), and the cell's variables at unit ``j``: the
+    input gates ``xp + bx``, the recurrent gates ``up + bu``, the previous states and the extras."""
+    kk = k.gates
+    at = lambda g: fb.add(fb.mul(_const(g), u), j)  # noqa: E731
+    read = lambda row, g: fb.load(fb.gep(row, [at(g)]))  # noqa: E731
+    env = {VARS[g]: fb.fadd(read(xp, g), read(bx, g)) for g in range(kk)}
+    env.update({VARS[kk + g]: fb.fadd(read(up, g), read(bu, g)) for g in range(kk)})
+    env.update({VARS[2 * kk + c]: read(prev, c) for c in range(k.states)})
+    env.update(_extras_env(fb, extras, rows, at))
+    return at, env
+
+
 def _forward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
     """``cell(xp, gates, bx, bu, prev, out[, ei][, eo], u)``: one sequence's step, every unit: input gates
     ``xp[g·u + j] + bx[..]``, recurrent gates ``gates[..] + bu[..]``, previous states ``prev[c·u + j]``,
     the extras ``ei[m·u + j]``, ``eo[m·u + j]``, new states into ``out[c·u + j]``."""
-    kk, states = k.gates, k.states
     extras = _extras(k)
     fn, fb = _row_function(b, "symdl_scan_cell", dtype, 6 + len(extras), 1)
     xp, gates, bx, bu, prev, out = fn.args[:6]
@@ -240,12 +262,7 @@ def _forward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
     cell = [prepared(c) for c in k.cell]
 
     def unit(j):
-        at = lambda g: fb.add(fb.mul(_const(g), u), j)  # noqa: E731
-        env = {VARS[g]: fb.fadd(fb.load(fb.gep(xp, [at(g)])), fb.load(fb.gep(bx, [at(g)]))) for g in range(kk)}
-        env.update({VARS[kk + g]: fb.fadd(fb.load(fb.gep(gates, [at(g)])), fb.load(fb.gep(bu, [at(g)])))
-                    for g in range(kk)})
-        env.update({VARS[2 * kk + c]: fb.load(fb.gep(prev, [at(c)])) for c in range(states)})
-        env.update(_extras_env(fb, extras, rows, at))
+        at, env = _unit_env(fb, k, u, j, xp, bx, gates, bu, prev, extras, rows)
         body = llvm_code.Body(fb, dtype, env)
         for c, e in enumerate(cell):
             fb.store(body.cast(body.value(e), dtype), fb.gep(out, [at(c)]))
@@ -260,7 +277,7 @@ def _backward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
     sequence's step backwards, every unit: ``δS = G + ds`` (the carry the next step stored there,
     unless ``last``) back into ``ds``, then ``δXP``, ``δUP``, the carry into the previous step's
     states and the extras' δ."""
-    kk, states = k.gates, k.states
+    states = k.states
     extras = _extras(k)
     fn, fb = _row_function(b, "symdl_scan_grad_cell", dtype, 10 + 2 * len(extras), 2)
     xp, bx, up, bu, prev, g_row, dxp, dup, ds, carry = fn.args[:10]
@@ -276,12 +293,7 @@ def _backward_cell(k, b: ir.IRBuilder, dtype: ir.Type):
     is_last = fb.icmp_signed("!=", last, _const(0))
 
     def unit(j):
-        at = lambda g: fb.add(fb.mul(_const(g), u), j)  # noqa: E731
-        env = {VARS[g]: fb.fadd(fb.load(fb.gep(xp, [at(g)])), fb.load(fb.gep(bx, [at(g)]))) for g in range(kk)}
-        env.update({VARS[kk + g]: fb.fadd(fb.load(fb.gep(up, [at(g)])), fb.load(fb.gep(bu, [at(g)])))
-                    for g in range(kk)})
-        env.update({VARS[2 * kk + c]: fb.load(fb.gep(prev, [at(c)])) for c in range(states)})
-        env.update(_extras_env(fb, extras, rows[0::2], at))
+        at, env = _unit_env(fb, k, u, j, xp, bx, up, bu, prev, extras, rows[0::2])
         for c in range(states):
             where = fb.gep(ds, [at(c)])
             d = fb.load(fb.gep(g_row, [at(c)]))
@@ -306,11 +318,7 @@ def _scan(k: Scan, frame: Frame) -> None:
     R = max(1, FORWARD_TILE // kk)
     ku = b.mul(_const(kk), s.u)
     up = b.alloca(frame.dtype, size=b.mul(_const(R), ku), name="up")  # a tile's recurrent gates: up[r·k·u + c]
-    zeros = _zeros(b, frame.dtype, b.add(ku, b.mul(_const(states), s.u)))
-    bx, bu = zeros, zeros
-    if s.B is not None:
-        bx = frame.at(s.B, _const(0), _const(0))
-        bu = b.select(s.two, frame.at(s.B, _const(1), _const(0)), zeros)
+    zeros, bx, bu = s.zeros_and_bias_rows(ku, states)
     cell = _forward_cell(k, b, frame.dtype)
 
     def step(t):
@@ -356,12 +364,8 @@ def _scan_grad(k: ScanGrad, frame: Frame) -> None:
     ws = b.mul(_const(2 * kk + states), s.u)  # δEI's first column, then δEO's
     wo = b.mul(_const(2 * kk + states + k.extras_in), s.u)
     R, C = BACKWARD_ROWS, BACKWARD_UNITS
-    zeros = _zeros(b, frame.dtype, b.add(ku, b.mul(_const(states), s.u)))
+    zeros, bx, bu = s.zeros_and_bias_rows(ku, states)
     sink = b.alloca(frame.dtype, size=b.mul(_const(states), s.u), name="sink")  # the first step's carry
-    bx, bu = zeros, zeros
-    if s.B is not None:
-        bx = frame.at(s.B, _const(0), _const(0))
-        bu = b.select(s.two, frame.at(s.B, _const(1), _const(0)), zeros)
     cell = _backward_cell(k, b, frame.dtype)
 
     def step(tt):
