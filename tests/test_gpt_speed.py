@@ -2,8 +2,9 @@
 
 * float32 ``exp`` in LLVM loops never computes a subnormal (0 below ln(FLT_MIN)), so a causal
   softmax's masked scores cost no more than the others;
-* a row's log-sum-exp takes its maximum with ``maxnum`` (vector lanes): NaN, ±inf and masked rows
-  as NumPy gives them, in float32 and float64, on one and two threads;
+* a row's log-sum-exp takes its maximum with ``maxnum`` and (float32) sums its exps in float32 lanes
+  block by block: NaN, ±inf and masked rows as NumPy gives them, in float32 and float64, on one and
+  two threads;
 * the softmax's backward reads the forward ``P`` instead of computing ``exp`` again;
 * ``ColumnCopy`` copies each row's slice with ``llvm.memcpy`` and zeroes only the other columns;
 * the work estimate weighs function calls, so a softmax's loops split across the step's threads.
@@ -63,15 +64,16 @@ def test_row_logsumexp_special_rows_match_numpy(dtype, threads, monkeypatch):
     from symdl.graph.nodes import RowLogSumExp
     from symdl.ir.lowering import lower
 
-    x = sd.input("x", 37)  # not a multiple of the vector width
+    x = sd.input("x", 150)  # not a multiple of the vector width, nor of llvm_code.LSE_BLOCK
     prog = lower({"l": RowLogSumExp(x)})
     rng = np.random.default_rng(3)
-    X = rng.normal(size=(9, 37)) * 4
+    X = rng.normal(size=(9, 150)) * 4
     X[0, 5] = np.nan
     X[1, 7] = np.inf
     X[2, 3] = -np.inf
     X[3, :] = -np.inf
     X[4, 20:] = -1e9
+    X[7, 130] = np.nan  # in the last block
     X[5, :] = -1e9
     X[6, :] = 80.0
     want, got = _numpy_and_cpu(prog, {"x": X}, 9, dtype, threads, monkeypatch)
