@@ -111,8 +111,10 @@ def _vjp_sum(node, G):
 @rule(RowLogSumExp)
 def _vjp_logsumexp(node, G):
     z = node.args[0]
-    softmax = lambda g, z, l: g * sp.exp(z - l)  # noqa: E731 - ∂lse/∂z is the softmax
-    return [(z, make_map(softmax(*VARS[:3]), [Broadcast(G, *z.shape), z, Broadcast(node, *z.shape)]))]
+    # ∂lse/∂z is the softmax, built as activations.softmax builds it: the same node, so where the
+    # forward pass computed softmax(z) (attention's P) the backward reads it instead of a second exp
+    softmax = make_map(sp.exp(VARS[0] - VARS[1]), [z, Broadcast(node, *z.shape)])
+    return [(z, make_map(VARS[0] * VARS[1], [Broadcast(G, *z.shape), softmax]))]
 
 
 def adjoints(loss, wrt, order=None) -> dict:

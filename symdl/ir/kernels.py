@@ -58,11 +58,30 @@ def at_batch(size, n_value: int) -> int:
     return int(sp.sympify(size).subs(N, n_value))
 
 
+#: What one call of a function such as ``exp``, ``erf``, ``tanh`` counts for in ``operation_count``: float32
+#: loops compute them as polynomials of 10-20 operations (``formulas.scalars``); an ``exp`` loop took
+#: about 6x an ``x + y`` loop's time per entry on this machine.
+FUNCTION_OPS = 8
+
+#: Functions that are a compare or two, not a polynomial: counted as one operation.
+_CHEAP = (sp.Piecewise, sp.Mod, sp.Max, sp.Min, sp.Abs, sp.sign, sp.Heaviside, sp.floor, sp.ceiling)
+
+
 @functools.lru_cache(maxsize=4096)
 def operation_count(bodies: tuple) -> int:
-    """The operations of a loop's bodies (SymPy's ``count_ops``, memoised: every layer's
-    activation is the same body), at least 1."""
-    return max(1, sum(sp.count_ops(b) for b in bodies))
+    """The operations of a loop's bodies (SymPy's ``count_ops``, each function call counted as
+    ``FUNCTION_OPS``; memoised: every layer's activation is the same body), at least 1.
+
+    >>> x = VARS[0]
+    >>> operation_count((x + 1,)), operation_count((sp.exp(x - 1),))
+    (1, 9)
+    """
+    total = 0
+    for b in bodies:
+        b = sp.sympify(b)
+        calls = sum(1 for e in sp.preorder_traversal(b) if isinstance(e, sp.Function) and not isinstance(e, _CHEAP))
+        total += sp.count_ops(b) + (FUNCTION_OPS - 1) * calls
+    return max(1, total)
 
 
 class Pattern(enum.Enum):
@@ -492,6 +511,8 @@ class Program:
         r, c = self.loop_shape(kernel)
         if isinstance(kernel, ImageKernel):  # each output entry reads one window
             return sp.sympify(r * c * kernel.window())
+        if isinstance(kernel, ReduceLogSumExp):  # the body twice (the max, then the sum), an exp per entry
+            return sp.sympify(r * c) * (2 * operation_count(tuple(kernel.bodies())) + FUNCTION_OPS)
         return sp.sympify(r * c) * operation_count(tuple(kernel.bodies()))
 
     def work(self, kernel, n_value: int) -> int:

@@ -51,10 +51,11 @@ from ..scalar_code import dims as _dims, helper_source, loop_body
 THREAD_MIN_WORK = 1 << 22
 
 #: In a threaded step, a kernel with at least this work is split across the threads; a smaller one
-#: runs on thread 0 alone. Measured on 2 cores (benchmarks/threads.py): splitting costs 2-4 µs (the
-#: barriers and the second thread's start), so kernels below about 10^5 elements x operations ran
-#: slower split, and from 1.3·10^5 up faster (1.2-1.9x).
-SPLIT_MIN_WORK = 1 << 17
+#: runs on thread 0 alone while the others wait at the next barrier. Each kernel timed alone
+#: (benchmarks/threads.py) put the cost of a split at 2-4 µs, but that includes waking the second
+#: thread; inside a running step the threads are awake, and splitting down to 2^15 made the GPT step
+#: (hundreds of 768-row loops, docs/performance.md) 44.5 -> 39.8 ms with no loss elsewhere.
+SPLIT_MIN_WORK = 1 << 15
 
 #: ... and only when its loops (not products) are at least this share of the step's work: on
 #: product-heavy steps (every MLP measured) BLAS's own threads did as well or better.

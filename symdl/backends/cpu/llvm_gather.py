@@ -25,6 +25,8 @@ Importing this module registers the handlers in ``llvm_code.emit`` (``cpu.backen
 """
 from __future__ import annotations
 
+from llvmlite import ir
+
 from ...ir.kernels import ColumnCopy, Gather, ScatterAdd
 from . import llvm_code
 from .llvm_code import I64, Frame, for_range
@@ -72,18 +74,30 @@ def _scatter_add(k: ScatterAdd, frame: Frame) -> None:
     for_range(b, rows, add_row)
 
 
+def _copy(b, target, source, size: int) -> None:
+    """``size`` bytes from ``source`` to ``target`` (two buffers of a program never overlap) as
+    ``llvm.memcpy`` of a constant size, which LLVM inlines as vector moves: the same copy as a
+    loop of loads and stores ran one float at a time (LLVM must assume the two may overlap)."""
+    i8p = ir.IntType(8).as_pointer()
+    llvm_code.call(b, "llvm.memcpy.p0i8.p0i8.i64", [b.bitcast(target, i8p), b.bitcast(source, i8p), I64(size),
+                                                     ir.Constant(ir.IntType(1), 0)], ir.VoidType())
+
+
 @llvm_code.emit.register
 def _column_copy(k: ColumnCopy, frame: Frame) -> None:
-    """Row ``i`` (units: the rows): its columns zeroed, then columns ``start..`` of ``x`` copied to ``at..``
-    (``cpu.backend._column_copy``'s loops)."""
+    """Row ``i`` (units: the rows): columns ``start..`` of ``x`` copied to ``at..``, the columns before
+    and after them zeroed: the values of ``cpu.backend._column_copy``'s loops, without writing the
+    copied columns twice (a head's slice, ``at`` 0 and as wide as the output, zeroes nothing: its rows
+    were a zeroing call and a copy each, 9 µs for 768 rows of 32)."""
     b = frame.b
     x = _slot(k.operands[0].buffer)
     cols = frame.slots[0][2]
     zero = llvm_code._const(frame.dtype, 0.0)
 
     def row(i):
-        for_range(b, cols, lambda j: b.store(zero, frame.at(0, i, j)), "j0")
-        for_range(b, I64(k.width), lambda j: b.store(b.load(frame.at(x, i, b.add(j, I64(k.start)))),
-                                                     frame.at(0, i, b.add(j, I64(k.at)))), "j")
+        if k.at:
+            for_range(b, I64(k.at), lambda j: b.store(zero, frame.at(0, i, j)), "j0")
+        _copy(b, frame.at(0, i, I64(k.at)), frame.at(x, i, I64(k.start)), k.width * (4 if frame.dtype == llvm_code.F32 else 8))
+        for_range(b, cols, lambda j: b.store(zero, frame.at(0, i, j)), "j1", first=I64(k.at + k.width))
 
     frame.each(row)
