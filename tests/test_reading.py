@@ -57,7 +57,7 @@ Directional derivatives along v = (V1, c1, V2, c2) (Ẋ = dX(θ + εv)/dε at ε
   Ż2 = c2 + Ȧ1*W2 + A1*V2
 
 Hessian-vector product ((Hv)_θ = (∂L/∂θ)˙, δ̇k = (∂L/∂Zk)˙)
-  δ̇2 = (Ż2 - sum_cols(Ż2⊙softmax(Z2)))⊙softmax(Z2)/n
+  δ̇2 = softmax(Z2)⊙(Ż2 - sum_cols(Ż2⊙softmax(Z2)))/n
   (Hv)_W2 = Ȧ1.T*δ2 + A1.T*δ̇2
   (Hv)_b2 = sum_rows(δ̇2)
   δ̇1 = (1 - A1**2)⊙(δ̇2*W2.T + δ2*V2.T) - 2*A1⊙(δ2*W2.T)⊙Ȧ1
