@@ -87,10 +87,15 @@ def _bias(k, program, at: int = 0):
 
 
 def extras_of(k) -> list:
-    """``[(code name, count, at the output row)]``: the extra-input operands (``EI``, ``EO``) present."""
-    o = k.optional()
-    return [(buf(o[name].buffer), count, name == "EO") for name, count in (("EI", k.extras_in), ("EO", k.extras_out))
-            if o[name] is not None]
+    """``[(operand, first variable, count, at the output row)]``: the extra-input operands present, ``EI``
+    then ``EO``; extra ``m`` of unit ``j`` is the cell variable ``VARS[first + m]``, read from column
+    ``m·u + j`` of its operand's row (what every backend's scan kernels read)."""
+    o, first, out = k.optional(), 2 * k.gates + k.states, []
+    for name, count in (("EI", k.extras_in), ("EO", k.extras_out)):
+        if o[name] is not None:
+            out.append((o[name], first, count, name == "EO"))
+            first += count
+    return out
 
 
 def sequence_lines(k, program, flavor: str, T: str, u: str) -> list:
@@ -102,12 +107,8 @@ def sequence_lines(k, program, flavor: str, T: str, u: str) -> list:
 
 def _extra_lines(k, u) -> list:
     """Unit ``j``'s extra inputs: ``EI`` at the step's input row, ``EO`` at its output row."""
-    lines, first = [], 2 * k.gates + k.states
-    for name, count, at_out in extras_of(k):
-        row = "_ro" if at_out else "_ri"
-        lines += [f"v{first + m} = {name}[{row}, {m} * {u} + j]" for m in range(count)]
-        first += count
-    return lines
+    return [f"v{first + m} = {buf(E.buffer)}[{'_ro' if at_out else '_ri'}, {m} * {u} + j]"
+            for E, first, count, at_out in extras_of(k) for m in range(count)]
 
 
 def _forward_lines(k, flavor, T, u, B, two) -> list:
@@ -182,12 +183,11 @@ def array_lines(k, program) -> list:
     names = {VARS[v]: f"v{v}" for v in range(k.variables)}
     at = lambda rev: f"{T - 1} - _t" if rev else "_t"  # noqa: E731
     lines = [f"_o = {out}.reshape(n, {T}, -1)", f"_x = ({XP}{bx}).reshape(n, {T}, {ku})"]
-    extras, first = [], 2 * g_count + s_count
-    for e, (name, count, at_out) in enumerate(extras_of(k)):  # extra m of unit j: column m·u + j
-        lines.append(f"_e{e} = {name}.reshape(n, {T}, {count * u})")
+    extras = []
+    for e, (E, first, count, at_out) in enumerate(extras_of(k)):  # extra m of unit j: column m·u + j
+        lines.append(f"_e{e} = {buf(E.buffer)}.reshape(n, {T}, {count * u})")
         row = "_to" if at_out else "_ti"
         extras += [f"v{first + m} = _e{e}[:, {row}, {m * u}:{(m + 1) * u}]" for m in range(count)]
-        first += count
     if not isinstance(k, ScanGrad):
         body, results = cell_code(list(k.cell), names, "array")
         lines += [f"_p = numpy.zeros((n, {s_count * u}), {out}.dtype)", f"for _t in range({T}):",

@@ -434,11 +434,11 @@ def _reduce_log_sum_exp(k: ReduceLogSumExp, s: _Sums):
 
         for_range(b, s.cols, bigger, "j")
         b.store(s.zero, s.acc)
-        top = b.load(largest)
-        top = b.fpext(top, F64) if dtype == F32 else top
+        narrow = b.load(largest)
+        top = b.fpext(narrow, F64) if dtype == F32 else narrow
 
         if dtype == F32:  # float32's exp as arithmetic (scalars.EXP32), 8 lanes wide: each block of
-            narrow = b.load(largest)  # LSE_BLOCK entries summed in float32 lanes, the blocks in float64
+            # LSE_BLOCK entries summed in float32 lanes, the blocks in float64
 
             def block(q):
                 first = b.mul(q, I64(LSE_BLOCK))

@@ -25,7 +25,7 @@ from llvmlite import ir
 from ...graph.nodes import VARS
 from ...ir.kernels import Scan, ScanGrad
 from ..scalar_code import prepared
-from ..scan_code import _delta_symbols, backward_exprs, extras_exprs
+from ..scan_code import _delta_symbols, backward_exprs, extras_exprs, extras_of
 from . import llvm_code
 from .llvm_code import F32, F64, I64, Frame, for_range, local
 
@@ -44,15 +44,6 @@ BACKWARD_ROWS, BACKWARD_UNITS = 2, 4
 
 def _const(v) -> ir.Constant:
     return ir.Constant(I64, v)
-
-
-def _array(b: ir.IRBuilder, t: ir.Type, count: int, name: str):
-    """``count`` values of type ``t`` on the stack (an ``alloca`` in the entry block)."""
-    here = b.block
-    b.position_at_start(b.function.entry_basic_block)
-    slot = b.alloca(t, size=_const(count), name=name)
-    b.position_at_end(here)
-    return slot
 
 
 class _Dots:
@@ -224,12 +215,7 @@ def _zeros(b: ir.IRBuilder, dtype: ir.Type, count):
 
 def _extras(k) -> list:
     """``[(first variable, count)]`` of the extra inputs present: ``EI``'s, then ``EO``'s."""
-    first, out = 2 * k.gates + k.states, []
-    for count in (k.extras_in, k.extras_out):
-        if count:
-            out.append((first, count))
-            first += count
-    return out
+    return [(first, count) for _, first, count, _ in extras_of(k)]
 
 
 def _extras_env(fb: ir.IRBuilder, extras, rows, at) -> dict:

@@ -306,7 +306,7 @@ def _avg_pool_grad(k: AvgPoolGrad, ctx):
 # backward their ``sp.diff``, ``scan_code.backward_exprs``) printed by ``Body``; the steps are stacked
 # along a step axis at the end.
 from ...ir.kernels import Scan, ScanGrad  # noqa: E402
-from ..scan_code import _delta_symbols, backward_exprs, extras_exprs  # noqa: E402
+from ..scan_code import _delta_symbols, backward_exprs, extras_exprs, extras_of  # noqa: E402
 
 
 class _Steps:
@@ -357,13 +357,7 @@ def _scan_setup(k, ctx, U_at, B_at):
 def _extras(k, ctx, T, u):
     """``symbols(ri, ro)``: the extra inputs' variables of a step, ``EI`` at its input row, ``EO`` at its
     output row (extra ``m`` of unit ``j`` in column ``m·u + j``)."""
-    o = k.optional()
-    first = 2 * k.gates + k.states
-    parts = []
-    for name, count in (("EI", k.extras_in), ("EO", k.extras_out)):
-        if o[name] is not None:
-            parts.append((_Steps(ctx, o[name].buffer, T), count, name == "EO", first))
-            first += count
+    parts = [(_Steps(ctx, E.buffer, T), count, at_out, first) for E, first, count, at_out in extras_of(k)]
 
     def symbols(ri, ro):
         out = {}
